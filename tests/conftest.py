@@ -1,0 +1,43 @@
+"""Test configuration.
+
+Without CUDA the Triton kernels run in the interpreter, which must be switched on before triton
+is imported anywhere; this file is imported by pytest before any test module.
+"""
+
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def nan_like(t: "torch.Tensor", dtype=None) -> "torch.Tensor":
+    """A fresh buffer shaped like ``t`` filled with NaN, so an element a kernel forgot to write fails loudly."""
+    return torch.full_like(t, float("nan"), dtype=dtype)
+
+
+@pytest.fixture
+def nan_buffer():
+    """Factory fixture: ``nan_buffer(shape, dtype, device)`` returns a NaN-filled tensor."""
+
+    def make(shape, dtype=torch.float32, device="cpu"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    return make
