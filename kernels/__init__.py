@@ -1,0 +1,29 @@
+"""Attention kernels for long sequences. Depends on torch (and triton for the GPU path) only.
+
+Public API::
+
+    from kernels import flash_attention, attention_chunk_forward, attention_chunk_backward
+    from kernels import merge_attention, naive, set_backend, use_backend
+"""
+
+from .attention import (
+    attention_chunk_backward,
+    attention_chunk_forward,
+    flash_attention,
+    merge_attention,
+    naive,
+)
+from .backend import BACKENDS, resolve_backend, set_backend, triton_interpreter_on, use_backend
+
+__all__ = [
+    "BACKENDS",
+    "attention_chunk_backward",
+    "attention_chunk_forward",
+    "flash_attention",
+    "merge_attention",
+    "naive",
+    "resolve_backend",
+    "set_backend",
+    "triton_interpreter_on",
+    "use_backend",
+]

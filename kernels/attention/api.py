@@ -1,0 +1,286 @@
+"""Public attention ops: input checks at the boundary, backend dispatch, autograd.
+
+Every op takes the flash-attn layout ``[B, S, H, d]`` (``k, v`` may have ``Hkv`` heads with
+``H % Hkv == 0``) and returns an LSE ``[B, H, Sq]`` in fp32 natural log where it returns one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..backend import resolve_backend
+from . import naive, torch_cpu
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_qkv(q, k, v, backend: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, S, H, d], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    allowed = _FLOAT_DTYPES if backend == "triton" else (*_FLOAT_DTYPES, torch.float64)
+    if q.dtype not in allowed:
+        raise TypeError(f"dtype {q.dtype} is not supported by the {backend} backend; use one of {allowed}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, _, H, D), (Bk, _, Hkv, Dk) = q.shape, k.shape
+    if B != Bk:
+        raise ValueError(f"batch sizes differ: q has {B}, k/v have {Bk}")
+    if D != Dk:
+        raise ValueError(f"head dims differ: q has d={D}, k/v have d={Dk}")
+    if D > MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"head dim d={D} is not supported; use 1 <= d <= {MAX_HEAD_DIM}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(
+            f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv} (GQA/MQA); "
+            f"use Hkv in {[g for g in range(1, H + 1) if H % g == 0]}"
+        )
+
+
+def _check_buffer(name, t, shape, device) -> None:
+    if t.dtype != torch.float32 and not (t.dtype == torch.float64 and device.type == "cpu"):
+        raise TypeError(f"{name} must be a float32 accumulator, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take arbitrary batch/seq/head strides but need unit stride along d.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _softmax_scale(q, softmax_scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, accumulate):
+    """Write (accumulate=False) or merge (accumulate=True) one block into ``out``/``lse``."""
+    if backend == "triton":
+        from . import triton_fwd
+
+        triton_fwd.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate)
+        return
+    if not accumulate:
+        out.zero_()
+        lse.fill_(float("-inf"))
+    if backend == "torch":
+        torch_cpu.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse)
+    else:
+        naive.attention_chunk_forward(
+            q, k, v, q_start=q_start, k_start=k_start, causal=causal, softmax_scale=scale,
+            out=out, lse=lse,
+        )
+
+
+def _run_backward(backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
+    if backend == "triton":
+        from . import triton_bwd
+
+        triton_bwd.chunk_backward(
+            do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv
+        )
+    elif backend == "torch":
+        torch_cpu.chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv)
+    else:
+        naive.attention_chunk_backward(
+            do, q, k, v, out, lse, q_start=q_start, k_start=k_start, causal=causal,
+            softmax_scale=scale, delta=delta, dq=dq, dk=dk, dv=dv,
+        )
+
+
+@torch.no_grad()
+def attention_chunk_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    softmax_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend a query block to a key/value block at global offsets; merge into running state.
+
+    Args:
+        q: ``[B, Sq, H, d]`` queries at global positions ``q_start .. q_start+Sq-1``.
+        k, v: ``[B, Sk, Hkv, d]`` keys/values at global positions ``k_start ..``.
+        causal: key ``k_start+n`` is visible to query ``q_start+m`` iff ``k_start+n <= q_start+m``.
+        out, lse: optional running fp32 accumulators ``[B, Sq, H, d]`` and ``[B, H, Sq]``
+            (start them at 0 and ``-inf``); merged into in place (online softmax) and returned.
+
+    Returns:
+        ``(out, lse)``, fp32. A row that has seen no key yet has ``out = 0, lse = -inf``.
+
+    Example::
+
+        out, lse = attention_chunk_forward(q0, k0, v0, q_start=0, k_start=0, causal=True)
+        attention_chunk_forward(q1, k0, v0, q_start=C, k_start=0, causal=True, out=o1, lse=l1)
+    """
+    backend = resolve_backend(q.device)
+    _check_qkv(q, k, v, backend)
+    B, Sq, H, D = q.shape
+    if (out is None) != (lse is None):
+        raise ValueError("pass both out and lse (running accumulators) or neither")
+    accumulate = out is not None
+    if accumulate:
+        _check_buffer("out", out, (B, Sq, H, D), q.device)
+        _check_buffer("lse", lse, (B, H, Sq), q.device)
+    else:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
+        lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    scale = _softmax_scale(q, softmax_scale)
+    _run_forward(backend, q, k, v, int(q_start), int(k_start), bool(causal), scale, out, lse, accumulate)
+    return out, lse
+
+
+@torch.no_grad()
+def attention_chunk_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    softmax_scale: float | None = None,
+    delta: torch.Tensor | None = None,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of one block, accumulating into fp32 ``dq [B,Sq,H,d]``, ``dk, dv [B,Sk,Hkv,d]``.
+
+    ``out``/``lse`` are the MERGED output and LSE of the whole attention row (over every KV
+    block), as the forward left them; ``delta = rowsum(do * out)`` (``[B, H, Sq]`` fp32) may be
+    passed to skip recomputing it for each KV block. Missing gradient buffers are allocated as
+    zeros. GQA gradients are summed over the query heads that share a KV head.
+    """
+    backend = resolve_backend(q.device)
+    _check_qkv(q, k, v, backend)
+    B, Sq, H, D = q.shape
+    if do.shape != q.shape or out.shape != q.shape:
+        raise ValueError(
+            f"do and out must have q's shape {tuple(q.shape)}, got {tuple(do.shape)} and {tuple(out.shape)}"
+        )
+    if tuple(lse.shape) != (B, H, Sq):
+        raise ValueError(f"lse must have shape {(B, H, Sq)}, got {tuple(lse.shape)}")
+    if delta is not None:
+        _check_buffer("delta", delta, (B, H, Sq), q.device)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grads = []
+    for name, g, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if g is None:
+            g = torch.zeros(ref.shape, dtype=acc, device=ref.device)
+        else:
+            _check_buffer(name, g, ref.shape, q.device)
+        grads.append(g)
+    dq, dk, dv = grads
+    q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
+    scale = _softmax_scale(q, softmax_scale)
+    _run_backward(
+        backend, do, q, k, v, out, lse, delta, int(q_start), int(k_start), bool(causal), scale, dq, dk, dv
+    )
+    return dq, dk, dv
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Combine partial attentions over disjoint key sets: fp32 ``(out [B,S,H,d], lse [B,H,S])``.
+
+    Safe when either LSE is ``-inf`` (that side saw no key). Elementwise, so plain PyTorch ops
+    run it on any device.
+    """
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
+        raise ValueError(
+            f"shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
+            f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}"
+        )
+    B, S, H, _ = out_a.shape
+    if tuple(lse_a.shape) != (B, H, S):
+        raise ValueError(f"lse must have shape [B, H, S] = {(B, H, S)}, got {tuple(lse_a.shape)}")
+    return naive.merge_attention(out_a, lse_a, out_b, lse_b)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        Sq, Sk = q.shape[1], k.shape[1]
+        B, _, H, D = q.shape
+        # Bottom-right causal alignment (flash-attn): query m sees keys n <= m + Sk - Sq.
+        q_start = Sk - Sq
+        if backend == "triton":
+            out = torch.empty_like(q)
+            lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+            _run_forward(backend, q, k, v, q_start, 0, causal, scale, out, lse, False)
+        else:
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
+            lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
+            _run_forward(backend, q, k, v, q_start, 0, causal, scale, out, lse, False)
+            out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.backend, ctx.q_start = causal, scale, backend, q_start
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        _run_backward(
+            ctx.backend, _last_dim_contiguous(do), q, k, v, out, lse, None, ctx.q_start, 0,
+            ctx.causal, ctx.scale, dq, dk, dv,
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention with flash-attn's ``flash_attn_func`` semantics; differentiable.
+
+    Args:
+        q: ``[B, Sq, H, d]``; k, v: ``[B, Sk, Hkv, d]`` with ``H % Hkv == 0``; ``d <= 256``;
+            fp16, bf16 or fp32 (float64 too on the torch/naive backends).
+        causal: bottom-right aligned when ``Sq != Sk`` (query ``m`` sees keys
+            ``n <= m + Sk - Sq``); a query row that sees no key outputs 0.
+        softmax_scale: defaults to ``1/sqrt(d)``.
+
+    Returns:
+        ``[B, Sq, H, d]`` in the input dtype.
+
+    Example::
+
+        q = torch.randn(2, 1000, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = v = torch.randn(2, 1000, 2, 64, device="cuda", dtype=torch.bfloat16)
+        flash_attention(q, k, v, causal=True).sum().backward()
+    """
+    backend = resolve_backend(q.device)
+    _check_qkv(q, k, v, backend)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _FlashAttention.apply(q, k, v, bool(causal), _softmax_scale(q, softmax_scale), backend)

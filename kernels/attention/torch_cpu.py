@@ -1,0 +1,104 @@
+"""``torch`` backend: PyTorch's memory-efficient CPU flash-attention kernel, one block at a time.
+
+``aten._scaled_dot_product_flash_attention_for_cpu`` returns an LSE and its backward takes the
+(merged) output and LSE, which is exactly the chunk contract. It only knows "no mask" and
+"top-left causal", so a causal block at arbitrary global offsets is cut into at most two pieces
+it covers (see ``_pieces``); no ``[Sq, Sk]`` mask is ever built. On CUDA tensors this backend
+falls back to the materialising reference in ``naive`` (debugging only: use ``triton`` there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import naive
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _pieces(sq: int, sk: int, q_start: int, k_start: int, causal: bool):
+    """Split a block into ``(rows, keys, top_left_causal)`` pieces with disjoint keys per row.
+
+    Key ``n`` is visible to query ``m`` iff ``n <= m + delta`` with ``delta = q_start - k_start``.
+    """
+    rows, keys = slice(0, sq), slice(0, sk)
+    if not causal:
+        return [(rows, keys, False)]
+    delta = q_start - k_start
+    if delta >= sk - 1:  # every key is at or before every query
+        return [(rows, keys, False)]
+    if delta + sq - 1 < 0:  # no query sees any key
+        return []
+    if delta <= 0:  # rows m < -delta see nothing; from row -delta on it is top-left causal
+        return [(slice(-delta, sq), keys, True)]
+    # 0 < delta < sk-1: keys 0..delta are visible to every row; key delta+1+n' is visible to
+    # row 1+m' iff n' <= m', i.e. top-left causal on (rows 1.., keys delta+1..).
+    pieces = [(rows, slice(0, delta + 1), False)]
+    if sq > 1:
+        pieces.append((slice(1, sq), slice(delta + 1, sk), True))
+    return pieces
+
+
+def _heads_first(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    # [B, S, Hkv, d] -> [B, Hkv*groups, S, d] (query head h reads KV head h // groups).
+    if groups > 1:
+        x = x.repeat_interleave(groups, dim=2)
+    return x.transpose(1, 2)
+
+
+def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
+    """Merge the block's attention into the fp32 accumulators ``out``/``lse`` in place."""
+    if not q.is_cpu:
+        naive.attention_chunk_forward(
+            q, k, v, q_start=q_start, k_start=k_start, causal=causal, softmax_scale=scale,
+            out=out, lse=lse,
+        )
+        return
+    groups = q.shape[2] // k.shape[2]
+    for rows, keys, top_left in _pieces(q.shape[1], k.shape[1], q_start, k_start, causal):
+        o_blk, lse_blk = _flash_fwd(
+            _heads_first(q[:, rows]),
+            _heads_first(k[:, keys], groups),
+            _heads_first(v[:, keys], groups),
+            0.0,
+            top_left,
+            scale=scale,
+        )
+        new_out, new_lse = naive.merge_attention(
+            out[:, rows], lse[:, :, rows], o_blk.transpose(1, 2), lse_blk
+        )
+        out[:, rows] = new_out
+        lse[:, :, rows] = new_lse
+
+
+def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv):
+    """Accumulate the block's gradients into fp32 ``dq, dk, dv`` (``out``/``lse`` are merged)."""
+    if not q.is_cpu:
+        naive.attention_chunk_backward(
+            do, q, k, v, out, lse, q_start=q_start, k_start=k_start, causal=causal,
+            softmax_scale=scale, dq=dq, dk=dk, dv=dv,
+        )
+        return
+    B, Sq, H, D = q.shape
+    Hkv = k.shape[2]
+    groups = H // Hkv
+    out = out.to(q.dtype)
+    do = do.to(q.dtype)
+    for rows, keys, top_left in _pieces(Sq, k.shape[1], q_start, k_start, causal):
+        dq_p, dk_p, dv_p = _flash_bwd(
+            _heads_first(do[:, rows]),
+            _heads_first(q[:, rows]),
+            _heads_first(k[:, keys], groups),
+            _heads_first(v[:, keys], groups),
+            _heads_first(out[:, rows]),
+            lse[:, :, rows].to(torch.promote_types(q.dtype, torch.float32)).contiguous(),
+            0.0,
+            top_left,
+            scale=scale,
+        )
+        n = dk_p.shape[2]
+        dq[:, rows] += dq_p.transpose(1, 2)
+        # [B, H, n, d] -> [B, n, Hkv, groups, d]: sum the query heads that share a KV head.
+        dk[:, keys] += dk_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
+        dv[:, keys] += dv_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)

@@ -1,0 +1,74 @@
+"""The one place that decides which implementation runs the attention ops.
+
+Backends: ``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` (PyTorch's
+memory-efficient CPU flash kernel; the fast choice for CPU runs) and ``naive`` (the
+materialising reference, for debugging). Automatic choice: ``triton`` for CUDA tensors,
+``triton`` for CPU tensors when the interpreter is on, ``torch`` otherwise.
+
+Force one with ``set_backend("torch")``, the context manager ``use_backend("naive")``, or the
+environment variable ``FPDT_ATTENTION_BACKEND`` (read at every call, so worker processes inherit
+it). Order of precedence: ``use_backend``/``set_backend``, then the variable, then automatic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch", "naive")
+ENV_VAR = "FPDT_ATTENTION_BACKEND"
+
+_forced: str | None = None
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {BACKENDS} (or None = auto)")
+
+
+def triton_interpreter_on() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every later call in this process (``None`` restores automatic)."""
+    global _forced
+    _check_name(name)
+    _forced = name
+
+
+def get_forced_backend() -> str | None:
+    return _forced
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run a block of code with ``name`` forced, restoring the previous choice afterwards."""
+    global _forced
+    _check_name(name)
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend that will run for tensors on ``device``; raises if it cannot run there."""
+    name = _forced or os.environ.get(ENV_VAR) or None
+    _check_name(name)
+    if name is None:
+        if device.type == "cuda" or triton_interpreter_on():
+            name = "triton"
+        else:
+            name = "torch"
+    if name == "triton" and device.type != "cuda" and not triton_interpreter_on():
+        raise ValueError(
+            f"the triton backend got {device.type} tensors; Triton runs on CUDA tensors, or on CPU "
+            "tensors only with TRITON_INTERPRET=1 set before triton is imported. Move the tensors "
+            "to a GPU or use the torch backend (kernels.set_backend('torch'))."
+        )
+    return name
