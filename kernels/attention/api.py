@@ -80,8 +80,15 @@ def _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, ac
         torch_cpu.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse)
     else:
         naive.attention_chunk_forward(
-            q, k, v, q_start=q_start, k_start=k_start, causal=causal, softmax_scale=scale,
-            out=out, lse=lse,
+            q,
+            k,
+            v,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            softmax_scale=scale,
+            out=out,
+            lse=lse,
         )
 
 
@@ -89,15 +96,25 @@ def _run_backward(backend, do, q, k, v, out, lse, delta, q_start, k_start, causa
     if backend == "triton":
         from . import triton_bwd
 
-        triton_bwd.chunk_backward(
-            do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv
-        )
+        triton_bwd.chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv)
     elif backend == "torch":
         torch_cpu.chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv)
     else:
         naive.attention_chunk_backward(
-            do, q, k, v, out, lse, q_start=q_start, k_start=k_start, causal=causal,
-            softmax_scale=scale, delta=delta, dq=dq, dk=dk, dv=dv,
+            do,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            softmax_scale=scale,
+            delta=delta,
+            dq=dq,
+            dk=dk,
+            dv=dv,
         )
 
 
@@ -197,9 +214,7 @@ def attention_chunk_backward(
     dq, dk, dv = grads
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
     scale = _softmax_scale(q, softmax_scale)
-    _run_backward(
-        backend, do, q, k, v, out, lse, delta, int(q_start), int(k_start), bool(causal), scale, dq, dk, dv
-    )
+    _run_backward(backend, do, q, k, v, out, lse, delta, int(q_start), int(k_start), bool(causal), scale, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -249,8 +264,21 @@ class _FlashAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         _run_backward(
-            ctx.backend, _last_dim_contiguous(do), q, k, v, out, lse, None, ctx.q_start, 0,
-            ctx.causal, ctx.scale, dq, dk, dv,
+            ctx.backend,
+            _last_dim_contiguous(do),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            None,
+            ctx.q_start,
+            0,
+            ctx.causal,
+            ctx.scale,
+            dq,
+            dk,
+            dv,
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 

@@ -22,9 +22,7 @@ __all__ = [
 ]
 
 
-def visibility_mask(
-    sq: int, sk: int, q_start: int, k_start: int, causal: bool, device=None
-) -> torch.Tensor | None:
+def visibility_mask(sq: int, sk: int, q_start: int, k_start: int, causal: bool, device=None) -> torch.Tensor | None:
     """``[Sq, Sk]`` bool mask, True where key ``k_start+n`` is visible to query ``q_start+m``.
 
     ``None`` means every key is visible (non-causal).
@@ -91,9 +89,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def attention_chunk_forward(
-    q, k, v, *, q_start, k_start, causal, softmax_scale=None, out=None, lse=None
-):
+def attention_chunk_forward(q, k, v, *, q_start, k_start, causal, softmax_scale=None, out=None, lse=None):
     """Attend ``q`` (global rows ``q_start..``) to ``k, v`` (global keys ``k_start..``).
 
     Returns fp32 ``(out [B, Sq, H, d], lse [B, H, Sq])``; when ``out``/``lse`` are given they are
@@ -130,7 +126,8 @@ def attention_chunk_backward(
 
     ``P = exp(S - lse)``, ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ = scale dS K``,
     ``dK = scale dS^T Q`` with ``delta = rowsum(dO * out)``. Accumulates into fp32 ``dq, dk, dv``
-    (allocated as zeros when not given; float64 for float64 inputs) and returns them; GQA gradients are summed per KV head.
+    (allocated as zeros when not given; float64 for float64 inputs) and returns them; GQA
+    gradients are summed per KV head.
     """
     scale = _scale(q, softmax_scale)
     B, Sq, H, D = q.shape

@@ -51,8 +51,15 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
     """Merge the block's attention into the fp32 accumulators ``out``/``lse`` in place."""
     if not q.is_cpu:
         naive.attention_chunk_forward(
-            q, k, v, q_start=q_start, k_start=k_start, causal=causal, softmax_scale=scale,
-            out=out, lse=lse,
+            q,
+            k,
+            v,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            softmax_scale=scale,
+            out=out,
+            lse=lse,
         )
         return
     groups = q.shape[2] // k.shape[2]
@@ -65,9 +72,7 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
             top_left,
             scale=scale,
         )
-        new_out, new_lse = naive.merge_attention(
-            out[:, rows], lse[:, :, rows], o_blk.transpose(1, 2), lse_blk
-        )
+        new_out, new_lse = naive.merge_attention(out[:, rows], lse[:, :, rows], o_blk.transpose(1, 2), lse_blk)
         out[:, rows] = new_out
         lse[:, :, rows] = new_lse
 
@@ -76,8 +81,19 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
     """Accumulate the block's gradients into fp32 ``dq, dk, dv`` (``out``/``lse`` are merged)."""
     if not q.is_cpu:
         naive.attention_chunk_backward(
-            do, q, k, v, out, lse, q_start=q_start, k_start=k_start, causal=causal,
-            softmax_scale=scale, dq=dq, dk=dk, dv=dv,
+            do,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            q_start=q_start,
+            k_start=k_start,
+            causal=causal,
+            softmax_scale=scale,
+            dq=dq,
+            dk=dk,
+            dv=dv,
         )
         return
     B, Sq, H, D = q.shape

@@ -1,0 +1,39 @@
+"""Launch-time helpers shared by the Triton forward and backward kernels."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..backend import triton_interpreter_on
+
+LOG2E = 1.4426950408889634
+
+# Under the interpreter every autotune config would run: use one, with blocks large enough that
+# numpy does the work in few steps (32x32 tiles: ~2x faster than 16x16 on the test shapes).
+INTERPRET = triton_interpreter_on()
+
+
+def head_dim_block(d: int) -> int:
+    # Pad d to a power of two (and to 16: tl.dot needs K >= 16 on GPU); masked in the kernel.
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (users choose fp32 for accuracy; TF32 would keep only
+    # 10 mantissa bits). For fp16/bf16 the argument has no effect.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune key for a length: re-tune per power of two, not per exact length."""
+    return triton.next_power_of_2(max(1, min(n, 1 << 16)))
+
+
+def prune_by_head_dim(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit in shared memory / registers at large head dims."""
+    bd = named_args.get("BD", kwargs.get("BD"))
+    if bd is None or bd <= 128:
+        return configs
+    kept = [c for c in configs if c.kwargs["BM"] <= 64 and c.kwargs["BN"] <= 64 and c.num_stages <= 2]
+    return kept or configs[:1]
