@@ -3,12 +3,9 @@
 import csv
 import math
 
-import pytest
-
 from experiments import bench_attention
 
 
-@pytest.mark.timeout(120)
 def test_quick_run_writes_csv(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     assert bench_attention.main(["--quick", "--out", str(out)]) == 0
