@@ -1,0 +1,130 @@
+"""Ulysses all-to-alls on ``all_to_all_single`` (gloo and NCCL), as autograd functions.
+
+``seq_to_head``: ``[B, S/P, H, d] -> [B, S, H/P, d]`` (scatter heads, gather the sequence in
+rank order); ``head_to_seq`` is its inverse, and each is the other's backward.
+
+GQA: with ``Hkv % P == 0`` the key/value heads are sharded like the query heads. With
+``P % Hkv == 0`` (fewer KV heads than ranks) each KV head is replicated ``P/Hkv`` times so that
+rank ``r`` receives the KV head its query heads use; the backward sums the replicas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .distributed import SPGroup
+
+
+def _divisors(n: int) -> list[int]:
+    return [p for p in range(1, n + 1) if n % p == 0]
+
+
+def check_heads(n_heads: int, n_kv_heads: int, world: int) -> None:
+    """Raise ``ValueError`` unless ``H`` query and ``Hkv`` KV heads can be split over ``P`` ranks."""
+    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"H={n_heads} query heads must be a positive multiple of Hkv={n_kv_heads} KV heads")
+    if n_heads % world:
+        raise ValueError(
+            f"H={n_heads} query heads are not divisible by P={world} sequence-parallel ranks; "
+            f"use P in {_divisors(n_heads)}"
+        )
+    if n_kv_heads % world and world % n_kv_heads:
+        ok = [p for p in _divisors(n_heads) if n_kv_heads % p == 0 or p % n_kv_heads == 0]
+        raise ValueError(
+            f"Hkv={n_kv_heads} KV heads cannot be split over P={world} ranks: need Hkv % P == 0 "
+            f"(shard) or P % Hkv == 0 (replicate); with H={n_heads}, Hkv={n_kv_heads} use P in {ok}"
+        )
+
+
+def kv_heads_per_rank(n_kv_heads: int, world: int) -> int:
+    """KV heads each rank holds after the all-to-all (1 when KV heads are replicated)."""
+    return n_kv_heads // world if n_kv_heads % world == 0 else 1
+
+
+def _exchange(send: torch.Tensor, group: SPGroup) -> torch.Tensor:
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.group)
+    return recv
+
+
+def _seq_to_head(x: torch.Tensor, group: SPGroup) -> torch.Tensor:
+    P = group.size
+    if P == 1:
+        return x
+    B, s, H, d = x.shape
+    # [B, s, H, d] -> [P, B, s, H/P, d]: slot p carries head slice p to rank p.
+    send = x.reshape(B, s, P, H // P, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = _exchange(send, group)  # slot p: rank p's tokens, my heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, P * s, H // P, d)  # [B, S, H/P, d]
+
+
+def _head_to_seq(x: torch.Tensor, group: SPGroup) -> torch.Tensor:
+    P = group.size
+    if P == 1:
+        return x
+    B, S, h, d = x.shape
+    s = S // P
+    # [B, S, h, d] -> [P, B, s, h, d]: slot p carries rank p's tokens back to it.
+    send = x.reshape(B, P, s, h, d).transpose(0, 1).contiguous()
+    recv = _exchange(send, group)  # slot p: my tokens, rank p's heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, s, P * h, d)  # [B, S/P, H, d]
+
+
+class _SeqToHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_head(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _head_to_seq(dy, ctx.group), None
+
+
+class _HeadToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _head_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _seq_to_head(dy, ctx.group), None
+
+
+def seq_to_head(x: torch.Tensor, group: SPGroup) -> torch.Tensor:
+    """``[B, S/P, H, d] -> [B, S, H/P, d]``; differentiable. Needs ``H % P == 0``."""
+    if x.shape[2] % group.size:
+        raise ValueError(f"{x.shape[2]} heads are not divisible by P={group.size}")
+    return _SeqToHead.apply(x, group)
+
+
+def head_to_seq(x: torch.Tensor, group: SPGroup) -> torch.Tensor:
+    """``[B, S, H/P, d] -> [B, S/P, H, d]``; differentiable. Needs ``S % P == 0``."""
+    if x.shape[1] % group.size:
+        raise ValueError(f"sequence length {x.shape[1]} is not divisible by P={group.size}")
+    return _HeadToSeq.apply(x, group)
+
+
+def kv_seq_to_head(x: torch.Tensor, group: SPGroup) -> torch.Tensor:
+    """Keys/values ``[B, S/P, Hkv, d] -> [B, S, Hkv', d]``, replicating heads when ``P % Hkv == 0``.
+
+    ``Hkv' = kv_heads_per_rank(Hkv, P)``. Differentiable: the backward sums the replicas.
+    """
+    P, n_kv = group.size, x.shape[2]
+    if n_kv % P == 0:
+        return seq_to_head(x, group)
+    if P % n_kv:
+        raise ValueError(f"Hkv={n_kv} KV heads: need Hkv % P == 0 or P % Hkv == 0 (P={P})")
+    return seq_to_head(x.repeat_interleave(P // n_kv, dim=2), group)
+
+
+def kv_head_to_seq_grad(dx: torch.Tensor, group: SPGroup, n_kv_heads: int) -> torch.Tensor:
+    """Backward of :func:`kv_seq_to_head` without autograd: ``[B, S, Hkv', d] -> [B, S/P, Hkv, d]``."""
+    g = _head_to_seq(dx, group)
+    P = group.size
+    if n_kv_heads % P == 0:
+        return g
+    B, s, _, d = g.shape
+    return g.reshape(B, s, n_kv_heads, P // n_kv_heads, d).sum(3)

@@ -1,0 +1,170 @@
+"""Attention blocks: ``local`` (the oracle), ``ulysses`` and ``fpdt``, over the same weights.
+
+Each block maps this rank's hidden states ``[B, S/P, h]`` to ``[B, S/P, h]`` (``local``: the
+whole ``[B, S, h]``) using :class:`~parallel.weights.AttentionWeights` and an optional
+:class:`~parallel.rotary.RotaryEmbedding` applied at global positions ``0..S-1``. Tokens are in
+the strategy's layout (:meth:`AttentionStrategy.shard`): contiguous ``S/P`` slices for
+``ulysses``, the FPDT permutation for ``fpdt``.
+
+    strategy = AttentionStrategy("fpdt", group, chunks=4, offload=True)
+    y_local = strategy(strategy.shard(x_full), weights, rope)    # this rank's part
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
+from .distributed import SPGroup
+from .executor import Timeline
+from .fpdt import FPDTSpec, fpdt_attention_core
+from .host_store import HostStore, default_host_store
+from .layout import check_layout, local_positions, shard
+from .rotary import RotaryEmbedding, apply_rotary
+from .weights import AttentionWeights, project_out, project_qkv
+
+STRATEGIES = ("local", "ulysses", "fpdt")
+
+
+def _rotate(q, k, rope: RotaryEmbedding | None, start: int = 0):
+    if rope is None:
+        return q, k
+    cos, sin = rope.span(start, q.shape[1], device=q.device)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def local_attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    rope: RotaryEmbedding | None = None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Single-process attention block over the whole sequence: ``[B, S, h] -> [B, S, h]``."""
+    q, k, v = project_qkv(x, w)
+    q, k = _rotate(q, k, rope)
+    o = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return project_out(o, w)
+
+
+def ulysses_attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    rope: RotaryEmbedding | None = None,
+    *,
+    group: SPGroup,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """DeepSpeed-Ulysses block: ``[B, S/P, h]`` (contiguous slice ``rank``) -> ``[B, S/P, h]``."""
+    check_heads(w.n_heads, w.n_kv_heads, group.size)
+    check_layout(x.shape[1] * group.size, group.size, 1)
+    q, k, v = project_qkv(x, w)  # [B, S/P, H, d]
+    q = seq_to_head(q, group)  # -> [B, S, H/P, d]
+    k, v = kv_seq_to_head(k, group), kv_seq_to_head(v, group)  # -> [B, S, Hkv', d]
+    q, k = _rotate(q, k, rope)
+    o = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return project_out(head_to_seq(o, group), w)  # [B, S, H/P, d] -> [B, S/P, H, d] -> [B, S/P, h]
+
+
+def fpdt_attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    rope: RotaryEmbedding | None = None,
+    *,
+    group: SPGroup,
+    chunks: int,
+    causal: bool = True,
+    offload: bool = True,
+    softmax_scale: float | None = None,
+    store: HostStore | None = None,
+    timeline: Timeline | None = None,
+) -> torch.Tensor:
+    """FPDT block: ``[B, S/P, h]`` in the FPDT layout (``chunks`` chunks) -> ``[B, S/P, h]``.
+
+    ``offload``: keep saved chunks in the host store (``store``, default the process-wide one);
+    ``timeline``: record every op's start/end.
+    """
+    check_heads(w.n_heads, w.n_kv_heads, group.size)
+    check_layout(x.shape[1] * group.size, group.size, chunks)
+    if offload and store is None:
+        store = default_host_store()
+    spec = FPDTSpec(
+        group=group,
+        chunks=chunks,
+        n_heads=w.n_heads,
+        n_kv_heads=w.n_kv_heads,
+        head_dim=w.head_dim,
+        causal=causal,
+        offload=offload,
+        rope=rope,
+        softmax_scale=softmax_scale,
+        store=store,
+        timeline=timeline,
+    )
+    o = fpdt_attention_core(x, w.wqkv, w.bqkv, spec)  # [B, S/P, H, d]
+    return project_out(o, w)
+
+
+@dataclass(frozen=True)
+class AttentionStrategy:
+    """How a model's attention runs: ``kind`` in ``local | ulysses | fpdt`` plus its settings.
+
+    Call it as ``strategy(x, weights, rope)``; ``shard``/``positions`` give the token layout the
+    rest of the model (embeddings, labels, positions) must use.
+    """
+
+    kind: str = "local"
+    group: SPGroup = SPGroup.single()
+    chunks: int = 1
+    offload: bool = True
+    causal: bool = True
+    softmax_scale: float | None = None
+    store: HostStore | None = None
+
+    def __post_init__(self):
+        if self.kind not in STRATEGIES:
+            raise ValueError(f"unknown attention strategy {self.kind!r}; use one of {STRATEGIES}")
+        if self.kind == "local" and self.group.size != 1:
+            raise ValueError(f"strategy 'local' runs in one process, got a group of {self.group.size}")
+        if self.chunks < 1 or (self.kind != "fpdt" and self.chunks != 1):
+            raise ValueError(f"chunks={self.chunks}: only 'fpdt' takes chunks > 1 (and chunks >= 1)")
+
+    @property
+    def layout_chunks(self) -> int:
+        return self.chunks if self.kind == "fpdt" else 1
+
+    def check(self, seq_len: int, n_heads: int, n_kv_heads: int) -> None:
+        """Raise the documented ``ValueError`` if this strategy cannot run this shape."""
+        check_heads(n_heads, n_kv_heads, self.group.size)
+        check_layout(seq_len, self.group.size, self.layout_chunks)
+
+    def positions(self, seq_len: int) -> torch.Tensor:
+        """Global positions of this rank's tokens (``[S/P]``)."""
+        return local_positions(seq_len, self.group.size, self.layout_chunks, self.group.rank)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's part of a full-length tensor (inputs, labels, ...)."""
+        return shard(x, self.group.size, self.layout_chunks, self.group.rank, dim)
+
+    def __call__(self, x: torch.Tensor, w: AttentionWeights, rope: RotaryEmbedding | None = None):
+        if self.kind == "local":
+            return local_attention(x, w, rope, causal=self.causal, softmax_scale=self.softmax_scale)
+        if self.kind == "ulysses":
+            return ulysses_attention(x, w, rope, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale)
+        return fpdt_attention(
+            x,
+            w,
+            rope,
+            group=self.group,
+            chunks=self.chunks,
+            causal=self.causal,
+            offload=self.offload,
+            softmax_scale=self.softmax_scale,
+            store=self.store,
+        )

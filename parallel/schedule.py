@@ -1,0 +1,279 @@
+"""The FPDT chunk-pipeline scheduler: the order of work as data.
+
+A :class:`Schedule` is a list of coarse :class:`Op` s (one per chunk or per chunk block), each
+with the stream it runs on, the named buffers it reads and writes, and the ops it waits for
+(derived from the buffers: read-after-write, write-after-read, write-after-write). Device
+buffers are ``"q[3]"``, ``"kv[1]"``, ...; their host-store copies are ``"host:q[3]"``. ``free``
+drops a device buffer. One executor runs a schedule (CUDA streams + events, or in order on CPU);
+tests check it with :func:`check_schedule`; a cost model can replay it; ``print(schedule)``
+shows it.
+
+Forward (invariant 2): outer loop over query chunks ``i``; chunk ``i+1`` is projected and sent
+through its all-to-all before the blocks of chunk ``i`` (so the all-to-all overlaps them);
+inner loop over KV chunks ``j <= i`` (all ``j`` when non-causal), the next KV chunk fetched
+before the current block. Backward (invariant 4): outer loop over KV chunks ``i``, inner loop
+over query chunks ``j >= i``; the output gradient of chunk ``j`` goes through its all-to-all on
+first use (outer step 0), ``dq[j]`` round-trips through the host, and each chunk's gradient
+all-to-all + projection backward run once its gradient is complete.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+class Stream(str, enum.Enum):
+    COMPUTE = "compute"
+    H2D = "h2d"
+    D2H = "d2h"
+    COMM = "comm"
+
+
+class Kind(str, enum.Enum):
+    """Operation types. ``ATTN_FWD`` merges its block into the running fp32 (out, lse)."""
+
+    PROJECT = "project"  # x[i] -> qkv[i]: local QKV projection of chunk i
+    A2A_QKV = "a2a_qkv"  # qkv[i] -> q[i], kv[i]: all-to-all + RoPE at global positions
+    ATTN_FWD = "attn_fwd"  # (i, j): block q[i] x kv[j], merged into o[i]
+    A2A_OUT = "a2a_out"  # o[i] -> out[i]: inverse all-to-all into the output
+    A2A_DO = "a2a_do"  # dout[j] -> do[j]: all-to-all of the output gradient (first use)
+    ATTN_BWD = "attn_bwd"  # (i, j): block backward, accumulates dq[j], dkv[i]
+    A2A_DQ = "a2a_dq"  # dq[j] -> dqloc[j]: RoPE backward + inverse all-to-all
+    A2A_DKV = "a2a_dkv"  # dkv[i] -> dkvloc[i]: RoPE backward + inverse all-to-all (+ replica sum)
+    PROJ_BWD_Q = "proj_bwd_q"  # dqloc[j], x[j] -> dx[j], dw: projection backward, query part
+    PROJ_BWD_KV = "proj_bwd_kv"  # dkvloc[i], x[i] -> dx[i], dw: projection backward, KV part
+    OFFLOAD = "offload"  # device -> host store
+    FETCH = "fetch"  # host store -> device
+    FREE = "free"  # drop a device buffer
+
+
+HOST = "host:"
+_STREAM_OF = {Kind.OFFLOAD: Stream.D2H, Kind.FETCH: Stream.H2D}
+_COMM = {Kind.A2A_QKV, Kind.A2A_OUT, Kind.A2A_DO, Kind.A2A_DQ, Kind.A2A_DKV}
+
+
+@dataclass(frozen=True)
+class Op:
+    index: int
+    kind: Kind
+    stream: Stream
+    chunk: tuple[int, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    deps: tuple[int, ...]
+
+    @property
+    def buffer(self) -> str:
+        """The device buffer an OFFLOAD/FETCH/FREE moves or drops."""
+        if self.kind == Kind.OFFLOAD:
+            return self.reads[0]
+        return self.writes[0]
+
+    def __str__(self) -> str:
+        what = f"{self.kind.value}{list(self.chunk) if self.chunk else ''}"
+        if self.kind in (Kind.OFFLOAD, Kind.FETCH, Kind.FREE):
+            what = f"{self.kind.value} {self.buffer}"
+        deps = ",".join(map(str, self.deps))
+        return f"{self.index:4d} {self.stream.value:<7} {what:<24} after [{deps}]"
+
+
+@dataclass
+class Schedule:
+    direction: str  # "forward" | "backward"
+    chunks: int
+    causal: bool
+    offload: bool
+    save: bool
+    inputs: frozenset[str]
+    ops: list[Op] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.direction} schedule: u={self.chunks} causal={self.causal} "
+            f"offload={self.offload} save={self.save}, {len(self.ops)} ops"
+        )
+        return "\n".join([head, *map(str, self.ops)])
+
+    def counts(self) -> Counter:
+        return Counter(op.kind for op in self.ops)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """The attention blocks ``(i, j)`` in execution order."""
+        kind = Kind.ATTN_FWD if self.direction == "forward" else Kind.ATTN_BWD
+        return [op.chunk for op in self.ops if op.kind == kind]
+
+
+class _Builder:
+    def __init__(self, schedule: Schedule):
+        self.s = schedule
+        self.last_write: dict[str, int] = {}
+        self.readers: dict[str, set[int]] = {}
+        self.live: set[str] = set(schedule.inputs)
+
+    def add(self, kind: Kind, chunk=(), reads=(), writes=()) -> None:
+        stream = _STREAM_OF.get(kind, Stream.COMM if kind in _COMM else Stream.COMPUTE)
+        deps: set[int] = set()
+        for b in reads:
+            if b in self.last_write:
+                deps.add(self.last_write[b])
+        for b in writes:
+            deps |= self.readers.get(b, set())
+            if b in self.last_write:
+                deps.add(self.last_write[b])
+        op = Op(len(self.s.ops), kind, stream, tuple(chunk), tuple(reads), tuple(writes), tuple(sorted(deps)))
+        self.s.ops.append(op)
+        for b in reads:
+            self.readers.setdefault(b, set()).add(op.index)
+        for b in writes:
+            self.last_write[b] = op.index
+            self.readers[b] = set()
+        self.live |= set(writes)
+
+    def has(self, name: str) -> bool:
+        return name in self.live
+
+    def offload(self, name: str) -> None:
+        self.add(Kind.OFFLOAD, reads=(name,), writes=(HOST + name,))
+
+    def fetch(self, name: str) -> None:
+        self.add(Kind.FETCH, reads=(HOST + name,), writes=(name,))
+
+    def ensure(self, name: str) -> None:
+        """Fetch ``name`` unless it is already on the device."""
+        if name not in self.live:
+            self.fetch(name)
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            if name in self.live:
+                self.add(Kind.FREE, writes=(name,))
+                self.live.discard(name)
+                del self.last_write[name]
+
+
+def _n(name: str, i: int) -> str:
+    return f"{name}[{i}]"
+
+
+def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, save: bool = True) -> Schedule:
+    """Forward of the FPDT attention block over ``chunks`` chunks.
+
+    ``save``: keep what the backward needs (in the host store when ``offload``). A no-grad
+    forward (``save=False``) offloads only KV chunks a later query chunk still needs.
+    """
+    u = chunks
+    s = Schedule("forward", u, causal, offload, save, frozenset(_n("x", i) for i in range(u)))
+    b = _Builder(s)
+    kv_reused = (lambda i: i < u - 1) if causal else (lambda i: u > 1)
+
+    def prepare(i: int) -> None:
+        b.add(Kind.PROJECT, (i,), reads=[_n("x", i)], writes=[_n("qkv", i)])
+        if save and offload:
+            b.offload(_n("x", i))
+        b.add(Kind.A2A_QKV, (i,), reads=[_n("qkv", i)], writes=[_n("q", i), _n("kv", i)])
+        b.free(_n("qkv", i))
+        if offload:
+            if save or not causal:
+                b.offload(_n("q", i))
+            if save or kv_reused(i):
+                b.offload(_n("kv", i))
+            if not causal:
+                b.free(_n("q", i), _n("kv", i))
+
+    if not causal:
+        for i in range(u):
+            prepare(i)
+    else:
+        prepare(0)
+    for i in range(u):
+        js = list(range(i + 1)) if causal else list(range(u))
+        if offload:
+            b.ensure(_n("q", i))
+            b.ensure(_n("kv", js[0]))
+        if causal and i + 1 < u:
+            prepare(i + 1)  # its all-to-all overlaps the blocks of chunk i
+        for n, j in enumerate(js):
+            if offload and n + 1 < len(js):
+                b.ensure(_n("kv", js[n + 1]))  # prefetch while block (i, j) computes
+            reads = [_n("q", i), _n("kv", j)] + ([_n("o", i)] if n else [])
+            b.add(Kind.ATTN_FWD, (i, j), reads=reads, writes=[_n("o", i)])
+            if offload:
+                b.free(_n("kv", j))
+        b.add(Kind.A2A_OUT, (i,), reads=[_n("o", i)], writes=[_n("out", i)])
+        if offload:
+            b.free(_n("q", i))
+            if save:
+                b.offload(_n("o", i))
+            b.free(_n("o", i))
+        elif not save:
+            b.free(_n("q", i), _n("o", i))
+            if i == u - 1:
+                b.free(*(_n("kv", j) for j in range(u)))
+    return s
+
+
+def saved_buffers(chunks: int, offload: bool) -> frozenset[str]:
+    """What a saving forward leaves for the backward (host copies when ``offload``)."""
+    pre = HOST if offload else ""
+    return frozenset(pre + _n(name, i) for i in range(chunks) for name in ("x", "q", "kv", "o"))
+
+
+def backward_schedule(chunks: int, *, causal: bool = True, offload: bool = True) -> Schedule:
+    """Backward of the FPDT attention block (what :func:`forward_schedule` saved is the input)."""
+    u = chunks
+    inputs = saved_buffers(u, offload) | {_n("dout", j) for j in range(u)}
+    s = Schedule("backward", u, causal, offload, True, frozenset(inputs))
+    b = _Builder(s)
+    qs = (lambda i: list(range(i, u))) if causal else (lambda i: list(range(u)))
+    last_outer = (lambda j: j) if causal else (lambda j: u - 1)
+    pending: list[tuple[Kind, int]] = []  # projection backwards waiting for their all-to-all
+
+    def load(i: int, j: int) -> None:
+        if i == 0:
+            b.add(Kind.A2A_DO, (j,), reads=[_n("dout", j)], writes=[_n("do", j)])
+            if offload and last_outer(j) > 0:
+                b.offload(_n("do", j))
+        if offload:
+            for name in ("q", "o", "do") + (("dq",) if i > 0 else ()):
+                b.ensure(_n(name, j))
+
+    def flush() -> None:
+        for kind, k in pending:
+            if offload:
+                b.ensure(_n("x", k))
+            loc = _n("dqloc" if kind == Kind.PROJ_BWD_Q else "dkvloc", k)
+            b.add(kind, (k,), reads=[loc, _n("x", k)], writes=[_n("dx", k), "dw"])
+            b.free(loc)
+            if offload and not (causal and kind == Kind.PROJ_BWD_Q):
+                b.free(_n("x", k))
+        pending.clear()
+
+    for i in range(u):
+        if offload:
+            b.ensure(_n("kv", i))
+        js = qs(i)
+        load(i, js[0])
+        for n, j in enumerate(js):
+            if n + 1 < len(js):
+                load(i, js[n + 1])  # prefetch / all-to-all of the next query chunk
+            reads = [_n("q", j), _n("kv", i), _n("o", j), _n("do", j)]
+            reads += [name for name in (_n("dq", j), _n("dkv", i)) if b.has(name)]
+            b.add(Kind.ATTN_BWD, (i, j), reads=reads, writes=[_n("dq", j), _n("dkv", i)])
+            if n == 0:
+                flush()  # previous chunk's projection backward, after its all-to-all overlapped
+            if i == last_outer(j):  # dq[j] is complete
+                b.add(Kind.A2A_DQ, (j,), reads=[_n("dq", j)], writes=[_n("dqloc", j)])
+                b.free(_n("dq", j))
+                pending.append((Kind.PROJ_BWD_Q, j))
+            elif offload:
+                b.offload(_n("dq", j))
+                b.free(_n("dq", j))
+            if offload or i == last_outer(j):
+                b.free(_n("q", j), _n("o", j), _n("do", j))
+        b.add(Kind.A2A_DKV, (i,), reads=[_n("dkv", i)], writes=[_n("dkvloc", i)])
+        b.free(_n("dkv", i), _n("kv", i))
+        pending.append((Kind.PROJ_BWD_KV, i))
+    flush()
+    return s
