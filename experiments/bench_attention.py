@@ -118,14 +118,20 @@ def _percentiles(times: list[float], qs=QUANTILES) -> list[float]:
 
 
 def _time_cpu(fn: Callable, reps: int, grad_to_none: list[torch.Tensor]) -> list[float]:
-    fn()  # warm-up: the interpreter and autograd allocate on the first call
-    times = []
-    for _ in range(reps):
-        for t in grad_to_none:
-            t.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    # One thread: at the toy size a busy core made the 2-thread pool add ~8 ms wake-ups.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()  # warm-up: the interpreter and autograd allocate on the first call
+        times = []
+        for _ in range(reps):
+            for t in grad_to_none:
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
     return _percentiles(times)
 
 
@@ -275,6 +281,64 @@ def _format_row(cfg: Config, impl: str, ms: list[float], tflops: float, ratio, e
     )
 
 
+def _measure(attn: Callable, bhsd: bool, cfg: Config, device: str, cuda: bool, args) -> list[float]:
+    qkv, do = _inputs(cfg, device, bhsd)
+    fn = _bench_fn(attn, cfg, qkv, do)
+    grads = qkv if cfg.mode != "fwd" else []
+    return _time_cuda(fn, args.quick, grads) if cuda else _time_cpu(fn, args.reps, grads)
+
+
+def _csv_row(meta: dict, impl: str, cfg: Config, ms: list[float], tflops: float, err) -> dict:
+    return {
+        **meta,
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "impl": impl,
+        "mode": cfg.mode,
+        "B": cfg.B,
+        "S": cfg.S,
+        "H": cfg.H,
+        "d": cfg.d,
+        "causal": cfg.causal,
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "p20_ms": f"{ms[0]:.5f}",
+        "p50_ms": f"{ms[1]:.5f}",
+        "p80_ms": f"{ms[2]:.5f}",
+        "tflops": f"{tflops:.5f}",
+        "max_abs_err_vs_sdpa": "" if err is None else f"{err:.3e}",
+    }
+
+
+# Issue 2's targets (H100/H200, bf16, d=128, S=16K): ours/SDPA per mode, and causal/non-causal.
+TARGETS_VS_SDPA = {"fwd": 0.9, "bwd": 0.8}
+TARGET_CAUSAL_VS_FULL = 0.9
+
+
+def print_targets(tflops_at: dict[tuple, float], impl: str) -> list[str]:
+    """Check the targets at the longest measured S for each d, from
+    ``tflops_at[(impl, mode, S, d, causal)]``; prints and returns the lines."""
+    lines = []
+    ours = [k for k in tflops_at if k[0] == impl]
+    for d in sorted({k[3] for k in ours}, reverse=True):
+        S = max(k[2] for k in ours if k[3] == d)
+        lines.append(f"targets for {impl} at d={d}, S={S} (stated for d=128, S=16384):")
+        for mode, goal in TARGETS_VS_SDPA.items():
+            for causal in (False, True):
+                mine, ref = tflops_at.get((impl, mode, S, d, causal)), tflops_at.get(("sdpa_flash", mode, S, d, causal))
+                if mine and ref:
+                    verdict = "ok" if mine / ref >= goal else "MISS"
+                    lines.append(f"  {mode:<8}causal={causal!s:<6}ours/SDPA {mine / ref:6.2f}x  (>= {goal}x) {verdict}")
+        for mode in MODES:
+            full, causal = tflops_at.get((impl, mode, S, d, False)), tflops_at.get((impl, mode, S, d, True))
+            if full and causal:
+                verdict = "ok" if causal / full >= TARGET_CAUSAL_VS_FULL else "MISS"
+                lines.append(
+                    f"  {mode:<8}causal/non-causal TFLOP/s {causal / full:6.0%}  "
+                    f"(>= {TARGET_CAUSAL_VS_FULL:.0%}) {verdict}"
+                )
+    print("\n".join(lines))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep, print the table, write the CSV. Returns 0, or 1 if a measurement failed."""
     cuda = torch.cuda.is_available()
@@ -302,12 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     impls = _impls(cuda)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures, errs, tflops_at = 0, {}, {}
     with open(out_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         print(_HEADER)
-        errs: dict[tuple, float] = {}  # the forward check is per shape, not per mode
         for cfg in _configs(args):
             sdpa_p50 = None
             for impl, (attn, bhsd) in impls.items():
@@ -318,18 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     err = None
                     if impl != "sdpa_flash":
-                        key = (impl, cfg.B, cfg.S, cfg.H, cfg.d, cfg.causal)
+                        key = (impl, cfg.B, cfg.S, cfg.H, cfg.d, cfg.causal)  # per shape, not mode
                         if key not in errs:
                             errs[key] = _max_err_vs_sdpa(attn, cfg, device)
                         err = errs[key]
-                    qkv, do = _inputs(cfg, device, bhsd)
-                    fn = _bench_fn(attn, cfg, qkv, do)
-                    grads = qkv if cfg.mode != "fwd" else []
-                    if cuda:
-                        ms = _time_cuda(fn, args.quick, grads)
-                    else:
-                        ms = _time_cpu(fn, args.reps, grads)
-                    del fn, qkv, do
+                    ms = _measure(attn, bhsd, cfg, device, cuda, args)
                 except Exception as e:  # one bad config (OOM, unsupported shape) must not end the sweep
                     failures += 1
                     print(f"FAILED {impl} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -337,30 +393,15 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.empty_cache()
                     continue
                 tflops = attention_flops(cfg) / (ms[1] * 1e-3) / 1e12
+                tflops_at[(impl, cfg.mode, cfg.S, cfg.d, cfg.causal)] = tflops
                 if impl == "sdpa_flash":
                     sdpa_p50 = ms[1]
                 ratio = sdpa_p50 / ms[1] if sdpa_p50 and impl != "sdpa_flash" else None
                 print(_format_row(cfg, impl, ms, tflops, ratio, err), flush=True)
-                writer.writerow(
-                    {
-                        **meta,
-                        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "impl": impl,
-                        "mode": cfg.mode,
-                        "B": cfg.B,
-                        "S": cfg.S,
-                        "H": cfg.H,
-                        "d": cfg.d,
-                        "causal": cfg.causal,
-                        "dtype": str(cfg.dtype).removeprefix("torch."),
-                        "p20_ms": f"{ms[0]:.5f}",
-                        "p50_ms": f"{ms[1]:.5f}",
-                        "p80_ms": f"{ms[2]:.5f}",
-                        "tflops": f"{tflops:.5f}",
-                        "max_abs_err_vs_sdpa": "" if err is None else f"{err:.3e}",
-                    }
-                )
+                writer.writerow(_csv_row(meta, impl, cfg, ms, tflops, err))
                 f.flush()  # rows survive a timeout that cuts the sweep short
+    if cuda:
+        print_targets(tflops_at, "ours_triton")
     print(f"wrote {out_path}" + (f"; {failures} measurement(s) FAILED" if failures else ""))
     return 1 if failures else 0
 

@@ -44,3 +44,18 @@ def test_flop_convention():
     assert bench_attention.attention_flops(causal_bwd) == fwd * 0.5 * 2.5
     full = bench_attention.Config("fwd_bwd", 2, 1024, 16, 128, causal=False, dtype=None)
     assert bench_attention.attention_flops(full) == fwd * 3.5
+
+
+def test_print_targets_checks_ratios():
+    t = {
+        ("ours", "fwd", 16384, 128, False): 380.0,
+        ("sdpa_flash", "fwd", 16384, 128, False): 400.0,
+        ("ours", "fwd", 16384, 128, True): 300.0,
+        ("sdpa_flash", "fwd", 16384, 128, True): 380.0,
+        ("ours", "fwd", 1024, 128, False): 1.0,  # shorter S: not the one the targets look at
+    }
+    lines = bench_attention.print_targets(t, "ours")
+    assert lines[0].startswith("targets for ours at d=128, S=16384")
+    assert any("fwd" in s and "causal=False" in s and "0.95x" in s and s.endswith("ok") for s in lines)
+    assert any("causal=True" in s and "0.79x" in s and s.endswith("MISS") for s in lines)
+    assert any("causal/non-causal" in s and "79%" in s and s.endswith("MISS") for s in lines)
