@@ -9,6 +9,8 @@ the KV blocks. Both recompute ``P = exp(S - lse)``; rows whose lse is -inf (saw 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +63,7 @@ else:
             (64, 64, 4, 2),
             (32, 64, 4, 3),
             (128, 64, 8, 2),
+            (32, 32, 4, 1),  # the fallback that fits at d = 256
         ]
     ]
 
@@ -269,10 +272,16 @@ def compute_delta(out, do):
 
 def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
     """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``."""
+    if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+        return
+    # Launch on q's GPU even when it is not the current device.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _launch_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv)
+
+
+def _launch_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    if B == 0 or Sq == 0 or Sk == 0:
-        return
     if delta is None:
         delta = compute_delta(out, do)
     if lse.stride(-1) != 1 or lse.stride() != delta.stride():

@@ -8,6 +8,8 @@ separate merge pass. Causal masking is at global offsets: key ``k_start+n`` is v
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,7 @@ else:
             (128, 32, 4, 4),
             (64, 64, 4, 3),
             (64, 32, 4, 4),
+            (32, 32, 4, 1),  # the fallback that fits at d = 256
         ]
     ]
 
@@ -176,7 +179,8 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate
     if B == 0 or Sq == 0:
         return
     grid = lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H)
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    # Launch on q's GPU even when it is not the current device.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _fwd_kernel[grid](
             q, k, v, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
@@ -193,11 +197,3 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate
             PRECISION=dot_precision(q.dtype),
             BD=head_dim_block(D),
         )  # fmt: skip
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
