@@ -1,0 +1,81 @@
+"""Sequence parallelism: Ulysses all-to-alls and the FPDT chunk pipeline with host offload.
+
+Public API::
+
+    from parallel import (
+        init_distributed, SPGroup,                                  # process groups
+        AttentionWeights, RotaryEmbedding, AttentionStrategy,       # blocks
+        local_attention, ulysses_attention, fpdt_attention,
+        HostStore, Timeline, forward_schedule, backward_schedule, check_schedule,
+    )
+"""
+
+from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
+from .attention import (
+    STRATEGIES,
+    AttentionStrategy,
+    fpdt_attention,
+    local_attention,
+    ulysses_attention,
+)
+from .distributed import SPGroup, current_device, destroy_distributed, init_distributed
+from .executor import Timeline, run_schedule
+from .host_store import HostStore, default_host_store
+from .layout import (
+    check_layout,
+    inverse_permutation,
+    local_positions,
+    permutation,
+    shard,
+    unshard,
+)
+from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward
+from .schedule import (
+    Kind,
+    Op,
+    Schedule,
+    ScheduleError,
+    Stream,
+    backward_schedule,
+    check_schedule,
+    forward_schedule,
+)
+from .weights import AttentionWeights
+
+__all__ = [
+    "STRATEGIES",
+    "AttentionStrategy",
+    "AttentionWeights",
+    "HostStore",
+    "Kind",
+    "Op",
+    "RotaryEmbedding",
+    "SPGroup",
+    "Schedule",
+    "ScheduleError",
+    "Stream",
+    "Timeline",
+    "apply_rotary",
+    "apply_rotary_backward",
+    "backward_schedule",
+    "check_heads",
+    "check_layout",
+    "check_schedule",
+    "current_device",
+    "default_host_store",
+    "destroy_distributed",
+    "forward_schedule",
+    "fpdt_attention",
+    "head_to_seq",
+    "init_distributed",
+    "inverse_permutation",
+    "kv_seq_to_head",
+    "local_attention",
+    "local_positions",
+    "permutation",
+    "run_schedule",
+    "seq_to_head",
+    "shard",
+    "ulysses_attention",
+    "unshard",
+]

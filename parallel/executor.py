@@ -17,6 +17,7 @@ the run.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -132,6 +133,7 @@ def run_schedule(
     *,
     timeline: Timeline | None = None,
     label: str = "",
+    max_blocks_ahead: int = 2,
 ) -> None:
     """Execute ``schedule`` by calling ``handlers[op.kind](op)`` on the op's stream."""
     label = label or schedule.direction
@@ -147,6 +149,7 @@ def run_schedule(
     for s in (Stream.H2D, Stream.D2H, Stream.COMM):
         streams[s].wait_stream(caller)
     events: list[torch.cuda.Event | None] = [None] * len(schedule.ops)
+    in_flight: deque[torch.cuda.Event] = deque()
     for op in schedule.ops:
         if op.kind == Kind.FREE:  # host-side drop of a reference; Env made it stream-safe
             handlers[op.kind](op)
@@ -162,5 +165,13 @@ def run_schedule(
                 timeline.add(label, op, start, timeline._end(True))
             events[op.index] = torch.cuda.Event()
             events[op.index].record(stream)
+        if op.kind in (Kind.ATTN_FWD, Kind.ATTN_BWD):
+            # Bounded run-ahead (like FSDP's rate limiter): the host waits for the block issued
+            # `max_blocks_ahead` blocks ago, never for the whole device. Without it the host
+            # could issue every fetch of the pass at once, and memory freed by the schedule
+            # would not be reusable until the device caught up.
+            in_flight.append(events[op.index])
+            if len(in_flight) > max_blocks_ahead:
+                in_flight.popleft().synchronize()
     for s in (Stream.H2D, Stream.D2H, Stream.COMM):
         caller.wait_stream(streams[s])

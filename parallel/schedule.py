@@ -175,11 +175,12 @@ def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, 
         b.add(Kind.A2A_QKV, (i,), reads=[_n("qkv", i)], writes=[_n("q", i), _n("kv", i)])
         b.free(_n("qkv", i))
         if offload:
-            if save or not causal:
+            ahead = not causal and u > 1  # every chunk is prepared before the first block
+            if save or ahead:
                 b.offload(_n("q", i))
             if save or kv_reused(i):
                 b.offload(_n("kv", i))
-            if not causal:
+            if ahead:
                 b.free(_n("q", i), _n("kv", i))
 
     if not causal:
@@ -261,8 +262,7 @@ def backward_schedule(chunks: int, *, causal: bool = True, offload: bool = True)
             reads = [_n("q", j), _n("kv", i), _n("o", j), _n("do", j)]
             reads += [name for name in (_n("dq", j), _n("dkv", i)) if b.has(name)]
             b.add(Kind.ATTN_BWD, (i, j), reads=reads, writes=[_n("dq", j), _n("dkv", i)])
-            if n == 0:
-                flush()  # previous chunk's projection backward, after its all-to-all overlapped
+            flush()  # projection backwards queued before this block: their all-to-all overlapped it
             if i == last_outer(j):  # dq[j] is complete
                 b.add(Kind.A2A_DQ, (j,), reads=[_n("dq", j)], writes=[_n("dqloc", j)])
                 b.free(_n("dq", j))
@@ -277,3 +277,80 @@ def backward_schedule(chunks: int, *, causal: bool = True, offload: bool = True)
         pending.append((Kind.PROJ_BWD_KV, i))
     flush()
     return s
+
+
+class ScheduleError(AssertionError):
+    """A schedule breaks one of the pipeline invariants."""
+
+
+def _expected_blocks(s: Schedule) -> list[tuple[int, int]]:
+    u = s.chunks
+    if s.direction == "forward":
+        return [(i, j) for i in range(u) for j in range(u) if j <= i or not s.causal]
+    return [(i, j) for i in range(u) for j in range(u) if j >= i or not s.causal]
+
+
+def _family(name: str) -> str:
+    return name.split("[")[0]
+
+
+def check_schedule(s: Schedule) -> dict[str, int]:
+    """Check the invariants of a schedule; return the peak number of resident device chunks
+    per buffer family (``{"kv": 3, "q": 2, ...}``). Raises :class:`ScheduleError`.
+
+    Checked: every block of the causal triangle (or the full square) exactly once, outer loop
+    over query chunks forward and over KV chunks backward; every buffer is produced or fetched
+    before it is read and never read after it is freed; every op waits for the last writer of
+    what it reads and for every reader of what it overwrites or frees (so no chunk is used
+    after its buffer is reused); ops run on their stream; the outputs are all produced.
+    """
+    blocks = s.blocks()
+    if blocks != _expected_blocks(s):
+        raise ScheduleError(f"blocks {blocks} are not {_expected_blocks(s)} in loop order")
+    live = set(s.inputs)
+    last_write: dict[str, int] = {}
+    readers: dict[str, set[int]] = {}
+    peak: Counter = Counter()
+    written: Counter = Counter()
+    for op in s.ops:
+        expect = _STREAM_OF.get(op.kind, Stream.COMM if op.kind in _COMM else Stream.COMPUTE)
+        if op.stream != expect:
+            raise ScheduleError(f"op {op} runs on {op.stream.value}, expected {expect.value}")
+        deps = set(op.deps)
+        if any(d >= op.index for d in deps):
+            raise ScheduleError(f"op {op} waits for a later op")
+        for b in op.reads:
+            if b not in live:
+                raise ScheduleError(f"op {op} reads {b}, which is not resident (never made, not fetched, or freed)")
+            if b in last_write and last_write[b] not in deps:
+                raise ScheduleError(f"op {op} reads {b} without waiting for its writer {last_write[b]}")
+        for b in op.writes:
+            if not readers.get(b, set()) <= deps:
+                raise ScheduleError(f"op {op} overwrites {b} before its readers {sorted(readers[b])} are done")
+            if op.kind == Kind.FREE:
+                if b not in live:
+                    raise ScheduleError(f"op {op} frees {b}, which is not resident")
+                live.discard(b)
+                last_write.pop(b, None)
+                readers[b] = set()
+                continue
+            live.add(b)
+            last_write[b] = op.index
+            readers[b] = set()
+            written[b] += 1
+        for b in op.reads:
+            readers.setdefault(b, set()).add(op.index)
+        now = Counter(_family(b) for b in live if not b.startswith(HOST) and b not in s.inputs)
+        for fam, n in now.items():
+            peak[fam] = max(peak[fam], n)
+    u = s.chunks
+    if s.direction == "forward":
+        missing = [_n("out", i) for i in range(u) if written[_n("out", i)] != 1]
+        if s.save:
+            missing += sorted(saved_buffers(u, s.offload) - live - s.inputs)
+    else:
+        missing = [_n("dx", i) for i in range(u) if written[_n("dx", i)] != 2]
+        missing += [_n("do", j) for j in range(u) if s.counts()[Kind.A2A_DO] != u]
+    if missing:
+        raise ScheduleError(f"{s.direction} schedule does not produce {missing}")
+    return dict(peak)

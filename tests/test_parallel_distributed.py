@@ -1,0 +1,149 @@
+"""Multi-process checks of the Ulysses and FPDT blocks against the single-process oracle.
+
+One launch per world size (gloo on CPU, file rendezvous unique per test) runs many
+configurations: every rank computes the `local` block on the full sequence with the same
+weights, runs the strategy on its shard, and compares output, input gradient and the
+all-reduced gradient of every projection weight (fp32, ~1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CONFIG_KEYS = ("kind", "H", "Hkv", "chunks", "offload", "causal", "bias", "rope")
+
+
+def _cfg(kind, H, Hkv, chunks=1, offload=False, causal=True, bias=False, rope=True) -> dict:
+    return dict(kind=kind, H=H, Hkv=Hkv, chunks=chunks, offload=offload, causal=causal, bias=bias, rope=rope)
+
+
+def _configs(world: int) -> list[dict]:
+    H = 2 * world
+    mha, gqa, rep = H, H // 2, max(1, world // 2)  # rep: Hkv < P, KV heads replicated
+    out = [_cfg("ulysses", H, Hkv, bias=Hkv == gqa) for Hkv in (mha, gqa, rep)]
+    out.append(_cfg("ulysses", H, gqa, causal=False))
+    for Hkv in (mha, gqa):
+        for chunks in (1, 2, 4):
+            for offload in (True, False):
+                out.append(_cfg("fpdt", H, Hkv, chunks, offload, bias=chunks == 2))
+    out.append(_cfg("fpdt", H, rep, 2, offload=True, bias=True))
+    out.append(_cfg("fpdt", H, rep, 4, offload=False))
+    out.append(_cfg("fpdt", H, gqa, 2, offload=True, causal=False))
+    out.append(_cfg("fpdt", H, mha, 4, offload=True, rope=False))
+    return out
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:g} * max|want| = {tol * scale:.3e}"
+
+
+def _check_all_to_all(group) -> list[str]:
+    from parallel import all_to_all as a2a
+
+    P, r = group.size, group.rank
+    failures = []
+    torch.manual_seed(1)
+    x_full = torch.randn(2, 4 * P, 2 * P, 3)  # [B, S, H, d], same on every rank
+    x = x_full[:, r * 4 : (r + 1) * 4].clone().requires_grad_(True)
+    y = a2a.seq_to_head(x, group)  # [B, S, H/P, d]
+    if not torch.equal(y, x_full[:, :, r * 2 : (r + 1) * 2]):
+        failures.append("seq_to_head does not give the rank's head slice of the full sequence")
+    if not torch.equal(a2a.head_to_seq(y, group), x):
+        failures.append("head_to_seq(seq_to_head(x)) != x")
+    g = torch.randn_like(y)
+    y.backward(g)
+    if not torch.equal(x.grad, a2a.head_to_seq(g, group)):
+        failures.append("the backward of seq_to_head is not head_to_seq")
+    # KV replication (P % Hkv == 0): rank r gets KV head r // (P/Hkv); the backward sums replicas.
+    if P > 1:
+        k_full = torch.randn(2, 4 * P, 1, 3)
+        k = k_full[:, r * 4 : (r + 1) * 4].clone().requires_grad_(True)
+        kh = a2a.kv_seq_to_head(k, group)
+        if not torch.equal(kh, k_full):
+            failures.append("kv_seq_to_head with Hkv=1 does not replicate the KV head")
+        kh.backward(torch.ones_like(kh))
+        if not torch.equal(k.grad, torch.full_like(k, float(P))):
+            failures.append("kv_seq_to_head backward does not sum the P replicas")
+    return failures
+
+
+def _tensors(w) -> dict:
+    return {k: getattr(w, k) for k in ("wqkv", "bqkv", "wo", "bo") if getattr(w, k) is not None}
+
+
+def _check_block(cfg: dict, group) -> None:
+    from parallel import AttentionStrategy, AttentionWeights, HostStore, RotaryEmbedding
+    from parallel.attention import local_attention
+
+    torch.manual_seed(zlib.crc32(repr([cfg[k] for k in CONFIG_KEYS]).encode()))  # same on all ranks
+    B, S, d = 2, 32, 8
+    h = cfg["H"] * d
+    w_ref = AttentionWeights.random(h, cfg["H"], cfg["Hkv"], d, bias=cfg["bias"])
+    rope = RotaryEmbedding(d) if cfg["rope"] else None
+    x = torch.randn(B, S, h, requires_grad=True)
+    dy = torch.randn(B, S, h)
+    y = local_attention(x, w_ref, rope, causal=cfg["causal"])
+    y.backward(dy)
+
+    store = HostStore() if cfg["offload"] else None
+    strategy = AttentionStrategy(
+        cfg["kind"], group, chunks=cfg["chunks"], offload=cfg["offload"], causal=cfg["causal"], store=store
+    )
+    w = dataclasses.replace(w_ref, **{k: t.detach().clone().requires_grad_(True) for k, t in _tensors(w_ref).items()})
+    x_loc = strategy.shard(x.detach()).requires_grad_(True)
+    y_loc = strategy(x_loc, w, rope)
+    y_loc.backward(strategy.shard(dy))
+    grads = [p.grad.clone() for p in w.parameters()]
+    for g in grads:
+        dist.all_reduce(g, group=group.group)
+    _close(y_loc, strategy.shard(y.detach()), "output")
+    _close(x_loc.grad, strategy.shard(x.grad), "input gradient")
+    for name, g, p in zip(("wqkv", "bqkv", "wo", "bo"), grads, w_ref.parameters(), strict=False):
+        _close(g, p.grad, f"gradient of {name}")
+    if store is not None:
+        assert store.bytes_in_use == 0, f"host store still holds {store.bytes_in_use} bytes after the backward"
+
+
+def _worker(rank: int, world: int, rdzv: str, result_dir: str) -> None:
+    os.environ["FPDT_ATTENTION_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    import kernels
+    from parallel import init_distributed
+
+    kernels.set_backend("torch")
+    group = init_distributed(rank, world, backend="gloo", init_method=f"file://{rdzv}", timeout_s=120)
+    failures = _check_all_to_all(group)
+    for cfg in _configs(world):
+        try:
+            _check_block(cfg, group)
+        except AssertionError as e:  # after every collective of the config: keep going
+            failures.append(f"{cfg}: {e}")
+        except Exception:
+            failures.append(f"{cfg}: {traceback.format_exc()}")
+            break  # collectives may be out of step now
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(failures))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_blocks_match_local(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=world, join=True)
+    failures = []
+    for rank in range(world):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        if text:
+            failures.append(f"rank {rank}:\n{text}")
+    assert not failures, "\n".join(failures)
+    assert len(_configs(world)) >= 17

@@ -1,0 +1,111 @@
+"""Invariants of the FPDT chunk-pipeline schedules for u up to 16."""
+
+import dataclasses
+
+import pytest
+
+from parallel import Kind, ScheduleError, Stream, backward_schedule, check_schedule, forward_schedule
+
+U = [1, 2, 3, 4, 7, 8, 16]
+
+
+@pytest.mark.parametrize("u", U)
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "on-device"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("save", [True, False], ids=["save", "nograd"])
+def test_forward_invariants(u, offload, causal, save):
+    s = forward_schedule(u, causal=causal, offload=offload, save=save)
+    peak = check_schedule(s)
+    blocks = s.blocks()
+    assert len(blocks) == (u * (u + 1) // 2 if causal else u * u)
+    assert len(set(blocks)) == len(blocks)
+    counts = s.counts()
+    assert counts[Kind.PROJECT] == counts[Kind.A2A_QKV] == counts[Kind.A2A_OUT] == u
+    if offload:
+        # Double buffering: resident KV/Q chunks do not grow with u.
+        assert peak["kv"] <= 4 and peak["q"] <= 2 and peak["o"] <= 1
+    else:
+        assert counts[Kind.FETCH] == counts[Kind.OFFLOAD] == 0
+    if causal and u > 1:
+        # chunk i+1's all-to-all is issued before chunk i's first block (overlap).
+        order = [(op.kind, op.chunk) for op in s.ops]
+        for i in range(u - 1):
+            assert order.index((Kind.A2A_QKV, (i + 1,))) < order.index((Kind.ATTN_FWD, (i, 0)))
+
+
+@pytest.mark.parametrize("u", U)
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "on-device"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_backward_invariants(u, offload, causal):
+    s = backward_schedule(u, causal=causal, offload=offload)
+    peak = check_schedule(s)
+    assert len(s.blocks()) == (u * (u + 1) // 2 if causal else u * u)
+    counts = s.counts()
+    assert counts[Kind.A2A_DO] == counts[Kind.A2A_DQ] == counts[Kind.A2A_DKV] == u
+    assert counts[Kind.PROJ_BWD_Q] == counts[Kind.PROJ_BWD_KV] == u
+    if offload:
+        for fam in ("q", "o", "do", "dq"):
+            assert peak[fam] <= 2, (fam, peak)
+        assert peak["kv"] == peak["dkv"] == 1 and peak["dqloc"] <= 1 and peak["dkvloc"] <= 1
+        # dq of chunk j is written back to the host after every outer step but its last.
+        n_dq = sum(1 for op in s.ops if op.kind == Kind.OFFLOAD and op.buffer.startswith("dq["))
+        assert n_dq == (u * (u - 1) // 2 if causal else u * (u - 1))
+    if causal:
+        # At the end of outer step i, dq[i] is complete: its all-to-all follows block (i, i)
+        # before any block of outer step i+1.
+        order = [(op.kind, op.chunk) for op in s.ops]
+        for i in range(u - 1):
+            assert order.index((Kind.A2A_DQ, (i,))) < order.index((Kind.ATTN_BWD, (i + 1, i + 1)))
+
+
+def test_nograd_forward_offloads_only_kv_that_later_chunks_need():
+    for u in (1, 2, 5):
+        s = forward_schedule(u, causal=True, offload=True, save=False)
+        moved = [op.buffer for op in s.ops if op.kind == Kind.OFFLOAD]
+        assert moved == [f"kv[{i}]" for i in range(u - 1)]
+    assert not [op for op in forward_schedule(4, offload=False, save=False).ops if op.kind == Kind.OFFLOAD]
+
+
+def test_streams_and_printing():
+    s = forward_schedule(3)
+    assert {op.stream for op in s.ops if op.kind == Kind.FETCH} == {Stream.H2D}
+    assert {op.stream for op in s.ops if op.kind == Kind.OFFLOAD} == {Stream.D2H}
+    assert {op.stream for op in s.ops if op.kind.value.startswith("a2a")} == {Stream.COMM}
+    text = str(s)
+    assert text.splitlines()[0].startswith("forward schedule: u=3 causal=True offload=True save=True")
+    assert "attn_fwd[2, 1]" in text and "fetch kv[0]" in text
+
+
+def _tamper(s, index, **changes):
+    s.ops[index] = dataclasses.replace(s.ops[index], **changes)
+    return s
+
+
+def test_checker_catches_broken_schedules():
+    s = forward_schedule(3)
+    fetch = next(op for op in s.ops if op.kind == Kind.FETCH)
+    # A block that no longer waits for its fetch.
+    user = next(op for op in s.ops if fetch.buffer in op.reads and op.index > fetch.index)
+    deps = tuple(d for d in user.deps if d != fetch.index)
+    with pytest.raises(ScheduleError, match="without waiting for its writer"):
+        check_schedule(_tamper(forward_schedule(3), user.index, deps=deps))
+    # A fetch removed: its chunk is read while not resident.
+    s = forward_schedule(3)
+    del s.ops[fetch.index]
+    s.ops = [dataclasses.replace(op, index=k) for k, op in enumerate(s.ops)]
+    with pytest.raises(ScheduleError):
+        check_schedule(s)
+    # A free moved before a reader: used after its buffer is released.
+    s = forward_schedule(3)
+    free = next(op for op in s.ops if op.kind == Kind.FREE and op.buffer.startswith("kv["))
+    with pytest.raises(ScheduleError):
+        check_schedule(_tamper(s, free.index, deps=()))
+    # A duplicated block.
+    s = backward_schedule(2)
+    blk = next(op for op in s.ops if op.kind == Kind.ATTN_BWD and op.chunk == (0, 1))
+    with pytest.raises(ScheduleError, match="blocks"):
+        check_schedule(_tamper(s, blk.index, chunk=(0, 0)))
+    # An op on the wrong stream.
+    s = forward_schedule(2)
+    with pytest.raises(ScheduleError, match="runs on"):
+        check_schedule(_tamper(s, fetch.index, stream=Stream.COMPUTE))
