@@ -1,0 +1,180 @@
+"""Apply a sequence-parallel strategy to a model from outside, and shard a batch to match.
+
+    group = init_distributed()
+    model = parallelize(Transformer(cfg), "fpdt", group=group, chunks=4, offload=True, fsdp=True)
+    tokens, labels, positions = shard_batch(tokens, labels, "fpdt", chunks=4, group=group)
+    loss = model(tokens, labels=labels, positions=positions)   # same value on every rank
+    loss.backward()
+
+The model is duck-typed (``parallel`` never imports ``models``): every submodule whose
+``strategy`` attribute is an :class:`AttentionStrategy` gets the new one, so parameter names and
+checkpoints do not change; the model's ``sum_across_ranks`` hook gets a differentiable
+all-reduce (sum) so its loss is the mean over the tokens of all ranks; ``blocks`` (if present)
+are the FSDP units.
+
+Gradients. Every rank's loss is the loss of the whole sequence, and its backward produces this
+rank's share of the gradient (the all-reduce's backward is the identity; the all-to-alls carry
+gradients between ranks). After ``loss.backward()``:
+
+- ``fsdp=False``: each parameter's gradient is all-reduced (SUM) over the group by a hook that
+  runs as soon as it is computed, so every rank's ``.grad`` is the single-process gradient and
+  the replicated weights stay in step (the hook reduces each backward's contribution, so
+  gradient accumulation over several backwards works).
+- ``fsdp=True``: FSDP2 (``fully_shard``) reduce-scatters with SUM (divide factor 1), so each
+  rank holds its shard of the single-process gradient (``p.grad.full_tensor()`` is the whole of
+  it) and the optimizer state is sharded likewise.
+
+Parameters and buffers are broadcast from the group's rank 0 first, so every rank starts from
+the same weights. The group is the sequence-parallel group; data parallelism across groups is
+not handled here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .all_to_all import check_heads
+from .attention import STRATEGIES, AttentionStrategy
+from .distributed import SPGroup
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group in the forward; identity in the backward (each rank seeds its share)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumAcrossRanks:
+    def __init__(self, group: SPGroup):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(t, self.group)
+
+    def __repr__(self) -> str:
+        return f"SumAcrossRanks(P={self.group.size})"
+
+
+def _make_strategy(strategy, group: SPGroup | None, chunks: int, offload: bool) -> AttentionStrategy:
+    if isinstance(strategy, AttentionStrategy):
+        return strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    if strategy == "local":
+        if group is not None and group.size != 1:
+            raise ValueError(f"strategy 'local' runs in one process; got a group of {group.size} ranks")
+        return AttentionStrategy("local")
+    group = SPGroup.world() if group is None else group
+    return AttentionStrategy(strategy, group, chunks=chunks, offload=offload)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    # vars(): a class property named ``strategy`` (e.g. on the model) is not a slot to fill.
+    return [m for m in model.modules() if isinstance(vars(m).get("strategy"), AttentionStrategy)]
+
+
+def _allreduce_grad_hook(group: SPGroup):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group.group)
+        return grad
+
+    return hook
+
+
+def _broadcast_state(model: nn.Module, group: SPGroup) -> None:
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, group=group.group, group_src=0)
+
+
+def _fully_shard(model: nn.Module, group: SPGroup) -> nn.Module:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = next(model.parameters()).device.type
+    mesh = DeviceMesh.from_group(group.group, device_type)
+    units = [*getattr(model, "blocks", []), model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+        unit.set_gradient_divide_factor(1.0)  # SUM: shards of the single-process gradient
+    return model
+
+
+def parallelize(
+    model: nn.Module,
+    strategy: str | AttentionStrategy,
+    *,
+    group: SPGroup | None = None,
+    chunks: int = 1,
+    offload: bool = False,
+    fsdp: bool = False,
+) -> nn.Module:
+    """Run ``model``'s attention with ``strategy`` (``local | ulysses | fpdt``) over ``group``.
+
+    ``group`` defaults to the world group; ``chunks`` (``u``) and ``offload`` apply to ``fpdt``.
+    ``fsdp=True`` shards parameters, gradients and optimizer state over the group (FSDP2; gloo
+    on CPU). Modifies ``model`` in place and returns it; call once per model, before building
+    the optimizer. See the module docstring for how gradients are reduced.
+    """
+    if getattr(model, "_parallelized", False):
+        raise ValueError("this model is already parallelized; build a fresh model to change the strategy")
+    attn = _attention_modules(model)
+    if not attn or not hasattr(model, "sum_across_ranks"):
+        raise ValueError(
+            "parallelize needs a model with attention modules holding a `strategy` (AttentionStrategy) and a "
+            "`sum_across_ranks` loss hook, such as models.Transformer"
+        )
+    strat = _make_strategy(strategy, group, chunks, offload)
+    group = strat.group
+    for m in attn:
+        check_heads(m.n_heads, m.n_kv_heads, group.size)
+    if fsdp and group.size == 1:
+        raise ValueError("fsdp=True shards over the sequence-parallel group; it needs a group of more than one rank")
+    for m in attn:
+        m.strategy = strat
+    model._parallelized = True
+    if group.size == 1:
+        return model
+    model.sum_across_ranks = _SumAcrossRanks(group)
+    _broadcast_state(model, group)
+    if fsdp:
+        return _fully_shard(model, group)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(_allreduce_grad_hook(group))
+    return model
+
+
+def shard_batch(
+    tokens: torch.Tensor,
+    labels: torch.Tensor | None,
+    strategy: str | AttentionStrategy,
+    *,
+    chunks: int = 1,
+    group: SPGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """This rank's share of a full batch ``tokens, labels [B, S]`` in the strategy's layout.
+
+    Returns ``(tokens [B, S/P], labels [B, S/P] or None, positions [S/P])``: contiguous slices
+    for ``ulysses``, the FPDT chunk permutation for ``fpdt`` (``chunks`` = ``u``), everything
+    for ``local``. ``positions`` are the global positions of the local tokens.
+    """
+    strat = _make_strategy(strategy, group, chunks, offload=False)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, S], got {tuple(tokens.shape)}")
+    if labels is not None and labels.shape != tokens.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
+    seq_len = tokens.shape[1]
+    local_labels = None if labels is None else strat.shard(labels, 1)
+    return strat.shard(tokens, 1), local_labels, strat.positions(seq_len).to(tokens.device)
