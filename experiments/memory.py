@@ -1,0 +1,104 @@
+"""Memory figures for a training step: CUDA allocator statistics, or a simulated device on CPU.
+
+On CPU there is no device, so :class:`MemoryTracker` plays one: it counts the bytes of
+every tensor storage created while it is active and still alive ("live tensor bytes"), except
+storages that live in host memory by design (the FPDT offload store, host-kept activation
+checkpoints) — those are reported as host memory instead. With ``cap_bytes`` it raises
+:class:`SimulatedOutOfMemory` the moment the live bytes exceed the cap, like a GPU would, so
+out-of-memory handling and the maximum-sequence-length search work on a laptop.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = float(1 << 30)
+
+
+class SimulatedOutOfMemory(RuntimeError):
+    """The simulated device ran out of memory (its message mimics CUDA's)."""
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live tensor bytes by pool, ``device`` and ``host``, while the mode is active.
+
+    ``simulate_device=True`` (a CPU run): CPU tensors are device memory, except those allocated
+    while ``on_host()`` is true (the offload store, host-kept checkpoints), which are host
+    memory. ``simulate_device=False`` (a CUDA run): CPU tensors are host memory and CUDA tensors
+    are left to the CUDA allocator's statistics. ``cap_bytes`` caps the simulated device.
+    Storages are counted once however many views share them; ``current``/``peak`` are bytes.
+    """
+
+    def __init__(
+        self,
+        simulate_device: bool = True,
+        cap_bytes: int | None = None,
+        on_host: Callable[[], bool] = lambda: False,
+    ):
+        super().__init__()
+        self.simulate_device = simulate_device
+        self.cap_bytes = cap_bytes
+        self.on_host = on_host
+        self.current = {"device": 0, "host": 0}
+        self.peak = {"device": 0, "host": 0}
+        self._live: dict[int, tuple[str, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def track(self, tensors) -> None:
+        """Count tensors that existed before the mode started (e.g. a model built earlier)."""
+        for t in tensors:
+            self._track(t)
+
+    def reset_peak(self) -> None:
+        self.peak = dict(self.current)
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device.type != "cpu":
+            return
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        nbytes = st.nbytes()
+        if nbytes == 0 or key in self._live:
+            return
+        pool = "host" if (not self.simulate_device or self.on_host()) else "device"
+        self._live[key] = (pool, nbytes)
+        # PyTorch keeps one Python object per live storage, so this fires when it is freed.
+        weakref.finalize(st, self._free, key)
+        self.current[pool] += nbytes
+        self.peak[pool] = max(self.peak[pool], self.current[pool])
+        if pool == "device" and self.cap_bytes is not None and self.current[pool] > self.cap_bytes:
+            raise SimulatedOutOfMemory(
+                f"simulated device out of memory: tried to hold {self.current[pool] / GIB:.3f} GiB of live "
+                f"tensors with max_device_memory={self.cap_bytes / GIB:.3f} GiB"
+            )
+
+    def _free(self, key: int) -> None:
+        pool, nbytes = self._live.pop(key, ("device", 0))
+        self.current[pool] -= nbytes
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's, the simulated device's, and the CPU allocator's out-of-memory errors."""
+    if isinstance(exc, SimulatedOutOfMemory | torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc)
+    return "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text

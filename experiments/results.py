@@ -1,0 +1,94 @@
+"""Result rows: one JSON per sweep point, aggregated into ``results.csv``.
+
+A sweep directory holds ``points/<key>.json`` (one per distinct effective configuration: the
+re-run and de-duplication index) and ``results.csv`` (rebuilt from the points after every point,
+written atomically, so an interrupted sweep loses nothing already measured). Each Hydra job
+directory also gets its own ``result.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# Column order of results.csv. The first block are the fixed names tests outside this
+# repository read; the rest add the configuration echo and provenance.
+ROW_FIELDS = [
+    "status", "error", "strategy", "model", "seq_len", "chunks", "gpus",
+    "step_time_s", "step_time_p20_s", "step_time_p80_s", "tokens_per_s", "tflops_per_gpu",
+    "mfu", "mfu_full_attention", "peak_tflops",
+    "device_mem_peak_gib", "device_mem_reserved_gib", "host_mem_gib", "rss_peak_gib",
+    "device_name", "git_commit",
+    "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
+    "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
+    "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
+    "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "peak_tflops_source",
+    "flops_per_step", "flops_per_step_full_attention", "flop_convention", "loss",
+    "torch_version", "triton_version", "timestamp", "wall_s", "key", "job_dir",
+]  # fmt: skip
+
+# The configuration fields that make two points the same experiment.
+KEY_FIELDS = [
+    "model", "n_layers", "strategy", "seq_len", "chunks", "gpus", "batch_size", "dtype", "backend",
+    "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
+    "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "steps", "warmup_steps", "seed", "max_device_memory",
+    "data_path",
+]  # fmt: skip
+
+
+def point_key(point: dict) -> str:
+    """Readable, unique file name for an effective configuration."""
+    blob = json.dumps({k: point.get(k) for k in KEY_FIELDS}, sort_keys=True, default=str)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return f"{point['model']}_{point['strategy']}_s{point['seq_len']}_u{point['chunks']}_g{point['gpus']}_{digest}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def find_point(sweep_dir: Path, key: str) -> dict | None:
+    path = Path(sweep_dir) / "points" / f"{key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_point(sweep_dir: Path, job_dir: Path, row: dict, csv_name: str = "results.csv") -> Path:
+    """Store one row (sweep index + job's result.json) and rebuild the sweep's CSV."""
+    sweep_dir, job_dir = Path(sweep_dir), Path(job_dir)
+    points = sweep_dir / "points"
+    points.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(row, indent=2, sort_keys=True, default=str)
+    _write_atomic(points / f"{row['key']}.json", text)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(job_dir / "result.json", text)
+    return write_csv(load_points(sweep_dir), sweep_dir / csv_name)
+
+
+def load_points(sweep_dir: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "points").glob("*.json"))]
+    return sorted(rows, key=lambda r: (r.get("model", ""), r.get("strategy", ""), r.get("gpus", 0),
+                                       r.get("chunks", 0), r.get("seq_len", 0)))  # fmt: skip
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path = Path(path)
+    extra = sorted({k for r in rows for k in r} - set(ROW_FIELDS))
+    fields = ROW_FIELDS + extra
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in fields})
+    os.replace(tmp, path)
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
