@@ -108,6 +108,7 @@ def _fully_shard(model: nn.Module, group: SPGroup) -> nn.Module:
     for unit in units:
         fully_shard(unit, mesh=mesh)
         unit.set_gradient_divide_factor(1.0)  # SUM: shards of the single-process gradient
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return model
 
 

@@ -1,0 +1,202 @@
+"""One decoder-only Transformer for the GPT and Llama families, single-device and rank-unaware.
+
+    model = Transformer(get_config("llama-tiny"))
+    loss = model(tokens, labels=labels)        # mean over non-ignored tokens (scalar, fp32)
+    logits = model(tokens)                     # [B, S, V] (small models and tests only)
+
+Pre-norm blocks: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; final norm; LM head.
+Attention runs through ``Attention.strategy`` (an :class:`parallel.attention.AttentionStrategy`,
+``local`` by default), which ``parallel.parallelize`` swaps for ``ulysses`` or ``fpdt`` from
+outside. The model then sees only this rank's tokens ``[B, S/P]`` in the strategy's layout.
+
+Loss: ``sum of token losses / number of non-ignored tokens``, both passed through
+``Transformer.sum_across_ranks`` first. That hook is the identity on one process;
+``parallelize`` installs an all-reduce (sum) whose backward is the identity, so every rank gets
+the loss of the whole sequence and each rank's backward yields its share of the gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from parallel.attention import AttentionStrategy
+from parallel.rotary import RotaryEmbedding
+from parallel.weights import AttentionWeights
+
+from .chunked import chunked_cross_entropy, chunked_mlp, cross_entropy_reference, mlp_reference
+from .config import ModelConfig
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+
+
+def _default_tile(local_tokens: int, divisor: int) -> int:
+    return max(1, -(-local_tokens // divisor))
+
+
+class Attention(nn.Module):
+    """Fused QKV projection ``wqkv [(H+2Hkv)*d, h]`` (rows ``[Q | K | V]``), output ``wo [h, H*d]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, Hkv, d, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden
+        self.n_heads, self.n_kv_heads = H, Hkv
+        self.wqkv = nn.Parameter(torch.empty((H + 2 * Hkv) * d, h))
+        self.bqkv = nn.Parameter(torch.zeros((H + 2 * Hkv) * d)) if cfg.bias else None
+        self.wo = nn.Parameter(torch.empty(h, H * d))
+        self.bo = nn.Parameter(torch.zeros(h)) if cfg.bias else None
+        self.rope = RotaryEmbedding(d, cfg.rope_theta)
+        self.strategy = AttentionStrategy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S/P, h] -> [B, S/P, h]
+        w = AttentionWeights(self.wqkv, self.wo, self.n_heads, self.n_kv_heads, self.bqkv, self.bo)
+        return self.strategy(x, w, self.rope)
+
+
+class MLP(nn.Module):
+    """``w1 [ffn, h]`` (GELU input / SwiGLU gate), ``w3 [ffn, h]`` (SwiGLU up), ``w2 [h, ffn]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, f = cfg.hidden, cfg.ffn_hidden
+        self.activation = cfg.activation
+        self.w1 = nn.Parameter(torch.empty(f, h))
+        self.b1 = nn.Parameter(torch.zeros(f)) if cfg.bias else None
+        self.w3 = nn.Parameter(torch.empty(f, h)) if cfg.activation == "swiglu" else None
+        self.w2 = nn.Parameter(torch.empty(h, f))
+        self.b2 = nn.Parameter(torch.zeros(h)) if cfg.bias else None
+
+    def forward(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
+        """``tile``: tokens per tile for the chunked MLP, ``None`` for the plain one."""
+        args = (x, self.w1, self.b1, self.w3, self.w2, self.b2)
+        if tile is None:
+            return mlp_reference(*args, activation=self.activation)
+        return chunked_mlp(*args, activation=self.activation, tile=tile)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm1 = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def _layer(self, x: torch.Tensor, mlp_tile: int | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x), mlp_tile)
+
+    def forward(self, x: torch.Tensor, mlp_tile: int | None = None) -> torch.Tensor:
+        if not (self.cfg.checkpoint and torch.is_grad_enabled()):
+            return self._layer(x, mlp_tile)
+        # Reentrant checkpoint: its forward runs without grad (so the FPDT block saves nothing)
+        # and saves only the layer input through save_for_backward, which save_on_cpu then
+        # moves to host memory. Parameter gradients are accumulated into ``.grad`` by the
+        # recompute's own backward, so use ``loss.backward()`` rather than ``torch.autograd.grad``.
+        host = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        with host if self.cfg.checkpoint_on_host else nullcontext():
+            return torch.utils.checkpoint.checkpoint(
+                self._layer, x, mlp_tile, use_reentrant=True, preserve_rng_state=False
+            )
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class Transformer(nn.Module):
+    """GPT or Llama, per ``cfg`` (see :class:`models.ModelConfig`).
+
+    ``forward(tokens [B, S/P], labels=None, positions=None)``: with ``labels`` (same shape,
+    ``-100`` = ignored) returns the fp32 scalar loss, the mean token cross entropy over the whole
+    sequence (all ranks); without, the logits ``[B, S/P, V]``. ``positions`` (optional, from
+    ``parallel.shard_batch``) are checked against the attention strategy's token layout.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = _norm(cfg)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.reset_parameters()
+
+    @property
+    def strategy(self) -> AttentionStrategy:
+        """The attention strategy of the blocks (``parallel.parallelize`` sets it)."""
+        return self.blocks[0].attn.strategy
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, ``init_std``) matrices, residual outputs scaled by ``1/sqrt(2L)``; norms 1, biases 0."""
+        std = self.cfg.init_std
+        out_std = std / (2 * self.cfg.n_layers) ** 0.5
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() < 2:
+                    p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                else:
+                    s = out_std if name.endswith(("attn.wo", "mlp.w2")) else std
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * s)
+
+    def _tiles(self, local_tokens: int) -> tuple[int | None, int | None]:
+        cfg, u = self.cfg, self.strategy.layout_chunks
+        mlp = (cfg.mlp_tile or _default_tile(local_tokens, 2 * u)) if cfg.chunked_mlp else None
+        loss = (cfg.loss_tile or _default_tile(local_tokens, 32 * u)) if cfg.chunked_loss else None
+        return mlp, loss
+
+    def _check_inputs(self, tokens, labels, positions) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [B, S/P], got {tuple(tokens.shape)} {tokens.dtype}")
+        if labels is not None and labels.shape != tokens.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
+        V = self.cfg.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            raise ValueError(f"token ids must be in [0, {V}); got min {int(tokens.min())}, max {int(tokens.max())}")
+        strategy = self.strategy
+        seq_len = tokens.shape[1] * strategy.group.size
+        strategy.check(seq_len, self.cfg.n_heads, self.cfg.n_kv_heads)
+        if positions is not None:
+            expected = strategy.positions(seq_len).to(positions.device)
+            if positions.reshape(-1, positions.shape[-1]).ne(expected).any():
+                raise ValueError(
+                    f"positions do not match the {strategy.kind!r} token layout of this rank "
+                    f"(chunks={strategy.layout_chunks}); take tokens, labels and positions from parallel.shard_batch"
+                )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check_inputs(tokens, labels, positions)
+        mlp_tile, loss_tile = self._tiles(tokens.numel())
+        x = self.embed(tokens)  # [B, S/P, h]
+        for block in self.blocks:
+            x = block(x, mlp_tile)
+        x = self.norm(x)
+        if labels is None:
+            return F.linear(x, self.head_weight).float()  # [B, S/P, V]
+        if loss_tile is None:
+            loss_sum, count = cross_entropy_reference(x, self.head_weight, labels)
+        else:
+            loss_sum, count = chunked_cross_entropy(x, self.head_weight, labels, tile=loss_tile)
+        total = self.sum_across_ranks(loss_sum)
+        count = self.sum_across_ranks(count.to(torch.float32))
+        return total / count.clamp(min=1.0)
