@@ -11,7 +11,31 @@ tensors and the copies are synchronous.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+_allocating_on_host = contextvars.ContextVar("allocating_on_host", default=False)
+
+
+@contextlib.contextmanager
+def host_allocation():
+    """Mark tensors allocated inside as host memory by design (offload buffers, host checkpoints).
+
+    On a CPU-only run every tensor is in host memory, so memory accounting (the simulated device
+    of ``experiments.memory``) needs to be told which ones stand for host memory.
+    """
+    token = _allocating_on_host.set(True)
+    try:
+        yield
+    finally:
+        _allocating_on_host.reset(token)
+
+
+def allocating_on_host() -> bool:
+    """True inside :func:`host_allocation`."""
+    return _allocating_on_host.get()
 
 
 class HostBuffer:
@@ -54,7 +78,8 @@ class HostStore:
         if free:
             buf = free.pop()
         else:
-            buf = HostBuffer(torch.empty(key[0], dtype=dtype, pin_memory=self.pin_memory))
+            with host_allocation():
+                buf = HostBuffer(torch.empty(key[0], dtype=dtype, pin_memory=self.pin_memory))
             self.allocations += 1
             self.bytes_allocated += buf.tensor.nbytes
             self._owned.add(buf.tensor.untyped_storage().data_ptr())
