@@ -81,7 +81,13 @@ class ModelConfig:
                 raise ValueError(f"{field}={value} must be >= 1 tokens (or None for the paper's default)")
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with some fields changed (``dataclasses.replace``)."""
+        """A copy with some fields changed; derived defaults (``head_dim = h/H``, ``Hkv = H``)
+        follow a changed ``hidden``/``n_heads`` unless they were set explicitly."""
+        if {"hidden", "n_heads"} & changes.keys():
+            if "head_dim" not in changes and self.head_dim * self.n_heads == self.hidden:
+                changes["head_dim"] = None
+            if "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+                changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:

@@ -1,0 +1,411 @@
+"""Single-process model tests: chunked MLP and loss against plain autograd, the whole model with
+and without chunking and checkpointing, presets, input checks, and Hugging Face Llama parity.
+
+Attention runs on the ``torch`` backend (PyTorch's CPU flash kernel): conftest turns the Triton
+interpreter on without CUDA, and the interpreter is too slow for whole-model tests.
+"""
+
+import pytest
+import torch
+
+import kernels
+import models
+from models.chunked import cross_entropy_reference, mlp_reference
+from parallel.parallelize import parallelize, shard_batch
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with kernels.use_backend("torch"):
+        yield
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    """Norm-wise relative error below ``rel`` (sums over tiles round differently from one matmul)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert _rel(got, want) < rel, f"relative error {_rel(got, want):.2e} >= {rel:.0e}"
+
+
+def _batch(cfg, B=2, S=24, seed=0, ignore=5):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    labels[0, :ignore] = -100
+    labels[1, -1] = -100
+    return tokens, labels
+
+
+# --- chunked MLP ---------------------------------------------------------------------------------
+
+
+MLP_CASES = [("gelu", True), ("gelu", False), ("swiglu", False), ("swiglu", True)]
+
+
+@pytest.mark.parametrize("tile", [1, 7, 26, 1000], ids=lambda t: f"tile{t}")
+@pytest.mark.parametrize("activation,bias", MLP_CASES, ids=[f"{a}-{'bias' if b else 'nobias'}" for a, b in MLP_CASES])
+def test_chunked_mlp_matches_unchunked(activation, bias, tile):
+    g = torch.Generator().manual_seed(1)
+    h, f, B, S = 12, 40, 2, 13  # N = 26 tokens: tiles 7 and 1000 do not divide it
+
+    def p(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).requires_grad_()
+
+    w1, w2 = p(f, h), p(h, f)
+    w3 = p(f, h) if activation == "swiglu" else None
+    b1, b2 = (p(f), p(h)) if bias else (None, None)
+    x = torch.randn(B, S, h, generator=g).requires_grad_()
+    dy = torch.randn(B, S, h, generator=g)
+    params = [t for t in (x, w1, b1, w3, w2, b2) if t is not None]
+
+    ref = mlp_reference(x, w1, b1, w3, w2, b2, activation)
+    ref_grads = torch.autograd.grad(ref, params, dy)
+    out = models.chunked_mlp(x, w1, b1, w3, w2, b2, activation=activation, tile=tile)
+    grads = torch.autograd.grad(out, params, dy)
+
+    _close(out, ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _close(got, want)
+
+
+def test_chunked_mlp_leaves_its_saved_input_alone():
+    # The reference implementation writes dx into the saved x; here another op (LayerNorm,
+    # which saves its input, and a product that saves its operands) shares x and must still work.
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    w1, w2 = torch.randn(16, 8, generator=g), torch.randn(8, 16, generator=g)
+    x = torch.nn.functional.layer_norm(x0, (8,))
+    before, version = x.detach().clone(), x._version
+    y = models.chunked_mlp(x, w1, None, None, w2, None, activation="gelu", tile=4) + x * x
+    y.sum().backward()
+    assert x._version == version
+    assert torch.equal(x.detach(), before)
+    x_ref = x0.detach().clone().requires_grad_()
+    xr = torch.nn.functional.layer_norm(x_ref, (8,))
+    (mlp_reference(xr, w1, None, None, w2, None, "gelu") + xr * xr).sum().backward()
+    _close(x0.grad, x_ref.grad)
+
+
+# --- chunked loss --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile", [1, 5, 26, 64], ids=lambda t: f"tile{t}")
+def test_chunked_loss_matches_unchunked(tile):
+    g = torch.Generator().manual_seed(3)
+    B, S, h, V = 2, 13, 8, 37
+    x = torch.randn(B, S, h, generator=g).requires_grad_()
+    w = torch.randn(V, h, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, 3:9] = -100
+    labels[1, 0] = -100
+
+    ref_sum, ref_count = cross_entropy_reference(x, w, labels)
+    ref_grads = torch.autograd.grad(ref_sum / ref_count, (x, w))
+    loss_sum, count = models.chunked_cross_entropy(x, w, labels, tile=tile)
+    grads = torch.autograd.grad(loss_sum / count, (x, w))
+
+    assert count.item() == ref_count.item() == B * S - 7
+    assert loss_sum.dtype == torch.float32
+    _close(loss_sum, ref_sum, rel=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _close(got, want)
+    ignored = (labels == -100).nonzero()
+    assert ignored.numel()
+    assert torch.all(grads[0][ignored[:, 0], ignored[:, 1]] == 0)  # ignored tokens get no gradient
+
+
+def test_chunked_loss_all_ignored_is_zero():
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss_sum, count = models.chunked_cross_entropy(x, w, torch.full((1, 4), -100), tile=3)
+    loss_sum.backward()
+    assert loss_sum.item() == 0.0 and count.item() == 0
+    assert torch.all(x.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_chunked_loss_is_stable_for_huge_logits():
+    # softmax().log() (the reference implementation) gives inf when a label's probability underflows.
+    x = torch.tensor([[[100.0, 0.0]]], requires_grad=True)
+    w = torch.tensor([[10.0, 0.0], [-10.0, 0.0]], requires_grad=True)
+    loss_sum, _ = models.chunked_cross_entropy(x, w, torch.tensor([[1]]), tile=1)
+    assert loss_sum.item() == pytest.approx(2000.0)
+    loss_sum.backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+# --- whole model ---------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, tokens, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, labels=labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(a, b, rtol=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert _rel(grads_a[name], grads_b[name]) < rtol, name
+
+
+def _twin(cfg, **changes):
+    """A model with ``cfg`` and one with ``changes``, sharing weights."""
+    torch.manual_seed(0)
+    a = models.Transformer(cfg)
+    b = models.Transformer(cfg.replace(**changes))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("tiles", [(None, None), (5, 3)], ids=["paper-tiles", "odd-tiles"])
+def test_model_chunked_equals_unchunked(preset, tiles):
+    cfg = models.get_config(preset, mlp_tile=tiles[0], loss_tile=tiles[1])
+    plain, chunked = _twin(cfg.replace(chunked_mlp=False, chunked_loss=False), chunked_mlp=True, chunked_loss=True)
+    tokens, labels = _batch(cfg)
+    _assert_same(_loss_and_grads(chunked, tokens, labels), _loss_and_grads(plain, tokens, labels))
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("on_host", [False, True], ids=["device-ckpt", "host-ckpt"])
+def test_checkpointing_gives_same_gradients(preset, on_host):
+    cfg = models.get_config(preset)
+    plain, ckpt = _twin(cfg, checkpoint=True, checkpoint_on_host=on_host)
+    tokens, labels = _batch(cfg)
+    _assert_same(_loss_and_grads(ckpt, tokens, labels), _loss_and_grads(plain, tokens, labels), rtol=1e-6)
+
+
+def test_host_checkpoints_keep_only_layer_inputs_on_host(monkeypatch):
+    # save_on_cpu must see exactly one saved tensor per layer: its [B, S, h] input.
+    cfg = models.get_config("llama-tiny", checkpoint=True, checkpoint_on_host=True)
+    model = models.Transformer(cfg)
+    packed = []
+    real = torch.autograd.graph.save_on_cpu.__init__
+
+    def spy(self, pin_memory=False, device_type="cuda"):
+        real(self, pin_memory, device_type)
+        pack = self.pack_hook
+
+        def pack_hook(t):
+            packed.append(tuple(t.shape))
+            return pack(t)
+
+        self.pack_hook = pack_hook
+
+    monkeypatch.setattr(torch.autograd.graph.save_on_cpu, "__init__", spy)
+    tokens, labels = _batch(cfg)
+    model(tokens, labels=labels).backward()
+    assert packed == [(2, 24, cfg.hidden)] * cfg.n_layers
+
+
+def test_default_tiles_follow_paper_ratios():
+    model = models.Transformer(models.get_config("llama-tiny"))
+    assert model._tiles(4096) == (2048, 128)  # C/(2P), C/(32P) with u = 1
+    assert models.Transformer(models.get_config("gpt-tiny", mlp_tile=7, loss_tile=3))._tiles(4096) == (7, 3)
+    off = models.Transformer(models.get_config("gpt-tiny", chunked_mlp=False, chunked_loss=False))
+    assert off._tiles(4096) == (None, None)
+
+
+def test_logits_without_labels_match_loss():
+    cfg = models.get_config("llama-tiny")
+    model = models.Transformer(cfg)
+    tokens, labels = _batch(cfg)
+    logits = model(tokens)
+    assert logits.shape == (2, 24, cfg.vocab_size) and logits.dtype == torch.float32
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1))
+    torch.testing.assert_close(model(tokens, labels=labels), want, rtol=1e-5, atol=0)
+
+
+def test_local_parallelize_and_shard_batch_are_identity():
+    cfg = models.get_config("gpt-tiny")
+    plain, local = _twin(cfg)
+    local = parallelize(local, "local")
+    tokens, labels = _batch(cfg)
+    t, lab, pos = shard_batch(tokens, labels, "local")
+    assert torch.equal(t, tokens) and torch.equal(lab, labels) and torch.equal(pos, torch.arange(24))
+    assert [n for n, _ in local.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    got = local(t, labels=lab, positions=pos)
+    torch.testing.assert_close(got, plain(tokens, labels=labels), rtol=0, atol=0)
+
+
+# --- presets and configs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,params_b,shape",
+    [
+        ("gpt-2.7b", 2.65, (32, 2560, 32, 32, 10240)),
+        ("gpt-6.7b", 6.65, (32, 4096, 32, 32, 16384)),
+        ("gpt-13b", 12.84, (40, 5120, 40, 40, 20480)),
+        ("gpt-30b", 29.31, (64, 6144, 64, 64, 24576)),
+        ("llama3-8b", 8.03, (32, 4096, 32, 8, 14336)),
+        ("llama3-70b", 70.55, (80, 8192, 64, 8, 28672)),
+    ],
+)
+def test_presets_have_published_shapes(name, params_b, shape):
+    cfg = models.get_config(name)
+    assert (cfg.n_layers, cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden) == shape
+    assert cfg.num_params() / 1e9 == pytest.approx(params_b, abs=0.01)
+    if name.startswith("llama"):
+        assert (cfg.vocab_size, cfg.rope_theta, cfg.norm, cfg.norm_eps) == (128256, 500000.0, "rmsnorm", 1e-5)
+        assert (cfg.activation, cfg.bias, cfg.tie_embeddings) == ("swiglu", False, False)
+    else:
+        assert (cfg.norm, cfg.activation, cfg.bias) == ("layernorm", "gelu", True)
+
+
+def test_config_replace_rederives_head_dim():
+    cfg = models.get_config("gpt-tiny", hidden=64, n_heads=8)
+    assert (cfg.head_dim, cfg.n_kv_heads) == (8, 8)
+    assert models.get_config("llama-tiny", n_heads=8).n_kv_heads == 2  # GQA stays as set
+
+
+def test_tiny_presets_build_and_count_their_parameters():
+    for name in ("gpt-tiny", "llama-tiny"):
+        model = models.Transformer(models.get_config(name))
+        assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown model preset 'llama-7b'") as e:
+        models.get_config("llama-7b")
+    for name in models.PRESETS:
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"n_heads": 4, "n_kv_heads": 3}, "multiple of n_kv_heads"),
+        ({"hidden": 30, "n_heads": 4}, "not divisible by n_heads"),
+        ({"norm": "batchnorm"}, "norm='batchnorm'"),
+        ({"activation": "relu"}, "activation='relu'"),
+        ({"mlp_tile": 0}, "mlp_tile=0"),
+    ],
+)
+def test_bad_config_raises(changes, match):
+    with pytest.raises(ValueError, match=match):
+        models.get_config("gpt-tiny", **changes)
+    with pytest.raises(ValueError, match=match):
+        models.ModelConfig(**changes)
+
+
+def test_bad_model_inputs_raise():
+    cfg = models.get_config("llama-tiny")
+    model = models.Transformer(cfg)
+    tokens, labels = _batch(cfg)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+        model(tokens + cfg.vocab_size)
+    with pytest.raises(ValueError, match="labels .* must have the shape of tokens"):
+        model(tokens, labels=labels[:, :-1])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 96\) or -100"):
+        model(tokens, labels=labels.clamp(min=-1))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(tokens.float())
+    with pytest.raises(ValueError, match="positions do not match"):
+        model(tokens, labels=labels, positions=torch.arange(24).flip(0))
+    with pytest.raises(ValueError, match="unknown strategy 'ring'"):
+        parallelize(model, "ring")
+    with pytest.raises(ValueError, match="needs a group of more than one rank"):
+        parallelize(model, "fpdt", chunks=2, fsdp=True)
+    parallelize(model, "local")
+    with pytest.raises(ValueError, match="already parallelized"):
+        parallelize(model, "local")
+    with pytest.raises(ValueError, match="needs a model with attention modules"):
+        parallelize(torch.nn.Linear(2, 2), "local")
+
+
+def test_bad_shard_batch_raises():
+    tokens = torch.zeros(2, 10, dtype=torch.long)
+    with pytest.raises(ValueError, match="seq_len=10 is not divisible by gpus\\*chunks=4"):
+        shard_batch(tokens, None, "fpdt", chunks=4)
+    with pytest.raises(ValueError, match="tokens must be \\[B, S\\]"):
+        shard_batch(tokens[0], None, "local")
+
+
+# --- Hugging Face parity -------------------------------------------------------------------------
+
+
+def _hf_llama(**kw):
+    transformers = pytest.importorskip("transformers", reason="HF parity needs transformers (the `test` extra)")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_theta=500000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        **kw,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    with torch.no_grad():  # HF initialises norms to 1; perturb them so the parity test sees them
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked"])
+def test_hf_llama_parity(chunked):
+    hf = _hf_llama()
+    model = models.from_hf_llama(hf)
+    cfg = model.cfg
+    assert (cfg.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (2, 500000.0, 1e-6, False)
+    if not chunked:
+        model = models.from_hf_llama(hf, cfg.replace(chunked_mlp=False, chunked_loss=False))
+
+    tokens, hf_labels = _batch(cfg, B=2, S=20)
+    # transformers shifts labels inside the loss; ours are already aligned with the inputs.
+    labels = torch.cat([hf_labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+
+    out = hf(input_ids=tokens, labels=hf_labels)
+    out.loss.backward()
+    loss = model(tokens, labels=labels)
+    loss.backward()
+    torch.testing.assert_close(model(tokens), out.logits.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=0)
+
+    hf_grads = {n.removeprefix("model."): p.grad for n, p in hf.named_parameters()}
+    ours = dict(model.named_parameters())
+    pairs = [("embed.weight", hf_grads["embed_tokens.weight"]), ("head.weight", hf_grads["lm_head.weight"])]
+    for i in range(cfg.n_layers):
+        hf_attn = [hf_grads[f"layers.{i}.self_attn.{p}_proj.weight"] for p in "qkv"]
+        pairs += [
+            (f"blocks.{i}.attn.wqkv", torch.cat(hf_attn)),
+            (f"blocks.{i}.attn.wo", hf_grads[f"layers.{i}.self_attn.o_proj.weight"]),
+            (f"blocks.{i}.mlp.w1", hf_grads[f"layers.{i}.mlp.gate_proj.weight"]),
+            (f"blocks.{i}.mlp.w3", hf_grads[f"layers.{i}.mlp.up_proj.weight"]),
+            (f"blocks.{i}.mlp.w2", hf_grads[f"layers.{i}.mlp.down_proj.weight"]),
+            (f"blocks.{i}.norm1.weight", hf_grads[f"layers.{i}.input_layernorm.weight"]),
+            (f"blocks.{i}.norm2.weight", hf_grads[f"layers.{i}.post_attention_layernorm.weight"]),
+        ]
+    pairs.append(("norm.weight", hf_grads["norm.weight"]))
+    assert len(pairs) == len(ours)
+    for name, want in pairs:
+        assert _rel(ours[name].grad, want) < 1e-5, name
+
+
+def test_hf_llama_state_dict_and_errors():
+    hf = _hf_llama()
+    cfg = models.config_from_hf_llama(hf.config)
+    model = models.from_hf_llama(hf.state_dict(), cfg)
+    tokens, _ = _batch(cfg, S=8)
+    torch.testing.assert_close(model(tokens), hf(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs config="):
+        models.from_hf_llama(hf.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        models.from_hf_llama({"model.embed_tokens.weight": torch.zeros(101, 48)}, cfg)
