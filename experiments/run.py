@@ -172,9 +172,13 @@ def launch(point: dict, job_dir: Path) -> dict:
                 return {"status": "timeout", "error": message}
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         err = _read_errors(job_dir)
-        if err is None:
-            return {"status": "error", "error": str(exc).strip().splitlines()[-1][:2000]}
-        return {"status": err["status"], "error": err["error"]}
+        if err is not None:
+            return {"status": err["status"], "error": err["error"]}
+        reason = str(exc).strip().splitlines()[-1][:2000]
+        metrics = job_dir / "worker_metrics.json"
+        if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
+            return {"status": "ok", "metrics": json.loads(metrics.read_text()), "warning": f"teardown: {reason}"}
+        return {"status": "error", "error": reason}
     err = _read_errors(job_dir)
     if err is not None:
         return {"status": err["status"], "error": err["error"]}
@@ -186,6 +190,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
     row.update(
         status=outcome["status"],
         error=outcome.get("error"),
+        warning=outcome.get("warning"),
         key=key,
         job_dir=str(job_dir),
         git_commit=_git_commit(),

@@ -174,6 +174,9 @@ def run_rank(point: dict, out_dir: str) -> None:
         result = train(point)
         if rank == 0:
             _write_json(out / "worker_metrics.json", result)
+        # Leave together: a rank that tears gloo down while its peer still talks aborts the peer.
+        if dist.is_initialized():
+            dist.barrier()
     except BaseException as exc:
         status = "oom" if is_out_of_memory(exc) else "error"
         message = f"{type(exc).__name__}: {exc}".strip()
