@@ -26,11 +26,6 @@ def _tiles(n: int, tile: int):
         yield slice(start, min(start + tile, n))
 
 
-def _acc(buf: torch.Tensor | None, update: torch.Tensor) -> None:
-    if buf is not None:
-        buf += update
-
-
 # --- MLP ----------------------------------------------------------------------------------------
 
 
@@ -95,11 +90,16 @@ class _ChunkedMLP(torch.autograd.Function):
                 hid, dgelu = _gelu_and_grad(af)
                 du = None
                 da = (dhid * dgelu).to(x.dtype)
-            _acc(dw2, dyt.t() @ hid.to(x.dtype))
-            _acc(db2, dyt.float().sum(0))
-            _acc(dw1, da.t() @ xt)
-            _acc(db1, da.float().sum(0))
-            _acc(dw3, None if du is None else du.t() @ xt)
+            if dw2 is not None:
+                dw2 += dyt.t() @ hid.to(x.dtype)
+            if db2 is not None:
+                db2 += dyt.float().sum(0)
+            if dw1 is not None:
+                dw1 += da.t() @ xt
+            if db1 is not None:
+                db1 += da.float().sum(0)
+            if dw3 is not None:
+                dw3 += du.t() @ xt
             if dx is not None:
                 dxt = da @ w1
                 if du is not None:
@@ -193,7 +193,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             g = (g * scale[t, None]).to(x.dtype)  # d loss_sum / d logits
             if dx is not None:
                 dx[t] = g @ w
-            _acc(dw, g.t() @ x2[t])
+            if dw is not None:
+                dw += g.t() @ x2[t]
         return (
             None if dx is None else dx.reshape(x.shape),
             None if dw is None else dw.to(w.dtype),

@@ -13,6 +13,14 @@ Loss: ``sum of token losses / number of non-ignored tokens``, both passed throug
 ``Transformer.sum_across_ranks`` first. That hook is the identity on one process;
 ``parallelize`` installs an all-reduce (sum) whose backward is the identity, so every rank gets
 the loss of the whole sequence and each rank's backward yields its share of the gradient.
+
+Gradient reduction (done by ``parallel.parallelize``, not here): without FSDP, each parameter
+gradient is all-reduced (SUM) over the sequence-parallel group as the backward produces it, so
+every rank's ``.grad`` equals the single-process gradient; with FSDP2 it is reduce-scattered
+(SUM), so every rank holds its shard of that gradient.
+
+Activation checkpointing (``cfg.checkpoint``) uses reentrant checkpoints: drive the backward
+with ``loss.backward()`` (``torch.autograd.grad`` does not see the parameter gradients).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 import kernels
 import models
 from models.chunked import cross_entropy_reference, mlp_reference
+from parallel.distributed import SPGroup
 from parallel.parallelize import parallelize, shard_batch
 
 
@@ -321,6 +322,37 @@ def test_bad_model_inputs_raise():
         parallelize(model, "local")
     with pytest.raises(ValueError, match="needs a model with attention modules"):
         parallelize(torch.nn.Linear(2, 2), "local")
+
+
+def test_shard_batch_follows_the_fpdt_layout():
+    # S=16, P=2, u=2: rank 1 holds tokens 4-7 and 12-15 (no process group needed to shard).
+    tokens = torch.arange(16).repeat(2, 1)
+    t, lab, pos = shard_batch(tokens, tokens + 100, "fpdt", chunks=2, group=SPGroup(None, 1, 2))
+    want = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])
+    assert torch.equal(t, want.repeat(2, 1)) and torch.equal(lab, want.repeat(2, 1) + 100)
+    assert torch.equal(pos, want)
+    t, _, pos = shard_batch(tokens, None, "ulysses", group=SPGroup(None, 1, 4))
+    assert torch.equal(t[0], torch.arange(4, 8)) and torch.equal(pos, torch.arange(4, 8))
+
+
+def test_parallelize_rejects_head_splits_it_cannot_do():
+    model = models.Transformer(models.get_config("llama-tiny"))  # H=4, Hkv=2
+    with pytest.raises(ValueError, match="not divisible by P=3"):
+        parallelize(model, "ulysses", group=SPGroup(None, 0, 3))
+    with pytest.raises(ValueError, match="'local' runs in one process"):
+        parallelize(model, "local", group=SPGroup(None, 0, 2))
+
+
+def test_bf16_model_runs_chunked_close_to_fp32():
+    cfg = models.get_config("llama-tiny", mlp_tile=5, loss_tile=7)
+    fp32, bf16 = _twin(cfg)
+    bf16 = bf16.to(torch.bfloat16)
+    tokens, labels = _batch(cfg)
+    loss32, loss16 = fp32(tokens, labels=labels), bf16(tokens, labels=labels)
+    loss16.backward()
+    assert loss16.dtype == torch.float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in bf16.parameters())
 
 
 def test_bad_shard_batch_raises():
