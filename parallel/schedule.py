@@ -37,7 +37,7 @@ class Kind(str, enum.Enum):
     PROJECT = "project"  # x[i] -> qkv[i]: local QKV projection of chunk i
     A2A_QKV = "a2a_qkv"  # qkv[i] -> q[i], kv[i]: all-to-all + RoPE at global positions
     ATTN_FWD = "attn_fwd"  # (i, j): block q[i] x kv[j], merged into o[i]
-    A2A_OUT = "a2a_out"  # o[i] -> out[i]: inverse all-to-all into the output
+    A2A_OUT = "a2a_out"  # o[i] -> out[i], o[i]: inverse all-to-all into the output
     A2A_DO = "a2a_do"  # dout[j] -> do[j]: all-to-all of the output gradient (first use)
     ATTN_BWD = "attn_bwd"  # (i, j): block backward, accumulates dq[j], dkv[i]
     A2A_DQ = "a2a_dq"  # dq[j] -> dqloc[j]: RoPE backward + inverse all-to-all
@@ -202,7 +202,8 @@ def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, 
             b.add(Kind.ATTN_FWD, (i, j), reads=reads, writes=[_n("o", i)])
             if offload:
                 b.free(_n("kv", j))
-        b.add(Kind.A2A_OUT, (i,), reads=[_n("o", i)], writes=[_n("out", i)])
+        # It also replaces o[i] by its input-dtype copy, the one saved for the backward.
+        b.add(Kind.A2A_OUT, (i,), reads=[_n("o", i)], writes=[_n("out", i), _n("o", i)])
         if offload:
             b.free(_n("q", i))
             if save:

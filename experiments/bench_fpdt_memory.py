@@ -1,0 +1,141 @@
+"""Memory evidence for FPDT on CPU: peak live "device" bytes of one attention block forward+backward.
+
+One process (``P = 1``), fp32, the torch CPU attention backend. A dispatch-mode tracker counts
+the bytes of every tensor storage created during the measured step while it is alive; storages
+of the FPDT host store are host memory and are reported separately (a warm-up step allocates
+the store's buffers first, as in training, where they are allocated once and reused). Tensors
+that exist before the step (the block input, its output gradient, the weights) are not counted.
+
+Rows: ``ulysses`` (the full-sequence block: at ``P = 1`` it is the ``local`` one) and ``fpdt``
+with ``u`` in {1, 2, 4, 8, 16}, offload on, plus the largest ``u`` with offload off. ``act``
+is one ``[B, S, h]`` fp32 activation; the block's output and the gradients of its output and
+input (about 3 act) are needed by every strategy, so ``working set = peak - 3 act`` is what
+chunking shrinks (roughly as ``1/u``).
+
+Usage::
+
+    python -m experiments.bench_fpdt_memory                 # S=16384, H=8, d=64, B=1
+    python -m experiments.bench_fpdt_memory --seq-len 4096 --chunks 1 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import kernels
+from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention, ulysses_attention
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fpdt_memory_cpu.csv"
+MIB = float(1 << 20)
+WIDTHS = (9, 3, 8, 10, 10, 17, 10, 7)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of storages created inside the mode and still alive, minus excluded ones."""
+
+    def __init__(self, exclude=lambda storage: False, existing=()):
+        super().__init__()
+        self.exclude = exclude
+        self.current = self.peak = 0
+        self._live: set[int] = set()
+        # Storages made before the mode (inputs, weights) are not counted when a view of them
+        # shows up as an op's output.
+        self._existing = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key in self._existing or key in self._live:
+                    continue
+                if st.nbytes() and not self.exclude(st):
+                    self._live.add(key)
+                    self.current += st.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        if key in self._live:
+            self._live.discard(key)
+            self.current -= nbytes
+
+
+def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: bool = True) -> dict:
+    torch.manual_seed(0)
+    h = H * d
+    w = AttentionWeights.random(h, H, H, d)
+    rope = RotaryEmbedding(d)
+    store = HostStore()
+    x = torch.randn(B, S, h, requires_grad=True)
+    dy = torch.randn(B, S, h)
+
+    def step():
+        if kind == "ulysses":
+            y = ulysses_attention(x, w, rope, group=SPGroup.single())
+        else:
+            y = fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=chunks, offload=offload, store=store)
+        y.backward(dy)
+        x.grad = None
+        for p in w.parameters():
+            p.grad = None
+
+    if kind == "fpdt" and offload:
+        step()  # warm-up: the host store allocates its buffers once
+    tracker = LiveBytes(exclude=store.owns, existing=[x, dy, *w.parameters()])
+    t0 = time.perf_counter()
+    with tracker:
+        step()
+    seconds = time.perf_counter() - t0
+    act = B * S * h * 4
+    return dict(
+        strategy=kind, chunks=chunks, offload=offload and kind == "fpdt", B=B, S=S, H=H, d=d, dtype="fp32",
+        peak_mib=tracker.peak / MIB, act_mib=act / MIB, peak_acts=tracker.peak / act,
+        working_set_mib=(tracker.peak - 3 * act) / MIB, host_store_mib=store.peak_bytes_in_use / MIB,
+        host_allocations=store.allocations, step_s=seconds,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-len", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    kernels.set_backend("torch")
+    dims = (args.batch, args.seq_len, args.heads, args.head_dim)
+    rows = [measure("ulysses", 1, *dims)] + [measure("fpdt", u, *dims) for u in args.chunks]
+    rows.append(measure("fpdt", max(args.chunks), *dims, offload=False))
+    print(f"one attention block fwd+bwd, P=1, B={dims[0]} S={dims[1]} H={dims[2]} d={dims[3]} fp32 (CPU)")
+    print(f"act = one [B, S, h] fp32 activation = {rows[0]['act_mib']:.1f} MiB")
+    header = ("strategy", "u", "offload", "peak MiB", "peak/act", "working set MiB", "host MiB", "s")
+    cells = [f"{name:>{w}}" for name, w in zip(header, WIDTHS, strict=True)]
+    print(f"{header[0]:<9}" + "".join(cells[1:]))
+    for r in rows:
+        print(
+            f"{r['strategy']:<9}{r['chunks']:>3}{r['offload']!s:>8}{r['peak_mib']:>10.1f}{r['peak_acts']:>10.2f}"
+            f"{r['working_set_mib']:>17.1f}{r['host_store_mib']:>10.1f}{r['step_s']:>7.1f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
