@@ -181,7 +181,7 @@ class Transformer(nn.Module):
         strategy.check(seq_len, self.cfg.n_heads, self.cfg.n_kv_heads)
         if positions is not None:
             expected = strategy.positions(seq_len).to(positions.device)
-            if positions.reshape(-1, positions.shape[-1]).ne(expected).any():
+            if positions.shape[-1] != expected.shape[0] or positions.reshape(-1, expected.shape[0]).ne(expected).any():
                 raise ValueError(
                     f"positions do not match the {strategy.kind!r} token layout of this rank "
                     f"(chunks={strategy.layout_chunks}); take tokens, labels and positions from parallel.shard_batch"

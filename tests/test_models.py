@@ -7,6 +7,7 @@ interpreter on without CUDA, and the interpreter is too slow for whole-model tes
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 import models
@@ -213,6 +214,39 @@ def test_default_tiles_follow_paper_ratios():
     assert off._tiles(4096) == (None, None)
 
 
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest output (in elements) of any op run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "unchunked"])
+def test_chunked_step_never_materialises_logits_or_mlp_activation(chunked):
+    cfg = models.get_config(
+        "llama-tiny", vocab_size=512, ffn_hidden=256, chunked_mlp=chunked, chunked_loss=chunked, mlp_tile=32
+    )
+    model = models.Transformer(cfg)
+    tokens, labels = _batch(cfg, B=2, S=128)
+    N = tokens.numel()
+    with _LargestTensor() as probe:
+        model(tokens, labels=labels).backward()
+    if chunked:  # nothing bigger than a weight or an [N, h] / [N, (H+2Hkv)d] activation
+        qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        assert probe.largest <= max(N * cfg.hidden, N * qkv, *(p.numel() for p in model.parameters()))
+        assert probe.largest < min(N * cfg.vocab_size, N * cfg.ffn_hidden) / 2
+    else:
+        assert probe.largest >= N * cfg.vocab_size  # the probe does see the full logits
+
+
 def test_logits_without_labels_match_loss():
     cfg = models.get_config("llama-tiny")
     model = models.Transformer(cfg)
@@ -313,6 +347,8 @@ def test_bad_model_inputs_raise():
         model(tokens.float())
     with pytest.raises(ValueError, match="positions do not match"):
         model(tokens, labels=labels, positions=torch.arange(24).flip(0))
+    with pytest.raises(ValueError, match="positions do not match"):
+        model(tokens, labels=labels, positions=torch.arange(12))
     with pytest.raises(ValueError, match="unknown strategy 'ring'"):
         parallelize(model, "ring")
     with pytest.raises(ValueError, match="needs a group of more than one rank"):
