@@ -87,7 +87,8 @@ def _reference(preset):
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).step()
-    return loss.item(), grads, [p.detach() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    return loss.item(), grads, [p.detach() for p in model.parameters()], names
 
 
 def _run_case(case, group, ref):
@@ -102,13 +103,15 @@ def _run_case(case, group, ref):
     for _ in range(2 if accum else 1):
         loss = model(tokens, labels=labels, positions=positions)
         loss.backward()
-    ref_loss, ref_grads, ref_params = ref
+    ref_loss, ref_grads, ref_params, ref_names = ref
     scale = 2.0 if accum else 1.0
     grads = [_full(p.grad) for p in model.parameters()]
     out = {
         "local_tokens": tokens.shape[1],
+        "names": [n for n, _ in model.named_parameters()],
         "loss": loss.item(),
         "ref_loss": ref_loss,
+        "ref_names": ref_names,
         "grad_err": max(_rel(g, scale * r) for g, r in zip(grads, ref_grads, strict=True)),
     }
     if fsdp:
@@ -158,6 +161,7 @@ def test_parallel_matches_local(world, case):
     per_rank = [r[case] for r in results]
     first = per_rank[0]
     assert first["local_tokens"] == SEQ_LEN // world
+    assert first["names"] == first["ref_names"]  # a checkpoint loads under every strategy
     # Every rank reports the loss of the whole sequence, bit for bit the same.
     assert len({r["loss"] for r in per_rank}) == 1, [r["loss"] for r in per_rank]
     assert first["loss"] == pytest.approx(first["ref_loss"], rel=REL)
