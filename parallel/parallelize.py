@@ -93,9 +93,10 @@ def _allreduce_grad_hook(group: SPGroup):
 
 
 def _broadcast_state(model: nn.Module, group: SPGroup) -> None:
+    src = dist.get_global_rank(group.group, 0)
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, group=group.group, group_src=0)
+            dist.broadcast(t.data, src=src, group=group.group)
 
 
 def _fully_shard(model: nn.Module, group: SPGroup) -> nn.Module:
@@ -123,7 +124,8 @@ def parallelize(
 ) -> nn.Module:
     """Run ``model``'s attention with ``strategy`` (``local | ulysses | fpdt``) over ``group``.
 
-    ``group`` defaults to the world group; ``chunks`` (``u``) and ``offload`` apply to ``fpdt``.
+    ``group`` defaults to the world group; ``chunks`` (``u``) and ``offload`` apply to ``fpdt``;
+    an :class:`AttentionStrategy` instance is used as it is (its own group, chunks, offload).
     ``fsdp=True`` shards parameters, gradients and optimizer state over the group (FSDP2; gloo
     on CPU). Modifies ``model`` in place and returns it; call once per model, before building
     the optimizer. See the module docstring for how gradients are reduced.
