@@ -26,7 +26,7 @@ def count_points(config: DictConfig) -> int:
 
 
 class SweepTable(Callback):
-    """Writes ``.total_points`` when a multirun starts; prints where the table is at the end."""
+    """Writes ``.total_points`` when a multirun starts; at the end, the memory/MFU figure."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -34,7 +34,15 @@ class SweepTable(Callback):
         (sweep_dir / ".total_points").write_text(str(count_points(config)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .plots import load_results, summary_figure
+
         sweep_dir = Path(config.hydra.sweep.dir)
         csv_path = sweep_dir / config.results_csv
-        if csv_path.exists():
-            print(f"sweep table: {csv_path}", flush=True)
+        if not csv_path.exists():
+            return
+        rows = load_results(csv_path)
+        ok = sum(r.get("status") == "ok" for r in rows)
+        print(f"sweep table: {csv_path} ({len(rows)} points, {ok} ok)", flush=True)
+        if ok:
+            for path in summary_figure(rows, sweep_dir / "memory_mfu"):
+                print(f"figure: {path}", flush=True)
