@@ -156,6 +156,11 @@ PRESETS: dict[str, ModelConfig] = {
     # Llama 3 (Meta, "The Llama 3 Herd of Models", Table 3).
     "llama3-8b": _llama("llama3-8b", n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336),
     "llama3-70b": _llama("llama3-70b", n_layers=80, hidden=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672),
+    # Llama 3.2 1B (Meta's model card / config.json): a Llama-3-shaped model that trains on one
+    # GPU with its optimizer states; ties its embeddings.
+    "llama3.2-1b": _llama("llama3.2-1b", n_layers=16, hidden=2048, n_heads=32, n_kv_heads=8, ffn_hidden=8192).replace(
+        tie_embeddings=True
+    ),
 }
 
 

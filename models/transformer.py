@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from parallel.attention import AttentionStrategy
+from parallel.host_store import saved_tensors_on_host
 from parallel.rotary import RotaryEmbedding
 from parallel.weights import AttentionWeights
 
@@ -108,11 +109,10 @@ class Block(nn.Module):
         if not (self.cfg.checkpoint and torch.is_grad_enabled()):
             return self._layer(x, mlp_tile)
         # Reentrant checkpoint: its forward runs without grad (so the FPDT block saves nothing)
-        # and saves only the layer input through save_for_backward, which save_on_cpu then
+        # and saves only the layer input through save_for_backward, which saved_tensors_on_host then
         # moves to host memory. Parameter gradients are accumulated into ``.grad`` by the
         # recompute's own backward, so use ``loss.backward()`` rather than ``torch.autograd.grad``.
-        host = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-        with host if self.cfg.checkpoint_on_host else nullcontext():
+        with saved_tensors_on_host() if self.cfg.checkpoint_on_host else nullcontext():
             return torch.utils.checkpoint.checkpoint(
                 self._layer, x, mlp_tile, use_reentrant=True, preserve_rng_state=False
             )

@@ -7,6 +7,7 @@ Public API::
         AttentionWeights, RotaryEmbedding, AttentionStrategy,       # blocks
         local_attention, ulysses_attention, fpdt_attention,
         HostStore, Timeline, forward_schedule, backward_schedule, check_schedule,
+        parallelize, shard_batch,                                   # apply to a model
     )
 """
 
@@ -20,7 +21,7 @@ from .attention import (
 )
 from .distributed import SPGroup, current_device, destroy_distributed, init_distributed
 from .executor import Timeline, run_schedule
-from .host_store import HostStore, default_host_store
+from .host_store import HostStore, default_host_store, host_allocation, saved_tensors_on_host
 from .layout import (
     check_layout,
     inverse_permutation,
@@ -29,6 +30,7 @@ from .layout import (
     shard,
     unshard,
 )
+from .parallelize import parallelize, shard_batch
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward
 from .schedule import (
     Kind,
@@ -67,14 +69,18 @@ __all__ = [
     "forward_schedule",
     "fpdt_attention",
     "head_to_seq",
+    "host_allocation",
     "init_distributed",
     "inverse_permutation",
     "kv_seq_to_head",
     "local_attention",
     "local_positions",
+    "parallelize",
     "permutation",
     "run_schedule",
+    "saved_tensors_on_host",
     "seq_to_head",
+    "shard_batch",
     "shard",
     "ulysses_attention",
     "unshard",

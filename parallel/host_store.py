@@ -38,6 +38,32 @@ def allocating_on_host() -> bool:
     return _allocating_on_host.get()
 
 
+def _pack_to_host(t: torch.Tensor):
+    with host_allocation():
+        return t.detach().clone()
+
+
+def _unpack_from_host(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()  # the "host-to-device" copy back
+
+
+@contextlib.contextmanager
+def saved_tensors_on_host():
+    """Keep the tensors autograd saves inside this block in host memory until the backward.
+
+    On CUDA this is ``torch.autograd.graph.save_on_cpu(pin_memory=True)``. On a CPU-only run the
+    same data movement is simulated: each saved tensor is copied into a host-marked buffer (see
+    :func:`host_allocation`) and copied back when the backward needs it, so memory accounting
+    sees what a GPU run would hold on the device and on the host.
+    """
+    if torch.cuda.is_available():
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_from_host):
+        yield
+
+
 class HostBuffer:
     """One host tensor plus the event that says when its last reader finished (CUDA)."""
 
