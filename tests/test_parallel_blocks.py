@@ -167,3 +167,15 @@ def test_invalid_configurations_raise():
     with pytest.raises(ValueError, match="use a multiple of 4"):
         strategy.check(10, 4, 4)
     assert strategy.positions(8).tolist() == [2, 3, 6, 7]
+
+
+def test_fpdt_bf16_follows_local_and_keeps_dtypes():
+    torch.manual_seed(0)
+    w = AttentionWeights.random(32, 4, 2, 8, bias=True, dtype=torch.bfloat16)
+    rope = RotaryEmbedding(8)
+    x, dy = torch.randn(2, 32, 32, dtype=torch.bfloat16), torch.randn(2, 32, 32, dtype=torch.bfloat16)
+    want = _run(lambda x, w: local_attention(x, w, rope), x, w, dy)
+    got = _run(lambda x, w: fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=4, store=HostStore()), x, w, dy)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16
+        _close(g.float(), r.float(), tol=3e-2)
