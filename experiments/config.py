@@ -71,11 +71,22 @@ class DataConf:
 
 
 @dataclass
+class SearchConf:
+    """``python -m experiments.max_seqlen``: doubling from ``start``, then bisection."""
+
+    start: int = 4096  # first seq_len probed (rounded to the granularity)
+    limit: int = 1 << 24  # stop doubling past this many tokens
+    resolution: float = 0.1  # stop when the gap between fits and fails is within this fraction
+    chunk_tokens: int | None = None  # fpdt: fixed global chunk size C in tokens (chunks = seq_len / C)
+
+
+@dataclass
 class RunConfig:
     model: ModelSelect = MISSING
     parallel: ParallelConf = MISSING
     hardware: HardwareConf = MISSING
     data: DataConf = field(default_factory=DataConf)
+    search: SearchConf = field(default_factory=SearchConf)
     seq_len: int = 4096  # global tokens per sequence
     chunks: int = 1  # FPDT chunks u (other strategies record 1)
     gpus: int = 1  # ranks (GPUs on CUDA, processes on CPU) in the sequence-parallel group

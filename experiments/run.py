@@ -149,6 +149,7 @@ def _read_errors(job_dir: Path) -> dict | None:
 
 def launch(point: dict, job_dir: Path) -> dict:
     """Spawn the ranks, wait under the timeout, and return the raw outcome."""
+    job_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*job_dir.glob("rank*_error.json"), job_dir / "worker_metrics.json"]:
         stale.unlink(missing_ok=True)
     port = _free_port()
