@@ -296,22 +296,36 @@ def run_point(cfg: DictConfig) -> dict:
     return row
 
 
+def run_under_torchrun(cfg: DictConfig) -> None:
+    """This process is one rank started by torchrun: train, and rank 0 records the row."""
+    point = resolve_point(cfg)
+    if point["gpus"] != int(os.environ["WORLD_SIZE"]):
+        raise ValueError(f"gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
+    check_point(point)
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    key, start = point_key(point), time.monotonic()
+    rank0 = int(os.environ["RANK"]) == 0
+    try:
+        run_rank(point, str(job_dir))
+    except BaseException as exc:
+        if rank0:  # the row says what happened here; torchrun reports the other ranks
+            err = _read_errors(job_dir) or {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            row = make_row(point, err, key, job_dir, time.monotonic() - start)
+            record_point(job_dir, job_dir, row, point["results_csv"])
+            print(_progress(row, job_dir, None, False), flush=True)
+        raise
+    if rank0:
+        metrics = json.loads((job_dir / "worker_metrics.json").read_text())
+        row = make_row(point, {"status": "ok", "metrics": metrics}, key, job_dir, time.monotonic() - start)
+        record_point(job_dir, job_dir, row, point["results_csv"])
+        print(_progress(row, job_dir, None, False), flush=True)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if _under_torchrun():
-        point = resolve_point(cfg)
-        if point["gpus"] != int(os.environ["WORLD_SIZE"]):
-            raise ValueError(f"gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
-        check_point(point)
-        job_dir = Path(HydraConfig.get().runtime.output_dir)
-        start = time.monotonic()
-        run_rank(point, str(job_dir))
-        if int(os.environ["RANK"]) == 0:
-            metrics = json.loads((job_dir / "worker_metrics.json").read_text())
-            row = make_row(point, {"status": "ok", "metrics": metrics}, point_key(point), job_dir,
-                           time.monotonic() - start)  # fmt: skip
-            record_point(job_dir, job_dir, row, point["results_csv"])
-            print(_progress(row, job_dir, None, False), flush=True)
+        run_under_torchrun(cfg)
         return
     row = run_point(cfg)
     if HydraConfig.get().mode == RunMode.RUN and row["status"] != "ok":

@@ -1,0 +1,210 @@
+"""Hydra configs compose (and typos fail), sweep points are recorded whatever happens, and the
+max-sequence-length search finds its limit. The multi-process tests spawn real workers (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import experiments.config  # noqa: F401  (registers the schema)
+from experiments.max_seqlen import search
+from experiments.plots import load_results
+from experiments.results import ROW_FIELDS, read_csv
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+FIXED_FIELDS = [
+    "status", "error", "strategy", "model", "seq_len", "chunks", "gpus", "step_time_s", "step_time_p20_s",
+    "step_time_p80_s", "tokens_per_s", "tflops_per_gpu", "mfu", "mfu_full_attention", "peak_tflops",
+    "device_mem_peak_gib", "device_mem_reserved_gib", "host_mem_gib", "rss_peak_gib", "device_name", "git_commit",
+]  # fmt: skip
+
+
+def _compose(overrides=(), hydra_cfg=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def _names(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_result_rows_carry_the_fixed_field_names():
+    assert ROW_FIELDS[: len(FIXED_FIELDS)] == FIXED_FIELDS
+
+
+@pytest.mark.parametrize("hardware", _names("hardware"))
+@pytest.mark.parametrize("parallel", _names("parallel"))
+def test_every_combination_composes(parallel, hardware):
+    for model in _names("model"):
+        cfg = _compose([f"model={model}", f"parallel={parallel}", f"hardware={hardware}"])
+        obj = OmegaConf.to_object(cfg)  # validates every field against the schema
+        assert obj.model.name == model and obj.parallel.strategy.value == parallel
+
+
+def test_model_presets_exist_in_models():
+    from models import PRESETS
+
+    assert set(_names("model")) <= set(PRESETS)
+
+
+def test_fpdt_and_ulysses_presets_follow_the_paper():
+    fpdt = _compose(["parallel=fpdt"]).parallel
+    assert fpdt.offload and fpdt.activation_checkpointing and fpdt.checkpoint_on_host
+    assert fpdt.chunked_mlp and fpdt.chunked_loss
+    uly = _compose(["parallel=ulysses"]).parallel
+    assert uly.activation_checkpointing and not uly.checkpoint_on_host and not uly.offload
+    assert not uly.chunked_mlp and not uly.chunked_loss
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["seq_lne=5", "seq_len=abc", "parallel.strategy=foo", "parallel=fdpt", "model.nam=x", "dtype=fp8", "gpus=1.5"],
+)
+def test_typos_and_wrong_types_fail_at_composition(override):
+    with pytest.raises((ConfigCompositionException, Exception)) as info:
+        OmegaConf.to_object(_compose([override]))
+    assert not isinstance(info.value, AssertionError)
+
+
+@pytest.mark.parametrize("sweep", _names("sweep"))
+def test_sweep_presets_compose(sweep):
+    cfg = _compose([f"+sweep={sweep}"], hydra_cfg=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.params, "a sweep preset must sweep something"
+    assert str(cfg.hydra.sweep.dir).endswith(sweep)
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    cfg = _compose(["hydra/launcher=slurm", "gpus=8"], hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_ and launcher.nodes == 1
+    assert launcher.gpus_per_node == 8  # follows gpus
+
+
+def test_max_seqlen_search_finds_a_known_limit():
+    limit, probes = 37_000, []
+
+    def probe(s):
+        probes.append(s)
+        return {"status": "ok" if s <= limit else "oom", "error": None}
+
+    result = search({}, probe, start=1024, limit=1 << 22, resolution=0.1, granularity=8)
+    assert result["status"] == "ok" and result["max_seq_len"] <= limit < result["first_failure"]
+    assert result["first_failure"] - result["max_seq_len"] <= 0.1 * result["max_seq_len"]
+    assert all(p % 8 == 0 for p in probes)
+    # Nothing fits: halving down to the granularity, then 0.
+    result = search({}, lambda s: {"status": "oom", "error": None}, 64, 1 << 20, 0.1, 8)
+    assert result["max_seq_len"] == 0
+    # An error is a bug, not a limit: the search stops and says so.
+    result = search({}, lambda s: {"status": "error", "error": "boom"}, 64, 1 << 20, 0.1, 8)
+    assert result["status"] == "error" and result["error"] == "boom"
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def _run(module, *args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)  # CPU runs use the torch attention backend
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc
+
+
+@pytest.mark.distributed
+def test_two_point_multirun_writes_rows_csv_and_figure(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=llama-tiny", "parallel=fpdt", "seq_len=512,1024", "chunks=2", "gpus=2", "steps=2",
+            "warmup_steps=1", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = _run("experiments.run", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(sweep / "results.csv")
+    assert [int(r["seq_len"]) for r in rows] == [512, 1024]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert set(FIXED_FIELDS) <= set(r)
+        assert int(r["gpus"]) == 2 and int(r["chunks"]) == 2 and r["strategy"] == "fpdt"
+        for key in ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_tflops", "device_mem_peak_gib",
+                    "host_mem_gib", "rss_peak_gib"):  # fmt: skip
+            assert float(r[key]) > 0, key
+        assert float(r["step_time_p20_s"]) <= float(r["step_time_s"]) <= float(r["step_time_p80_s"])
+        assert float(r["mfu_full_attention"]) > float(r["mfu"])
+        assert r["device_mem_simulated"] == "True" and r["git_commit"]
+    assert "(2/2 done, 0 to go)" in proc.stdout
+    assert (sweep / "memory_mfu.png").stat().st_size > 10_000
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "result.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.distributed
+def test_oom_is_a_row_the_sweep_goes_on_and_reruns_skip(tmp_path):
+    sweep = tmp_path / "sweep"
+    # 16K tokens exceed a 5 MiB simulated device; 512 tokens do not. The bad point runs first.
+    args = ["-m", "model=llama-tiny", "parallel=ulysses", "seq_len=16384,512", "gpus=1", "steps=1",
+            "warmup_steps=0", "max_device_memory=0.005", "chunks=1,4", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = _run("experiments.run", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {int(r["seq_len"]): r for r in read_csv(sweep / "results.csv")}
+    assert len(rows) == 2, "ulysses ignores chunks: chunks=1,4 is one point per seq_len"
+    assert rows[16384]["status"] == "oom" and "out of memory" in rows[16384]["error"]
+    assert rows[512]["status"] == "ok"
+    assert proc.stdout.count("skipped") == 2  # the chunks=4 duplicates
+    again = _run("experiments.run", *args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 4
+    assert len(read_csv(sweep / "results.csv")) == 2
+
+
+@pytest.mark.distributed
+def test_bad_point_is_recorded_with_a_clear_error(tmp_path):
+    proc = _run("experiments.run", "seq_len=1004", "chunks=4", "gpus=2", f"hydra.run.dir={tmp_path / 'run'}",
+                cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    row = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert row["status"] == "error"
+    assert "seq_len=1004 is not divisible by gpus*chunks=8; use a multiple of 8" in row["error"]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_torchrun_runs_ranks_as_workers(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "experiments.run", "parallel=fpdt", "seq_len=512", "chunks=2", "gpus=2", "steps=1",
+           "warmup_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert row["status"] == "ok" and row["gpus"] == 2
+
+
+@pytest.mark.distributed
+def test_max_seqlen_with_a_memory_cap(tmp_path):
+    args = ["model=llama-tiny", "parallel=ulysses", "gpus=1", "steps=1", "warmup_steps=0",
+            "max_device_memory=0.004", "search.start=512", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = _run("experiments.max_seqlen", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "max_seqlen.json").read_text())
+    assert summary["status"] == "ok" and summary["max_seq_len"] >= 512
+    probes = load_results(tmp_path / "run" / "results.csv")
+    assert len(probes) == summary["probes"]
+    for p in probes:  # every probe is a row, and the answer separates fits from failures
+        assert (p["status"] == "ok") == (p["seq_len"] <= summary["max_seq_len"])
+    assert summary["first_failure"] - summary["max_seq_len"] <= max(1, 0.1 * summary["max_seq_len"])
