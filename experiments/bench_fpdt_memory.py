@@ -23,52 +23,19 @@ from __future__ import annotations
 import argparse
 import csv
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import kernels
 from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention, ulysses_attention
+from parallel.host_store import allocating_on_host
+
+from .memory import MemoryTracker
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fpdt_memory_cpu.csv"
 MIB = float(1 << 20)
 WIDTHS = (9, 3, 8, 10, 10, 17, 10, 7)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of storages created inside the mode and still alive, minus excluded ones."""
-
-    def __init__(self, exclude=lambda storage: False, existing=()):
-        super().__init__()
-        self.exclude = exclude
-        self.current = self.peak = 0
-        self._live: set[int] = set()
-        # Storages made before the mode (inputs, weights) are not counted when a view of them
-        # shows up as an op's output.
-        self._existing = {t.untyped_storage().data_ptr() for t in existing}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key in self._existing or key in self._live:
-                    continue
-                if st.nbytes() and not self.exclude(st):
-                    self._live.add(key)
-                    self.current += st.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(st, self._free, key, st.nbytes())
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        if key in self._live:
-            self._live.discard(key)
-            self.current -= nbytes
 
 
 def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: bool = True) -> dict:
@@ -92,16 +59,16 @@ def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: boo
 
     if kind == "fpdt" and offload:
         step()  # warm-up: the host store allocates its buffers once
-    tracker = LiveBytes(exclude=store.owns, existing=[x, dy, *w.parameters()])
+    tracker = MemoryTracker(on_host=allocating_on_host, ignore=[x, dy, *w.parameters()], exclude=store.owns)
     t0 = time.perf_counter()
     with tracker:
         step()
     seconds = time.perf_counter() - t0
-    act = B * S * h * 4
+    act, peak = B * S * h * 4, tracker.peak["device"]
     return dict(
         strategy=kind, chunks=chunks, offload=offload and kind == "fpdt", B=B, S=S, H=H, d=d, dtype="fp32",
-        peak_mib=tracker.peak / MIB, act_mib=act / MIB, peak_acts=tracker.peak / act,
-        working_set_mib=(tracker.peak - 3 * act) / MIB, host_store_mib=store.peak_bytes_in_use / MIB,
+        peak_mib=peak / MIB, act_mib=act / MIB, peak_acts=peak / act, working_set_mib=(peak - 3 * act) / MIB,
+        host_store_mib=store.peak_bytes_in_use / MIB,
         host_allocations=store.allocations, step_s=seconds,
     )  # fmt: skip
 

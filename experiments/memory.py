@@ -33,7 +33,9 @@ class MemoryTracker(TorchDispatchMode):
     while ``on_host()`` is true (the offload store, host-kept checkpoints), which are host
     memory. ``simulate_device=False`` (a CUDA run): CPU tensors are host memory and CUDA tensors
     are left to the CUDA allocator's statistics. ``cap_bytes`` caps the simulated device.
-    Storages are counted once however many views share them; ``current``/``peak`` are bytes.
+    Storages are counted once however many views share them; those of the ``ignore`` tensors and
+    those ``exclude(storage)`` rejects (e.g. ``HostStore.owns``, for buffers made before the
+    mode) not at all. ``current``/``peak`` are bytes.
     """
 
     def __init__(
@@ -41,6 +43,8 @@ class MemoryTracker(TorchDispatchMode):
         simulate_device: bool = True,
         cap_bytes: int | None = None,
         on_host: Callable[[], bool] = lambda: False,
+        ignore=(),
+        exclude: Callable[[torch.UntypedStorage], bool] | None = None,
     ):
         super().__init__()
         self.simulate_device = simulate_device
@@ -49,6 +53,9 @@ class MemoryTracker(TorchDispatchMode):
         self.current = {"device": 0, "host": 0}
         self.peak = {"device": 0, "host": 0}
         self._live: dict[int, tuple[str, int]] = {}
+        # Storages made before the mode (inputs, weights): views of them are not new memory.
+        self._ignored = {t.untyped_storage().data_ptr() for t in ignore}
+        self.exclude = exclude
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -71,7 +78,9 @@ class MemoryTracker(TorchDispatchMode):
         st = t.untyped_storage()
         key = st.data_ptr()
         nbytes = st.nbytes()
-        if nbytes == 0 or key in self._live:
+        if nbytes == 0 or key in self._live or key in self._ignored:
+            return
+        if self.exclude is not None and self.exclude(st):
             return
         pool = "host" if (not self.simulate_device or self.on_host()) else "device"
         self._live[key] = (pool, nbytes)
