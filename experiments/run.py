@@ -45,6 +45,7 @@ from .results import find_point, point_key, record_point
 from .worker import run_rank, spawn_entry, summarize
 
 REPO = Path(__file__).resolve().parent.parent
+FINAL_STATUSES = ("ok", "oom")
 
 
 def resolve_point(cfg: DictConfig) -> dict:
@@ -282,7 +283,8 @@ def run_point(cfg: DictConfig) -> dict:
         return row
     key = point_key(point)
     existing = find_point(sweep_dir, key)
-    if existing is not None:
+    # ok and oom rows are measurements and stay; error and timeout rows are retried.
+    if existing is not None and existing["status"] in FINAL_STATUSES:
         print(_progress(existing, sweep_dir, hc.job.num if multirun else None, True), flush=True)
         return existing
     try:

@@ -208,3 +208,28 @@ def test_max_seqlen_with_a_memory_cap(tmp_path):
     for p in probes:  # every probe is a row, and the answer separates fits from failures
         assert (p["status"] == "ok") == (p["seq_len"] <= summary["max_seq_len"])
     assert summary["first_failure"] - summary["max_seq_len"] <= max(1, 0.1 * summary["max_seq_len"])
+
+
+@pytest.mark.distributed
+def test_hung_point_times_out_and_token_file_is_read(tmp_path):
+    import numpy as np
+
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 96, size=5000, dtype=np.uint16).tofile(tokens)
+    sweep = tmp_path / "sweep"
+    # timeout_s=0.5 cannot even start the workers: that point becomes a `timeout` row, which the
+    # next point (same experiment, longer timeout) retries instead of skipping.
+    args = ["-m", "model=llama-tiny", "parallel=fpdt", "seq_len=512", "chunks=2", "gpus=1", "steps=1",
+            "warmup_steps=0", f"data.path={tokens}", "timeout_s=0.5,600", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = _run("experiments.run", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timeout: no result after timeout_s=0 s; ranks killed" in proc.stdout
+    rows = read_csv(sweep / "results.csv")
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["data_path"] == str(tokens)
+    # A token file shorter than a sequence is a clear error, not a crash of the sweep.
+    short = tmp_path / "short.bin"
+    np.zeros(100, dtype=np.uint16).tofile(short)
+    proc = _run("experiments.run", "seq_len=512", "chunks=2", "gpus=1", f"data.path={short}",
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    row = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert proc.returncode == 1 and row["status"] == "error" and "needs at least 513" in row["error"]
