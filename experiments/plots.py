@@ -219,3 +219,28 @@ def _save(fig, path, formats):
         written.append(out)
     plt.close(fig)
     return written
+
+
+STREAM_ORDER = ["compute", "comm", "h2d", "d2h"]
+
+
+def plot_timeline(rows, path, title="", formats=("png",)):
+    """One lane per stream, one bar per op (colour by kind): shows copies overlapping compute."""
+    streams = sorted({r["stream"] for r in rows}, key=lambda s: (STREAM_ORDER.index(s) if s in STREAM_ORDER else 9, s))
+    kinds = sorted({r["kind"] for r in rows})
+    cmap = plt.get_cmap("tab20")
+    colors = {k: cmap(i % 20) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.7 * len(streams)))
+    for lane, stream in enumerate(streams):
+        for r in rows:
+            if r["stream"] == stream:
+                ax.barh(lane, r["end_ms"] - r["start_ms"], left=r["start_ms"], height=0.6, color=colors[r["kind"]],
+                        edgecolor="black", linewidth=0.2)  # fmt: skip
+    ax.set_yticks(range(len(streams)), streams)
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title or "chunk pipeline timeline")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in kinds]
+    ax.legend(handles, kinds, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=min(6, len(kinds)), frameon=False)
+    fig.tight_layout()
+    return _save(fig, path, formats)

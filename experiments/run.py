@@ -67,7 +67,9 @@ def resolve_point(cfg: DictConfig) -> dict:
         "warmup_steps": c["warmup_steps"],
         "dtype": c["dtype"],
         "seed": c["seed"],
-        "backend": c["backend"],
+        # The attention backend actually used: auto = triton on CUDA, the torch CPU kernel otherwise
+        # (never the Triton interpreter, even if TRITON_INTERPRET is set).
+        "backend": c["backend"] if c["backend"] != "auto" else ("triton" if torch.cuda.is_available() else "torch"),
         "lr": c["lr"],
         "max_device_memory": c["max_device_memory"],
         "timeout_s": c["timeout_s"],

@@ -70,8 +70,7 @@ def train(point: dict) -> dict:
     if not cuda:
         # Ranks share the cores: without this each would start a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if point["backend"] != "auto":
-        kernels.set_backend(point["backend"])
+    kernels.set_backend(point["backend"])
     dtype = resolve_dtype(point["dtype"], cuda)
     torch.manual_seed(point["seed"])
 
@@ -198,8 +197,7 @@ def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: st
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    if point["backend"] != "auto":
-        os.environ[kernels.backend.ENV_VAR] = point["backend"]
+    os.environ[kernels.backend.ENV_VAR] = point["backend"]
     run_rank(point, out_dir)
     # Everything is measured and written. Skip interpreter teardown: gloo's destructors
     # occasionally abort (SIGABRT, "terminate called without an active exception") while the

@@ -1,0 +1,157 @@
+"""FPDT attention block on one device: step time with host offload vs without, peak memory vs
+chunk count, and one recorded timeline of the chunk pipeline (copies vs compute).
+
+One rank (``P = 1``), forward + backward of one block (QKV projection, RoPE, attention, output
+projection). On CUDA: bf16, ``H=32, d=128``, ``S`` in {128K, 256K} (add 512K with
+``--seq-lens``), global chunk ``C`` in {16K, 32K, 64K}; times are CUDA-event medians,
+memory is ``torch.cuda.max_memory_allocated``. Without CUDA it runs a toy size so the code path
+is exercised, with the simulated device of ``experiments.memory``. The issue's target: offload
+costs at most 15% at ``C >= 32K``. Writes ``experiments/results/fpdt_block_<device>.csv``, the
+timeline as CSV and PNG::
+
+    python -m experiments.bench_fpdt_block
+    python -m experiments.bench_fpdt_block --seq-lens 524288 --chunk-tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, Timeline, fpdt_attention, ulysses_attention
+from parallel.host_store import allocating_on_host
+
+from .memory import GIB, MemoryTracker, is_out_of_memory
+from .plots import plot_timeline
+from .results import write_csv
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class _Block:
+    def __init__(self, S: int, H: int, d: int, dtype, device):
+        torch.manual_seed(0)
+        h = H * d
+        self.w = AttentionWeights.random(h, H, H, d, dtype=dtype, device=device)
+        self.rope = RotaryEmbedding(d, 500000.0)
+        self.x = torch.randn(1, S, h, dtype=dtype, device=device, requires_grad=True)
+        self.dy = torch.randn(1, S, h, dtype=dtype, device=device)
+        self.store = HostStore()
+
+    def step(self, strategy: str, chunks: int, offload: bool, timeline: Timeline | None = None) -> None:
+        if strategy == "ulysses":
+            y = ulysses_attention(self.x, self.w, self.rope, group=SPGroup.single())
+        else:
+            y = fpdt_attention(self.x, self.w, self.rope, group=SPGroup.single(), chunks=chunks, offload=offload,
+                               store=self.store, timeline=timeline)  # fmt: skip
+        y.backward(self.dy)
+        self.x.grad = None
+        for p in self.w.parameters():
+            p.grad = None
+
+
+def _timed(fn, cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(block: _Block, strategy: str, S: int, C: int, offload: bool, reps: int, cuda: bool) -> dict:
+    chunks = S // C if strategy == "fpdt" else 1
+    row = dict(strategy=strategy, S=S, C=C if strategy == "fpdt" else S, chunks=chunks, offload=offload)
+    run = lambda: block.step(strategy, chunks, offload)
+    block.store = HostStore()  # host bytes of this configuration only
+    try:
+        run()  # warm-up: autotuning, host buffers, allocator
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times = [_timed(run, True) for _ in range(reps)]
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            tracker = MemoryTracker(on_host=allocating_on_host, exclude=block.store.owns,
+                                    ignore=[block.x, block.dy, *block.w.parameters()])  # fmt: skip
+            with tracker:
+                times = [_timed(run, False) for _ in range(reps)]
+            peak = tracker.peak["device"]
+    except Exception as exc:  # an OOM at one size is a row, not the end of the benchmark
+        if not is_out_of_memory(exc):
+            raise
+        if cuda:
+            torch.cuda.empty_cache()
+        return dict(row, status="oom", error=str(exc).splitlines()[0][:300])
+    return dict(row, status="ok", step_s=statistics.median(times), peak_gib=peak / GIB,
+                host_gib=block.store.bytes_allocated / GIB)  # fmt: skip
+
+
+def main(argv=None) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[131072, 262144] if cuda else [4096])
+    parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[16384, 32768, 65536] if cuda else [1024, 2048])
+    parser.add_argument("--heads", type=int, default=32 if cuda else 4)
+    parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
+    parser.add_argument("--reps", type=int, default=3 if cuda else 1)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
+    args = parser.parse_args(argv)
+    if not cuda:
+        kernels.set_backend("torch")
+        print("NO CUDA: toy size on the CPU (simulated device memory); GPU figures need CUDA")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    rows = []
+    for S in args.seq_lens:
+        block = _Block(S, args.heads, args.head_dim, dtype, device)
+        rows.append(measure(block, "ulysses", S, S, False, args.reps, cuda))
+        for C in args.chunk_tokens:
+            if S % C or C > S:
+                continue
+            pair = [measure(block, "fpdt", S, C, off, args.reps, cuda) for off in (False, True)]
+            if all(r["status"] == "ok" for r in pair):
+                pair[1]["offload_cost"] = pair[1]["step_s"] / pair[0]["step_s"] - 1
+            rows.extend(pair)
+        del block
+    for r in rows:
+        r.update(device=name, H=args.heads, d=args.head_dim, dtype=str(dtype).removeprefix("torch."))
+        cost = f"  offload cost {100 * r['offload_cost']:+.1f}%" if "offload_cost" in r else ""
+        body = (f"{r['step_s']:.3f} s  peak {r['peak_gib']:.2f} GiB  host {r['host_gib']:.2f} GiB{cost}"
+                if r["status"] == "ok" else f"{r['status']}: {r['error']}")  # fmt: skip
+        print(f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5} {body}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out)
+    print(f"wrote {args.out}")
+    _record_timeline(args, dtype, device, args.out.with_name(args.out.stem + "_timeline"))
+    return rows
+
+
+def _record_timeline(args, dtype, device, stem: Path) -> None:
+    """One forward+backward with per-op start/end times, for the copy/compute overlap figure."""
+    S = args.seq_lens[0]
+    C = next((c for c in sorted(args.chunk_tokens, reverse=True) if S % c == 0 and S // c >= 4), S // 4)
+    block = _Block(S, args.heads, args.head_dim, dtype, device)
+    block.step("fpdt", S // C, True)  # warm-up
+    timeline = Timeline()
+    block.step("fpdt", S // C, True, timeline)
+    rows = timeline.rows()
+    write_csv(rows, stem.with_suffix(".csv"))
+    title = f"FPDT block S={S} C={C} (u={S // C}), offload on, {device.type}"
+    for path in plot_timeline(rows, stem, title=title):
+        print(f"timeline: {path}")
+
+
+if __name__ == "__main__":
+    main()
