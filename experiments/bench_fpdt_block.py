@@ -27,7 +27,6 @@ from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, Time
 from parallel.host_store import allocating_on_host
 
 from .memory import GIB, MemoryTracker, is_out_of_memory
-from .plots import plot_timeline
 from .results import write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -148,6 +147,12 @@ def _record_timeline(args, dtype, device, stem: Path) -> None:
     block.step("fpdt", S // C, True, timeline)
     rows = timeline.rows()
     write_csv(rows, stem.with_suffix(".csv"))
+    print(f"timeline: {stem.with_suffix('.csv')}")
+    try:
+        from .plots import plot_timeline
+    except ImportError as exc:  # a bare GPU box may lack matplotlib; the CSV is the record
+        print(f"timeline figure skipped: {exc}")
+        return
     title = f"FPDT block S={S} C={C} (u={S // C}), offload on, {device.type}"
     for path in plot_timeline(rows, stem, title=title):
         print(f"timeline: {path}")

@@ -34,11 +34,14 @@ class SweepTable(Callback):
         (sweep_dir / ".total_points").write_text(str(count_points(config)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .plots import load_results, summary_figure
-
         sweep_dir = Path(config.hydra.sweep.dir)
         csv_path = sweep_dir / config.results_csv
         if not csv_path.exists():
+            return
+        try:
+            from .plots import load_results, summary_figure
+        except ImportError as exc:  # matplotlib missing: the table is the record
+            print(f"sweep table: {csv_path} (figure skipped: {exc})", flush=True)
             return
         rows = load_results(csv_path)
         ok = sum(r.get("status") == "ok" for r in rows)
