@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
 from . import config as _schema  # noqa: F401  (registers the structured configs)
 from .results import point_key, write_csv
-from .run import check_point, launch, make_row, resolve_point
+from .run import measure, resolve_point
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,13 +50,7 @@ def main(argv=None) -> list[dict]:
             cfg = compose("config", overrides=[f"model={args.model}", f"seq_len={args.seq_len}", f"steps={args.steps}",
                                                "warmup_steps=1", "hardware=auto", *overrides])  # fmt: skip
             point = resolve_point(cfg)
-            start = time.monotonic()
-            try:
-                check_point(point)
-                outcome = launch(point, Path(tmp) / point_key(point))
-            except ValueError as exc:
-                outcome = {"status": "error", "error": str(exc)}
-            row = make_row(point, outcome, point_key(point), Path(tmp), time.monotonic() - start)
+            row = measure(point, Path(tmp) / point_key(point))
             row["variant"] = label
             rows.append(row)
             print(_line(row), flush=True)

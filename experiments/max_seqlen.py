@@ -17,7 +17,6 @@ there too. An ``oom`` or ``timeout`` probe counts as "does not fit"; an ``error`
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import hydra
@@ -26,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .results import point_key, record_point, write_csv
-from .run import check_point, launch, make_row, resolve_point
+from .run import measure, resolve_point
 
 SUMMARY_FIELDS = [
     "status", "model", "strategy", "gpus", "chunks", "chunk_tokens", "max_seq_len", "first_failure",
@@ -55,15 +54,8 @@ class _Prober:
         point = dict(self.base, seq_len=seq_len)
         if self.chunk_tokens and point["strategy"] == "fpdt":
             point["chunks"] = seq_len // self.chunk_tokens
-        key = point_key(point)
-        probe_dir = self.job_dir / "probes" / key
-        start = time.monotonic()
-        try:
-            check_point(point)
-            outcome = launch(point, probe_dir)
-        except ValueError as exc:
-            outcome = {"status": "error", "error": str(exc)}
-        row = make_row(point, outcome, key, probe_dir, time.monotonic() - start)
+        probe_dir = self.job_dir / "probes" / point_key(point)
+        row = measure(point, probe_dir)
         record_point(self.job_dir, probe_dir, row)
         self.rows.append(row)
         mem = row.get("device_mem_peak_gib")

@@ -244,6 +244,17 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
     return row
 
 
+def measure(point: dict, job_dir: Path) -> dict:
+    """Check the point, run it in fresh processes and return its row (a bad point is a row too)."""
+    start = time.monotonic()
+    try:
+        check_point(point)
+        outcome = launch(point, job_dir)
+    except ValueError as exc:
+        outcome = {"status": "error", "error": str(exc)}
+    return make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start)
+
+
 def _progress(row: dict, sweep_dir: Path, job_num: int | None, skipped: bool) -> str:
     head = f"[{row['model']} {row['strategy']} seq_len={row['seq_len']} chunks={row['chunks']} gpus={row['gpus']}]"
     if skipped:
@@ -273,7 +284,6 @@ def run_point(cfg: DictConfig) -> dict:
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     sweep_dir = Path(hc.sweep.dir) if multirun else job_dir
-    start = time.monotonic()
     try:
         point = resolve_point(cfg)
     except ValueError as exc:  # e.g. an undetectable GPU
@@ -289,12 +299,7 @@ def run_point(cfg: DictConfig) -> dict:
     if existing is not None and existing["status"] in FINAL_STATUSES:
         print(_progress(existing, sweep_dir, hc.job.num if multirun else None, True), flush=True)
         return existing
-    try:
-        check_point(point)
-        outcome = launch(point, job_dir)
-    except ValueError as exc:
-        outcome = {"status": "error", "error": str(exc)}
-    row = make_row(point, outcome, key, job_dir, time.monotonic() - start)
+    row = measure(point, job_dir)
     record_point(sweep_dir, job_dir, row, point["results_csv"])
     print(_progress(row, sweep_dir, hc.job.num if multirun else None, False), flush=True)
     return row

@@ -40,6 +40,51 @@ else:
     ]
 
 
+@triton.jit
+def _fwd_inner(
+    b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, o_mg, o_n, o_d, m_d, stride_ks, stride_vs,
+    Sk, DELTA, qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax: returns the updated running (max, sum, acc).
+
+    ``MASKED=False`` is the fast path for blocks every row sees in full; ``MASKED=True`` applies
+    the bounds (``n < Sk``) and causal (``n <= m + DELTA``) masks; ``o_mg`` are the rows' indices.
+    """
+    if MASKED:
+        m_n = (n0 + o_n) < Sk
+        m_k = m_n[None, :] & m_d[:, None]
+        m_v = m_n[:, None] & m_d[None, :]
+    else:
+        m_k = m_d[:, None]
+        m_v = m_d[None, :]
+    b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_k, other=0.0)
+    b_v = tl.load(p_vn + o_n[:, None] * stride_vs + o_d[None, :], mask=m_v, other=0.0)
+    if UPCAST:
+        b_kt = b_kt.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        m_vis = m_n[None, :]
+        if CAUSAL:
+            m_vis = m_vis & ((n0 + o_n)[None, :] <= o_mg[:, None] + DELTA)
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
+        # A row with no visible key so far keeps m = -inf; shift by 0 there to avoid inf - inf.
+        b_msafe = tl.where(b_mnew == float("-inf"), 0.0, b_mnew)
+    else:
+        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
+        b_msafe = b_mnew
+    b_p = tl.exp2(b_s - b_msafe[:, None])
+    b_alpha = tl.exp2(b_mi - b_msafe)
+    b_li = b_li * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return b_mnew, b_li, b_acc
+
+
 @triton.autotune(
     configs=_CONFIGS,
     key=["BD", "GROUPS", "CAUSAL", "ACCUMULATE", "SQ_BUCKET", "SK_BUCKET", "PRECISION"],
@@ -107,42 +152,18 @@ def _fwd_kernel(
     # never overflow int32 at millions of tokens).
     p_kn = p_k
     p_vn = p_v
-    for _ in range(0, n_full, BN):
-        b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_d[:, None], other=0.0)
-        b_v = tl.load(p_vn + o_n[:, None] * stride_vs + o_d[None, :], mask=m_d[None, :], other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mnew[:, None])
-        b_alpha = tl.exp2(b_mi - b_mnew)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_mi = b_mnew
+    for n0 in range(0, n_full, BN):
+        b_mi, b_li, b_acc = _fwd_inner(
+            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, m_d, stride_ks, stride_vs,
+            Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION,
+        )  # fmt: skip
         p_kn += BN * stride_ks
         p_vn += BN * stride_vs
-
     for n0 in range(n_full, n_end, BN):
-        m_n = (n0 + o_n) < Sk
-        b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
-        b_v = tl.load(p_vn + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        m_vis = m_n[None, :]
-        if CAUSAL:
-            m_vis = m_vis & ((n0 + o_n)[None, :] <= (m_start + o_m)[:, None] + DELTA)
-        b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
-        # A row with no visible key so far keeps m = -inf; shift by 0 there to avoid inf - inf.
-        b_msafe = tl.where(b_mnew == float("-inf"), 0.0, b_mnew)
-        b_p = tl.exp2(b_s - b_msafe[:, None])
-        b_alpha = tl.exp2(b_mi - b_msafe)
-        b_li = b_li * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_mi = b_mnew
+        b_mi, b_li, b_acc = _fwd_inner(
+            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, m_d, stride_ks, stride_vs,
+            Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION,
+        )  # fmt: skip
         p_kn += BN * stride_ks
         p_vn += BN * stride_vs
 
