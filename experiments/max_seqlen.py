@@ -139,11 +139,11 @@ def main(cfg: DictConfig) -> None:
         **result,
     }
     (job_dir / "max_seqlen.json").write_text(json.dumps(summary, indent=2))
-    write_csv([summary], job_dir / "max_seqlen.csv")
+    write_csv([summary], job_dir / "max_seqlen.csv", SUMMARY_FIELDS)
     if hc.mode == RunMode.MULTIRUN:  # one table for the whole sweep
         sweep_dir = Path(hc.sweep.dir)
         rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("max_seqlen.json"))]
-        write_csv(rows, sweep_dir / "max_seqlen.csv")
+        write_csv(rows, sweep_dir / "max_seqlen.csv", SUMMARY_FIELDS)
     print(f"max_seqlen {label}: {summary['max_seq_len']} tokens ({summary['status']}, {summary['probes']} probes"
           + (f", first failure {summary['first_failure']}: {summary['failure_status']}" if summary["first_failure"]
              else "") + ")", flush=True)  # fmt: skip

@@ -3,8 +3,8 @@
 Every function takes rows as returned by :func:`load_results` (dicts with numbers already
 parsed) and draws on matplotlib axes, so notebooks can compose them; :func:`summary_figure`
 is the memory + MFU figure the sweeps write as PNG. Colours mark the strategy, line styles the
-chunk count, markers the GPU count; points that ran out of memory are drawn as a red ``x`` at
-the last ``seq_len`` each curve tried.
+chunk count, markers the GPU count; where a curve ran out of memory, an ``x`` of its colour sits
+on the device-memory line at the first ``seq_len`` that failed.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter  # noqa: E402
+import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
+from matplotlib.ticker import FixedLocator, FuncFormatter, MultipleLocator
 
 STRATEGY_COLORS = {"local": "#555555", "ulysses": "#1f77b4", "fpdt": "#d62728"}
 CHUNK_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
@@ -27,7 +24,8 @@ _NUMERIC = {
     "seq_len", "chunks", "gpus", "batch_size", "n_layers", "step_time_s", "step_time_p20_s",
     "step_time_p80_s", "tokens_per_s", "tflops_per_gpu", "mfu", "mfu_full_attention", "peak_tflops",
     "device_mem_peak_gib", "device_mem_reserved_gib", "host_mem_gib", "host_mem_node_gib",
-    "rss_peak_gib", "max_device_memory", "device_mem_total_gib", "loss", "max_seq_len",
+    "rss_peak_gib", "max_device_memory", "device_mem_total_gib", "loss", "max_seq_len", "first_failure",
+    "probes", "chunk_tokens",
 }  # fmt: skip
 
 
@@ -43,14 +41,13 @@ def _parse(value: str):
     return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
 
 
-def load_results(*paths) -> list[dict]:
-    """Rows of one or more ``results.csv`` files or sweep directories (``<dir>/results.csv``)."""
+def _read_rows(paths, name: str) -> list[dict]:
     rows = []
     for p in paths:
         p = Path(p)
-        files = [p] if p.is_file() else sorted(p.rglob("results.csv"))
+        files = [p] if p.is_file() else sorted(p.rglob(name))
         if not files:
-            raise FileNotFoundError(f"no results.csv at {p}")
+            raise FileNotFoundError(f"no {name} at {p}")
         for f in files:
             with f.open(newline="") as fh:
                 for raw in csv.DictReader(fh):
@@ -58,6 +55,42 @@ def load_results(*paths) -> list[dict]:
                     row["source"] = str(f)
                     rows.append(row)
     return rows
+
+
+def load_results(*paths) -> list[dict]:
+    """Rows of one or more ``results.csv`` files or sweep directories (searched recursively)."""
+    return _read_rows(paths, "results.csv")
+
+
+def load_max_seqlen(*paths) -> list[dict]:
+    """Rows of ``max_seqlen.csv`` files (``python -m experiments.max_seqlen``) or their directories.
+
+    A sweep directory holds one aggregated table and one per job: only the aggregate is read.
+    """
+    rows = []
+    for p in paths:
+        p = Path(p)
+        top = p / "max_seqlen.csv"
+        rows += _read_rows([top if p.is_dir() and top.exists() else p], "max_seqlen.csv")
+    return rows
+
+
+def newest_sweep(root="results/sweeps") -> Path:
+    """The most recently written sweep directory under ``root`` (the default output location)."""
+    candidates = sorted(Path(root).glob("*/results.csv"), key=lambda f: f.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no sweep with a results.csv under {root}; run python -m experiments.run -m ...")
+    return candidates[-1].parent
+
+
+def table(rows, columns, floatfmt="{:.3g}") -> str:
+    """A fixed-width text table of ``columns`` (for notebooks and the CLI)."""
+    cells = [[("" if r.get(c) is None else floatfmt.format(r[c]) if isinstance(r.get(c), float) else str(r[c]))
+              for c in columns] for r in rows]  # fmt: skip
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
 
 
 def _series(rows, x_key):
@@ -92,6 +125,15 @@ def _tokens(x, _pos=None):
     return str(x)
 
 
+def _token_units(x, _pos=None):
+    """Axis labels for token counts on a linear scale: 12K, 1.5M."""
+    if abs(x) >= 1 << 20:
+        return f"{x / (1 << 20):g}M"
+    if abs(x) >= 1 << 10:
+        return f"{x / (1 << 10):g}K"
+    return f"{x:g}"
+
+
 def _seq_axis(ax, values):
     ax.set_xscale("log", base=2)
     ticks = sorted({v for v in values if v})
@@ -101,7 +143,12 @@ def _seq_axis(ax, values):
     ax.set_xlabel("sequence length (tokens)")
 
 
-def _draw_curves(ax, rows, y_key, x_key="seq_len", mark_oom=True):
+def _draw_curves(ax, rows, y_key, x_key="seq_len", oom_y=None):
+    """One line per (model, strategy, chunks, gpus) over its ``ok`` rows.
+
+    With ``oom_y`` set, the first ``oom`` point of each curve is a red ``x`` at that height
+    (the device limit): where the strategy stopped.
+    """
     curves = _series(rows, x_key)
     all_chunks = {k[2] for k in curves}
     multi_model = len({k[0] for k in curves}) > 1
@@ -111,78 +158,150 @@ def _draw_curves(ax, rows, y_key, x_key="seq_len", mark_oom=True):
         if ok:
             ax.plot([r[x_key] for r in ok], [r[y_key] for r in ok], label=_label(key, multi_model), **style)
         failed = [r for r in pts if r.get("status") == "oom"]
-        if mark_oom and failed:
+        if oom_y is not None and failed:
             first = min(failed, key=lambda r: r[x_key])
-            y = ok[-1][y_key] if ok else (ax.get_ylim()[1] if ax.has_data() else 0)
-            ax.plot([first[x_key]], [y], linestyle="none", marker="x", color="red", markersize=11, markeredgewidth=2.5)
+            ax.plot([first[x_key]], [oom_y], linestyle="none", marker="x", color=style["color"], markersize=12,
+                    markeredgewidth=3, zorder=5)  # fmt: skip
     return curves
 
 
+def _device_limit(rows):
+    """The device memory to draw: a ``max_device_memory`` cap, else the hardware preset's size."""
+    caps = {r["max_device_memory"] for r in rows if r.get("max_device_memory")}
+    if caps:
+        return min(caps)
+    from .hardware import load_preset
+
+    sizes = set()
+    for name in {r.get("hardware") for r in rows if r.get("hardware") not in (None, "cpu")}:
+        try:
+            sizes.add(load_preset(name).get("device_memory_gib"))
+        except ValueError:
+            continue
+    sizes.discard(None)
+    return min(sizes) if sizes else None
+
+
 def plot_memory(rows, ax_device, ax_host=None, device_memory_gib=None):
-    """Peak device memory (and host offload memory) vs ``seq_len``; OOM points as red ``x``."""
-    curves = _draw_curves(ax_device, rows, "device_mem_peak_gib")
+    """Peak device memory (and host offload memory) vs ``seq_len``.
+
+    The dashed line is ``device_memory_gib``, else the rows' ``max_device_memory`` cap, else the
+    device size of their hardware preset; an ``x`` on it (in the curve's colour) marks the first
+    ``seq_len`` at which each curve ran out of memory.
+    """
+    limit = device_memory_gib or _device_limit(rows)
+    any_oom = any(r.get("status") == "oom" for r in rows)
+    oom_y = limit if limit else (max((r.get("device_mem_peak_gib") or 0) for r in rows) if any_oom else None)
+    curves = _draw_curves(ax_device, rows, "device_mem_peak_gib", oom_y=oom_y)
     simulated = any(r.get("device_mem_simulated") in (True, "True") for r in rows)
     ax_device.set_ylabel(("simulated " if simulated else "") + "peak device memory per GPU (GiB)")
-    ax_device.set_title("device memory")
-    limit = device_memory_gib or next((r.get("max_device_memory") for r in rows if r.get("max_device_memory")), None)
+    ax_device.set_title("device memory" + (" (x: out of memory)" if any_oom else ""))
     if limit:
         ax_device.axhline(limit, color="black", linestyle="--", linewidth=1)
         ax_device.annotate(f"device memory {limit:g} GiB", (0.01, limit), xycoords=("axes fraction", "data"),
                            va="bottom", fontsize=8)  # fmt: skip
+    ax_device.set_ylim(bottom=0)
     _seq_axis(ax_device, [r["seq_len"] for r in rows])
     if ax_host is not None:
-        _draw_curves(ax_host, rows, "host_mem_gib", mark_oom=False)
+        _draw_curves(ax_host, rows, "host_mem_gib")
         ax_host.set_ylabel("peak host memory per GPU for offload (GiB)")
         ax_host.set_title("host memory (offloaded chunks + checkpoints)")
+        ax_host.set_ylim(bottom=0)
         _seq_axis(ax_host, [r["seq_len"] for r in rows])
     return curves
 
 
 def plot_mfu(rows, ax, both_conventions=False):
-    """MFU (%) vs ``seq_len``; causal attention counted as half the square (and optionally full)."""
-    pct = [dict(r, mfu_pct=None if r.get("mfu") is None else 100 * r["mfu"],
-                mfu_full_pct=None if r.get("mfu_full_attention") is None else 100 * r["mfu_full_attention"])
+    """MFU (%) vs ``seq_len``: causal attention counted as half the square; with
+    ``both_conventions`` also the full-square MFU as faded dotted lines of the same colour."""
+    pct = [dict(r, mfu_pct=100 * r["mfu"] if r.get("mfu") is not None else None,
+                mfu_full_pct=100 * r["mfu_full_attention"] if r.get("mfu_full_attention") is not None else None)
            for r in rows]  # fmt: skip
-    _draw_curves(ax, pct, "mfu_pct", mark_oom=False)
+    _draw_curves(ax, pct, "mfu_pct")
     if both_conventions:
-        for line in list(ax.get_lines()):
-            line.set_alpha(1.0)
-        faded = [dict(r, strategy=r.get("strategy")) for r in pct]
-        curves = _series(faded, "seq_len")
-        for key, pts in curves.items():
+        for key, pts in _series(pct, "seq_len").items():
             ok = [r for r in pts if r.get("status") == "ok" and r.get("mfu_full_pct") is not None]
             if ok:
-                ax.plot([r["seq_len"] for r in ok], [r["mfu_full_pct"] for r in ok], color=STRATEGY_COLORS.get(key[1]),
-                        alpha=0.35, linestyle=":", marker=None)  # fmt: skip
-    ax.set_ylabel("MFU (%)\nmodel FLOPs, causal attention = half square, no recompute")
+                ax.plot([r["seq_len"] for r in ok], [r["mfu_full_pct"] for r in ok], linestyle=":", alpha=0.5,
+                        color=STRATEGY_COLORS.get(key[1], "#2ca02c"))  # fmt: skip
+    ax.set_ylabel("MFU (%)\n(model FLOPs, causal attention = half square, no recompute)", fontsize=9)
     ax.set_title("model FLOPs utilisation" + (" (dotted: full-square attention)" if both_conventions else ""))
+    ax.set_ylim(bottom=0)
     _seq_axis(ax, [r["seq_len"] for r in rows])
 
 
 def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
-    """FPDT chunk trade-off at one ``seq_len``: step time and device memory vs ``chunks``."""
+    """FPDT chunk trade-off at one ``seq_len`` (default: the longest with several ``ok`` chunk
+    counts): step time and device memory vs ``chunks``, one line per (model, gpus)."""
     fpdt = [r for r in rows if r.get("strategy") == "fpdt" and r.get("status") == "ok"]
-    if seq_len is None and fpdt:
-        seq_len = max(r["seq_len"] for r in fpdt)
-    fpdt = [r for r in fpdt if r["seq_len"] == seq_len]
+    if seq_len is None:
+        counts = defaultdict(set)
+        for r in fpdt:
+            counts[r["seq_len"]].add(r["chunks"])
+        several = [s for s, c in counts.items() if len(c) > 1]
+        seq_len = max(several or counts or [None])
     groups = defaultdict(list)
     for r in fpdt:
-        groups[(r.get("model"), r.get("gpus"))].append(r)
+        if r["seq_len"] == seq_len:
+            groups[(r.get("model"), r.get("gpus"))].append(r)
     for (model, gpus), pts in sorted(groups.items(), key=str):
         pts.sort(key=lambda r: r["chunks"])
         xs = [r["chunks"] for r in pts]
-        kw = dict(color=STRATEGY_COLORS["fpdt"], marker=GPU_MARKERS.get(gpus, "o"), label=f"{model}, {gpus} GPUs")
+        label = f"{model}, {gpus} GPU" + ("s" if gpus != 1 else "")
+        kw = dict(color=STRATEGY_COLORS["fpdt"], marker=GPU_MARKERS.get(gpus, "o"), label=label)
         ax_time.plot(xs, [r["step_time_s"] for r in pts], **kw)
         ax_mem.plot(xs, [r["device_mem_peak_gib"] for r in pts], **kw)
+    ticks = sorted({r["chunks"] for pts in groups.values() for r in pts})
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(ticks or [1]))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{int(x)}"))
+        ax.xaxis.set_minor_locator(FixedLocator([]))
         ax.set_xlabel("chunks u")
+        ax.set_ylim(bottom=0)
     ax_time.set_ylabel("step time p50 (s)")
-    ax_mem.set_ylabel("peak device memory per GPU (GiB)")
-    title = f"FPDT at seq_len={_tokens(seq_len)}" if seq_len else "FPDT (no rows)"
-    ax_time.set_title(title + ": step time")
-    ax_mem.set_title(title + ": device memory")
+    simulated = any(r.get("device_mem_simulated") in (True, "True") for r in fpdt)
+    ax_mem.set_ylabel(("simulated " if simulated else "") + "peak device memory per GPU (GiB)")
+    where = f"seq_len={_tokens(seq_len)}" if seq_len else "(no fpdt rows)"
+    ax_time.set_title(f"FPDT at {where}: step time")
+    ax_mem.set_title(f"FPDT at {where}: device memory")
+    return seq_len
+
+
+def plot_max_seqlen(rows, ax):
+    """Longest trainable ``seq_len`` per strategy (bars), grouped by (model, gpus); each bar says
+    its ratio to the group's ``ulysses`` bar (or its shortest bar)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r.get("model"), r.get("gpus"))].append(r)
+    x, labels, centers = 0, [], []
+    width = 0.8
+    for (model, gpus), pts in sorted(groups.items(), key=str):
+        pts.sort(key=lambda r: (r["strategy"] != "ulysses", r.get("chunks") or 0, r.get("chunk_tokens") or 0))
+        base = next((r["max_seq_len"] for r in pts if r["strategy"] == "ulysses" and r["max_seq_len"]), None)
+        base = base or min((r["max_seq_len"] for r in pts if r["max_seq_len"]), default=None)
+        start = x
+        for r in pts:
+            value = r["max_seq_len"] or 0
+            ax.bar(x, value, width=width, color=STRATEGY_COLORS.get(r["strategy"], "#2ca02c"), edgecolor="black")
+            text = f"{_tokens(value)}" + (f"\n{value / base:.1f}x" if base and value else "")
+            ax.annotate(
+                text, (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
+            )
+            suffix = f" u={r['chunks']}" if r["strategy"] == "fpdt" and r.get("chunks") else ""
+            suffix += f" C={_tokens(r['chunk_tokens'])}" if r.get("chunk_tokens") else ""
+            labels.append((x, f"{r['strategy']}{suffix}"))
+            x += 1
+        centers.append(((start + x - 1) / 2, f"{model}, {gpus} GPU" + ("s" if gpus != 1 else "")))
+        x += 0.6
+    ax.set_xticks([p for p, _ in labels], [t for _, t in labels], rotation=30, ha="right", fontsize=8)
+    for c, text in centers:
+        ax.annotate(text, (c, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=9)
+    top = max([r["max_seq_len"] or 0 for r in rows] + [1])
+    ax.yaxis.set_major_locator(MultipleLocator(2 ** math.ceil(math.log2(max(1, top / 5)))))  # ~5 round ticks
+    ax.yaxis.set_major_formatter(FuncFormatter(_token_units))
+    ax.set_ylabel("longest trainable sequence (tokens)")
+    ax.margins(y=0.15)
 
 
 def _legend(fig, axes):
@@ -198,15 +317,33 @@ def _legend(fig, axes):
     return math.ceil(len(labels) / 4)
 
 
-def summary_figure(rows, path, device_memory_gib=None, formats=("png",)):
+def summary_figure(rows, path, device_memory_gib=None, formats=("png",), both_conventions=False):
     """Device memory, host memory and MFU vs ``seq_len`` side by side; saved as PNG (and PDF)."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     plot_memory(rows, axes[0], axes[1], device_memory_gib)
-    plot_mfu(rows, axes[2])
+    plot_mfu(rows, axes[2], both_conventions)
     models = sorted({str(r.get("model")) for r in rows})
     fig.suptitle(f"{', '.join(models)}: memory and MFU vs sequence length")
     legend_rows = _legend(fig, axes)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * legend_rows, 1, 1))
+    return _save(fig, path, formats)
+
+
+def chunks_figure(rows, path, seq_len=None, formats=("png",)):
+    """The chunk trade-off (step time and memory vs ``chunks``) as a saved figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    plot_chunks(rows, axes[0], axes[1], seq_len)
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, formats)
+
+
+def max_seqlen_figure(rows, path, formats=("png",)):
+    """The longest trainable sequence per strategy as a saved bar chart."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4.8))
+    plot_max_seqlen(rows, ax)
+    ax.set_title("maximum sequence length", pad=18)
+    fig.tight_layout()
     return _save(fig, path, formats)
 
 

@@ -75,10 +75,12 @@ def load_points(sweep_dir: Path) -> list[dict]:
                                        r.get("chunks", 0), r.get("seq_len", 0)))  # fmt: skip
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> Path:
+    """Write ``rows`` atomically; columns are ``fields`` (default: the result-row order), then any
+    other keys the rows carry, sorted."""
     path = Path(path)
-    extra = sorted({k for r in rows for k in r} - set(ROW_FIELDS))
-    fields = ROW_FIELDS + extra
+    fields = list(ROW_FIELDS if fields is None else fields)
+    fields += sorted({k for r in rows for k in r} - set(fields))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

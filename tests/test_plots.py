@@ -1,0 +1,99 @@
+"""Figures and notebooks from a results fixture produced by a real CPU sweep (tests/fixtures/)."""
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from experiments import plot, plots
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SWEEP = FIXTURES / "sweep_cpu"
+MAX_SEQLEN = FIXTURES / "max_seqlen_cpu"
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return plots.load_results(SWEEP)
+
+
+def test_fixture_has_what_the_figures_need(rows):
+    assert {r["strategy"] for r in rows} == {"ulysses", "fpdt"}
+    assert {r["status"] for r in rows} == {"ok", "oom"}
+    assert {r["gpus"] for r in rows} == {1, 2} and {r["chunks"] for r in rows} == {1, 2, 4}
+    assert all(isinstance(r["seq_len"], int) and r["device_mem_simulated"] is True for r in rows)
+
+
+def test_memory_plot_marks_limit_and_out_of_memory(rows):
+    fig, (ax, ax_host) = plt.subplots(1, 2)
+    curves = plots.plot_memory(rows, ax, ax_host)
+    limit = rows[0]["max_device_memory"]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--" and set(line.get_ydata()) == {limit}]
+    assert dashed, "the device-memory line is missing"
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    curves_with_oom = {k for k, pts in curves.items() if any(r["status"] == "oom" for r in pts)}
+    assert len(crosses) == len(curves_with_oom) > 0
+    assert all(line.get_ydata()[0] == limit for line in crosses)
+    assert ax.get_xscale() == "log" and "K" in "".join(t.get_text() for t in ax.get_xticklabels())
+    assert "simulated" in ax.get_ylabel() and "GiB" in ax.get_ylabel()
+    plt.close(fig)
+
+
+def test_mfu_and_chunk_plots(rows):
+    fig, axes = plt.subplots(1, 3)
+    plots.plot_mfu(rows, axes[0], both_conventions=True)
+    assert "half square" in axes[0].get_ylabel()
+    seq_len = plots.plot_chunks(rows, axes[1], axes[2])
+    assert seq_len in {r["seq_len"] for r in rows}
+    assert axes[1].get_lines() and axes[2].get_lines()
+    plt.close(fig)
+
+
+def test_max_seqlen_bars_carry_ratios():
+    maxlen = plots.load_max_seqlen(MAX_SEQLEN)
+    assert {r["strategy"] for r in maxlen} == {"ulysses", "fpdt"}
+    fig, ax = plt.subplots()
+    plots.plot_max_seqlen(maxlen, ax)
+    texts = [t.get_text() for t in ax.texts]
+    assert any(t.endswith("1.0x") for t in texts) and any("x" in t and not t.endswith("1.0x") for t in texts)
+    plt.close(fig)
+
+
+def test_plot_cli_writes_png_and_pdf(tmp_path):
+    written = plot.main([str(SWEEP), str(MAX_SEQLEN), "--out", str(tmp_path), "--pdf", "--both-conventions"])
+    names = sorted(p.name for p in written)
+    assert names == sorted(f"{n}.{ext}" for n in ("memory_mfu", "chunks", "max_seqlen") for ext in ("png", "pdf"))
+    assert all(p.stat().st_size > 5_000 for p in written)
+    with pytest.raises(FileNotFoundError, match="no results.csv"):
+        plot.main([str(tmp_path)])
+
+
+def test_notebooks_are_committed_without_outputs():
+    import nbformat
+
+    assert NOTEBOOKS, "notebooks/ has no notebook"
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_top_to_bottom(path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("FPDT_RESULTS", str(SWEEP))
+    monkeypatch.setenv("FPDT_MAX_SEQLEN", str(MAX_SEQLEN))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.setenv("PYTHONPATH", str(path.parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 4, f"{path.name} drew {len(images)} figures"
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
