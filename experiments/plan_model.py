@@ -1,0 +1,403 @@
+"""The planner's first-principles model: bytes by part and the time of one training step.
+
+Every term is derived from what the code allocates (``models/transformer.py``,
+``models/chunked.py``, ``parallel/fpdt.py``, ``parallel/schedule.py``, ``experiments/worker.py``);
+``experiments/PLANNER.md`` writes the formulas out. Notation as in DESIGN.md: ``P`` ranks,
+``S`` tokens, ``u`` chunks, ``C = S/u``, ``s = S/P`` local tokens, ``c = C/P``, ``H``/``Hkv``
+heads, ``d`` head dim, ``h`` hidden, ``f`` MLP width, ``V`` vocabulary, ``L`` layers, ``b`` bytes
+per element of the training dtype. All sizes are per rank unless named ``*_node``.
+
+The memory peak is the largest of three moments of the backward of one recomputed layer (with
+activation checkpointing the backward holds one layer's activations at a time): the MLP
+backward, the attention backward, and the LM-head loss. The FPDT attention working set comes
+from replaying :func:`parallel.schedule.backward_schedule` with a byte size per buffer, and the
+FPDT step time from replaying its forward and backward schedules on four streams with a cost
+per op, so planner and executor share one schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from parallel.all_to_all import kv_heads_per_rank
+from parallel.schedule import HOST, Kind, Schedule, Stream, backward_schedule, forward_schedule
+
+FP32 = 4
+INT64 = 8
+
+# Live tensors at the MLP-backward peak of a recomputed layer, counted from the autograd graph of
+# Block._layer and the chunked MLP backward (and confirmed with experiments.memory's tracker on
+# llama-tiny / gpt-tiny): hidden-sized [s, h] tensors besides the checkpoints (norm1 out, residual,
+# norm2 out, MLP out, layer out, incoming gradient and the MLP input gradient), plus one more per
+# norm for RMSNorm, whose composite kernel saves its normalised input.
+HIDDEN_LIVE = 5
+RMSNORM_EXTRA = 1
+# Unchunked MLP: saved a, u, silu(a), silu(a)*u and two gradients (SwiGLU); a, gelu(a) and one
+# gradient (GELU). Chunked MLP: fp32 temporaries of one tile's backward (models/chunked.py).
+MLP_LIVE = {"swiglu": 6, "gelu": 3}
+MLP_TILE_LIVE = {"swiglu": 11, "gelu": 10}
+# Loss: fp32 logits, their softmax and the gradient (unchunked: over all s tokens; chunked: one tile).
+LOSS_LIVE = 3
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One resolved configuration (see :func:`experiments.plan.estimate` for the switches)."""
+
+    cfg: object  # models.ModelConfig
+    strategy: str
+    gpus: int
+    seq_len: int
+    chunks: int
+    dtype_bytes: int
+    activation_checkpointing: bool
+    checkpoint_offload: bool
+    offload: bool
+    fsdp: bool
+    chunked_mlp: bool
+    chunked_loss: bool
+    mlp_tile: int
+    loss_tile: int
+    simulated_device: bool  # CPU run: token ids and everything else count as device memory
+
+    @property
+    def s(self) -> int:
+        return self.seq_len // self.gpus
+
+    @property
+    def C(self) -> int:
+        return self.seq_len // self.chunks
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads per rank after the all-to-all (replicated when ``P % Hkv == 0``)."""
+        return kv_heads_per_rank(self.cfg.n_kv_heads, self.gpus)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward(chunks: int, offload: bool, save: bool) -> Schedule:
+    return forward_schedule(chunks, causal=True, offload=offload, save=save)
+
+
+@functools.lru_cache(maxsize=64)
+def _backward(chunks: int, offload: bool) -> Schedule:
+    return backward_schedule(chunks, causal=True, offload=offload)
+
+
+# --- sizes -------------------------------------------------------------------------------------
+
+
+def layer_params(cfg) -> int:
+    """Parameters of one block (attention, MLP, two norms)."""
+    h, f, d, H, Hkv = cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    attn = (H + 2 * Hkv) * d * h + h * H * d + (((H + 2 * Hkv) * d + h) if cfg.bias else 0)
+    mlp = (3 if cfg.activation == "swiglu" else 2) * h * f + ((f + h) if cfg.bias else 0)
+    return attn + mlp + 2 * h * (2 if cfg.norm == "layernorm" else 1)
+
+
+def chunk_bytes(st: Setup) -> dict[str, int]:
+    """Device bytes of one chunk of each FPDT schedule buffer family (``parallel/fpdt.py``)."""
+    cfg, b, P = st.cfg, st.dtype_bytes, st.gpus
+    C, c, d, H, Hkv = st.C, st.C // P, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    hq, hk = H // P, st.kv_heads
+    q = C * hq * d * b
+    kv = 2 * C * hk * d * b
+    lse = C * hq * FP32
+    return {
+        "x": 0,  # a view of the block input (or a fetched copy of it, counted in the backward)
+        "qkv": c * (H + 2 * Hkv) * d * b,
+        "q": q,
+        "kv": kv,
+        "o": C * hq * d * FP32 + lse,  # fp32 accumulator while merging; the input dtype after a2a_out
+        "out": 0,  # a slice of the preallocated output
+        "do": q,
+        "dq": C * hq * d * FP32,
+        "dkv": 2 * C * hk * d * FP32,
+        "dqloc": c * H * d * b,
+        "dkvloc": 2 * c * Hkv * d * b,
+        "dx": 0,
+        "dout": 0,
+        "dw": 0,
+    }
+
+
+def replay_peak_bytes(sched: Schedule, sizes: dict[str, int], fetched_x_bytes: int) -> int:
+    """Largest sum of live device buffer bytes over the ops of ``sched`` (inputs excluded)."""
+    live: set[str] = set()
+    peak = 0
+    for op in sched.ops:
+        for name in op.writes:
+            if name.startswith(HOST):
+                continue
+            if op.kind == Kind.FREE:
+                live.discard(name)
+            elif name not in sched.inputs:
+                live.add(name)
+        total = 0
+        for name in live:
+            fam = name.split("[")[0]
+            total += fetched_x_bytes if fam == "x" else sizes[fam]
+        peak = max(peak, total)
+    return peak
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Per-rank device bytes by part, the phase that sets the peak, and host bytes."""
+
+    parts: dict[str, int]
+    peak: int
+    peak_phase: str
+    phases: dict[str, int]
+    host: dict[str, int]
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+
+def model_state_bytes(st: Setup) -> dict[str, int]:
+    """Parameters, gradients and AdamW's two moments, all in the training dtype (as the worker
+    trains); sharded over ``P`` with FSDP, plus the all-gathered block in use and the next one
+    (prefetch), one block's unsharded gradient, and the root module (embeddings, head, final
+    norm), which FSDP2 keeps unsharded between forward and backward."""
+    cfg, b, P = st.cfg, st.dtype_bytes, st.gpus
+    n = cfg.num_params()
+    if not st.fsdp:
+        return {"params": n * b, "grads": n * b, "optimizer": 2 * n * b}
+    blk = layer_params(cfg)
+    root = n - cfg.n_layers * blk
+    return {
+        "params": n * b // P + (2 * blk + root) * b,
+        "grads": n * b // P + blk * b,
+        "optimizer": 2 * n * b // P,
+    }
+
+
+def memory(st: Setup) -> Memory:
+    cfg, b, s, S, L = st.cfg, st.dtype_bytes, st.s, st.seq_len, st.cfg.n_layers
+    h, f, d, H, V = cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.vocab_size
+    A = s * h * b  # one hidden-sized activation [s, h]
+    attn_out = s * H * d * b  # attention output before the projection [s, H, d]
+    norms = 2 * s * FP32 * (2 if cfg.norm == "layernorm" else 1)  # mean/rstd of two norms
+    states = model_state_bytes(st)
+    fixed = sum(states.values())
+    # Token ids: this rank's tokens, labels and positions; a CPU run also holds the full-length
+    # batch and the layout permutation on its simulated device (experiments/worker.py).
+    tokens = 3 * s * INT64 + (2 * S * INT64 if st.simulated_device else 0)
+
+    if st.activation_checkpointing:
+        # Layer inputs kept by the checkpoints: L on device, or on the host with one device copy
+        # of the input of the layer being recomputed.
+        ckpt = A if st.checkpoint_offload else L * A
+    else:
+        ckpt = 0
+    hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
+    layers_saved = 0 if st.activation_checkpointing else (L - 1) * (hidden + _mlp_saved(st) + _attn_saved(st))
+
+    if st.chunked_mlp:
+        mlp = MLP_TILE_LIVE[cfg.activation] * st.mlp_tile * f * FP32 + st.mlp_tile * h * b
+    else:
+        mlp = MLP_LIVE[cfg.activation] * s * f * b
+    attn_saved = 0 if st.strategy == "fpdt" else _attn_saved(st)
+    mlp_phase = ckpt + hidden + attn_saved + mlp
+
+    attn_work = _attn_backward_working_set(st)
+    attn_phase = ckpt + hidden + attn_work
+
+    if st.chunked_loss:
+        logits = LOSS_LIVE * st.loss_tile * V * FP32 + s * (FP32 + INT64 + 1)  # tile + lse/labels/mask
+    else:
+        logits = LOSS_LIVE * s * V * FP32 + (s * V * b if b != FP32 else 0)
+    loss_ckpt = (L + 1) * A if (st.activation_checkpointing and not st.checkpoint_offload) else 0
+    loss_phase = loss_ckpt + 3 * A + logits
+
+    phases = {"mlp backward": mlp_phase, "attention backward": attn_phase, "loss": loss_phase}
+    phase = max(phases, key=phases.get)
+    act = phases[phase] + layers_saved
+    parts = {
+        **states,
+        "tokens": tokens,
+        "checkpoints": ckpt if phase != "loss" else loss_ckpt,
+        "layer activations": (hidden if phase != "loss" else 3 * A) + layers_saved,
+        "attention": (attn_saved if phase == "mlp backward" else attn_work if phase == "attention backward" else 0),
+        "mlp transient": mlp if phase == "mlp backward" else 0,
+        "loss transient": logits if phase == "loss" else 0,
+    }
+    return Memory(parts, fixed + tokens + act, phase, phases, _host(st))
+
+
+def _attn_saved(st: Setup) -> int:
+    """Ulysses (and local): flash attention saves the gathered q, k, v, o [S, H/P, d] and the fp32
+    lse; RoPE saves its fp32 cos/sin tables [S, d]."""
+    cfg, b, S, P = st.cfg, st.dtype_bytes, st.seq_len, st.gpus
+    Q = S * (cfg.n_heads // P) * cfg.head_dim * b
+    KV = S * st.kv_heads * cfg.head_dim * b
+    return 2 * Q + 2 * KV + S * (cfg.n_heads // P) * FP32 + 2 * S * cfg.head_dim * FP32
+
+
+def _mlp_saved(st: Setup) -> int:
+    """Without checkpointing every layer keeps its MLP's saved tensors (or only its input, chunked)."""
+    if st.chunked_mlp:
+        return 0
+    return (MLP_LIVE[st.cfg.activation] - 2) * st.s * st.cfg.ffn_hidden * st.dtype_bytes
+
+
+def _attn_backward_working_set(st: Setup) -> int:
+    cfg, b, S, P = st.cfg, st.dtype_bytes, st.seq_len, st.gpus
+    if st.strategy != "fpdt":
+        # saved q, k, v, o, lse, rope + gradients dq, dk, dv and the gathered output gradient
+        Q = S * (cfg.n_heads // P) * cfg.head_dim * b
+        KV = S * st.kv_heads * cfg.head_dim * b
+        return _attn_saved(st) + 2 * Q + 2 * KV
+    sizes = chunk_bytes(st)
+    x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
+    sched = _backward(st.chunks, st.offload)
+    pipeline = replay_peak_bytes(sched, sizes, x_chunk)
+    if not st.offload:  # everything the forward saved stays resident
+        pipeline += st.chunks * (sizes["q"] + sizes["kv"] + sizes["q"] + st.C * (cfg.n_heads // P) * FP32)
+    # dx [s, h] and the fp32 QKV weight gradient, allocated for the whole call
+    wqkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * cfg.hidden
+    return pipeline + st.s * cfg.hidden * b + wqkv * FP32
+
+
+def _host(st: Setup) -> dict[str, int]:
+    """Host bytes per rank: host-kept checkpoints (L layer inputs) and the FPDT host store, which
+    holds one layer's saved chunks at a time (the recompute forward saves, its backward frees) in
+    buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the output gradient and fp32
+    dq of chunks 1..u-1 and one more dq (a round trip acquires before it releases)."""
+    cfg, b, P, u = st.cfg, st.dtype_bytes, st.gpus, st.chunks
+    host = {"checkpoints": 0, "offload store": 0}
+    if st.activation_checkpointing and st.checkpoint_offload:
+        host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * b
+    if st.strategy == "fpdt" and st.offload:
+        sz = chunk_bytes(st)
+        C, hq = st.C, cfg.n_heads // P
+        o = C * hq * cfg.head_dim * b + C * hq * FP32
+        per_chunk = (C // P) * cfg.hidden * b + sz["q"] + sz["kv"] + o
+        grads = (u - 1) * (sz["do"] + sz["dq"]) + (sz["dq"] if u > 2 else 0)
+        host["offload store"] = u * per_chunk + grads
+    return host
+
+
+# --- time --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Achieved rates: FLOP/s for matmuls and attention, bytes/s for PCIe and all-to-all."""
+
+    dense_flops: float
+    attention_flops: float
+    pcie_bytes: float
+    a2a_bytes: float
+    fsdp_bytes: float
+
+
+@dataclass(frozen=True)
+class StepTime:
+    seconds: float
+    parts: dict[str, float]
+
+
+def _a2a_seconds(payload: int, st: Setup, rates: Rates) -> float:
+    """An all-to-all of ``payload`` bytes per rank sends ``(P-1)/P`` of it."""
+    return payload * (st.gpus - 1) / st.gpus / rates.a2a_bytes
+
+
+def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
+    cfg, P, C = st.cfg, st.gpus, st.C
+    c, hq, d, h = C // P, cfg.n_heads // P, cfg.head_dim, cfg.hidden
+    qkv_cols = (cfg.n_heads + 2 * cfg.n_kv_heads) * d
+    if op.kind in (Kind.FETCH, Kind.OFFLOAD):
+        fam = op.buffer.split("[")[0]
+        nbytes = c * h * st.dtype_bytes if fam == "x" else sizes[fam]
+        return nbytes / rates.pcie_bytes
+    if op.kind == Kind.FREE:
+        return 0.0
+    if op.kind == Kind.PROJECT:
+        return 2 * c * h * qkv_cols / rates.dense_flops
+    if op.kind in (Kind.PROJ_BWD_Q, Kind.PROJ_BWD_KV):
+        cols = cfg.n_heads * d if op.kind == Kind.PROJ_BWD_Q else 2 * cfg.n_kv_heads * d
+        return 2 * 2 * c * h * cols / rates.dense_flops
+    if op.kind in (Kind.ATTN_FWD, Kind.ATTN_BWD):
+        i, j = op.chunk
+        flops = 4 * C * C * hq * d * (0.5 if i == j else 1.0)
+        return flops * (2.5 if op.kind == Kind.ATTN_BWD else 1.0) / rates.attention_flops
+    payload = {
+        Kind.A2A_QKV: sizes["qkv"],
+        Kind.A2A_OUT: sizes["dqloc"],
+        Kind.A2A_DO: sizes["dqloc"],
+        Kind.A2A_DQ: sizes["dqloc"],
+        Kind.A2A_DKV: sizes["dkvloc"],
+    }[op.kind]
+    return _a2a_seconds(payload, st, rates)
+
+
+def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = True) -> float:
+    """Makespan of a schedule on four streams: each op starts when its stream is free and its
+    dependencies have finished (CUDA events), in issue order per stream. ``copies=False`` makes
+    host-device copies free (the ideal an overlapped pipeline approaches)."""
+    sizes = chunk_bytes(st)
+    end: list[float] = []
+    free = dict.fromkeys(Stream, 0.0)
+    for op in sched.ops:
+        cost = _op_seconds(op, st, rates, sizes)
+        if not copies and op.kind in (Kind.FETCH, Kind.OFFLOAD):
+            cost = 0.0
+        start = max([free[op.stream], *(end[k] for k in op.deps)])
+        end.append(start + cost)
+        free[op.stream] = end[-1]
+    return max(end, default=0.0)
+
+
+def attention_layer_seconds(st: Setup, rates: Rates, *, copies: bool = True) -> float:
+    """One layer's attention core (QKV projection, all-to-alls, blocks, projection backward) for
+    a training step: the no-grad forward of checkpointing, the recompute forward, the backward."""
+    if st.strategy == "fpdt":
+        passes = [_forward(st.chunks, st.offload, True), _backward(st.chunks, st.offload)]
+        if st.activation_checkpointing:
+            passes.append(_forward(st.chunks, st.offload, False))
+        return sum(replay_seconds(p, st, rates, copies=copies) for p in passes)
+    # Ulysses/local: one whole-sequence "chunk", its all-to-alls blocking (not overlapped).
+    cfg, P, S, s = st.cfg, st.gpus, st.seq_len, st.s
+    hq, d = cfg.n_heads // P, cfg.head_dim
+    fwd_attn = 2 * S * S * hq * d / rates.attention_flops
+    qkv = s * (cfg.n_heads + 2 * cfg.n_kv_heads) * d * st.dtype_bytes
+    o = s * cfg.n_heads * d * st.dtype_bytes
+    a2a = _a2a_seconds(qkv + o, st, rates) if P > 1 else 0.0
+    proj = 2 * s * cfg.hidden * (cfg.n_heads + 2 * cfg.n_kv_heads) * d / rates.dense_flops
+    fwd = fwd_attn + a2a + proj
+    n_fwd = 2 if st.activation_checkpointing else 1
+    return n_fwd * fwd + 2.5 * fwd_attn + a2a + 2 * proj
+
+
+def step_seconds(st: Setup, rates: Rates) -> StepTime:
+    """Compute at the achieved rates, the FPDT pipeline by schedule replay, FSDP gathers and
+    checkpoint copies overlapped with compute (their excess shows up)."""
+    cfg, s, b, L = st.cfg, st.s, st.dtype_bytes, st.cfg.n_layers
+    h, f, d = cfg.hidden, cfg.ffn_hidden, cfg.head_dim
+    n_fwd = 2 if st.activation_checkpointing else 1  # forward passes of each layer
+    # Dense work outside the attention core: output projection and MLP (3 x forward + recompute).
+    mlp_mats = 3 if cfg.activation == "swiglu" else 2
+    dense_fwd = 2 * s * (h * cfg.n_heads * d + mlp_mats * h * f)
+    mlp_recompute = 2 * s * (mlp_mats - 1) * h * f if st.chunked_mlp else 0  # tile recompute in the backward
+    dense_layer = (n_fwd + 2) * dense_fwd + mlp_recompute
+    head_fwd = 2 * s * h * cfg.vocab_size
+    head = (4 if st.chunked_loss else 3) * head_fwd
+    compute = (L * dense_layer + head) / rates.dense_flops
+    attention = L * attention_layer_seconds(st, rates)
+    parts = {"compute": compute, "attention": attention}
+    overlapped = 0.0
+    if st.fsdp:
+        per_layer = layer_params(cfg) * b * (st.gpus - 1) / st.gpus
+        gathers = (n_fwd + 1) * per_layer + per_layer  # all-gathers + reduce-scatter
+        overlapped = max(overlapped, L * gathers / rates.fsdp_bytes)
+    if st.activation_checkpointing and st.checkpoint_offload:
+        overlapped = max(overlapped, 2 * L * s * h * b / rates.pcie_bytes)
+    parts["exposed transfers"] = max(0.0, overlapped - (compute + attention))
+    return StepTime(sum(parts.values()), parts)
