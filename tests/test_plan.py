@@ -1,0 +1,190 @@
+"""The planner: calibration against measured CPU rows, API behaviour, bad input, the CLI."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from experiments import plan
+from experiments.plan import estimate, max_seq_len, recommend_chunk_tokens
+from experiments.plan_model import chunk_bytes, replay_peak_bytes
+from parallel.schedule import backward_schedule
+
+FIXTURE = Path(__file__).parent / "fixtures" / "plan_calibration" / "results.csv"
+MIB = float(1 << 20)
+
+
+def _rows():
+    rows = [r for r in csv.DictReader(FIXTURE.open()) if r["status"] == "ok"]
+    assert rows, f"no ok rows in {FIXTURE}"
+    return rows
+
+
+def _predict(row: dict):
+    flag = {"True": True, "False": False}
+    return estimate(
+        row["model"],
+        row["strategy"],
+        int(row["gpus"]),
+        "cpu",
+        int(row["seq_len"]),
+        chunks=int(row["chunks"]),
+        activation_checkpointing=flag[row["activation_checkpointing"]],
+        checkpoint_offload=flag[row["checkpoint_on_host"]],
+        fsdp=flag[row["fsdp"]],
+        offload=flag[row["offload"]],
+        chunked_mlp=flag[row["chunked_mlp"]],
+        chunked_loss=flag[row["chunked_loss"]],
+        max_device_memory=1.0,
+        peak_tflops=1.0,
+    )
+
+
+def _id(row):
+    return f"{row['model']}-{row['strategy']}-S{row['seq_len']}-u{row['chunks']}"
+
+
+def test_fixture_covers_what_the_issue_asks():
+    rows = _rows()
+    assert {r["model"] for r in rows} == {"llama-tiny", "gpt-tiny"}
+    assert {r["strategy"] for r in rows} == {"ulysses", "fpdt"}
+    assert len({r["seq_len"] for r in rows}) >= 3 and min(int(r["seq_len"]) for r in rows) >= 8192
+    assert len({r["chunks"] for r in rows if r["strategy"] == "fpdt"}) >= 3
+    assert all(r["device_mem_simulated"] == "True" for r in rows)
+
+
+@pytest.mark.parametrize("row", _rows(), ids=_id)
+def test_predicted_device_peak_within_15_percent_of_measured(row):
+    measured = float(row["device_mem_peak_gib"]) * (1 << 30)
+    predicted = _predict(row).device_peak
+    assert predicted == pytest.approx(measured, rel=0.15), f"{predicted / MIB:.2f} vs {measured / MIB:.2f} MiB"
+
+
+@pytest.mark.parametrize("row", _rows(), ids=_id)
+def test_predicted_host_memory_matches_measured(row):
+    measured = float(row["host_mem_gib"]) * (1 << 30)
+    predicted = _predict(row).host_per_rank
+    assert predicted == pytest.approx(measured, rel=0.05, abs=1024)
+
+
+def test_fpdt_chunks_shrink_the_device_peak_and_grow_the_host_store():
+    kw = dict(fsdp=True, max_device_memory=80.0)
+    peaks = [estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, chunks=u, **kw) for u in (4, 16, 64)]
+    assert peaks[0].device_peak > peaks[1].device_peak > peaks[2].device_peak
+    assert peaks[0].host_per_rank < peaks[2].host_per_rank
+    ulysses = estimate("llama3-8b", "ulysses", 4, "a100-80g", 1 << 20, **kw)
+    assert ulysses.device_peak > 4 * peaks[1].device_peak
+
+
+def test_breakdown_adds_up_and_model_states_shard_with_fsdp():
+    e = estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 18)
+    assert sum(e.device.values()) == e.device_peak
+    assert e.host_node == 4 * e.host_per_rank
+    n = 8_030_261_248  # Llama 3 8B parameters
+    full = estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 18, fsdp=False)
+    assert full.device["params"] + full.device["grads"] + full.device["optimizer"] == 4 * n * 2
+    assert e.device["optimizer"] == 2 * n * 2 // 4
+    assert e.device_peak < full.device_peak
+    assert e.to_dict()["fits"] == e.fits
+
+
+def test_llama3_8b_on_four_a100_80g_matches_the_papers_scale():
+    # The paper trains an 8B Llama at 2M tokens on 4 A100-80GB with FPDT, 16x Ulysses.
+    fpdt = max_seq_len("llama3-8b", "fpdt", 4, "a100-80g")
+    ulysses = max_seq_len("llama3-8b", "ulysses", 4, "a100-80g")
+    assert fpdt >= 2 * 1024 * 1024
+    assert fpdt >= 8 * ulysses
+    assert estimate("llama3-8b", "fpdt", 4, "a100-80g", 2 * 1024 * 1024).fits
+    too_long = (fpdt // 65536 + 1) * 65536
+    assert not estimate("llama3-8b", "fpdt", 4, "a100-80g", too_long).fits
+
+
+def test_max_seq_len_is_the_boundary_on_the_simulated_device():
+    kw = dict(max_device_memory=0.02, fsdp=False)
+    n = max_seq_len("llama-tiny", "ulysses", 2, "cpu", **kw)
+    assert n > 0 and n % 2 == 0
+    assert estimate("llama-tiny", "ulysses", 2, "cpu", n, **kw).fits
+    assert not estimate("llama-tiny", "ulysses", 2, "cpu", 2 * n, **kw).fits
+    assert max_seq_len("llama-tiny", "fpdt", 2, "cpu", chunk_tokens=2048, **kw) > n
+
+
+def test_host_memory_limits_the_sequence_too():
+    e = estimate("llama3-8b", "fpdt", 4, "a100-40g", 1 << 23, max_device_memory=10_000.0)
+    assert e.fits_device and not e.fits_host and not e.fits
+
+
+def test_step_time_and_mfu_are_sane():
+    e = estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20)
+    assert 0.2 < e.mfu < plan.DENSE_EFFICIENCY
+    assert e.step_time_s == pytest.approx(sum(e.step_parts.values()))
+    # Longer sequences are dominated by attention: time grows faster than linearly.
+    e2 = estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 21)
+    assert e2.step_time_s > 3 * e.step_time_s
+
+
+def test_small_chunks_expose_the_pcie_traffic():
+    # At tiny chunks the KV fetches cannot hide behind the (quadratically smaller) blocks.
+    slow = estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 18, chunks=64)
+    fast = estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 18, chunks=4)
+    assert slow.step_parts["attention"] > fast.step_parts["attention"]
+    c = recommend_chunk_tokens("llama3-8b", 4, "a100-80g", 1 << 20)
+    assert c is not None and (1 << 20) % c == 0 and c >= 4096
+
+
+def test_memory_replay_of_the_backward_schedule_counts_resident_chunks():
+    sizes = {name: 0 if nbytes == 0 else 1 for name, nbytes in chunk_bytes_of_llama().items()}
+    sched = backward_schedule(4, causal=True, offload=True)
+    peak = replay_peak_bytes(sched, sizes, fetched_x_bytes=0)
+    # kv + dkv of the outer step, and q/o/do/dq of the current and the prefetched query chunk.
+    assert 6 <= peak <= 12
+
+
+def chunk_bytes_of_llama():
+    from experiments.plan import _setup
+
+    st, _ = _setup("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, 4, 1 << 18, _switches())
+    return chunk_bytes(st)
+
+
+def _switches():
+    return dict(activation_checkpointing=True, checkpoint_offload=True, fsdp=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model="llama3-9b"), "unknown model preset"),
+        (dict(hardware="tpu-v9"), "unknown hardware preset"),
+        (dict(strategy="ring"), "unknown strategy"),
+        (dict(gpus=3), "not divisible by P=3"),
+        (dict(seq_len=3 * 65536 + 4), "does not divide seq_len"),
+        (dict(chunk_tokens=65537), "multiple of gpus"),
+        (dict(hardware="cpu"), "max_device_memory"),
+        (dict(strategy="local"), "one GPU"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(kwargs, message):
+    args = dict(model="llama3-8b", strategy="fpdt", gpus=4, hardware="a100-80g", seq_len=1 << 20)
+    args.update(kwargs)
+    chunk_tokens = args.pop("chunk_tokens", 65536)
+    with pytest.raises(ValueError, match=message):
+        estimate(**args, chunk_tokens=chunk_tokens)
+
+
+def test_cli_prints_the_table_maxima_and_chunk(capsys):
+    text = plan.main(["model=llama3-8b", "gpus=4", "hardware=a100-80g"])
+    assert text == capsys.readouterr().out.strip()
+    assert "ulysses" in text and "fpdt" in text and "local" not in text
+    assert " x" in text  # something does not fit
+    assert "max seq_len fpdt" in text and "recommended fpdt chunk" in text
+    rows = [line for line in text.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(r.split()[0]) for r in rows[:3]] == [8192, 16384, 32768]
+
+
+def test_cli_on_cpu_needs_the_cap_and_rejects_bad_keys():
+    text = plan.main(["model=llama-tiny", "gpus=2", "hardware=cpu", "max_device_memory=0.02", "fsdp=false"])
+    assert "max seq_len ulysses" in text
+    with pytest.raises(ValueError, match="max_device_memory"):
+        plan.main(["model=llama-tiny", "gpus=2", "hardware=cpu"])
+    with pytest.raises(ValueError, match="bad argument"):
+        plan.main(["modle=llama3-8b"])
