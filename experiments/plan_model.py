@@ -197,7 +197,8 @@ def memory(st: Setup) -> Memory:
     else:
         ckpt = 0
     hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
-    layers_saved = 0 if st.activation_checkpointing else (L - 1) * (hidden + _mlp_saved(st) + _attn_saved(st))
+    # Without checkpointing the other L-1 layers keep what their backward needs.
+    layers_saved = 0 if st.activation_checkpointing else (L - 1) * (hidden + _mlp_saved(st) + _attn_kept(st))
 
     if st.chunked_mlp:
         mlp = MLP_TILE_LIVE[cfg.activation] * st.mlp_tile * f * FP32 + st.mlp_tile * h * b
@@ -240,6 +241,18 @@ def _attn_saved(st: Setup) -> int:
     return 2 * Q + 2 * KV + S * (cfg.n_heads // P) * FP32 + 2 * S * cfg.head_dim * FP32
 
 
+def _attn_kept(st: Setup) -> int:
+    """What one layer's attention keeps on the device for the backward: FPDT keeps its chunks in
+    the host store with offload, else all ``u`` chunks' q, k, v, o, lse; Ulysses its saved tensors."""
+    if st.strategy != "fpdt":
+        return _attn_saved(st)
+    if st.offload:
+        return 0
+    sz = chunk_bytes(st)
+    o = st.C * (st.cfg.n_heads // st.gpus) * (st.cfg.head_dim * st.dtype_bytes + FP32)
+    return st.chunks * (sz["q"] + sz["kv"] + o)
+
+
 def _mlp_saved(st: Setup) -> int:
     """Without checkpointing every layer keeps its MLP's saved tensors (or only its input, chunked)."""
     if st.chunked_mlp:
@@ -259,7 +272,7 @@ def _attn_backward_working_set(st: Setup) -> int:
     sched = _backward(st.chunks, st.offload)
     pipeline = replay_peak_bytes(sched, sizes, x_chunk)
     if not st.offload:  # everything the forward saved stays resident
-        pipeline += st.chunks * (sizes["q"] + sizes["kv"] + sizes["q"] + st.C * (cfg.n_heads // P) * FP32)
+        pipeline += _attn_kept(st)
     # dx [s, h] and the fp32 QKV weight gradient, allocated for the whole call
     wqkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * cfg.hidden
     return pipeline + st.s * cfg.hidden * b + wqkv * FP32
@@ -267,7 +280,7 @@ def _attn_backward_working_set(st: Setup) -> int:
 
 def _host(st: Setup) -> dict[str, int]:
     """Host bytes per rank: host-kept checkpoints (L layer inputs) and the FPDT host store, which
-    holds one layer's saved chunks at a time (the recompute forward saves, its backward frees) in
+    with checkpointing holds one layer's saved chunks at a time (the recompute forward saves, its backward frees) in
     buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the output gradient and fp32
     dq of chunks 1..u-1 and one more dq (a round trip acquires before it releases)."""
     cfg, b, P, u = st.cfg, st.dtype_bytes, st.gpus, st.chunks
@@ -280,7 +293,9 @@ def _host(st: Setup) -> dict[str, int]:
         o = C * hq * cfg.head_dim * b + C * hq * FP32
         per_chunk = (C // P) * cfg.hidden * b + sz["q"] + sz["kv"] + o
         grads = (u - 1) * (sz["do"] + sz["dq"]) + (sz["dq"] if u > 2 else 0)
-        host["offload store"] = u * per_chunk + grads
+        # With checkpointing one layer's chunks at a time; without, every layer's forward saves.
+        layers = 1 if st.activation_checkpointing else cfg.n_layers
+        host["offload store"] = layers * u * per_chunk + grads
     return host
 
 
