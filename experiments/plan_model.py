@@ -39,6 +39,10 @@ MLP_LIVE = {"swiglu": 6, "gelu": 3}
 MLP_TILE_LIVE = {"swiglu": 11, "gelu": 10}
 # Loss: fp32 logits, their softmax and the gradient (unchunked: over all s tokens; chunked: one tile).
 LOSS_LIVE = 3
+# At the attention backward the MLP half of the layer has been differentiated and freed: left are
+# norm1's output (the attention input), the residual gradient and the layer-output gradient, plus
+# the attention output's gradient [s, H, d] and RMSNorm's saved normalised input of norm1.
+HIDDEN_LIVE_ATTENTION = 3
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,8 @@ def memory(st: Setup) -> Memory:
     mlp_phase = ckpt + hidden + attn_saved + mlp
 
     attn_work = _attn_backward_working_set(st)
-    attn_phase = ckpt + hidden + attn_work
+    hidden_attn = (HIDDEN_LIVE_ATTENTION + (RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
+    attn_phase = ckpt + hidden_attn + attn_work
 
     if st.chunked_loss:
         logits = LOSS_LIVE * st.loss_tile * V * FP32 + s * (FP32 + INT64 + 1)  # tile + lse/labels/mask
@@ -224,7 +229,8 @@ def memory(st: Setup) -> Memory:
         **states,
         "tokens": tokens,
         "checkpoints": ckpt if phase != "loss" else loss_ckpt,
-        "layer activations": (hidden if phase != "loss" else 3 * A) + layers_saved,
+        "layer activations": {"mlp backward": hidden, "attention backward": hidden_attn, "loss": 3 * A}[phase]
+        + layers_saved,
         "attention": (attn_saved if phase == "mlp backward" else attn_work if phase == "attention backward" else 0),
         "mlp transient": mlp if phase == "mlp backward" else 0,
         "loss transient": logits if phase == "loss" else 0,
