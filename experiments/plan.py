@@ -332,14 +332,15 @@ def max_seq_len(
     def fits(n: int) -> bool:
         return estimate(model, strategy, gpus, hardware, n, **kw).fits
 
+    fixed = switches.get("chunks") if strategy == "fpdt" else None  # a fixed u instead of a chunk size
     lo = 0
-    n = gpus
+    n = gpus * (fixed or 1)
     while n <= limit and fits(n):
         lo, n = n, n * 2
     if lo == 0 or n > limit:
         return lo
     hi = n  # lo fits, hi does not
-    g = _granularity(strategy, gpus, hi, chunk_tokens)
+    g = gpus * fixed if fixed else _granularity(strategy, gpus, hi, chunk_tokens)
     while hi - lo > max(g, lo // RESOLUTION):
         mid = (lo + hi) // 2 // g * g
         if mid <= lo:
@@ -348,7 +349,7 @@ def max_seq_len(
             lo = mid
         else:
             hi = mid
-        g = _granularity(strategy, gpus, hi, chunk_tokens)
+        g = gpus * fixed if fixed else _granularity(strategy, gpus, hi, chunk_tokens)
     return lo
 
 
@@ -414,8 +415,15 @@ def _parse(argv: list[str]) -> dict:
     return args
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.3g}" if n < 10 * GIB else f"{n / GIB:.0f}"
+def _size(n: int) -> str:
+    """Bytes as ``12.3M`` (MiB) below 1 GiB, else ``46.2G`` (GiB)."""
+    if n < GIB:
+        return f"{n / (1 << 20):.3g}M"
+    return f"{n / GIB:.3g}G" if n < 100 * GIB else f"{n / GIB:.0f}G"
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.3g}" if t < 100 else f"{t:.0f}"
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"plan: {model} on {gpus} x {hardware}; checkpoints {where}, fsdp={kw.get('fsdp', True)}, "
         f"fpdt chunk {kw['chunk_tokens']} tokens",
-        "per rank: device peak GiB / host GiB per node / step s / MFU;  x = does not fit",
+        "per strategy: device peak per GPU | host memory per node (M = MiB, G = GiB) | step s | MFU;  x = does not fit",
     ]
     head = f"{'seq_len':>10}" + "".join(f"  {s:^33}" for s in strategies)
     lines += [head, "-" * len(head)]
@@ -446,7 +454,8 @@ def main(argv: list[str] | None = None) -> str:
                 row += f"  {'-':^33}"
                 continue
             mark = " " if e.fits else "x"
-            cell = f"{_gib(e.device_peak):>6} {_gib(e.host_node):>6} {e.step_time_s:>9.3g} {e.mfu:>6.1%} {mark}"
+            step = _seconds(e.step_time_s)
+            cell = f"{_size(e.device_peak):>7} {_size(e.host_node):>7} {step:>9} {e.mfu:>6.1%} {mark}"
             row += f"  {cell:>33}"
         lines.append(row)
         n *= 2
