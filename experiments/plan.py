@@ -88,6 +88,7 @@ class Estimate:
     step_parts: dict[str, float]
     tokens_per_s: float
     mfu: float
+    copy_overhead: float  # FPDT: attention pipeline time / the same with free host-device copies - 1
     fits_device: bool
     fits_host: bool
 
@@ -264,7 +265,12 @@ def estimate(
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
-    time = step_seconds(st, _rates(st, hw, dense_efficiency, attention_efficiency))
+    rates = _rates(st, hw, dense_efficiency, attention_efficiency)
+    time = step_seconds(st, rates)
+    overhead = 0.0
+    if st.strategy == "fpdt" and st.offload:
+        ideal = attention_layer_seconds(st, rates, copies=False)
+        overhead = time.parts["attention"] / (st.cfg.n_layers * ideal) - 1.0
     flops = step_flops(st.cfg, seq_len).causal
     ranks_per_node = min(gpus, GPUS_PER_NODE)
     host_node = mem.host_total * ranks_per_node
@@ -288,6 +294,7 @@ def estimate(
         step_parts=dict(time.parts),
         tokens_per_s=seq_len / time.seconds,
         mfu=flops / gpus / time.seconds / (hw["peak_tflops"] * 1e12),
+        copy_overhead=overhead,
         fits_device=mem.peak <= hw["device_bytes"],
         fits_host=hw["host_bytes"] is None or host_node <= hw["host_bytes"],
     )
@@ -359,6 +366,7 @@ def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, *
     same pipeline with free copies); if none hides it, the fitting one with the shortest step.
     ``None`` if no chunk size fits."""
     switches.pop("chunk_tokens", None)
+    switches.pop("chunks", None)
     c, candidates = gpus, []
     while c <= seq_len:
         if seq_len % c == 0 and seq_len // c <= MAX_CHUNKS:
@@ -369,22 +377,10 @@ def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, *
         e = estimate(model, "fpdt", gpus, hardware, seq_len, chunks=seq_len // c, **switches)
         if not e.fits:
             continue
-        fitting.append((e.step_time_s, c))
-        st, hw = _setup(model, "fpdt", gpus, hardware, seq_len, seq_len // c, c, _switches_for_setup(switches))
-        rates = _rates(st, hw, switches.get("dense_efficiency", DENSE_EFFICIENCY),
-                       switches.get("attention_efficiency", ATTENTION_EFFICIENCY))  # fmt: skip
-        ideal = attention_layer_seconds(st, rates, copies=False)
-        if attention_layer_seconds(st, rates) <= ideal * (1 + HIDE_TOLERANCE):
+        if e.copy_overhead <= HIDE_TOLERANCE:
             return c
+        fitting.append((e.step_time_s, c))
     return min(fitting)[1] if fitting else None
-
-
-def _switches_for_setup(switches: dict) -> dict:
-    sw = {k: v for k, v in switches.items() if k not in ("dense_efficiency", "attention_efficiency")}
-    sw.setdefault("activation_checkpointing", True)
-    sw.setdefault("checkpoint_offload", True)
-    sw.setdefault("fsdp", True)
-    return sw
 
 
 # --- CLI ---------------------------------------------------------------------------------------
