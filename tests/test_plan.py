@@ -137,6 +137,8 @@ def test_small_chunks_expose_the_pcie_traffic():
     slow = estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 18, chunks=64)
     fast = estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 18, chunks=4)
     assert slow.step_parts["attention"] > fast.step_parts["attention"]
+    assert slow.copy_overhead > fast.copy_overhead >= 0
+    assert estimate("llama3-8b", "ulysses", 4, "a100-80g", 1 << 18).copy_overhead == 0
     c = recommend_chunk_tokens("llama3-8b", 4, "a100-80g", 1 << 20)
     assert c is not None and (1 << 20) % c == 0 and c >= 4096
 
