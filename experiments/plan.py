@@ -10,7 +10,7 @@ for a model preset, strategy (``local | ulysses | fpdt``), ``gpus`` and hardware
     from experiments.plan import estimate, max_seq_len
     max_seq_len("llama3-8b", "fpdt", 4, "a100-80g")                  # tokens
     e = estimate("llama3-8b", "fpdt", 4, "a100-80g", seq_len=1 << 20)
-    e.device_peak, e.host_node, e.step_time_s, e.mfu, e.fits
+    e.device_peak, e.host_node, e.step_time_s, e.mfu, e.copy_overhead, e.fits
 
 Defaults are the paper's recipe for every strategy: activation checkpointing with the
 checkpoints in host memory, FSDP (ZeRO-3) sharding, 64K-token FPDT chunks; offload and MLP/loss
