@@ -300,6 +300,36 @@ def estimate(
     )
 
 
+def estimate_row(row: dict, **overrides) -> Estimate:
+    """The estimate for a measured result row (``results.csv`` / ``experiments.plots.load_results``),
+    with the row's model, strategy, sizes, switches, dtype and device cap; ``overrides`` win."""
+
+    def flag(key):
+        value = row.get(key)
+        return value if isinstance(value, bool) else str(value) == "True"
+
+    def number(key):
+        value = row.get(key)
+        return None if value in (None, "", "None") else float(value)
+
+    hardware = row.get("hardware") or "cpu"
+    kwargs = dict(
+        chunks=int(row["chunks"]),
+        activation_checkpointing=flag("activation_checkpointing"),
+        checkpoint_offload=flag("checkpoint_on_host"),
+        fsdp=flag("fsdp"),
+        offload=flag("offload"),
+        chunked_mlp=flag("chunked_mlp"),
+        chunked_loss=flag("chunked_loss"),
+        dtype=row.get("dtype") or "auto",
+        n_layers=None if number("n_layers") is None else int(number("n_layers")),
+        max_device_memory=number("max_device_memory") or (1.0 if hardware == "cpu" else None),
+        peak_tflops=number("peak_tflops") or (1.0 if hardware == "cpu" else None),
+    )
+    kwargs.update(overrides)
+    return estimate(row["model"], row["strategy"], int(row["gpus"]), hardware, int(row["seq_len"]), **kwargs)
+
+
 def _granularity(strategy: str, gpus: int, seq_len: int, chunk_tokens: int) -> int:
     if strategy == "fpdt" and seq_len > chunk_tokens:
         return chunk_tokens

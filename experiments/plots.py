@@ -17,6 +17,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
 from matplotlib.ticker import FixedLocator, FuncFormatter, MultipleLocator
 
+from .memory import GIB
+
 STRATEGY_COLORS = {"local": "#555555", "ulysses": "#1f77b4", "fpdt": "#d62728"}
 CHUNK_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 GPU_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D", 16: "v", 32: "P"}
@@ -266,6 +268,34 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
     ax_time.set_title(f"FPDT at {where}: step time")
     ax_mem.set_title(f"FPDT at {where}: device memory")
     return seq_len
+
+
+def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
+    """Measured peak device memory (markers) against the planner's prediction (dotted lines) for
+    the same configurations, over every ``seq_len`` each curve tried (including ``oom`` points,
+    where the prediction should cross the device's memory)."""
+    from .plan import estimate_row
+
+    predicted = [dict(r, predicted_gib=estimate_row(r).device_peak / GIB) for r in rows]
+    curves = _series(predicted, "seq_len")
+    all_chunks = {k[2] for k in curves}
+    multi_model = len({k[0] for k in curves}) > 1
+    for key, pts in curves.items():
+        style = _style(key[1], key[2], key[3], all_chunks)
+        ok = [r for r in pts if r.get("status") == "ok"]
+        if ok:
+            ax.plot([r["seq_len"] for r in ok], [r["device_mem_peak_gib"] for r in ok], linestyle="none",
+                    marker=style["marker"], color=style["color"], label=_label(key, multi_model))  # fmt: skip
+        ax.plot([r["seq_len"] for r in pts], [r["predicted_gib"] for r in pts], linestyle=":", color=style["color"])
+    limit = device_memory_gib or _device_limit(rows)
+    if limit:
+        ax.axhline(limit, color="black", linestyle="--", linewidth=1)
+    simulated = any(r.get("device_mem_simulated") in (True, "True") for r in rows)
+    ax.set_ylabel(("simulated " if simulated else "") + "peak device memory per GPU (GiB)")
+    ax.set_title("measured (markers) vs predicted by experiments.plan (dotted)")
+    ax.set_ylim(bottom=0)
+    _seq_axis(ax, [r["seq_len"] for r in rows])
+    return predicted
 
 
 def plot_max_seqlen(rows, ax):

@@ -94,6 +94,6 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     ).execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4, f"{path.name} drew {len(images)} figures"
+    assert len(images) >= 5, f"{path.name} drew {len(images)} figures"
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
