@@ -11,38 +11,19 @@
 # if they are not, download their wheels here into .wheels/ (pip download --no-deps hydra-core
 # omegaconf antlr4-python3-runtime==4.9.3 -d .wheels) and carry that folder; this script installs
 # from it. Every step has its own timeout and its log in $OUT; a failed step is recorded.
-set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-experiments/results/gpu_experiments}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-status=0
-
-step() {  # step NAME SECONDS CMD...
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS rc
-    echo "=== $name (timeout ${limit}s): $*" | tee -a "$OUT/summary.txt"
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-    rc=$?
-    tail -n 40 "$OUT/$name.log"
-    echo "    $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
-    [ "$rc" -eq 0 ] || status=1
-}
-
-: >"$OUT/summary.txt"
+OUT_DEFAULT=experiments/results/gpu_experiments
+# shellcheck source=experiments/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
 if ! python -c "import hydra, omegaconf" 2>/dev/null && [ -d .wheels ]; then
     python -m pip install --no-index --find-links .wheels hydra-core omegaconf >"$OUT/install.log" 2>&1
 fi
 python -m pip install -e . --no-deps --no-build-isolation >>"$OUT/install.log" 2>&1 || true
 nvidia-smi >"$OUT/env.txt" 2>&1 || true
 
-step fpdt_block 200 python -m experiments.bench_fpdt_block --out "$OUT/fpdt_block_cuda.csv"
-step sweep 180 python -m experiments.run -m model=llama3.2-1b parallel=ulysses,fpdt chunks=4 gpus=1 \
+step fpdt_block 200 fpdt_block.log 0 python -m experiments.bench_fpdt_block --out "$OUT/fpdt_block_cuda.csv"
+step sweep 180 sweep.log 0 python -m experiments.run -m model=llama3.2-1b parallel=ulysses,fpdt chunks=4 gpus=1 \
     seq_len=16384,32768,65536 steps=3 warmup_steps=1 timeout_s=90 "hydra.sweep.dir=$OUT/sweep"
-step max_seqlen 150 python -m experiments.max_seqlen -m model=llama3.2-1b parallel=ulysses,fpdt chunks=8 gpus=1 \
+step max_seqlen 150 max_seqlen.log 0 python -m experiments.max_seqlen -m model=llama3.2-1b parallel=ulysses,fpdt chunks=8 gpus=1 \
     search.start=65536 search.limit=524288 search.resolution=0.25 steps=1 warmup_steps=1 timeout_s=60 \
     "hydra.sweep.dir=$OUT/max_seqlen"
 echo "=== done: status $status" | tee -a "$OUT/summary.txt"
