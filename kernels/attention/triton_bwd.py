@@ -121,7 +121,9 @@ def _dkdv_kernel(
     if CAUSAL:
         m_lo = tl.minimum(tl.maximum(n_start - DELTA, 0), Sq) // BM * BM
     else:
-        m_lo = 0
+        # A tensor, not the literal 0: compiled Triton turns literals into constexprs, which
+        # have no .to() for the 64-bit offset below (the interpreter would not notice).
+        m_lo = n_start * 0
 
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
