@@ -30,6 +30,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from models import get_config
+from models.transformer import default_tiles
 from parallel.all_to_all import check_heads
 
 from .flops import step_flops
@@ -177,8 +178,9 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     if dtype not in bytes_of:
         raise ValueError(f"dtype={dtype!r}; use one of {sorted(bytes_of)}")
     s = seq_len // gpus
-    mlp_tile = switches.get("mlp_tile") or max(1, -(-s // (2 * u)))
-    loss_tile = switches.get("loss_tile") or max(1, -(-s // (32 * u)))
+    mlp_default, loss_default = default_tiles(s, u)
+    mlp_tile = switches.get("mlp_tile") or mlp_default
+    loss_tile = switches.get("loss_tile") or loss_default
     st = Setup(
         cfg=cfg,
         strategy=strategy,

@@ -65,6 +65,8 @@ def resolve_backend(device: torch.device) -> str:
             name = "triton"
         else:
             name = "torch"
+    if name == "torch" and device.type != "cpu":
+        return "naive"  # the torch backend is PyTorch's CPU flash kernel; elsewhere, plain math
     if name == "triton" and device.type != "cuda" and not triton_interpreter_on():
         raise ValueError(
             f"the triton backend got {device.type} tensors; Triton runs on CUDA tensors, or on CPU "

@@ -48,8 +48,10 @@ def _norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
 
-def _default_tile(local_tokens: int, divisor: int) -> int:
-    return max(1, -(-local_tokens // divisor))
+def default_tiles(local_tokens: int, chunks: int) -> tuple[int, int]:
+    """The paper's tile sizes: MLP ``C/(2P)`` and loss ``C/(32P)`` tokens, i.e. this rank's
+    ``S/P`` tokens over ``2u`` and ``32u`` (rounded up)."""
+    return max(1, -(-local_tokens // (2 * chunks))), max(1, -(-local_tokens // (32 * chunks)))
 
 
 class Attention(nn.Module):
@@ -164,8 +166,9 @@ class Transformer(nn.Module):
 
     def _tiles(self, local_tokens: int) -> tuple[int | None, int | None]:
         cfg, u = self.cfg, self.strategy.layout_chunks
-        mlp = (cfg.mlp_tile or _default_tile(local_tokens, 2 * u)) if cfg.chunked_mlp else None
-        loss = (cfg.loss_tile or _default_tile(local_tokens, 32 * u)) if cfg.chunked_loss else None
+        mlp_default, loss_default = default_tiles(local_tokens, u)
+        mlp = (cfg.mlp_tile or mlp_default) if cfg.chunked_mlp else None
+        loss = (cfg.loss_tile or loss_default) if cfg.chunked_loss else None
         return mlp, loss
 
     def _check_inputs(self, tokens, labels, positions) -> None:

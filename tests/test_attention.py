@@ -292,6 +292,7 @@ def test_backend_selection(monkeypatch):
     assert kernels.resolve_backend(cpu) == "naive"
     with kernels.use_backend("torch"):
         assert kernels.resolve_backend(cpu) == "torch"
+        assert kernels.resolve_backend(torch.device("cuda")) == "naive"  # CPU kernel only
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FPDT_ATTENTION_BACKEND")
     assert kernels.resolve_backend(cpu) == "triton"

@@ -3,8 +3,8 @@
 ``aten._scaled_dot_product_flash_attention_for_cpu`` returns an LSE and its backward takes the
 (merged) output and LSE, which is exactly the chunk contract. It only knows "no mask" and
 "top-left causal", so a causal block at arbitrary global offsets is cut into at most two pieces
-it covers (see ``_pieces``); no ``[Sq, Sk]`` mask is ever built. On CUDA tensors this backend
-falls back to the materialising reference in ``naive`` (debugging only: use ``triton`` there).
+it covers (see ``_pieces``); no ``[Sq, Sk]`` mask is ever built. CPU tensors only: for CUDA
+tensors ``kernels.backend.resolve_backend`` turns a forced ``torch`` into ``naive``.
 """
 
 from __future__ import annotations
@@ -49,19 +49,6 @@ def _heads_first(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
     """Merge the block's attention into the fp32 accumulators ``out``/``lse`` in place."""
-    if not q.is_cpu:
-        naive.attention_chunk_forward(
-            q,
-            k,
-            v,
-            q_start=q_start,
-            k_start=k_start,
-            causal=causal,
-            softmax_scale=scale,
-            out=out,
-            lse=lse,
-        )
-        return
     groups = q.shape[2] // k.shape[2]
     for rows, keys, top_left in _pieces(q.shape[1], k.shape[1], q_start, k_start, causal):
         o_blk, lse_blk = _flash_fwd(
@@ -79,23 +66,6 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
 
 def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv):
     """Accumulate the block's gradients into fp32 ``dq, dk, dv`` (``out``/``lse`` are merged)."""
-    if not q.is_cpu:
-        naive.attention_chunk_backward(
-            do,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            q_start=q_start,
-            k_start=k_start,
-            causal=causal,
-            softmax_scale=scale,
-            dq=dq,
-            dk=dk,
-            dv=dv,
-        )
-        return
     B, Sq, H, D = q.shape
     Hkv = k.shape[2]
     groups = H // Hkv
