@@ -76,16 +76,23 @@ def measure(block: _Block, strategy: str, S: int, C: int, offload: bool, reps: i
         run()  # warm-up: autotuning, host buffers, allocator
         if cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # reserved memory of this configuration only
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             times = [_timed(run, True) for _ in range(reps)]
             peak = torch.cuda.max_memory_allocated() - base
+            # Reserved (what the caching allocator holds, side-stream pools included) and its
+            # retries (an allocation that had to free cached blocks first) say what allocated hides.
+            stats = torch.cuda.memory_stats()
+            extra = dict(reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+                         alloc_retries=stats.get("num_alloc_retries", 0))  # fmt: skip
         else:
             tracker = MemoryTracker(on_host=allocating_on_host, exclude=block.store.owns,
                                     ignore=[block.x, block.dy, *block.w.parameters()])  # fmt: skip
             with tracker:
                 times = [_timed(run, False) for _ in range(reps)]
             peak = tracker.peak["device"]
+            extra = {}
     except Exception as exc:  # an OOM at one size is a row, not the end of the benchmark
         if not is_out_of_memory(exc):
             raise
@@ -93,7 +100,7 @@ def measure(block: _Block, strategy: str, S: int, C: int, offload: bool, reps: i
             torch.cuda.empty_cache()
         return dict(row, status="oom", error=str(exc).splitlines()[0][:300])
     return dict(row, status="ok", step_s=statistics.median(times), peak_gib=peak / GIB,
-                host_gib=block.store.bytes_allocated / GIB)  # fmt: skip
+                host_gib=block.store.bytes_allocated / GIB, **extra)  # fmt: skip
 
 
 def main(argv=None) -> list[dict]:
@@ -127,7 +134,10 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         r.update(device=name, H=args.heads, d=args.head_dim, dtype=str(dtype).removeprefix("torch."))
         cost = f"  offload cost {100 * r['offload_cost']:+.1f}%" if "offload_cost" in r else ""
-        body = (f"{r['step_s']:.3f} s  peak {r['peak_gib']:.2f} GiB  host {r['host_gib']:.2f} GiB{cost}"
+        reserved = (
+            f"  reserved {r['reserved_gib']:.2f} GiB  retries {r['alloc_retries']}" if "reserved_gib" in r else ""
+        )
+        body = (f"{r['step_s']:.3f} s  peak {r['peak_gib']:.2f} GiB{reserved}  host {r['host_gib']:.2f} GiB{cost}"
                 if r["status"] == "ok" else f"{r['status']}: {r['error']}")  # fmt: skip
         print(f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5} {body}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,49 +1,67 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 2): install, attention benchmark, GPU tests; ~9 minutes at most.
+# The first prepared GPU check (at most ~8 minutes, one GPU): kernels and the FPDT pipeline.
+#   1. smoke: import, one tiny flash_attention forward+backward vs the float64 reference (~20 s);
+#   2. `pytest -m gpu`, bf16 half: the kernel matrix (odd shapes up to 4K) and the pipeline tests
+#      (offload on/off bit-identical with delayed copies), on 12 workers so Triton compiles in
+#      parallel; meanwhile the pipeline test under TORCH_CUDA_SANITIZER=1 (naive backend) and four
+#      processes that compile the benchmark's kernels into Triton's on-disk cache;
+#   3. the attention table vs SDPA (bf16, d in {128, 64}, S 1K-16K, causal and not), alone on the GPU;
+#   4. the FPDT block at S=128K: offload vs on-device step time, peak/reserved memory, a timeline;
+#   5. `pytest -m gpu`, fp16 and fp32 half, with the time left.
 #
-# Run from the repository root on a CUDA box that already has torch and triton (no internet):
+#     OUT=/some/dir bash experiments/gpu_check.sh      # GPU_BUDGET_S=470 caps the whole run
 #
-#     FPDT_COMMIT=<sha of the tree> OUT=/some/dir bash experiments/gpu_check.sh
-#
-# Writes into $OUT (default experiments/results/gpu_check): env.txt, install.log, bench.log,
-# bench_attention_<gpu>.csv, pytest_gpu.log and summary.txt (one line per step with its exit
-# status and seconds). Every step has its own timeout, and a failed step is recorded, not fatal.
-# The benchmark runs before the tests: its CSV is the figure only a GPU can produce, and its
-# d=128 rows come first. Exit status: 0 if every step passed, else 1.
+# $OUT ends with at most 8 files: summary.txt (one line per step: exit status, seconds),
+# bench_attention_<gpu>.csv, fpdt_block_<gpu>.csv, fpdt_block_<gpu>_timeline.{csv,png}, and
+# logs.tar.gz (every log: env, smoke, pytest, sanitizer, benchmark, FPDT block).
+# Exit status 0 if every step passed.
 OUT_DEFAULT=experiments/results/gpu_check
 # shellcheck source=experiments/gpu_common.sh
 source "$(dirname "$0")/gpu_common.sh"
 
-{
-    date -u
-    nvidia-smi || true
-    python --version
-    # What the benchmark and tests import; nothing can be installed without internet, so report.
-    python - <<'EOF'
-import importlib
-for name in ("torch", "triton", "pytest", "numpy", "hydra", "matplotlib", "setuptools"):
-    try:
-        mod = importlib.import_module(name)
-        print(f"{name} {getattr(mod, '__version__', '?')}")
-    except ImportError as e:
-        print(f"{name} MISSING ({e})")
-import torch
-print("cuda", torch.cuda.is_available(), torch.version.cuda,
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-EOF
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+environment
+gpu=$(gpu_slug)
+KEEP_FILES="bench_attention_$gpu.csv fpdt_block_$gpu.csv fpdt_block_${gpu}_timeline.csv fpdt_block_${gpu}_timeline.png"
 
-# --no-build-isolation: build isolation would fetch setuptools from the internet.
-step install 60 install.log "0" python -m pip install -e . --no-deps --no-build-isolation
+# Compile the benchmark's kernels while the tests run: Triton caches compiled kernels on disk, so
+# the timed run later only autotunes (autotune choices are not cached: they are made alone).
+mkdir -p "$OUT/warm"
+warmers=()
+for d in 128 64; do
+    for causal in true false; do
+        timeout 240 python3 -m experiments.bench_attention --quick --seq-lens 1024 --tokens 1024 --head-dims "$d" \
+            --causal "$causal" --modes fwd_bwd --out "$OUT/warm/d${d}_$causal.csv" >"$OUT/warm/d${d}_$causal.log" 2>&1 &
+        warmers+=($!)
+    done
+done
 
-step bench 300 bench.log "0" python -m experiments.bench_attention
-csvs=$(ls experiments/results/bench_attention_*.csv 2>/dev/null | grep -v '_cpu\.csv$')
-if [ -n "$csvs" ]; then cp $csvs "$OUT/"; else echo "    no GPU benchmark CSV" | tee -a "$OUT/summary.txt"; fi
+smoke_or_exit
 
-# pytest exit 5 = no test carries the gpu marker yet: recorded in the log, not a failure.
-# Only the kernel tests carry GPU cases; collecting the rest would need hydra/matplotlib there.
-step pytest_gpu 180 pytest_gpu.log "0 5" python -m pytest -m gpu -x -q -p no:cacheprovider tests/test_attention.py
+(
+    timeout 150 env TORCH_CUDA_SANITIZER=1 FPDT_ATTENTION_BACKEND=naive python3 -m pytest -q -p no:cacheprovider \
+        tests/test_gpu_pipeline.py -k sanitizer >"$OUT/sanitizer.log" 2>&1
+    echo "exit $?" >>"$OUT/sanitizer.log"
+) &
+sanitizer=$!
 
-echo "=== done: status $status" | tee -a "$OUT/summary.txt"
+# Only these files carry GPU cases; collecting the rest would need hydra there. bf16 and the
+# pipeline first (the dtype models train in); fp16/fp32 at the end, with what time is left.
+step pytest_gpu_bf16 120 pytest_gpu_bf16.log 0 python3 -m pytest -m gpu -v -n 12 -p no:cacheprovider \
+    tests/test_attention.py tests/test_gpu_pipeline.py -k "bf16 or chunked or fpdt"
+
+wait "$sanitizer"
+note "=== sanitizer (TORCH_CUDA_SANITIZER=1, naive backend): $(tail -n 1 "$OUT/sanitizer.log")"
+for pid in "${warmers[@]}"; do wait "$pid"; done
+note "=== cache warm-up: $(grep -l 'FAILED' "$OUT"/warm/*.log 2>/dev/null | wc -l) of ${#warmers[@]} logs report a failure"
+
+step bench 180 bench.log 0 python3 -m experiments.bench_attention --out "$OUT/bench_attention_$gpu.csv"
+
+step fpdt_block 100 fpdt_block.log 0 python3 -m experiments.bench_fpdt_block --seq-lens 131072 --reps 2 \
+    --out "$OUT/fpdt_block_$gpu.csv"
+
+step pytest_gpu_fp16_fp32 150 pytest_gpu_fp16_fp32.log 0 python3 -m pytest -m gpu -v -n 14 -p no:cacheprovider \
+    tests/test_attention.py -k "fp16 or fp32"
+
+note "=== done: status $status"
+pack_out
 exit "$status"

@@ -18,6 +18,7 @@ import triton.language as tl
 from .triton_common import (
     INTERPRET,
     LOG2E,
+    autotune_configs,
     dot_precision,
     head_dim_block,
     prune_by_head_dim,
@@ -52,10 +53,8 @@ def _delta_kernel(
     tl.store(Delta + i_b * stride_lb + i_h * stride_lh + m_start + o_m, b_delta, mask=m_m)
 
 
-if INTERPRET:
-    _CONFIGS = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
+_CONFIGS = autotune_configs(
+    [
         triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (32, 128, 8, 2),
@@ -66,6 +65,7 @@ else:
             (32, 32, 4, 1),  # the fallback that fits at d = 256
         ]
     ]
+)
 
 _KEY = ["BD", "GROUPS", "CAUSAL", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
 

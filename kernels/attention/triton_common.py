@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -12,6 +14,20 @@ LOG2E = 1.4426950408889634
 # Under the interpreter every autotune config would run: use one, with blocks large enough that
 # numpy does the work in few steps (32x32 tiles: ~2x faster than 16x16 on the test shapes).
 INTERPRET = triton_interpreter_on()
+
+AUTOTUNE_ENV_VAR = "FPDT_AUTOTUNE"
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The configs autotune may choose from: all of them, or only the last (the small tile that
+    fits every head dim) under the interpreter or with ``FPDT_AUTOTUNE=0``.
+
+    ``FPDT_AUTOTUNE=0`` (read at import) trades kernel speed for start-up time: one compile per
+    kernel variant instead of one per config, for smoke tests and debugging, never for timings.
+    """
+    if INTERPRET or os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0":
+        return configs[-1:]
+    return configs
 
 
 def head_dim_block(d: int) -> int:

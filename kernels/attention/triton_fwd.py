@@ -17,16 +17,15 @@ import triton.language as tl
 from .triton_common import (
     INTERPRET,
     LOG2E,
+    autotune_configs,
     dot_precision,
     head_dim_block,
     prune_by_head_dim,
     seq_bucket,
 )
 
-if INTERPRET:
-    _CONFIGS = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
+_CONFIGS = autotune_configs(
+    [
         triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (128, 64, 8, 3),
@@ -38,6 +37,7 @@ else:
             (32, 32, 4, 1),  # the fallback that fits at d = 256
         ]
     ]
+)
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def _fwd_kernel(
 
     # Natural-log LSE of the block; rows that saw no key: out = 0, lse = -inf.
     m_seen = b_li > 0.0
-    b_lse = tl.where(m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / 1.4426950408889634, float("-inf"))
+    b_lse = tl.where(m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / LOG2E, float("-inf"))
     b_out = b_acc / tl.where(m_seen, b_li, 1.0)[:, None]
 
     p_o = Out + i_b * stride_ob + i_h * stride_oh + m_start.to(tl.int64) * stride_os
