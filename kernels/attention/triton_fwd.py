@@ -169,7 +169,9 @@ def _fwd_kernel(
 
     # Natural-log LSE of the block; rows that saw no key: out = 0, lse = -inf.
     m_seen = b_li > 0.0
-    b_lse = tl.where(m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / LOG2E, float("-inf"))
+    b_lse = tl.where(
+        m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / 1.4426950408889634, float("-inf")
+    )  # LOG2E: jit code reads no globals
     b_out = b_acc / tl.where(m_seen, b_li, 1.0)[:, None]
 
     p_o = Out + i_b * stride_ob + i_h * stride_oh + m_start.to(tl.int64) * stride_os
