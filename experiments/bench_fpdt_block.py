@@ -73,7 +73,11 @@ def measure(block: _Block, strategy: str, S: int, C: int, offload: bool, reps: i
     run = lambda: block.step(strategy, chunks, offload)
     block.store = HostStore()  # host bytes of this configuration only
     try:
-        run()  # warm-up: autotuning, host buffers, allocator
+        t0 = time.perf_counter()
+        run()  # warm-up: compiles, autotuning, host buffers, allocator
+        if cuda:
+            torch.cuda.synchronize()
+        row["warmup_s"] = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # reserved memory of this configuration only
@@ -103,6 +107,17 @@ def measure(block: _Block, strategy: str, S: int, C: int, offload: bool, reps: i
                 host_gib=block.store.bytes_allocated / GIB, **extra)  # fmt: skip
 
 
+def _format_row(r: dict) -> str:
+    cost = f"  offload cost {100 * r['offload_cost']:+.1f}%" if "offload_cost" in r else ""
+    reserved = f"  reserved {r['reserved_gib']:.2f} GiB  retries {r['alloc_retries']}" if "reserved_gib" in r else ""
+    if r["status"] != "ok":
+        body = f"{r['status']}: {r['error']}"
+    else:
+        body = f"{r['step_s']:.3f} s (warm-up {r['warmup_s']:.1f} s)  peak {r['peak_gib']:.2f} GiB{reserved}"
+        body += f"  host {r['host_gib']:.2f} GiB{cost}"
+    return f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5} {body}"
+
+
 def main(argv=None) -> list[dict]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -112,6 +127,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
     parser.add_argument("--reps", type=int, default=3 if cuda else 1)
     parser.add_argument("--out", type=Path, default=RESULTS / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
+    parser.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
     args = parser.parse_args(argv)
     if not cuda:
         kernels.set_backend("torch")
@@ -119,31 +135,32 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
+    meta = dict(device=name, H=args.heads, d=args.head_dim, dtype=str(dtype).removeprefix("torch."))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+
+    def record(row: dict) -> None:  # printed and written as measured: a timeout keeps what ran
+        row.update(meta)
+        rows.append(row)
+        print(_format_row(row), flush=True)
+        write_csv(rows, args.out)
+
     for S in args.seq_lens:
         block = _Block(S, args.heads, args.head_dim, dtype, device)
-        rows.append(measure(block, "ulysses", S, S, False, args.reps, cuda))
+        record(measure(block, "ulysses", S, S, False, args.reps, cuda))
         for C in args.chunk_tokens:
             if S % C or C > S:
                 continue
-            pair = [measure(block, "fpdt", S, C, off, args.reps, cuda) for off in (False, True)]
-            if all(r["status"] == "ok" for r in pair):
-                pair[1]["offload_cost"] = pair[1]["step_s"] / pair[0]["step_s"] - 1
-            rows.extend(pair)
+            on_device = measure(block, "fpdt", S, C, False, args.reps, cuda)
+            record(on_device)
+            offloaded = measure(block, "fpdt", S, C, True, args.reps, cuda)
+            if on_device["status"] == offloaded["status"] == "ok":
+                offloaded["offload_cost"] = offloaded["step_s"] / on_device["step_s"] - 1
+            record(offloaded)
         del block
-    for r in rows:
-        r.update(device=name, H=args.heads, d=args.head_dim, dtype=str(dtype).removeprefix("torch."))
-        cost = f"  offload cost {100 * r['offload_cost']:+.1f}%" if "offload_cost" in r else ""
-        reserved = (
-            f"  reserved {r['reserved_gib']:.2f} GiB  retries {r['alloc_retries']}" if "reserved_gib" in r else ""
-        )
-        body = (f"{r['step_s']:.3f} s  peak {r['peak_gib']:.2f} GiB{reserved}  host {r['host_gib']:.2f} GiB{cost}"
-                if r["status"] == "ok" else f"{r['status']}: {r['error']}")  # fmt: skip
-        print(f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5} {body}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out)
     print(f"wrote {args.out}")
-    _record_timeline(args, dtype, device, args.out.with_name(args.out.stem + "_timeline"))
+    if args.timeline:
+        _record_timeline(args, dtype, device, args.out.with_name(args.out.stem + "_timeline"))
     return rows
 
 
