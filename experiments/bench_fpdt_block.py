@@ -145,6 +145,8 @@ def main(argv=None) -> list[dict]:
         print(_format_row(row), flush=True)
         write_csv(rows, args.out)
 
+    if cuda:
+        _tune_kernels(args, dtype, device)
     for S in args.seq_lens:
         block = _Block(S, args.heads, args.head_dim, dtype, device)
         record(measure(block, "ulysses", S, S, False, args.reps, cuda))
@@ -162,6 +164,20 @@ def main(argv=None) -> list[dict]:
     if args.timeline:
         _record_timeline(args, dtype, device, args.out.with_name(args.out.stem + "_timeline"))
     return rows
+
+
+def _tune_kernels(args, dtype, device) -> None:
+    """Compile and autotune at a small length first: every length from ``SEQ_BUCKET_CAP`` up shares
+    one autotune key, and tuning at the full length runs each config ~7 times there."""
+    from kernels.attention.triton_common import SEQ_BUCKET_CAP  # CUDA only: Triton is there
+
+    S = 2 * SEQ_BUCKET_CAP
+    t0 = time.perf_counter()
+    block = _Block(S, args.heads, args.head_dim, dtype, device)
+    block.step("ulysses", 1, False)
+    block.step("fpdt", 2, False)
+    torch.cuda.synchronize()
+    print(f"kernels compiled and tuned at S={S} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def _record_timeline(args, dtype, device, stem: Path) -> None:

@@ -2,7 +2,8 @@
 # A short prepared GPU check (~3 minutes, one GPU) for the FPDT block, with GPU tests beside it:
 #   1. smoke (as every prepared script);
 #   2. while the FPDT kernels compile into Triton's on-disk cache (a tiny block run), the GPU tests
-#      named by $PYTEST_SELECT (default: the whole `-m gpu` set) run on 12 workers;
+#      named by $PYTEST_SELECT and $PYTEST_K run on 12 workers (default: the fp32 kernel cases, the chunk tests
+#      and the pipeline tests: what the first H200 run left unfinished);
 #   3. the FPDT block at S=$FPDT_S (default 128K), C in $FPDT_C (default 32K 64K): offload vs
 #      on-device step time, peak/reserved memory, and a timeline, alone on the GPU.
 #
@@ -24,7 +25,7 @@ timeout 120 python3 -m experiments.bench_fpdt_block --seq-lens 8192 --chunk-toke
 warm=$!
 # shellcheck disable=SC2086  # PYTEST_SELECT is a list of node ids or options
 step pytest_gpu "${PYTEST_LIMIT_S:-90}" pytest_gpu.log 0 python3 -m pytest -m gpu -v -n 12 -p no:cacheprovider \
-    ${PYTEST_SELECT:-tests/test_attention.py tests/test_gpu_pipeline.py}
+    ${PYTEST_SELECT:-tests/test_attention.py tests/test_gpu_pipeline.py} -k "${PYTEST_K:-fp32 or chunked or fpdt}"
 wait "$warm"
 note "=== FPDT compile warm-up: exit $?"
 

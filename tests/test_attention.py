@@ -71,6 +71,12 @@ def assert_close_to_reference(q, k, v, do, causal, backend):
         # Floor: the dtype's rounding at the reference's magnitude, plus a tiny absolute term for
         # gradients that are exactly 0 analytically (e.g. a softmax over one key).
         floor = 2 * _rounding(q.dtype) * max(1.0, r.abs().max().item()) + _ABS_FLOOR[q.dtype]
+        if q.is_cuda and q.dtype == torch.float32 and name != "out":
+            # The backward recomputes P = exp2(s - lse) with the GPU's approximate exp2/log2 (a
+            # few ulp, growing with the logit) where the reference's P is exact; in fp32 that is
+            # not hidden under input rounding. Seen on an H200: dv 2.8e-5 vs 1.2e-5 allowed with
+            # Sk=1 (every P is 1, so each row's P error adds up): allow ~2e-6 of the largest value.
+            floor += 64 * _rounding(q.dtype) * r.abs().max().item()
         err = (o.double() - r).abs().max().item()
         err_pt = (p.double() - r).abs().max().item()
         assert err <= factor * err_pt + floor, f"{name}: error {err:.3e} > {factor} x {err_pt:.3e} + {floor:.1e}"

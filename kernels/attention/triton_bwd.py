@@ -21,7 +21,7 @@ from .triton_common import (
     autotune_configs,
     dot_precision,
     head_dim_block,
-    prune_by_head_dim,
+    prune_configs,
     seq_bucket,
 )
 
@@ -73,7 +73,7 @@ _KEY = ["BD", "GROUPS", "CAUSAL", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
 @triton.autotune(
     configs=_CONFIGS,
     key=_KEY,
-    prune_configs_by={"early_config_prune": prune_by_head_dim},
+    prune_configs_by={"early_config_prune": prune_configs},
     restore_value=["dK", "dV"],
 )
 @triton.jit
@@ -170,7 +170,7 @@ def _dkdv_kernel(
 @triton.autotune(
     configs=_CONFIGS,
     key=_KEY,
-    prune_configs_by={"early_config_prune": prune_by_head_dim},
+    prune_configs_by={"early_config_prune": prune_configs},
     restore_value=["dQ"],
 )
 @triton.jit

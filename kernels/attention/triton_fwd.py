@@ -20,7 +20,7 @@ from .triton_common import (
     autotune_configs,
     dot_precision,
     head_dim_block,
-    prune_by_head_dim,
+    prune_configs,
     seq_bucket,
 )
 
@@ -88,7 +88,7 @@ def _fwd_inner(
 @triton.autotune(
     configs=_CONFIGS,
     key=["BD", "GROUPS", "CAUSAL", "ACCUMULATE", "SQ_BUCKET", "SK_BUCKET", "PRECISION"],
-    prune_configs_by={"early_config_prune": prune_by_head_dim},
+    prune_configs_by={"early_config_prune": prune_configs},
     # Autotuning runs the kernel several times; accumulators must not see every run.
     restore_value=["Out", "Lse"],
 )
