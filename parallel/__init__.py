@@ -15,6 +15,8 @@ from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
 from .attention import (
     STRATEGIES,
     AttentionStrategy,
+    check_setup,
+    check_strategy,
     fpdt_attention,
     local_attention,
     ulysses_attention,
@@ -58,6 +60,8 @@ __all__ = [
     "Stream",
     "Timeline",
     "apply_rotary",
+    "check_setup",
+    "check_strategy",
     "apply_rotary_backward",
     "backward_schedule",
     "check_heads",

@@ -30,6 +30,27 @@ from .weights import AttentionWeights, project_out, project_qkv
 STRATEGIES = ("local", "ulysses", "fpdt")
 
 
+def check_strategy(kind: str, world: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``kind`` names a strategy that runs on ``world`` ranks
+    (``None``: check the name only).
+
+    ``local`` is the single-process oracle: it runs on exactly one rank.
+    """
+    if kind not in STRATEGIES:
+        raise ValueError(f"unknown strategy {kind!r}; use one of {STRATEGIES}")
+    if kind == "local" and world not in (None, 1):
+        raise ValueError(f"strategy 'local' runs in one process; got {world} ranks (use ulysses or fpdt)")
+
+
+def check_setup(kind: str, seq_len: int, world: int, chunks: int, n_heads: int, n_kv_heads: int) -> None:
+    """Every check a strategy makes before it runs, in the order a user should fix them: the
+    strategy itself, the head split over ``world`` ranks, then the token layout (``seq_len`` in
+    ``world * chunks`` equal pieces; ``chunks`` counts only for ``fpdt``)."""
+    check_strategy(kind, world)
+    check_heads(n_heads, n_kv_heads, world)
+    check_layout(seq_len, world, chunks if kind == "fpdt" else 1)
+
+
 def _rotate(q, k, rope: RotaryEmbedding | None, start: int = 0):
     if rope is None:
         return q, k
@@ -128,10 +149,7 @@ class AttentionStrategy:
     store: HostStore | None = None
 
     def __post_init__(self):
-        if self.kind not in STRATEGIES:
-            raise ValueError(f"unknown attention strategy {self.kind!r}; use one of {STRATEGIES}")
-        if self.kind == "local" and self.group.size != 1:
-            raise ValueError(f"strategy 'local' runs in one process, got a group of {self.group.size}")
+        check_strategy(self.kind, self.group.size)
         if self.chunks < 1 or (self.kind != "fpdt" and self.chunks != 1):
             raise ValueError(f"chunks={self.chunks}: only 'fpdt' takes chunks > 1 (and chunks >= 1)")
 
@@ -141,8 +159,7 @@ class AttentionStrategy:
 
     def check(self, seq_len: int, n_heads: int, n_kv_heads: int) -> None:
         """Raise the documented ``ValueError`` if this strategy cannot run this shape."""
-        check_heads(n_heads, n_kv_heads, self.group.size)
-        check_layout(seq_len, self.group.size, self.layout_chunks)
+        check_setup(self.kind, seq_len, self.group.size, self.chunks, n_heads, n_kv_heads)
 
     def positions(self, seq_len: int) -> torch.Tensor:
         """Global positions of this rank's tokens (``[S/P]``)."""

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .all_to_all import check_heads
-from .attention import STRATEGIES, AttentionStrategy
+from .attention import AttentionStrategy, check_strategy
 from .distributed import SPGroup
 
 
@@ -68,11 +68,8 @@ class _SumAcrossRanks:
 def _make_strategy(strategy, group: SPGroup | None, chunks: int, offload: bool) -> AttentionStrategy:
     if isinstance(strategy, AttentionStrategy):
         return strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    check_strategy(strategy, None if group is None else group.size)
     if strategy == "local":
-        if group is not None and group.size != 1:
-            raise ValueError(f"strategy 'local' runs in one process; got a group of {group.size} ranks")
         return AttentionStrategy("local")
     group = SPGroup.world() if group is None else group
     return AttentionStrategy(strategy, group, chunks=chunks, offload=offload)
