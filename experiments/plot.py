@@ -1,64 +1,8 @@
-"""Write the figures for one or more sweeps: ``python -m experiments.plot RESULTS... [--out DIR]``.
+"""``python -m experiments.plot``: figures of sweeps (the body is :mod:`experiments.figures.cli`)."""
 
-``RESULTS`` are ``results.csv`` files or sweep directories (searched recursively), and
-``max_seqlen.csv`` files or ``max_seqlen`` sweep directories. Writes ``memory_mfu``, ``chunks``
-and (when there are max-length rows) ``max_seqlen`` figures as PNG, plus PDF with ``--pdf``::
+from .figures.cli import main
 
-    python -m experiments.plot results/sweeps/demo
-    python -m experiments.plot results/sweeps/seqlen results/sweeps/chunks --out figures --pdf --both-conventions
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from .plots import chunks_figure, load_max_seqlen, load_results, max_seqlen_figure, summary_figure
-
-
-def _split(paths):
-    """Separate sweep results from max-length results (a path may hold either or both)."""
-    sweeps, maxlens = [], []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist")
-        if p.is_file():
-            (maxlens if p.name == "max_seqlen.csv" else sweeps).append(p)
-            continue
-        if (p / "max_seqlen.csv").exists() or any(p.glob("*/max_seqlen.csv")):
-            maxlens.append(p)
-        elif any(p.rglob("results.csv")):
-            sweeps.append(p)
-        else:
-            raise FileNotFoundError(f"no results.csv or max_seqlen.csv under {p}")
-    return sweeps, maxlens
-
-
-def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results.csv / max_seqlen.csv files or sweep directories")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the first input)")
-    parser.add_argument("--pdf", action="store_true", help="also write PDF")
-    parser.add_argument("--both-conventions", action="store_true", help="MFU with causal and full-square attention")
-    parser.add_argument("--device-memory", type=float, default=None, help="GiB line on the memory plot")
-    args = parser.parse_args(argv)
-    sweeps, maxlens = _split(args.results)
-    first = Path(args.results[0])
-    out = args.out or (first if first.is_dir() else first.parent)
-    out.mkdir(parents=True, exist_ok=True)
-    formats = ("png", "pdf") if args.pdf else ("png",)
-    written = []
-    if sweeps:
-        rows = load_results(*sweeps)
-        written += summary_figure(rows, out / "memory_mfu", args.device_memory, formats, args.both_conventions)
-        if any(r.get("strategy") == "fpdt" and r.get("status") == "ok" for r in rows):
-            written += chunks_figure(rows, out / "chunks", formats=formats)
-    if maxlens:
-        written += max_seqlen_figure(load_max_seqlen(*maxlens), out / "max_seqlen", formats)
-    for path in written:
-        print(path)
-    return written
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

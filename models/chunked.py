@@ -1,4 +1,4 @@
-"""Sequence-tiled MLP and LM-head loss (DESIGN invariant 7), as autograd Functions.
+"""Sequence-tiled MLP and LM-head loss, as autograd Functions.
 
 Both run over tiles of ``tile`` tokens (rows of the flattened ``[N, h]`` input, ``N = B*S/P``)
 and keep only their input and the weights for the backward, recomputing the per-tile

@@ -90,17 +90,22 @@ class ModelConfig:
                 changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
-    def num_params(self) -> int:
-        """Parameter count (embeddings included once when tied)."""
+    def layer_params(self) -> int:
+        """Parameters of one block: attention, MLP and its two norms."""
         h, f, d = self.hidden, self.ffn_hidden, self.head_dim
         H, Hkv = self.n_heads, self.n_kv_heads
         attn = (H + 2 * Hkv) * d * h + h * H * d + (((H + 2 * Hkv) * d + h) if self.bias else 0)
         n_mats = 3 if self.activation == "swiglu" else 2
         mlp = n_mats * h * f + ((f + h) if self.bias else 0)
-        norms = 2 * h * (2 if self.norm == "layernorm" else 1)
-        final_norm = h * (2 if self.norm == "layernorm" else 1)
-        emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
-        return self.n_layers * (attn + mlp + norms) + final_norm + emb
+        return attn + mlp + 2 * self._norm_params()
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included once when tied)."""
+        emb = self.vocab_size * self.hidden * (1 if self.tie_embeddings else 2)
+        return self.n_layers * self.layer_params() + self._norm_params() + emb
+
+    def _norm_params(self) -> int:
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
 
 
 def _gpt(name: str, n_layers: int, hidden: int, n_heads: int, vocab_size: int = 50304) -> ModelConfig:

@@ -3,7 +3,7 @@
 import csv
 import math
 
-from experiments import bench_attention
+from experiments.bench import attention as bench_attention
 
 
 def test_quick_run_writes_csv(tmp_path, capsys):

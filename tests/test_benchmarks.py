@@ -3,7 +3,7 @@
 import pytest
 
 from experiments import bench_fpdt_block, bench_model_memory
-from experiments.results import read_csv
+from experiments.core.tables import read_csv
 
 
 def test_fpdt_block_benchmark_writes_rows_and_timeline(tmp_path):

@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import experiments.config  # noqa: F401  (registers the schema)
-from experiments.max_seqlen import search
-from experiments.plots import load_results
-from experiments.results import ROW_FIELDS, read_csv
+import experiments.sweep.config  # noqa: F401  (registers the schema)
+from experiments.figures.plots import load_results
+from experiments.sweep.max_seqlen import search
+from experiments.sweep.results import ROW_FIELDS, read_csv
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -139,6 +139,7 @@ def test_two_point_multirun_writes_rows_csv_and_figure(tmp_path):
         assert float(r["step_time_p20_s"]) <= float(r["step_time_s"]) <= float(r["step_time_p80_s"])
         assert float(r["mfu_full_attention"]) > float(r["mfu"])
         assert r["device_mem_simulated"] == "True" and r["git_commit"]
+    assert all(r["n_layers"] == "2" for r in rows), "rows record the depth trained (llama-tiny: 2)"
     assert "(2/2 done, 0 to go)" in proc.stdout
     assert (sweep / "memory_mfu.png").stat().st_size > 10_000
     for job in ("0", "1"):
@@ -155,11 +156,16 @@ def test_oom_is_a_row_the_sweep_goes_on_and_reruns_skip(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {int(r["seq_len"]): r for r in read_csv(sweep / "results.csv")}
     assert len(rows) == 2, "ulysses ignores chunks: chunks=1,4 is one point per seq_len"
-    assert rows[16384]["status"] == "oom" and "out of memory" in rows[16384]["error"]
+    oom = rows[16384]
+    assert oom["status"] == "oom" and "out of memory" in oom["error"]
+    # Readable units, and the row says how far memory got before the failure and what the cap was.
+    assert "MiB" in oom["error"] and "0.000 GiB" not in oom["error"]
+    assert 0 < float(oom["device_mem_peak_gib"]) and float(oom["max_device_memory"]) == 0.005
     assert rows[512]["status"] == "ok"
-    assert proc.stdout.count("skipped") == 2  # the chunks=4 duplicates
+    assert proc.stdout.count("skipped: same point as chunks=1 (ulysses ignores chunks)") == 2
     again = _run("experiments.run", *args, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("skipped") == 4
+    assert again.stdout.count("skipped: already in") == 2
     assert len(read_csv(sweep / "results.csv")) == 2
 
 
@@ -171,6 +177,8 @@ def test_bad_point_is_recorded_with_a_clear_error(tmp_path):
     row = json.loads((tmp_path / "run" / "result.json").read_text())
     assert row["status"] == "error"
     assert "seq_len=1004 is not divisible by gpus*chunks=8; use a multiple of 8" in row["error"]
+    assert f"row: {tmp_path / 'run' / 'results.csv'}" in proc.stdout  # a single run says where its row went
+    assert not list((tmp_path / "run").glob("*.log")), "no empty Hydra log files in the job directory"
 
 
 def _free_port():
@@ -233,3 +241,101 @@ def test_hung_point_times_out_and_token_file_is_read(tmp_path):
                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     row = json.loads((tmp_path / "run" / "result.json").read_text())
     assert proc.returncode == 1 and row["status"] == "error" and "needs at least 513" in row["error"]
+
+
+# ----------------------------------------------------------------------------- error paths
+
+
+def _row(key, **kw):
+    return {"key": key, "status": "ok", "model": "llama-tiny", "strategy": "fpdt", "seq_len": 512, "chunks": 2,
+            "gpus": 1, **kw}  # fmt: skip
+
+
+def test_unreadable_point_is_skipped_with_a_warning_and_rerun(tmp_path):
+    from experiments.figures.plots import load_results
+    from experiments.sweep.results import find_point, load_points, record_point
+
+    sweep = tmp_path / "sweep"
+    record_point(sweep, sweep / "0", _row("a", seq_len=512))
+    record_point(sweep, sweep / "1", _row("b", seq_len=1024))
+    bad = sweep / "points" / "b.json"
+    bad.write_text(bad.read_text()[:40])  # a write killed half way
+    with pytest.warns(UserWarning, match=f"unreadable result {bad}"):
+        assert find_point(sweep, "b") is None  # counts as not run: the sweep runs it again
+    with pytest.warns(UserWarning, match="b.json"):
+        assert [r["key"] for r in load_points(sweep)] == ["a"]
+    with pytest.warns(UserWarning, match="b.json"):
+        assert [r["seq_len"] for r in load_results(sweep)] == [512]  # figures and notebooks too
+    with pytest.warns(UserWarning, match="b.json"):
+        record_point(sweep, sweep / "2", _row("c", seq_len=2048))
+    assert [int(r["seq_len"]) for r in read_csv(sweep / "results.csv")] == [512, 2048]
+    record_point(sweep, sweep / "1", _row("b", seq_len=1024))  # the re-run replaces the bad file
+    assert len(load_points(sweep)) == 3
+
+
+def test_skip_reason_names_the_collapsed_point():
+    from experiments.sweep.controller import _skip_reason
+
+    point = {"strategy": "ulysses", "chunks": 1, "requested_chunks": 4}
+    assert _skip_reason(point, Path("s")) == "same point as chunks=1 (ulysses ignores chunks)"
+    assert _skip_reason(dict(point, requested_chunks=1), Path("s")) == "already in s"
+
+
+def test_readable_units():
+    from experiments.core.units import GIB, MIB, byte_unit, format_bytes, format_tokens
+
+    assert format_bytes(0.007 * GIB) == "7.17 MiB" and format_bytes(46.2 * GIB) == "46.2 GiB"
+    assert format_bytes(1800 * GIB) == "1800 GiB" and format_bytes(512) == "512 B" and format_bytes(None) == "-"
+    assert byte_unit([3 * MIB, 0.5 * GIB]) == ("MiB", MIB) and byte_unit([2 * GIB]) == ("GiB", GIB)
+    assert format_tokens(4096) == "4K" and format_tokens(1 << 20) == "1M" and format_tokens(1536) == "1.5K"
+
+
+def test_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
+    from experiments.core import hardware
+
+    monkeypatch.setenv(hardware.CACHE_ENV_VAR, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hardware, "measure_matmul_tflops", lambda *a, **k: calls.append(1) or 0.123)
+    first, how = hardware.cpu_peak_tflops()
+    again, how_again = hardware.cpu_peak_tflops()
+    assert first == again == 0.123 and len(calls) == 1
+    assert "measured once on this machine" in how and str(tmp_path) in how_again
+
+
+def test_same_bad_input_same_message_from_every_entry_point():
+    from experiments.plan import estimate
+    from experiments.sweep.points import check_point, resolve_point
+
+    point = resolve_point(_compose(["model=llama3-8b", "parallel=fpdt", "gpus=3", "seq_len=3072", "chunks=4"]))
+    with pytest.raises(ValueError, match="H=32 query heads are not divisible by P=3") as run_err:
+        check_point(point)
+    # The planner blames the heads too, not the chunk size 3 does not divide.
+    with pytest.raises(ValueError, match="H=32 query heads are not divisible by P=3") as plan_err:
+        estimate("llama3-8b", "fpdt", 3, "a100-80g", 3 << 20)
+    assert str(run_err.value) == str(plan_err.value)
+    with pytest.raises(ValueError, match="'local' runs in one process"):
+        check_point(resolve_point(_compose(["parallel=local", "gpus=2"])))
+
+
+def test_plan_cli_only_checks_what_its_strategies_use(capsys):
+    from experiments import plan
+
+    # An FPDT-only chunk size that does not split over 3 GPUs is no error when only ulysses is planned.
+    text = plan.main(["model=gpt-tiny", "gpus=2", "hardware=cpu", "max_device_memory=0.02", "fsdp=false",
+                      "strategies=[ulysses]", "chunk_tokens=3"])  # fmt: skip
+    assert "max seq_len ulysses" in text and "fpdt" not in text
+
+
+def test_help_lists_presets_not_schema_nodes(tmp_path):
+    for module in ("experiments.run", "experiments.plan"):
+        proc = _run(module, "--help", cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "llama-tiny" in proc.stdout and "_schema" not in proc.stdout
+
+
+def test_library_layers_point_one_way():
+    """``parallel`` never imports ``models`` or ``experiments``; ``models`` never imports ``experiments``."""
+    for package, forbidden in (("parallel", ("models", "experiments")), ("models", ("experiments",))):
+        code = (f"import sys, {package}; bad = [m for m in sys.modules if m.split('.')[0] in {forbidden!r}]; "
+                "assert not bad, bad")  # fmt: skip
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

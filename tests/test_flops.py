@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from experiments.flops import megatron_formula, step_flops
+from experiments.core.flops import megatron_formula, step_flops
 
 
 def _gpt(L, h, H, V):

@@ -6,7 +6,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from experiments import plot, plots
+from experiments import plot
+from experiments.figures import plots
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SWEEP = FIXTURES / "sweep_cpu"
@@ -29,7 +30,7 @@ def test_fixture_has_what_the_figures_need(rows):
 def test_memory_plot_marks_limit_and_out_of_memory(rows):
     fig, (ax, ax_host) = plt.subplots(1, 2)
     curves = plots.plot_memory(rows, ax, ax_host)
-    limit = rows[0]["max_device_memory"]
+    limit = rows[0]["max_device_memory"] * 1024  # a 0.007 GiB cap is drawn in MiB
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--" and set(line.get_ydata()) == {limit}]
     assert dashed, "the device-memory line is missing"
     crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
@@ -37,7 +38,7 @@ def test_memory_plot_marks_limit_and_out_of_memory(rows):
     assert len(crosses) == len(curves_with_oom) > 0
     assert all(line.get_ydata()[0] == limit for line in crosses)
     assert ax.get_xscale() == "log" and "K" in "".join(t.get_text() for t in ax.get_xticklabels())
-    assert "simulated" in ax.get_ylabel() and "GiB" in ax.get_ylabel()
+    assert "simulated" in ax.get_ylabel() and "(MiB)" in ax.get_ylabel()
     plt.close(fig)
 
 
@@ -66,8 +67,14 @@ def test_plot_cli_writes_png_and_pdf(tmp_path):
     names = sorted(p.name for p in written)
     assert names == sorted(f"{n}.{ext}" for n in ("memory_mfu", "chunks", "max_seqlen") for ext in ("png", "pdf"))
     assert all(p.stat().st_size > 5_000 for p in written)
-    with pytest.raises(FileNotFoundError, match="no results.csv"):
-        plot.main([str(tmp_path)])
+
+def test_plot_cli_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
+    for path in (tmp_path, tmp_path / "no-such-dir"):
+        with pytest.raises(SystemExit) as exc:
+            plot.main([str(path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
 
 
 def test_notebooks_are_committed_without_outputs():

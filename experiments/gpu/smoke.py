@@ -5,7 +5,7 @@ the Triton backend on CUDA (bf16, causal, GQA, an odd length and head dim) and c
 and gradients with the float64 reference of ``kernels.naive``. Run it first in every prepared GPU
 script so a broken install fails fast instead of at a step's timeout::
 
-    FPDT_AUTOTUNE=0 python3 -m experiments.gpu_smoke
+    FPDT_AUTOTUNE=0 python3 -m experiments.gpu.smoke
 
 (``FPDT_AUTOTUNE=0`` compiles one config per kernel instead of every autotune config.)
 Exit status 0 if every relative error is under the bf16 bound, 1 otherwise, 2 without CUDA.

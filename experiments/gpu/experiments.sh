@@ -4,15 +4,15 @@
 #   2. a short seq_len sweep of llama3.2-1b, fpdt vs ulysses on one GPU (MFU, memory);
 #   3. max_seqlen for both strategies (capped by search.limit and timeouts to fit the budget).
 #
-#     OUT=/some/dir bash experiments/gpu_experiments.sh
+#     OUT=/some/dir bash experiments/gpu/experiments.sh
 #
 # The device box has no internet and no Hydra: carry hydra-core/omegaconf/antlr4 wheels in .wheels/
 #   pip download --no-deps -d .wheels hydra-core omegaconf
 #   pip wheel --no-deps -w .wheels antlr4-python3-runtime==4.9.3     # sdist only on PyPI
 # $OUT ends with summary.txt, sweeps.tar.gz (the two sweep directories) and logs.tar.gz.
 OUT_DEFAULT=experiments/results/gpu_experiments
-# shellcheck source=experiments/gpu_common.sh
-source "$(dirname "$0")/gpu_common.sh"
+# shellcheck source=experiments/gpu/common.sh
+source "$(dirname "$0")/common.sh"
 KEEP_FILES="sweeps.tar.gz"
 
 environment >/dev/null

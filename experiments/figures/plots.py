@@ -17,7 +17,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
 from matplotlib.ticker import FixedLocator, FuncFormatter, MultipleLocator
 
-from .memory import GIB
+from ..core.hardware import load_preset
+from ..core.units import GIB, byte_unit, format_tokens
+from ..sweep.results import load_points
 
 STRATEGY_COLORS = {"local": "#555555", "ulysses": "#1f77b4", "fpdt": "#d62728"}
 CHUNK_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
@@ -29,6 +31,17 @@ _NUMERIC = {
     "rss_peak_gib", "max_device_memory", "device_mem_total_gib", "loss", "max_seq_len", "first_failure",
     "probes", "chunk_tokens",
 }  # fmt: skip
+
+
+def _in_unit(rows, keys, extra_gib=()):
+    """Rows with ``<key>_shown`` = the GiB value of each of ``keys`` in one readable unit for all
+    of them (GiB from 1 GiB up, else MiB or KiB); returns ``(rows, unit name, GiB -> unit factor)``."""
+    values = [r.get(k) * GIB for r in rows for k in keys if isinstance(r.get(k), int | float)]
+    values += [g * GIB for g in extra_gib if g]
+    unit, size = byte_unit(values)
+    factor = GIB / size
+    shown = [dict(r, **{f"{k}_shown": r[k] * factor for k in keys if isinstance(r.get(k), int | float)}) for r in rows]
+    return shown, unit, factor
 
 
 def _parse(value: str):
@@ -60,8 +73,21 @@ def _read_rows(paths, name: str) -> list[dict]:
 
 
 def load_results(*paths) -> list[dict]:
-    """Rows of one or more ``results.csv`` files or sweep directories (searched recursively)."""
-    return _read_rows(paths, "results.csv")
+    """Rows of one or more ``results.csv`` files or sweep directories (searched recursively).
+
+    In a sweep directory the per-point files (``points/*.json``) are the record and ``results.csv``
+    is rebuilt from them; rows are read from the points where they exist, so an unreadable point
+    (skipped with a warning) or a stale table cannot break a figure.
+    """
+    rows = []
+    for p in map(Path, paths):
+        sweep_dirs = [] if p.is_file() else sorted({f.parent.parent for f in p.rglob("points/*.json")})
+        if sweep_dirs:
+            for d in sweep_dirs:
+                rows += [dict(r, source=str(d)) for r in load_points(d)]
+        else:
+            rows += _read_rows([p], "results.csv")
+    return rows
 
 
 def load_max_seqlen(*paths) -> list[dict]:
@@ -118,29 +144,11 @@ def _label(key, multi_model):
     return f"{model}: {text}" if multi_model else text
 
 
-def _tokens(x, _pos=None):
-    x = int(x)
-    if x >= 1 << 20 and x % (1 << 20) == 0:
-        return f"{x >> 20}M"
-    if x >= 1 << 10 and x % (1 << 10) == 0:
-        return f"{x >> 10}K"
-    return str(x)
-
-
-def _token_units(x, _pos=None):
-    """Axis labels for token counts on a linear scale: 12K, 1.5M."""
-    if abs(x) >= 1 << 20:
-        return f"{x / (1 << 20):g}M"
-    if abs(x) >= 1 << 10:
-        return f"{x / (1 << 10):g}K"
-    return f"{x:g}"
-
-
 def _seq_axis(ax, values):
     ax.set_xscale("log", base=2)
     ticks = sorted({v for v in values if v})
     ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: format_tokens(x)))
     ax.xaxis.set_minor_locator(FixedLocator([]))
     ax.set_xlabel("sequence length (tokens)")
 
@@ -172,8 +180,6 @@ def _device_limit(rows):
     caps = {r["max_device_memory"] for r in rows if r.get("max_device_memory")}
     if caps:
         return min(caps)
-    from .hardware import load_preset
-
     sizes = set()
     for name in {r.get("hardware") for r in rows if r.get("hardware") not in (None, "cpu")}:
         try:
@@ -185,28 +191,31 @@ def _device_limit(rows):
 
 
 def plot_memory(rows, ax_device, ax_host=None, device_memory_gib=None):
-    """Peak device memory (and host offload memory) vs ``seq_len``.
+    """Peak device memory (and host offload memory) vs ``seq_len``, in GiB, or MiB for small runs.
 
     The dashed line is ``device_memory_gib``, else the rows' ``max_device_memory`` cap, else the
     device size of their hardware preset; an ``x`` on it (in the curve's colour) marks the first
     ``seq_len`` at which each curve ran out of memory.
     """
     limit = device_memory_gib or _device_limit(rows)
+    shown, unit, factor = _in_unit(rows, ["device_mem_peak_gib"], [limit])
     any_oom = any(r.get("status") == "oom" for r in rows)
-    oom_y = limit if limit else (max((r.get("device_mem_peak_gib") or 0) for r in rows) if any_oom else None)
-    curves = _draw_curves(ax_device, rows, "device_mem_peak_gib", oom_y=oom_y)
+    peaks = [r.get("device_mem_peak_gib_shown") or 0 for r in shown]
+    oom_y = limit * factor if limit else (max(peaks) if any_oom else None)
+    curves = _draw_curves(ax_device, shown, "device_mem_peak_gib_shown", oom_y=oom_y)
     simulated = any(r.get("device_mem_simulated") in (True, "True") for r in rows)
-    ax_device.set_ylabel(("simulated " if simulated else "") + "peak device memory per GPU (GiB)")
+    ax_device.set_ylabel(("simulated " if simulated else "") + f"peak device memory per GPU ({unit})")
     ax_device.set_title("device memory" + (" (x: out of memory)" if any_oom else ""))
     if limit:
-        ax_device.axhline(limit, color="black", linestyle="--", linewidth=1)
-        ax_device.annotate(f"device memory {limit:g} GiB", (0.01, limit), xycoords=("axes fraction", "data"),
-                           va="bottom", fontsize=8)  # fmt: skip
+        ax_device.axhline(limit * factor, color="black", linestyle="--", linewidth=1)
+        ax_device.annotate(f"device memory {limit * factor:g} {unit}", (0.01, limit * factor),
+                           xycoords=("axes fraction", "data"), va="bottom", fontsize=8)  # fmt: skip
     ax_device.set_ylim(bottom=0)
     _seq_axis(ax_device, [r["seq_len"] for r in rows])
     if ax_host is not None:
-        _draw_curves(ax_host, rows, "host_mem_gib")
-        ax_host.set_ylabel("peak host memory per GPU for offload (GiB)")
+        host, host_unit, _ = _in_unit(rows, ["host_mem_gib"])
+        _draw_curves(ax_host, host, "host_mem_gib_shown")
+        ax_host.set_ylabel(f"peak host memory per GPU for offload ({host_unit})")
         ax_host.set_title("host memory (offloaded chunks + checkpoints)")
         ax_host.set_ylim(bottom=0)
         _seq_axis(ax_host, [r["seq_len"] for r in rows])
@@ -246,13 +255,14 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
     for r in fpdt:
         if r["seq_len"] == seq_len:
             groups[(r.get("model"), r.get("gpus"))].append(r)
+    _, unit, factor = _in_unit(fpdt, ["device_mem_peak_gib"])
     for (model, gpus), pts in sorted(groups.items(), key=str):
         pts.sort(key=lambda r: r["chunks"])
         xs = [r["chunks"] for r in pts]
         label = f"{model}, {gpus} GPU" + ("s" if gpus != 1 else "")
         kw = dict(color=STRATEGY_COLORS["fpdt"], marker=GPU_MARKERS.get(gpus, "o"), label=label)
         ax_time.plot(xs, [r["step_time_s"] for r in pts], **kw)
-        ax_mem.plot(xs, [r["device_mem_peak_gib"] for r in pts], **kw)
+        ax_mem.plot(xs, [r["device_mem_peak_gib"] * factor for r in pts], **kw)
     ticks = sorted({r["chunks"] for pts in groups.values() for r in pts})
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
@@ -263,8 +273,8 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
         ax.set_ylim(bottom=0)
     ax_time.set_ylabel("step time p50 (s)")
     simulated = any(r.get("device_mem_simulated") in (True, "True") for r in fpdt)
-    ax_mem.set_ylabel(("simulated " if simulated else "") + "peak device memory per GPU (GiB)")
-    where = f"seq_len={_tokens(seq_len)}" if seq_len else "(no fpdt rows)"
+    ax_mem.set_ylabel(("simulated " if simulated else "") + f"peak device memory per GPU ({unit})")
+    where = f"seq_len={format_tokens(seq_len)}" if seq_len else "(no fpdt rows)"
     ax_time.set_title(f"FPDT at {where}: step time")
     ax_mem.set_title(f"FPDT at {where}: device memory")
     return seq_len
@@ -274,24 +284,26 @@ def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
     """Measured peak device memory (markers) against the planner's prediction (dotted lines) for
     the same configurations, over every ``seq_len`` each curve tried (including ``oom`` points,
     where the prediction should cross the device's memory)."""
-    from .plan import estimate_row
+    from ..planner.estimate import estimate_row
 
     predicted = [dict(r, predicted_gib=estimate_row(r).device_peak / GIB) for r in rows]
-    curves = _series(predicted, "seq_len")
+    limit = device_memory_gib or _device_limit(rows)
+    shown, unit, factor = _in_unit(predicted, ["device_mem_peak_gib", "predicted_gib"], [limit])
+    curves = _series(shown, "seq_len")
     all_chunks = {k[2] for k in curves}
     multi_model = len({k[0] for k in curves}) > 1
     for key, pts in curves.items():
         style = _style(key[1], key[2], key[3], all_chunks)
         ok = [r for r in pts if r.get("status") == "ok"]
         if ok:
-            ax.plot([r["seq_len"] for r in ok], [r["device_mem_peak_gib"] for r in ok], linestyle="none",
+            ax.plot([r["seq_len"] for r in ok], [r["device_mem_peak_gib_shown"] for r in ok], linestyle="none",
                     marker=style["marker"], color=style["color"], label=_label(key, multi_model))  # fmt: skip
-        ax.plot([r["seq_len"] for r in pts], [r["predicted_gib"] for r in pts], linestyle=":", color=style["color"])
-    limit = device_memory_gib or _device_limit(rows)
+        ax.plot([r["seq_len"] for r in pts], [r["predicted_gib_shown"] for r in pts], linestyle=":",
+                color=style["color"])  # fmt: skip
     if limit:
-        ax.axhline(limit, color="black", linestyle="--", linewidth=1)
+        ax.axhline(limit * factor, color="black", linestyle="--", linewidth=1)
     simulated = any(r.get("device_mem_simulated") in (True, "True") for r in rows)
-    ax.set_ylabel(("simulated " if simulated else "") + "peak device memory per GPU (GiB)")
+    ax.set_ylabel(("simulated " if simulated else "") + f"peak device memory per GPU ({unit})")
     ax.set_title("measured (markers) vs predicted by experiments.plan (dotted)")
     ax.set_ylim(bottom=0)
     _seq_axis(ax, [r["seq_len"] for r in rows])
@@ -314,12 +326,12 @@ def plot_max_seqlen(rows, ax):
         for r in pts:
             value = r["max_seq_len"] or 0
             ax.bar(x, value, width=width, color=STRATEGY_COLORS.get(r["strategy"], "#2ca02c"), edgecolor="black")
-            text = f"{_tokens(value)}" + (f"\n{value / base:.1f}x" if base and value else "")
+            text = f"{format_tokens(value)}" + (f"\n{value / base:.1f}x" if base and value else "")
             ax.annotate(
                 text, (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
             )
             suffix = f" u={r['chunks']}" if r["strategy"] == "fpdt" and r.get("chunks") else ""
-            suffix += f" C={_tokens(r['chunk_tokens'])}" if r.get("chunk_tokens") else ""
+            suffix += f" C={format_tokens(r['chunk_tokens'])}" if r.get("chunk_tokens") else ""
             labels.append((x, f"{r['strategy']}{suffix}"))
             x += 1
         centers.append(((start + x - 1) / 2, f"{model}, {gpus} GPU" + ("s" if gpus != 1 else "")))
@@ -329,7 +341,7 @@ def plot_max_seqlen(rows, ax):
         ax.annotate(text, (c, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=9)
     top = max([r["max_seq_len"] or 0 for r in rows] + [1])
     ax.yaxis.set_major_locator(MultipleLocator(2 ** math.ceil(math.log2(max(1, top / 5)))))  # ~5 round ticks
-    ax.yaxis.set_major_formatter(FuncFormatter(_token_units))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _p: format_tokens(x)))
     ax.set_ylabel("longest trainable sequence (tokens)")
     ax.margins(y=0.15)
 

@@ -9,15 +9,15 @@
 #   4. the FPDT block at S=128K: offload vs on-device step time, peak/reserved memory, a timeline;
 #   5. `pytest -m gpu`, fp16 and fp32 half, with the time left.
 #
-#     OUT=/some/dir bash experiments/gpu_check.sh      # GPU_BUDGET_S=470 caps the whole run
+#     OUT=/some/dir bash experiments/gpu/check.sh      # GPU_BUDGET_S=470 caps the whole run
 #
 # $OUT ends with at most 8 files: summary.txt (one line per step: exit status, seconds),
 # bench_attention_<gpu>.csv, fpdt_block_<gpu>.csv, fpdt_block_<gpu>_timeline.{csv,png}, and
 # logs.tar.gz (every log: env, smoke, pytest, sanitizer, benchmark, FPDT block).
 # Exit status 0 if every step passed.
 OUT_DEFAULT=experiments/results/gpu_check
-# shellcheck source=experiments/gpu_common.sh
-source "$(dirname "$0")/gpu_common.sh"
+# shellcheck source=experiments/gpu/common.sh
+source "$(dirname "$0")/common.sh"
 
 environment
 gpu=$(gpu_slug)

@@ -13,25 +13,17 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from kernels.backend import BACKENDS
+from parallel import STRATEGIES
 
-class Strategy(str, enum.Enum):
-    local = "local"
-    ulysses = "ulysses"
-    fpdt = "fpdt"
+from ..core.dtypes import DTYPE_NAMES
 
-
-class DType(str, enum.Enum):
-    auto = "auto"  # bf16 on CUDA, fp32 on CPU
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
+# Enums built from the names the library defines, so a config can only name what exists.
+Strategy = enum.Enum("Strategy", {name: name for name in STRATEGIES}, type=str)
+DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)  # auto: bf16 on CUDA, fp32 on CPU
 
 
-class Backend(str, enum.Enum):
-    auto = "auto"  # triton on CUDA, torch's CPU flash kernel on CPU
-    triton = "triton"
-    torch = "torch"
-    naive = "naive"
+Backend = enum.Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)  # auto: kernels decide
 
 
 @dataclass
@@ -103,11 +95,10 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelSelect)
-    cs.store(group="parallel", name="parallel_schema", node=ParallelConf)
-    cs.store(group="hardware", name="hardware_schema", node=HardwareConf)
+    """The schema is the primary config's base; the groups ``model``, ``parallel`` and ``hardware``
+    are typed through its fields, so their presets need no schema of their own (and ``--help``
+    lists only real presets)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 register_configs()

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-GIB = float(1 << 30)
+from .units import format_bytes
 
 
 class SimulatedOutOfMemory(RuntimeError):
@@ -90,8 +90,8 @@ class MemoryTracker(TorchDispatchMode):
         self.peak[pool] = max(self.peak[pool], self.current[pool])
         if pool == "device" and self.cap_bytes is not None and self.current[pool] > self.cap_bytes:
             raise SimulatedOutOfMemory(
-                f"simulated device out of memory: tried to hold {self.current[pool] / GIB:.3f} GiB of live "
-                f"tensors with max_device_memory={self.cap_bytes / GIB:.3f} GiB"
+                f"simulated device out of memory: tried to hold {format_bytes(self.current[pool])} of live "
+                f"tensors with max_device_memory={format_bytes(self.cap_bytes)}"
             )
 
     def _free(self, key: int) -> None:

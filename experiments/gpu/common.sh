@@ -1,10 +1,10 @@
 # Shared by the prepared GPU scripts (sourced, not run): $OUT, a deadline, a `step` runner, the
 # smoke test, wheel installs and the packing of $OUT into a few files.
 #
-# Usage in a script: OUT_DEFAULT=experiments/results/<name>; source "$(dirname "$0")/gpu_common.sh"
+# Usage in a script: OUT_DEFAULT=experiments/results/<name>; source "$(dirname "$0")/common.sh"
 # GPU boxes may have a `python` without torch: every command here uses python3.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT="${OUT:-$OUT_DEFAULT}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -77,7 +77,7 @@ gpu_slug() {  # e.g. nvidia_h200: the GPU's name as it goes into result file nam
 }
 
 smoke_or_exit() {  # the 20-second check: a broken install ends the script here, not at a timeout
-    if ! step smoke 60 smoke.log 0 env FPDT_AUTOTUNE=0 python3 -m experiments.gpu_smoke; then
+    if ! step smoke 60 smoke.log 0 env FPDT_AUTOTUNE=0 python3 -m experiments.gpu.smoke; then
         note "=== smoke test failed: stopping"
         pack_out
         exit 1

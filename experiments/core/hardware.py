@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
+from .paths import CONF_DIR
+from .tables import write_json
+
+PRESETS_DIR = CONF_DIR / "hardware"
+CACHE_ENV_VAR = "FPDT_CACHE_DIR"
 
 # Substrings of torch.cuda.get_device_name() -> preset name, first match wins.
 _GPU_NAMES = [
@@ -20,9 +27,9 @@ _GPU_NAMES = [
 
 
 def load_preset(name: str) -> dict:
-    path = CONF_DIR / f"{name}.yaml"
+    path = PRESETS_DIR / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise ValueError(f"unknown hardware preset {name!r}; use one of {known}")
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     data.pop("defaults", None)
@@ -49,6 +56,46 @@ def resolve_hardware(hw: dict) -> dict:
     if hw.get("name") == "auto":
         hw = {**load_preset(detect_preset_name()), "detected": True}
     return hw
+
+
+def _cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "fpdt")
+    return Path(root) / "cpu_peak.json"
+
+
+def _machine_id() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()}|{cpu}|{os.cpu_count()} cores|torch {torch.__version__}"
+
+
+def cpu_peak_tflops() -> tuple[float, str]:
+    """This machine's fp32 matmul TFLOP/s with every core, measured once and cached per machine.
+
+    The CPU has no datasheet peak to divide by, so MFU on CPU uses this measurement. Measuring it
+    at every sweep point (under whatever load that point's ranks put on the cores) made the MFU
+    of neighbouring points jump 2x; one measurement per machine, taken by the controller before
+    any rank starts, keeps points comparable. Returns ``(tflops, how)``.
+    """
+    path, machine = _cache_path(), _machine_id()
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("machine") == machine:
+            return float(cached["tflops"]), f"{cached['how']}; cached in {path}"
+    except (OSError, ValueError, KeyError):
+        pass
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        tflops = measure_matmul_tflops(torch.float32, seconds=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    how = f"measured once on this machine: fp32 2048^3 matmul with {os.cpu_count()} threads"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"machine": machine, "tflops": tflops, "how": how})
+    except OSError:
+        how += " (cache not writable)"
+    return tflops, how
 
 
 def measure_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 0.5) -> float:

@@ -7,7 +7,6 @@ controller turns them into the result row (maxima over ranks where it matters).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -20,21 +19,25 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from models import Transformer, get_config
+from models import Transformer
 from parallel import destroy_distributed, init_distributed
 from parallel.host_store import allocating_on_host, default_host_store
 from parallel.parallelize import parallelize, shard_batch
 
-from .hardware import measure_matmul_tflops
-from .memory import GIB, MemoryTracker, is_out_of_memory, peak_rss_bytes
+from ..core.dtypes import resolve_dtype
+from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
+from ..core.tables import write_json
+from ..core.units import GIB
+from .points import model_config
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The memory tracker of the step in progress, so a failure can report how far memory got.
+_active_tracker: MemoryTracker | None = None
 
 
-def resolve_dtype(name: str, cuda: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if cuda else torch.float32
-    return _DTYPES[name]
+def _peak_device_bytes() -> int | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return None if _active_tracker is None else _active_tracker.peak["device"]
 
 
 def _batch(point: dict, vocab: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +77,9 @@ def train(point: dict) -> dict:
     dtype = resolve_dtype(point["dtype"], cuda)
     torch.manual_seed(point["seed"])
 
-    peak_tflops = point["peak_tflops"]
-    if peak_tflops is None:  # CPU: measured, every rank at once, as they will run
-        _sync(device, world)
-        peak_tflops = measure_matmul_tflops(dtype=torch.float32)
-
     cap = None if point["max_device_memory"] is None else int(point["max_device_memory"] * GIB)
-    tracker = MemoryTracker(simulate_device=not cuda, cap_bytes=cap, on_host=allocating_on_host)
+    global _active_tracker
+    tracker = _active_tracker = MemoryTracker(simulate_device=not cuda, cap_bytes=cap, on_host=allocating_on_host)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         if cap is not None:
@@ -94,9 +93,7 @@ def train(point: dict) -> dict:
         checkpoint=point["activation_checkpointing"],
         checkpoint_on_host=point["checkpoint_on_host"],
     )
-    if point["n_layers"] is not None:
-        overrides["n_layers"] = point["n_layers"]
-    cfg = get_config(point["model"], **overrides)
+    cfg = model_config(point, **overrides)
     step_times, loss = [], float("nan")
     with tracker:
         model = Transformer(cfg).to(device=device, dtype=dtype)
@@ -131,7 +128,6 @@ def train(point: dict) -> dict:
         "rank": rank,
         "step_times_s": step_times,
         "loss": loss,
-        "peak_tflops": peak_tflops,
         "rss_peak_bytes": peak_rss_bytes(),
         "host_peak_bytes": tracker.peak["host"],
         "host_store_bytes": default_host_store().bytes_allocated,
@@ -160,12 +156,6 @@ def train(point: dict) -> dict:
     return {"ranks": [metrics]}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    os.replace(tmp, path)
-
-
 def run_rank(point: dict, out_dir: str) -> None:
     """Train; rank 0 writes ``worker_metrics.json``, a failing rank writes ``rank<r>_error.json``."""
     out = Path(out_dir)
@@ -173,15 +163,16 @@ def run_rank(point: dict, out_dir: str) -> None:
     try:
         result = train(point)
         if rank == 0:
-            _write_json(out / "worker_metrics.json", result)
+            write_json(out / "worker_metrics.json", result)
         # Leave together: a rank that tears gloo down while its peer still talks aborts the peer.
         if dist.is_initialized():
             dist.barrier()
     except BaseException as exc:
         status = "oom" if is_out_of_memory(exc) else "error"
         message = f"{type(exc).__name__}: {exc}".strip()
-        _write_json(out / f"rank{rank}_error.json", {"status": status, "error": message[:2000],
-                                                     "traceback": traceback.format_exc()[-8000:]})  # fmt: skip
+        write_json(out / f"rank{rank}_error.json", {"status": status, "error": message[:2000],
+                                                    "device_peak_bytes": _peak_device_bytes(),
+                                                    "traceback": traceback.format_exc()[-8000:]})  # fmt: skip
         raise
     finally:
         destroy_distributed()
@@ -222,7 +213,6 @@ def summarize(result: dict) -> dict:
         "step_time_p20_s": q[1],
         "step_time_p80_s": q[7],
         "loss": ranks[0]["loss"],
-        "measured_peak_tflops": statistics.mean(r["peak_tflops"] for r in ranks),
         "device_peak_bytes": biggest("device_peak_bytes"),
         "device_reserved_bytes": biggest("device_reserved_bytes"),
         "device_driver_bytes": biggest("device_driver_bytes"),

@@ -7,13 +7,13 @@
 #   3. the FPDT block at S=$FPDT_S (default 128K), C in $FPDT_C (default 32K 64K): offload vs
 #      on-device step time, peak/reserved memory, and a timeline, alone on the GPU.
 #
-#     OUT=/some/dir GPU_BUDGET_S=180 bash experiments/gpu_fpdt_check.sh
+#     OUT=/some/dir GPU_BUDGET_S=180 bash experiments/gpu/fpdt_check.sh
 #
 # $OUT ends with summary.txt, fpdt_block_<gpu>.csv, fpdt_block_<gpu>_timeline.{csv,png} and
 # logs.tar.gz. Exit status 0 if every step passed.
 OUT_DEFAULT=experiments/results/gpu_fpdt_check
-# shellcheck source=experiments/gpu_common.sh
-source "$(dirname "$0")/gpu_common.sh"
+# shellcheck source=experiments/gpu/common.sh
+source "$(dirname "$0")/common.sh"
 
 environment >/dev/null
 gpu=$(gpu_slug)

@@ -8,11 +8,15 @@ directory also gets its own ``result.json``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import os
+import warnings
 from pathlib import Path
+
+from ..core.tables import read_csv, write_csv, write_json
+
+__all__ = ["ROW_FIELDS", "KEY_FIELDS", "find_point", "load_points", "point_key", "read_csv", "record_point",
+           "write_results_csv"]  # fmt: skip
 
 # Column order of results.csv. The first block are the fixed names tests outside this
 # repository read; the rest add the configuration echo and provenance.
@@ -46,15 +50,22 @@ def point_key(point: dict) -> str:
     return f"{point['model']}_{point['strategy']}_s{point['seq_len']}_u{point['chunks']}_g{point['gpus']}_{digest}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _read_point(path: Path) -> dict | None:
+    """One point's row, or ``None`` with a warning naming the file if it is unreadable (a killed
+    write, a disk error): such a point counts as not run, so it runs again and replaces the file."""
+    try:
+        row = json.loads(path.read_text())
+        if not isinstance(row, dict) or "status" not in row:
+            raise ValueError("not a result row")
+        return row
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"ignoring unreadable result {path} ({exc}); the point counts as not run", stacklevel=3)
+        return None
 
 
 def find_point(sweep_dir: Path, key: str) -> dict | None:
     path = Path(sweep_dir) / "points" / f"{key}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return _read_point(path) if path.exists() else None
 
 
 def record_point(sweep_dir: Path, job_dir: Path, row: dict, csv_name: str = "results.csv") -> Path:
@@ -62,35 +73,19 @@ def record_point(sweep_dir: Path, job_dir: Path, row: dict, csv_name: str = "res
     sweep_dir, job_dir = Path(sweep_dir), Path(job_dir)
     points = sweep_dir / "points"
     points.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(row, indent=2, sort_keys=True, default=str)
-    _write_atomic(points / f"{row['key']}.json", text)
+    write_json(points / f"{row['key']}.json", row)
     job_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(job_dir / "result.json", text)
-    return write_csv(load_points(sweep_dir), sweep_dir / csv_name)
+    write_json(job_dir / "result.json", row)
+    return write_results_csv(load_points(sweep_dir), sweep_dir / csv_name)
 
 
 def load_points(sweep_dir: Path) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted((Path(sweep_dir) / "points").glob("*.json"))]
+    """Every readable point of a sweep directory, sorted (unreadable files are skipped with a warning)."""
+    rows = [r for p in sorted((Path(sweep_dir) / "points").glob("*.json")) if (r := _read_point(p)) is not None]
     return sorted(rows, key=lambda r: (r.get("model", ""), r.get("strategy", ""), r.get("gpus", 0),
                                        r.get("chunks", 0), r.get("seq_len", 0)))  # fmt: skip
 
 
-def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> Path:
-    """Write ``rows`` atomically; columns are ``fields`` (default: the result-row order), then any
-    other keys the rows carry, sorted."""
-    path = Path(path)
-    fields = list(ROW_FIELDS if fields is None else fields)
-    fields += sorted({k for r in rows for k in r} - set(fields))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k) for k in fields})
-    os.replace(tmp, path)
-    return path
-
-
-def read_csv(path: Path) -> list[dict]:
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+def write_results_csv(rows: list[dict], path: Path) -> Path:
+    """``results.csv``: the fixed columns first, then any others the rows carry."""
+    return write_csv(rows, path, ROW_FIELDS)

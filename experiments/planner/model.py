@@ -1,8 +1,8 @@
 """The planner's first-principles model: bytes by part and the time of one training step.
 
 Every term is derived from what the code allocates (``models/transformer.py``,
-``models/chunked.py``, ``parallel/fpdt.py``, ``parallel/schedule.py``, ``experiments/worker.py``);
-``experiments/PLANNER.md`` writes the formulas out. Notation as in DESIGN.md: ``P`` ranks,
+``models/chunked.py``, ``parallel/fpdt.py``, ``parallel/schedule.py``, ``experiments/sweep/worker.py``);
+``experiments/planner/PLANNER.md`` writes the formulas out. Notation as in the README: ``P`` ranks,
 ``S`` tokens, ``u`` chunks, ``C = S/u``, ``s = S/P`` local tokens, ``c = C/P``, ``H``/``Hkv``
 heads, ``d`` head dim, ``h`` hidden, ``f`` MLP width, ``V`` vocabulary, ``L`` layers, ``b`` bytes
 per element of the training dtype. All sizes are per rank unless named ``*_node``.
@@ -27,7 +27,7 @@ FP32 = 4
 INT64 = 8
 
 # Live tensors at the MLP-backward peak of a recomputed layer, counted from the autograd graph of
-# Block._layer and the chunked MLP backward (and confirmed with experiments.memory's tracker on
+# Block._layer and the chunked MLP backward (and confirmed with experiments.core.memory's tracker on
 # llama-tiny / gpt-tiny): hidden-sized [s, h] tensors besides the checkpoints (norm1 out, residual,
 # norm2 out, MLP out, layer out, incoming gradient and the MLP input gradient), plus one more per
 # norm for RMSNorm, whose composite kernel saves its normalised input.
@@ -56,7 +56,7 @@ class Setup:
     chunks: int
     dtype_bytes: int
     activation_checkpointing: bool
-    checkpoint_offload: bool
+    checkpoint_on_host: bool
     offload: bool
     fsdp: bool
     chunked_mlp: bool
@@ -90,14 +90,6 @@ def _backward(chunks: int, offload: bool) -> Schedule:
 
 
 # --- sizes -------------------------------------------------------------------------------------
-
-
-def layer_params(cfg) -> int:
-    """Parameters of one block (attention, MLP, two norms)."""
-    h, f, d, H, Hkv = cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    attn = (H + 2 * Hkv) * d * h + h * H * d + (((H + 2 * Hkv) * d + h) if cfg.bias else 0)
-    mlp = (3 if cfg.activation == "swiglu" else 2) * h * f + ((f + h) if cfg.bias else 0)
-    return attn + mlp + 2 * h * (2 if cfg.norm == "layernorm" else 1)
 
 
 def chunk_bytes(st: Setup) -> dict[str, int]:
@@ -173,7 +165,7 @@ def model_state_bytes(st: Setup) -> dict[str, int]:
     n = cfg.num_params()
     if not st.fsdp:
         return {"params": n * b, "grads": n * b, "optimizer": 2 * n * b}
-    blk = layer_params(cfg)
+    blk = cfg.layer_params()
     root = n - cfg.n_layers * blk
     return {
         "params": n * b // P + (2 * blk + root) * b,
@@ -191,13 +183,13 @@ def memory(st: Setup) -> Memory:
     states = model_state_bytes(st)
     fixed = sum(states.values())
     # Token ids: this rank's tokens, labels and positions; a CPU run also holds the full-length
-    # batch and the layout permutation on its simulated device (experiments/worker.py).
+    # batch and the layout permutation on its simulated device (experiments/sweep/worker.py).
     tokens = 3 * s * INT64 + (2 * S * INT64 if st.simulated_device else 0)
 
     if st.activation_checkpointing:
         # Layer inputs kept by the checkpoints: L on device, or on the host with one device copy
         # of the input of the layer being recomputed.
-        ckpt = A if st.checkpoint_offload else L * A
+        ckpt = A if st.checkpoint_on_host else L * A
     else:
         ckpt = 0
     hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
@@ -219,7 +211,7 @@ def memory(st: Setup) -> Memory:
         logits = LOSS_LIVE * st.loss_tile * V * FP32 + s * (FP32 + INT64 + 1)  # tile + lse/labels/mask
     else:
         logits = LOSS_LIVE * s * V * FP32 + (s * V * b if b != FP32 else 0)
-    loss_ckpt = (L + 1) * A if (st.activation_checkpointing and not st.checkpoint_offload) else 0
+    loss_ckpt = (L + 1) * A if (st.activation_checkpointing and not st.checkpoint_on_host) else 0
     loss_phase = loss_ckpt + 3 * A + logits
 
     phases = {"mlp backward": mlp_phase, "attention backward": attn_phase, "loss": loss_phase}
@@ -291,7 +283,7 @@ def _host(st: Setup) -> dict[str, int]:
     dq of chunks 1..u-1 and one more dq (a round trip acquires before it releases)."""
     cfg, b, P, u = st.cfg, st.dtype_bytes, st.gpus, st.chunks
     host = {"checkpoints": 0, "offload store": 0}
-    if st.activation_checkpointing and st.checkpoint_offload:
+    if st.activation_checkpointing and st.checkpoint_on_host:
         host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * b
     if st.strategy == "fpdt" and st.offload:
         sz = chunk_bytes(st)
@@ -415,10 +407,10 @@ def step_seconds(st: Setup, rates: Rates) -> StepTime:
     parts = {"compute": compute, "attention": attention}
     overlapped = 0.0
     if st.fsdp:
-        per_layer = layer_params(cfg) * b * (st.gpus - 1) / st.gpus
+        per_layer = cfg.layer_params() * b * (st.gpus - 1) / st.gpus
         gathers = (n_fwd + 1) * per_layer + per_layer  # all-gathers + reduce-scatter
         overlapped = max(overlapped, L * gathers / rates.fsdp_bytes)
-    if st.activation_checkpointing and st.checkpoint_offload:
+    if st.activation_checkpointing and st.checkpoint_on_host:
         overlapped = max(overlapped, 2 * L * s * h * b / rates.pcie_bytes)
     parts["exposed transfers"] = max(0.0, overlapped - (compute + attention))
     return StepTime(sum(parts.values()), parts)

@@ -1,0 +1,51 @@
+"""The one-block harness of the FPDT benchmarks: an attention block (QKV projection, RoPE,
+attention, output projection) forward + backward on one device (``P = 1``)."""
+
+from __future__ import annotations
+
+import torch
+
+from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, Timeline, fpdt_attention, ulysses_attention
+from parallel.host_store import allocating_on_host
+
+from ..core.memory import MemoryTracker
+
+ROPE_BASE = 500000.0  # Llama 3's
+
+
+class Block:
+    """Weights, input ``x [B, S, H*d]`` and output gradient of one block, and the host store its
+    FPDT offload uses (:meth:`new_store` gives one configuration its own)."""
+
+    def __init__(self, S: int, H: int, d: int, dtype: torch.dtype, device, batch: int = 1, seed: int = 0):
+        torch.manual_seed(seed)
+        h = H * d
+        self.w = AttentionWeights.random(h, H, H, d, dtype=dtype, device=device)
+        self.rope = RotaryEmbedding(d, ROPE_BASE)
+        self.x = torch.randn(batch, S, h, dtype=dtype, device=device, requires_grad=True)
+        self.dy = torch.randn(batch, S, h, dtype=dtype, device=device)
+        self.store = HostStore()
+
+    def new_store(self) -> HostStore:
+        self.store = HostStore()
+        return self.store
+
+    def step(self, strategy: str, chunks: int = 1, offload: bool = True, timeline: Timeline | None = None) -> None:
+        """One forward + backward; ``strategy`` is ``ulysses`` (at ``P = 1``: the whole-sequence
+        block) or ``fpdt``."""
+        if strategy == "ulysses":
+            y = ulysses_attention(self.x, self.w, self.rope, group=SPGroup.single())
+        else:
+            y = fpdt_attention(self.x, self.w, self.rope, group=SPGroup.single(), chunks=chunks, offload=offload,
+                               store=self.store, timeline=timeline)  # fmt: skip
+        y.backward(self.dy)
+        self.x.grad = None
+        for p in self.w.parameters():
+            p.grad = None
+
+    def tracker(self, cap_bytes: int | None = None) -> MemoryTracker:
+        """Live tensor bytes of the steps run inside it, on the simulated device (CPU): the block's
+        input, output gradient and weights, which exist before the step, and the host store's
+        buffers (host memory) are not counted."""
+        return MemoryTracker(on_host=allocating_on_host, exclude=self.store.owns, cap_bytes=cap_bytes,
+                             ignore=[self.x, self.dy, *self.w.parameters()])  # fmt: skip

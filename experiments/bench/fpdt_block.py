@@ -1,0 +1,183 @@
+"""FPDT attention block on one device: step time with host offload vs without, peak memory vs
+chunk count, and one recorded timeline of the chunk pipeline (copies vs compute).
+
+One rank (``P = 1``), forward + backward of one block (QKV projection, RoPE, attention, output
+projection). On CUDA: bf16, ``H=32, d=128``, ``S`` in {128K, 256K} (add 512K with
+``--seq-lens``), global chunk ``C`` in {16K, 32K, 64K}; times are CUDA-event medians,
+memory is ``torch.cuda.max_memory_allocated``. Without CUDA it runs a toy size so the code path
+is exercised, with the simulated device of ``experiments.core.memory``. The target: offload
+costs at most 15% at ``C >= 32K``. Writes ``experiments/results/fpdt_block_<device>.csv``, the
+timeline as CSV and PNG::
+
+    python -m experiments.bench_fpdt_block
+    python -m experiments.bench_fpdt_block --seq-lens 524288 --chunk-tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+from parallel import Timeline
+
+from ..core.dtypes import dtype_name
+from ..core.memory import is_out_of_memory
+from ..core.paths import RESULTS_DIR
+from ..core.tables import write_csv
+from ..core.units import GIB, format_bytes
+from .block import Block
+
+
+def _timed(fn, cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(block: Block, strategy: str, S: int, C: int, offload: bool, reps: int, cuda: bool) -> dict:
+    chunks = S // C if strategy == "fpdt" else 1
+    row = dict(strategy=strategy, S=S, C=C if strategy == "fpdt" else S, chunks=chunks, offload=offload)
+    run = lambda: block.step(strategy, chunks, offload)
+    block.new_store()  # host bytes of this configuration only
+    try:
+        t0 = time.perf_counter()
+        run()  # warm-up: compiles, autotuning, host buffers, allocator
+        if cuda:
+            torch.cuda.synchronize()
+        row["warmup_s"] = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # reserved memory of this configuration only
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times = [_timed(run, True) for _ in range(reps)]
+            peak = torch.cuda.max_memory_allocated() - base
+            # Reserved (what the caching allocator holds, side-stream pools included) and its
+            # retries (an allocation that had to free cached blocks first) say what allocated hides.
+            stats = torch.cuda.memory_stats()
+            extra = dict(reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+                         alloc_retries=stats.get("num_alloc_retries", 0))  # fmt: skip
+        else:
+            with block.tracker() as tracker:
+                times = [_timed(run, False) for _ in range(reps)]
+            peak = tracker.peak["device"]
+            extra = {}
+    except Exception as exc:  # an OOM at one size is a row, not the end of the benchmark
+        if not is_out_of_memory(exc):
+            raise
+        if cuda:
+            torch.cuda.empty_cache()
+        return dict(row, status="oom", error=str(exc).splitlines()[0][:300])
+    return dict(row, status="ok", step_s=statistics.median(times), peak_gib=peak / GIB,
+                host_gib=block.store.bytes_allocated / GIB, **extra)  # fmt: skip
+
+
+def _format_row(r: dict) -> str:
+    size = lambda gib: format_bytes(gib * GIB)
+    cost = f"  offload cost {100 * r['offload_cost']:+.1f}%" if "offload_cost" in r else ""
+    reserved = f"  reserved {size(r['reserved_gib'])}  retries {r['alloc_retries']}" if "reserved_gib" in r else ""
+    if r["status"] != "ok":
+        body = f"{r['status']}: {r['error']}"
+    else:
+        body = f"{r['step_s']:.3f} s (warm-up {r['warmup_s']:.1f} s)  peak {size(r['peak_gib'])}{reserved}"
+        body += f"  host {size(r['host_gib'])}{cost}"
+    return f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5} {body}"
+
+
+def main(argv=None) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[131072, 262144] if cuda else [4096])
+    parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[16384, 32768, 65536] if cuda else [1024, 2048])
+    parser.add_argument("--heads", type=int, default=32 if cuda else 4)
+    parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
+    parser.add_argument("--reps", type=int, default=3 if cuda else 1)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
+    parser.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
+    args = parser.parse_args(argv)
+    if not cuda:
+        kernels.set_backend("torch")
+        print("NO CUDA: toy size on the CPU (simulated device memory); GPU figures need CUDA")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    meta = dict(device=name, H=args.heads, d=args.head_dim, dtype=dtype_name(dtype))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def record(row: dict) -> None:  # printed and written as measured: a timeout keeps what ran
+        row.update(meta)
+        rows.append(row)
+        print(_format_row(row), flush=True)
+        write_csv(rows, args.out)
+
+    if cuda:
+        _tune_kernels(args, dtype, device)
+    for S in args.seq_lens:
+        block = Block(S, args.heads, args.head_dim, dtype, device)
+        record(measure(block, "ulysses", S, S, False, args.reps, cuda))
+        for C in args.chunk_tokens:
+            if S % C or C > S:
+                continue
+            on_device = measure(block, "fpdt", S, C, False, args.reps, cuda)
+            record(on_device)
+            offloaded = measure(block, "fpdt", S, C, True, args.reps, cuda)
+            if on_device["status"] == offloaded["status"] == "ok":
+                offloaded["offload_cost"] = offloaded["step_s"] / on_device["step_s"] - 1
+            record(offloaded)
+        del block
+    print(f"wrote {args.out}")
+    if args.timeline:
+        _record_timeline(args, dtype, device, args.out.with_name(args.out.stem + "_timeline"))
+    return rows
+
+
+def _tune_kernels(args, dtype, device) -> None:
+    """Compile and autotune at a small length first: every length from ``SEQ_BUCKET_CAP`` up shares
+    one autotune key, and tuning at the full length runs each config ~7 times there."""
+    from kernels.attention.triton_common import SEQ_BUCKET_CAP  # CUDA only: Triton is there
+
+    S = 2 * SEQ_BUCKET_CAP
+    t0 = time.perf_counter()
+    block = Block(S, args.heads, args.head_dim, dtype, device)
+    block.step("ulysses", 1, False)
+    block.step("fpdt", 2, False)
+    torch.cuda.synchronize()
+    print(f"kernels compiled and tuned at S={S} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _record_timeline(args, dtype, device, stem: Path) -> None:
+    """One forward+backward with per-op start/end times, for the copy/compute overlap figure."""
+    S = args.seq_lens[0]
+    C = next((c for c in sorted(args.chunk_tokens, reverse=True) if S % c == 0 and S // c >= 4), S // 4)
+    block = Block(S, args.heads, args.head_dim, dtype, device)
+    block.step("fpdt", S // C, True)  # warm-up
+    timeline = Timeline()
+    block.step("fpdt", S // C, True, timeline)
+    rows = timeline.rows()
+    write_csv(rows, stem.with_suffix(".csv"))
+    print(f"timeline: {stem.with_suffix('.csv')}")
+    try:
+        from ..figures.plots import plot_timeline
+    except ImportError as exc:  # a bare GPU box may lack matplotlib; the CSV is the record
+        print(f"timeline figure skipped: {exc}")
+        return
+    title = f"FPDT block S={S} C={C} (u={S // C}), offload on, {device.type}"
+    for path in plot_timeline(rows, stem, title=title):
+        print(f"timeline: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""CSV and JSON files written atomically: an interrupted job never leaves half a table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> Path:
+    """Write ``rows`` atomically. Columns: ``fields`` first (default none), then every other key the
+    rows carry in order of first appearance."""
+    path = Path(path)
+    columns = list(fields or [])
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in columns})
+    os.replace(tmp, path)
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,126 @@
+"""``python -m experiments.plan``: the planning table for a model on some GPUs, before booking them.
+
+The same Hydra groups as ``experiments.run`` (``model=``, ``hardware=``; ``--help`` lists them),
+with the planner's own keys (``conf/plan.yaml``)::
+
+    python -m experiments.plan model=llama3-8b gpus=4 hardware=a100-80g
+    python -m experiments.plan model=llama3-70b gpus=32 hardware=h100-sxm chunk_tokens=131072
+    python -m experiments.plan model=llama-tiny gpus=2 hardware=cpu max_device_memory=0.01 fsdp=false
+    python -m experiments.plan model=llama3-8b gpus=8 hardware=h100-sxm 'strategies=[fpdt]'
+
+One row per power-of-two ``seq_len``: per strategy the device peak per GPU, host memory per node,
+step time and MFU (``x``: does not fit); then each strategy's longest ``seq_len`` and the FPDT
+chunk recommended at it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import hydra
+from hydra import compose, initialize_config_dir
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from parallel import STRATEGIES
+
+from ..core.paths import CONF_DIR
+from ..core.units import format_bytes
+from ..sweep.config import DType, HardwareConf, ModelSelect
+from .estimate import ATTENTION_EFFICIENCY, DENSE_EFFICIENCY, estimate
+from .search import max_seq_len, recommend_chunk_tokens
+
+
+@dataclass
+class PlanConfig:
+    model: ModelSelect = MISSING
+    hardware: HardwareConf = MISSING
+    gpus: int = 4
+    strategies: list[str] | None = None  # default: ulysses and fpdt (and local when gpus=1)
+    chunk_tokens: int = 65536  # FPDT global chunk C in tokens
+    min_seq_len: int = 8192  # first row of the table
+    max_seq_len: int | None = None  # last row (default: twice the longest that fits)
+    activation_checkpointing: bool = True
+    checkpoint_on_host: bool = True
+    fsdp: bool = True
+    offload: bool | None = None  # None: the strategy's conf/parallel preset
+    chunked_mlp: bool | None = None
+    chunked_loss: bool | None = None
+    mlp_tile: int | None = None
+    loss_tile: int | None = None
+    dtype: DType = DType.auto
+    max_device_memory: float | None = None  # GiB per GPU (required for hardware=cpu)
+    dense_efficiency: float = DENSE_EFFICIENCY
+    attention_efficiency: float = ATTENTION_EFFICIENCY
+
+
+hydra.core.config_store.ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.3g}" if t < 100 else f"{t:.0f}"
+
+
+def _size(n: int) -> str:
+    return format_bytes(n).replace(" ", "")
+
+
+def plan_table(cfg: DictConfig) -> str:
+    """The planning table for a composed ``conf/plan.yaml``."""
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    model, gpus, hardware = c["model"]["name"], c["gpus"], c["hardware"]["name"]
+    strategies = c["strategies"] or [s for s in STRATEGIES if s != "local" or gpus == 1]
+    kw = {k: c[k] for k in ("chunk_tokens", "activation_checkpointing", "checkpoint_on_host", "fsdp", "offload",
+                            "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
+                            "dense_efficiency", "attention_efficiency")}  # fmt: skip
+    kw.update(n_layers=c["model"]["n_layers"], peak_tflops=c["hardware"]["peak_tflops"])
+    maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
+    lo = c["min_seq_len"]
+    hi = c["max_seq_len"] or max(2 * (1 << math.ceil(math.log2(max(maxima.values()) or 1))), lo)
+    where = "on host" if kw["checkpoint_on_host"] else "on device"
+    chunk = f", fpdt chunk {kw['chunk_tokens']} tokens" if "fpdt" in strategies else ""
+    lines = [
+        f"plan: {model} on {gpus} x {hardware}; checkpoints {where}, fsdp={kw['fsdp']}{chunk}",
+        "per strategy: device peak per GPU | host memory per node | step s | MFU;  x = does not fit",
+    ]
+    head = f"{'seq_len':>10}" + "".join(f"  {s:^35}" for s in strategies)
+    lines += [head, "-" * len(head)]
+    n = 1 << max(0, math.ceil(math.log2(max(lo, gpus))))
+    while n <= hi:
+        row = f"{n:>10}"
+        for s in strategies:
+            try:
+                e = estimate(model, s, gpus, hardware, n, **kw)
+            except ValueError:  # this length does not split for this strategy (e.g. into chunks)
+                row += f"  {'-':^35}"
+                continue
+            cell = f"{_size(e.device_peak):>9} {_size(e.host_node):>9} {_seconds(e.step_time_s):>7} {e.mfu:>6.1%} "
+            row += f"  {cell + (' ' if e.fits else 'x'):>35}"
+        lines.append(row)
+        n *= 2
+    lines.append("")
+    for s in strategies:
+        lines.append(f"max seq_len {s:<8} {maxima[s]:>12,} tokens")
+    if "fpdt" in strategies and maxima["fpdt"]:
+        best = recommend_chunk_tokens(model, gpus, hardware, maxima["fpdt"], **kw)
+        note = "" if best == kw["chunk_tokens"] else f" (the table uses chunk_tokens={kw['chunk_tokens']})"
+        lines.append(f"recommended fpdt chunk at seq_len {maxima['fpdt']:,}: {best} tokens{note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Compose ``conf/plan.yaml`` with ``argv`` (Hydra overrides), print and return the table."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("plan", overrides=list(argv or []))
+    text = plan_table(cfg)
+    print(text)
+    return text
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="plan", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
+    try:
+        print(plan_table(cfg))
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")

@@ -1,0 +1,311 @@
+"""The planner's answer for one configuration: memory by part, step time, MFU (:func:`estimate`).
+
+A first-principles model (:mod:`experiments.planner.model`, formulas in
+``experiments/planner/PLANNER.md``) for a model preset, strategy (``local | ulysses | fpdt``),
+``gpus`` and hardware preset::
+
+    from experiments.plan import estimate
+    e = estimate("llama3-8b", "fpdt", 4, "a100-80g", seq_len=1 << 20)
+    e.device_peak, e.host_node, e.step_time_s, e.mfu, e.copy_overhead, e.fits
+
+Defaults are the paper's recipe for every strategy: activation checkpointing with the
+checkpoints in host memory, FSDP (ZeRO-3) sharding, 64K-token FPDT chunks; offload and MLP/loss
+tiling follow ``conf/parallel/<strategy>.yaml`` (on for ``fpdt``, off for ``ulysses``/``local``).
+Efficiency factors (achieved fraction of peak) are stated defaults: no GPU measurement exists
+in ``experiments/results/`` yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import asdict, dataclass
+
+from omegaconf import OmegaConf
+
+from models import get_config
+from models.transformer import default_tiles
+from parallel import check_heads, check_setup, check_strategy
+
+from ..core.dtypes import dtype_bytes
+from ..core.flops import step_flops
+from ..core.hardware import cpu_peak_tflops, load_preset
+from ..core.paths import CONF_DIR
+from ..core.units import GIB
+from .model import Rates, Setup, attention_layer_seconds, memory, step_seconds
+
+# Achieved fraction of peak FLOP/s. Stated defaults, not measurements (no GPU run exists yet):
+# large bf16 GEMMs reach ~70% of the datasheet on A100/H100; FlashAttention-2 reaches ~40-50%
+# (~370 of 989 TFLOP/s forward on H100, less backward). On an H200 our Triton kernels measured
+# 316-453 TFLOP/s at S=16K, d=128 (experiments/results/bench_attention_nvidia_h200.csv).
+DENSE_EFFICIENCY = 0.70
+ATTENTION_EFFICIENCY = 0.45
+# Fraction of link bandwidth an all-to-all or FSDP collective achieves (NCCL, large messages).
+COMM_EFFICIENCY = 0.70
+# Beyond one node the all-to-all crosses the network: 200 Gb/s InfiniBand per GPU (DGX-class).
+GPUS_PER_NODE = 8
+INTER_NODE_GBPS = 25.0
+# Device memory the allocator can give out: the rest goes to the CUDA context, NCCL buffers and
+# fragmentation. The CPU's simulated device has none of these.
+DEVICE_USABLE = 0.90
+HOST_USABLE = 0.90
+# CPU "hardware": copies and collectives run at memory speed (a stated default).
+CPU_COPY_GBPS = 10.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The planner's answer for one configuration and ``seq_len`` (bytes, seconds)."""
+
+    model: str
+    strategy: str
+    gpus: int
+    hardware: str
+    seq_len: int
+    chunks: int
+    chunk_tokens: int
+    device: dict[str, int]  # per-rank device bytes by part, at the peak
+    device_peak: int
+    peak_phase: str
+    device_capacity: int
+    host: dict[str, int]  # per-rank host bytes by part
+    host_per_rank: int
+    host_node: int
+    host_capacity: int  # per node
+    step_time_s: float
+    step_parts: dict[str, float]
+    tokens_per_s: float
+    mfu: float
+    copy_overhead: float  # FPDT: attention pipeline time / the same with free host-device copies - 1
+    fits_device: bool
+    fits_host: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_device and self.fits_host
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits}
+
+
+@functools.cache
+def _strategy_preset(strategy: str) -> dict:
+    conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "parallel" / f"{strategy}.yaml"))
+    return {k: bool(conf.get(k, False)) for k in ("offload", "chunked_mlp", "chunked_loss")}
+
+
+def _hardware(name: str, max_device_memory: float | None, peak_tflops: float | None) -> dict:
+    hw = load_preset(name)
+    if hw["name"] == "auto":
+        raise ValueError("hardware=auto detects the machine at run time; name a preset to plan for, e.g. a100-80g")
+    cpu = hw["name"] == "cpu"
+    if cpu and max_device_memory is None:
+        raise ValueError(
+            "hardware=cpu has no device memory; give the simulated device's cap, e.g. max_device_memory=0.01 (GiB)"
+        )
+    device_gib = max_device_memory if max_device_memory is not None else hw["device_memory_gib"]
+    return {
+        "name": hw["name"],
+        "cpu": cpu,
+        "device_bytes": int(device_gib * GIB * (1.0 if cpu or max_device_memory is not None else DEVICE_USABLE)),
+        "host_bytes": int((hw.get("host_memory_gib") or 0) * GIB * HOST_USABLE) if not cpu else None,
+        "peak_tflops": peak_tflops or hw.get("peak_tflops") or cpu_peak_tflops()[0],
+        "pcie_gbps": hw.get("pcie_gbps") or CPU_COPY_GBPS,
+        "nvlink_gbps": hw.get("nvlink_gbps") or CPU_COPY_GBPS,
+    }
+
+
+def _chunks(strategy: str, seq_len: int, gpus: int, chunks: int | None, chunk_tokens: int) -> int:
+    if strategy != "fpdt":
+        return 1
+    if chunks is not None:
+        if chunks < 1:
+            raise ValueError(f"chunks={chunks} must be >= 1")
+        return chunks
+    if chunk_tokens < 1 or chunk_tokens % gpus:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive multiple of gpus={gpus}")
+    if seq_len <= chunk_tokens:
+        return 1
+    if seq_len % chunk_tokens:
+        raise ValueError(
+            f"chunk_tokens={chunk_tokens} does not divide seq_len={seq_len}; use a seq_len that is a multiple of "
+            f"{chunk_tokens} or a chunk size that divides {seq_len}"
+        )
+    return seq_len // chunk_tokens
+
+
+def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches) -> tuple[Setup, dict]:
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus} must be >= 1")
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    n_layers = switches.pop("n_layers", None)
+    cfg = get_config(model, **({"n_layers": n_layers} if n_layers else {}))
+    # The strategy and the head split first: they are the cause whatever the chunk size says.
+    check_strategy(strategy, gpus)
+    check_heads(cfg.n_heads, cfg.n_kv_heads, gpus)
+    hw = _hardware(hardware, switches.pop("max_device_memory", None), switches.pop("peak_tflops", None))
+    u = _chunks(strategy, seq_len, gpus, chunks, chunk_tokens)
+    check_setup(strategy, seq_len, gpus, u, cfg.n_heads, cfg.n_kv_heads)
+    if switches.get("fsdp") and gpus == 1:
+        switches["fsdp"] = False  # FSDP shards over the sequence-parallel group; nothing to shard
+    preset = _strategy_preset(strategy)
+    dtype = switches.pop("dtype", "auto")
+    s = seq_len // gpus
+    mlp_default, loss_default = default_tiles(s, u)
+    mlp_tile = switches.get("mlp_tile") or mlp_default
+    loss_tile = switches.get("loss_tile") or loss_default
+    st = Setup(
+        cfg=cfg,
+        strategy=strategy,
+        gpus=gpus,
+        seq_len=seq_len,
+        chunks=u,
+        dtype_bytes=dtype_bytes(dtype, cuda=not hw["cpu"]),
+        activation_checkpointing=switches["activation_checkpointing"],
+        checkpoint_on_host=switches["checkpoint_on_host"] and switches["activation_checkpointing"],
+        offload=strategy == "fpdt" and _pick(switches.get("offload"), preset["offload"]),
+        fsdp=switches["fsdp"],
+        chunked_mlp=_pick(switches.get("chunked_mlp"), preset["chunked_mlp"]),
+        chunked_loss=_pick(switches.get("chunked_loss"), preset["chunked_loss"]),
+        mlp_tile=mlp_tile,
+        loss_tile=loss_tile,
+        simulated_device=hw["cpu"],
+    )
+    return st, hw
+
+
+def _pick(value, default):
+    return default if value is None else bool(value)
+
+
+def _rates(st: Setup, hw: dict, dense_efficiency: float, attention_efficiency: float) -> Rates:
+    peak = hw["peak_tflops"] * 1e12
+    intra = st.gpus <= GPUS_PER_NODE
+    link = (hw["nvlink_gbps"] if intra else INTER_NODE_GBPS) * 1e9 * COMM_EFFICIENCY
+    return Rates(
+        dense_flops=peak * dense_efficiency,
+        attention_flops=peak * attention_efficiency,
+        pcie_bytes=hw["pcie_gbps"] * 1e9,
+        a2a_bytes=link,
+        fsdp_bytes=link,
+    )
+
+
+def estimate(
+    model: str,
+    strategy: str,
+    gpus: int,
+    hardware: str,
+    seq_len: int,
+    *,
+    chunks: int | None = None,
+    chunk_tokens: int = 65536,
+    activation_checkpointing: bool = True,
+    checkpoint_on_host: bool = True,
+    fsdp: bool = True,
+    offload: bool | None = None,
+    chunked_mlp: bool | None = None,
+    chunked_loss: bool | None = None,
+    mlp_tile: int | None = None,
+    loss_tile: int | None = None,
+    dtype: str = "auto",
+    n_layers: int | None = None,
+    max_device_memory: float | None = None,
+    peak_tflops: float | None = None,
+    dense_efficiency: float = DENSE_EFFICIENCY,
+    attention_efficiency: float = ATTENTION_EFFICIENCY,
+    checkpoint_offload: bool | None = None,
+) -> Estimate:
+    """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
+
+    ``chunks`` (FPDT's ``u``) overrides ``chunk_tokens`` (global chunk ``C``; ``u = S/C``, 1 when
+    ``S <= C``). ``offload``, ``chunked_mlp``, ``chunked_loss``: ``None`` = the strategy's preset.
+    ``dtype``: ``auto`` = fp32 on ``hardware=cpu`` (as the CPU runs train), bf16 otherwise.
+    ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
+    ``ValueError`` on an unknown preset, head counts that do not split over ``gpus``, or a chunk
+    size that does not divide ``seq_len``. ``checkpoint_offload`` is the old name of
+    ``checkpoint_on_host`` (deprecated).
+    """
+    if checkpoint_offload is not None:
+        warnings.warn("checkpoint_offload is now checkpoint_on_host", DeprecationWarning, stacklevel=2)
+        checkpoint_on_host = checkpoint_offload
+    switches = dict(
+        activation_checkpointing=activation_checkpointing,
+        checkpoint_on_host=checkpoint_on_host,
+        fsdp=fsdp,
+        offload=offload,
+        chunked_mlp=chunked_mlp,
+        chunked_loss=chunked_loss,
+        mlp_tile=mlp_tile,
+        loss_tile=loss_tile,
+        dtype=dtype,
+        n_layers=n_layers,
+        max_device_memory=max_device_memory,
+        peak_tflops=peak_tflops,
+    )
+    st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
+    mem = memory(st)
+    rates = _rates(st, hw, dense_efficiency, attention_efficiency)
+    time = step_seconds(st, rates)
+    overhead = 0.0
+    if st.strategy == "fpdt" and st.offload:
+        ideal = attention_layer_seconds(st, rates, copies=False)
+        overhead = time.parts["attention"] / (st.cfg.n_layers * ideal) - 1.0
+    flops = step_flops(st.cfg, seq_len).causal
+    ranks_per_node = min(gpus, GPUS_PER_NODE)
+    host_node = mem.host_total * ranks_per_node
+    return Estimate(
+        model=model,
+        strategy=strategy,
+        gpus=gpus,
+        hardware=hw["name"],
+        seq_len=seq_len,
+        chunks=st.chunks,
+        chunk_tokens=st.C,
+        device=dict(mem.parts),
+        device_peak=mem.peak,
+        peak_phase=mem.peak_phase,
+        device_capacity=hw["device_bytes"],
+        host=dict(mem.host),
+        host_per_rank=mem.host_total,
+        host_node=host_node,
+        host_capacity=hw["host_bytes"] if hw["host_bytes"] is not None else -1,
+        step_time_s=time.seconds,
+        step_parts=dict(time.parts),
+        tokens_per_s=seq_len / time.seconds,
+        mfu=flops / gpus / time.seconds / (hw["peak_tflops"] * 1e12),
+        copy_overhead=overhead,
+        fits_device=mem.peak <= hw["device_bytes"],
+        fits_host=hw["host_bytes"] is None or host_node <= hw["host_bytes"],
+    )
+
+
+def estimate_row(row: dict, **overrides) -> Estimate:
+    """The estimate for a measured result row (``results.csv`` / ``experiments.figures.plots.load_results``),
+    with the row's model, strategy, sizes, switches, dtype and device cap; ``overrides`` win."""
+
+    def flag(key):
+        value = row.get(key)
+        return value if isinstance(value, bool) else str(value) == "True"
+
+    def number(key):
+        value = row.get(key)
+        return None if value in (None, "", "None") else float(value)
+
+    hardware = row.get("hardware") or "cpu"
+    kwargs = dict(
+        chunks=int(row["chunks"]),
+        activation_checkpointing=flag("activation_checkpointing"),
+        checkpoint_on_host=flag("checkpoint_on_host"),
+        fsdp=flag("fsdp"),
+        offload=flag("offload"),
+        chunked_mlp=flag("chunked_mlp"),
+        chunked_loss=flag("chunked_loss"),
+        dtype=row.get("dtype") or "auto",
+        n_layers=None if number("n_layers") is None else int(number("n_layers")),
+        max_device_memory=number("max_device_memory") or (1.0 if hardware == "cpu" else None),
+        peak_tflops=number("peak_tflops") or (1.0 if hardware == "cpu" else None),
+    )
+    kwargs.update(overrides)
+    return estimate(row["model"], row["strategy"], int(row["gpus"]), hardware, int(row["seq_len"]), **kwargs)

@@ -1,0 +1,101 @@
+"""The longest sequence that fits (:func:`max_seq_len`) and the FPDT chunk to use for it
+(:func:`recommend_chunk_tokens`), searched over the planner's :func:`~.estimate.estimate`::
+
+    from experiments.plan import max_seq_len
+    max_seq_len("llama3-8b", "fpdt", 4, "a100-80g")                  # tokens
+"""
+
+from __future__ import annotations
+
+from .estimate import estimate
+
+# max_seq_len stops bisecting when the gap is within 1/RESOLUTION of the answer (or one granule).
+RESOLUTION = 64
+# Chunk sizes tried by recommend_chunk_tokens: at most this many chunks (the schedule has u^2 blocks).
+MAX_CHUNKS = 128
+# A chunk size "hides" the host-device traffic when the pipeline is at most this much slower
+# than the same pipeline with free copies.
+HIDE_TOLERANCE = 0.05
+
+
+def _granularity(strategy: str, gpus: int, seq_len: int, chunk_tokens: int) -> int:
+    if strategy == "fpdt" and seq_len > chunk_tokens:
+        return chunk_tokens
+    return gpus
+
+
+def max_seq_len(
+    model: str,
+    strategy: str,
+    gpus: int,
+    hardware: str,
+    *,
+    chunk_tokens: int = 65536,
+    activation_checkpointing: bool = True,
+    checkpoint_on_host: bool = True,
+    fsdp: bool = True,
+    limit: int = 1 << 30,
+    **switches,
+) -> int:
+    """The longest ``seq_len`` whose device AND host memory fit (0 if none does).
+
+    Doubling over powers of two, then bisection on multiples of the granularity (``gpus``, or
+    ``chunk_tokens`` once FPDT has more than one chunk) until the gap to the first length that
+    does not fit is one granule or ``1/RESOLUTION`` of the answer. ``switches``: the other keywords of
+    :func:`estimate` (``max_device_memory`` for ``hardware=cpu``, ``offload``, ``dtype``, ...).
+    """
+    if strategy == "fpdt" and (chunk_tokens < 1 or chunk_tokens % gpus):
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive multiple of gpus={gpus}")
+    kw = dict(
+        chunk_tokens=chunk_tokens,
+        activation_checkpointing=activation_checkpointing,
+        checkpoint_on_host=checkpoint_on_host,
+        fsdp=fsdp,
+        **switches,
+    )
+
+    def fits(n: int) -> bool:
+        return estimate(model, strategy, gpus, hardware, n, **kw).fits
+
+    fixed = switches.get("chunks") if strategy == "fpdt" else None  # a fixed u instead of a chunk size
+    lo = 0
+    n = gpus * (fixed or 1)
+    while n <= limit and fits(n):
+        lo, n = n, n * 2
+    if lo == 0 or n > limit:
+        return lo
+    hi = n  # lo fits, hi does not
+    g = gpus * fixed if fixed else _granularity(strategy, gpus, hi, chunk_tokens)
+    while hi - lo > max(g, lo // RESOLUTION):
+        mid = (lo + hi) // 2 // g * g
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+        g = gpus * fixed if fixed else _granularity(strategy, gpus, hi, chunk_tokens)
+    return lo
+
+
+def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, **switches) -> int | None:
+    """The smallest power-of-two FPDT chunk (tokens) that divides ``seq_len``, fits, and hides
+    the host-device traffic behind compute (replayed pipeline within ``HIDE_TOLERANCE`` of the
+    same pipeline with free copies); if none hides it, the fitting one with the shortest step.
+    ``None`` if no chunk size fits."""
+    switches.pop("chunk_tokens", None)
+    switches.pop("chunks", None)
+    c, candidates = gpus, []
+    while c <= seq_len:
+        if seq_len % c == 0 and seq_len // c <= MAX_CHUNKS:
+            candidates.append(c)
+        c *= 2
+    fitting = []
+    for c in candidates:
+        e = estimate(model, "fpdt", gpus, hardware, seq_len, chunks=seq_len // c, **switches)
+        if not e.fits:
+            continue
+        if e.copy_overhead <= HIDE_TOLERANCE:
+            return c
+        fitting.append((e.step_time_s, c))
+    return min(fitting)[1] if fitting else None

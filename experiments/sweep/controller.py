@@ -1,0 +1,276 @@
+"""One sweep point per Hydra job: ``python -m experiments.run``.
+
+The job is a controller: it resolves and checks the configuration once, skips it if the sweep
+already has its row, spawns ``gpus`` fresh worker processes (NCCL with one GPU each on CUDA,
+gloo on CPU), waits for them under a timeout, and records one result row, whatever happened::
+
+    # one point, 2 ranks
+    python -m experiments.run model=llama-tiny parallel=fpdt seq_len=8192 chunks=4 gpus=2
+    # a sweep (Hydra multirun): every combination is a point; results.csv in the sweep dir
+    python -m experiments.run -m parallel=ulysses,fpdt seq_len=8192,16384 chunks=1,2,4 gpus=1,2
+    python -m experiments.run +sweep=demo            # a preset from conf/sweep/ (resumable)
+    # several nodes: torchrun starts the ranks, each runs as a worker directly
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \\
+        -m experiments.run model=llama3-8b parallel=fpdt seq_len=1048576 chunks=16 gpus=16
+    # SLURM, one node per point (pip install -e ".[slurm]")
+    python -m experiments.run -m hydra/launcher=slurm +sweep=seqlen gpus=8 hydra.launcher.partition=gpu
+
+An out-of-memory error, a crash or a hung rank becomes a row with ``status`` ``oom``, ``error``
+or ``timeout``; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.multiprocessing as mp
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ..core.flops import FLOP_CONVENTION, step_flops
+from ..core.hardware import cpu_peak_tflops
+from ..core.paths import CONF_DIR
+from ..core.provenance import git_commit, versions
+from ..core.units import GIB, format_bytes
+from . import config as _schema  # noqa: F401  (registers the structured configs)
+from .points import check_point, model_config, resolve_point
+from .results import find_point, point_key, record_point
+from .worker import run_rank, spawn_entry, summarize
+
+FINAL_STATUSES = ("ok", "oom")
+# Point fields that are not part of the row (how to run it, not what was run).
+_NOT_IN_ROW = ("lr", "timeout_s", "data_dtype", "results_csv", "requested_chunks")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_errors(job_dir: Path) -> dict | None:
+    errors = sorted(job_dir.glob("rank*_error.json"))
+    if not errors:
+        return None
+    found = [json.loads(p.read_text()) for p in errors]
+    # An OOM on any rank is the cause; the others usually fail in a collective after it.
+    err = next((e for e in found if e["status"] == "oom"), found[0])
+    return {k: err.get(k) for k in ("status", "error", "device_peak_bytes")}
+
+
+def launch(point: dict, job_dir: Path) -> dict:
+    """Spawn the ranks, wait under the timeout, and return the raw outcome."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*job_dir.glob("rank*_error.json"), job_dir / "worker_metrics.json"]:
+        stale.unlink(missing_ok=True)
+    port = _free_port()
+    ctx = mp.start_processes(
+        spawn_entry,
+        args=(point, point["gpus"], port, str(job_dir)),
+        nprocs=point["gpus"],
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + point["timeout_s"]
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                for p in ctx.processes:
+                    p.join(10)
+                message = f"no result after timeout_s={point['timeout_s']:.0f} s; ranks killed"
+                return {"status": "timeout", "error": message}
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        err = _read_errors(job_dir)
+        if err is not None:
+            return err
+        reason = str(exc).strip().splitlines()[-1][:2000]
+        metrics = job_dir / "worker_metrics.json"
+        if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
+            return {"status": "ok", "metrics": json.loads(metrics.read_text()), "warning": f"teardown: {reason}"}
+        return {"status": "error", "error": reason}
+    err = _read_errors(job_dir)
+    if err is not None:
+        return err
+    return {"status": "ok", "metrics": json.loads((job_dir / "worker_metrics.json").read_text())}
+
+
+def _gib(x):
+    return None if x is None else x / GIB
+
+
+def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float) -> dict:
+    row = {k: v for k, v in point.items() if k not in _NOT_IN_ROW}
+    row.update(
+        status=outcome["status"],
+        error=outcome.get("error"),
+        warning=outcome.get("warning"),
+        key=key,
+        job_dir=str(job_dir),
+        git_commit=git_commit(),
+        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        wall_s=round(wall_s, 2),
+        flop_convention=FLOP_CONVENTION,
+        device_mem_simulated=not torch.cuda.is_available(),
+        **versions(),
+    )
+    if outcome["status"] == "oom" and outcome.get("device_peak_bytes") is not None:
+        # How far it got: the peak reached before the failure (the cap is max_device_memory).
+        row["device_mem_peak_gib"] = _gib(outcome["device_peak_bytes"])
+    if outcome["status"] != "ok":
+        return row
+    s = summarize(outcome["metrics"])
+    flops = step_flops(model_config(point), point["seq_len"], point["batch_size"])
+    peak = point["peak_tflops"]
+    if peak is None:  # CPU: the machine's measured peak, shared by the ranks that run on it
+        machine_peak, how = cpu_peak_tflops()
+        peak = machine_peak / point["gpus"]
+        row["peak_tflops_source"] = f"{how}; divided by gpus={point['gpus']} ranks sharing the cores"
+    step = s["step_time_s"]
+    tflops_per_gpu = flops.causal / step / point["gpus"] / 1e12
+    row.update(
+        step_time_s=step,
+        step_time_p20_s=s["step_time_p20_s"],
+        step_time_p80_s=s["step_time_p80_s"],
+        tokens_per_s=point["batch_size"] * point["seq_len"] / step,
+        tflops_per_gpu=tflops_per_gpu,
+        mfu=tflops_per_gpu / peak,
+        mfu_full_attention=flops.full / step / point["gpus"] / 1e12 / peak,
+        peak_tflops=peak,
+        flops_per_step=flops.causal,
+        flops_per_step_full_attention=flops.full,
+        loss=s["loss"],
+        device_mem_peak_gib=_gib(s["device_peak_bytes"]),
+        device_mem_reserved_gib=_gib(s["device_reserved_bytes"]),
+        device_mem_driver_gib=_gib(s["device_driver_bytes"]),
+        device_mem_total_gib=_gib(s["device_total_bytes"]),
+        host_mem_gib=_gib(s["host_peak_bytes"]),
+        host_mem_node_gib=_gib(s["host_node_bytes"]),
+        rss_peak_gib=_gib(s["rss_peak_bytes"]),
+        device_name=s["device_name"],
+    )
+    return row
+
+
+def measure(point: dict, job_dir: Path) -> dict:
+    """Check the point, run it in fresh processes and return its row (a bad point is a row too)."""
+    start = time.monotonic()
+    try:
+        check_point(point)
+        outcome = launch(point, job_dir)
+    except ValueError as exc:
+        outcome = {"status": "error", "error": str(exc)}
+    return make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start)
+
+
+def _progress(row: dict, sweep_dir: Path, job_num: int | None, skipped: str | None = None) -> str:
+    head = f"[{row['model']} {row['strategy']} seq_len={row['seq_len']} chunks={row['chunks']} gpus={row['gpus']}]"
+    if skipped:
+        body = f"skipped: {skipped} (status {row['status']})"
+    elif row["status"] == "ok":
+        dev = "simulated " if row.get("device_mem_simulated") else ""
+        body = (
+            f"ok  {row['tokens_per_s']:.0f} tok/s  MFU {100 * row['mfu']:.1f}%  "
+            f"{dev}device peak {format_bytes(row['device_mem_peak_gib'] * GIB)}  "
+            f"host {format_bytes(row['host_mem_gib'] * GIB)}"
+        )
+    else:
+        body = f"{row['status']}: {row['error']}"
+    total_file = sweep_dir / ".total_points"
+    if job_num is not None and total_file.exists():
+        total = int(total_file.read_text())
+        body += f"  ({job_num + 1}/{total} done, {max(0, total - job_num - 1)} to go)"
+    return f"{head} {body}"
+
+
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _skip_reason(point: dict, sweep_dir: Path) -> str:
+    if point["requested_chunks"] != point["chunks"]:
+        return f"same point as chunks={point['chunks']} ({point['strategy']} ignores chunks)"
+    return f"already in {sweep_dir}"
+
+
+def run_point(cfg: DictConfig) -> dict:
+    """Resolve, check, skip-or-run and record one point; returns its row."""
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hc.sweep.dir) if multirun else job_dir
+    job_num = hc.job.num if multirun else None
+    try:
+        point = resolve_point(cfg)
+    except ValueError as exc:  # e.g. an undetectable GPU
+        point = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "seq_len": cfg.seq_len,
+                 "chunks": cfg.chunks, "gpus": cfg.gpus, "n_layers": cfg.model.n_layers}  # fmt: skip
+        row = {**point, "status": "error", "error": str(exc), "key": point_key(point)}
+        record_point(sweep_dir, job_dir, row, cfg.results_csv)
+        print(_progress(row, sweep_dir, job_num), flush=True)
+        return row
+    key = point_key(point)
+    existing = find_point(sweep_dir, key)
+    # ok and oom rows are measurements and stay; error and timeout rows are retried.
+    if existing is not None and existing["status"] in FINAL_STATUSES:
+        print(_progress(existing, sweep_dir, job_num, _skip_reason(point, sweep_dir)), flush=True)
+        return existing
+    row = measure(point, job_dir)
+    csv_path = record_point(sweep_dir, job_dir, row, point["results_csv"])
+    print(_progress(row, sweep_dir, job_num), flush=True)
+    if not multirun:
+        print(f"row: {csv_path} (and {job_dir / 'result.json'})", flush=True)
+    return row
+
+
+def run_under_torchrun(cfg: DictConfig) -> None:
+    """This process is one rank started by torchrun: train, and rank 0 records the row."""
+    point = resolve_point(cfg)
+    if point["gpus"] != int(os.environ["WORLD_SIZE"]):
+        raise ValueError(f"gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
+    check_point(point)
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    key, start = point_key(point), time.monotonic()
+    rank0 = int(os.environ["RANK"]) == 0
+    try:
+        run_rank(point, str(job_dir))
+    except BaseException as exc:
+        if rank0:  # the row says what happened here; torchrun reports the other ranks
+            err = _read_errors(job_dir) or {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            row = make_row(point, err, key, job_dir, time.monotonic() - start)
+            record_point(job_dir, job_dir, row, point["results_csv"])
+            print(_progress(row, job_dir, None), flush=True)
+        raise
+    if rank0:
+        metrics = json.loads((job_dir / "worker_metrics.json").read_text())
+        row = make_row(point, {"status": "ok", "metrics": metrics}, key, job_dir, time.monotonic() - start)
+        csv_path = record_point(job_dir, job_dir, row, point["results_csv"])
+        print(_progress(row, job_dir, None), flush=True)
+        print(f"row: {csv_path} (rank 0 of this torchrun job wrote it: keep the output directory on a "
+              "filesystem every node shares)", flush=True)  # fmt: skip
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if _under_torchrun():
+        run_under_torchrun(cfg)
+        return
+    row = run_point(cfg)
+    if HydraConfig.get().mode == RunMode.RUN and row["status"] != "ok":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The longest trainable sequence: ``python -m experiments.max_seqlen``.
+
+For one model, strategy, ``gpus`` and ``chunks`` (or a fixed chunk size ``search.chunk_tokens``),
+probe training steps at growing ``seq_len``: double from ``search.start`` until a probe fails,
+then bisect between the last fit and the first failure until the gap is within
+``search.resolution`` of the fit (and a multiple of the granularity, ``gpus*chunks`` or the chunk
+size). Every probe is a fresh set of processes and a row in this run's ``results.csv``; the
+answer goes to ``max_seqlen.json`` and one line is printed::
+
+    python -m experiments.max_seqlen model=llama3.2-1b parallel=fpdt gpus=1 chunks=8
+    python -m experiments.max_seqlen -m parallel=ulysses,fpdt model=llama-tiny gpus=2 max_device_memory=0.05
+
+On CPU, ``max_device_memory`` (GiB) caps the simulated device so the search means something
+there too. An ``oom`` or ``timeout`` probe counts as "does not fit"; an ``error`` stops the search.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ..core.paths import CONF_DIR
+from ..core.tables import write_csv
+from ..core.units import GIB, format_bytes
+from .controller import measure
+from .points import resolve_point
+from .results import point_key, record_point
+
+SUMMARY_FIELDS = [
+    "status", "model", "strategy", "gpus", "chunks", "chunk_tokens", "max_seq_len", "first_failure",
+    "failure_status", "probes", "hardware", "max_device_memory", "device_name", "error",
+]  # fmt: skip
+
+
+def _granularity(point: dict, chunk_tokens: int | None) -> int:
+    if chunk_tokens:
+        if chunk_tokens % point["gpus"]:
+            raise ValueError(f"search.chunk_tokens={chunk_tokens} must be a multiple of gpus={point['gpus']}")
+        return chunk_tokens
+    return point["gpus"] * point["chunks"]
+
+
+def _round_down(n: int, g: int) -> int:
+    return max(g, n // g * g)
+
+
+class _Prober:
+    def __init__(self, base: dict, chunk_tokens: int | None, job_dir: Path):
+        self.base, self.chunk_tokens, self.job_dir = base, chunk_tokens, job_dir
+        self.rows: list[dict] = []
+
+    def __call__(self, seq_len: int) -> dict:
+        point = dict(self.base, seq_len=seq_len)
+        if self.chunk_tokens and point["strategy"] == "fpdt":
+            point["chunks"] = seq_len // self.chunk_tokens
+        probe_dir = self.job_dir / "probes" / point_key(point)
+        row = measure(point, probe_dir)
+        record_point(self.job_dir, probe_dir, row)
+        self.rows.append(row)
+        mem = row.get("device_mem_peak_gib")
+        peak = f" (device peak {format_bytes(mem * GIB)})" if mem else ""
+        print(f"  probe seq_len={seq_len}: {row['status']}{peak}", flush=True)
+        return row
+
+
+def search(base: dict, probe, start: int, limit: int, resolution: float, granularity: int) -> dict:
+    """Doubling then bisection; returns the summary (``max_seq_len`` 0 if nothing fits)."""
+    fits = lambda row: row["status"] == "ok"
+    lo, hi, hi_status = 0, None, None
+    s = _round_down(start, granularity)
+    row = probe(s)
+    if row["status"] == "error":
+        return {"status": "error", "max_seq_len": 0, "error": row["error"]}
+    if fits(row):
+        lo = s
+        while hi is None and s * 2 <= limit:
+            s *= 2
+            row = probe(s)
+            if row["status"] == "error":
+                return {"status": "error", "max_seq_len": lo, "error": row["error"]}
+            if fits(row):
+                lo = s
+            else:
+                hi, hi_status = s, row["status"]
+        if hi is None:
+            return {"status": "limit", "max_seq_len": lo, "first_failure": None,
+                    "error": f"still fits at search.limit={limit} tokens"}  # fmt: skip
+    else:
+        hi, hi_status = s, row["status"]
+        while lo == 0 and s > granularity:
+            s = _round_down(s // 2, granularity)
+            row = probe(s)
+            if row["status"] == "error":
+                return {"status": "error", "max_seq_len": 0, "error": row["error"]}
+            if fits(row):
+                lo = s
+            else:
+                hi, hi_status = s, row["status"]
+        if lo == 0:
+            return {"status": "ok", "max_seq_len": 0, "first_failure": hi, "failure_status": hi_status}
+    while hi - lo > max(granularity, resolution * lo):
+        mid = _round_down((lo + hi) // 2, granularity)
+        if mid <= lo:
+            break
+        row = probe(mid)
+        if row["status"] == "error":
+            return {"status": "error", "max_seq_len": lo, "first_failure": hi, "error": row["error"]}
+        if fits(row):
+            lo = mid
+        else:
+            hi, hi_status = mid, row["status"]
+    return {"status": "ok", "max_seq_len": lo, "first_failure": hi, "failure_status": hi_status}
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    base = resolve_point(cfg)
+    chunk_tokens = cfg.search.chunk_tokens if base["strategy"] == "fpdt" else None
+    granularity = _granularity(base, chunk_tokens)
+    label = f"{base['model']} {base['strategy']} gpus={base['gpus']} " + (
+        f"chunk_tokens={chunk_tokens}" if chunk_tokens else f"chunks={base['chunks']}"
+    )
+    print(f"max_seqlen search: {label}", flush=True)
+    prober = _Prober(base, chunk_tokens, job_dir)
+    result = search(base, prober, cfg.search.start, cfg.search.limit, cfg.search.resolution, granularity)
+    ok_rows = [r for r in prober.rows if r["status"] == "ok"]
+    summary = {
+        **{k: base.get(k) for k in ("model", "strategy", "gpus", "hardware", "max_device_memory")},
+        "chunks": None if chunk_tokens else base["chunks"],
+        "chunk_tokens": chunk_tokens,
+        "probes": len(prober.rows),
+        "device_name": ok_rows[-1].get("device_name") if ok_rows else None,
+        "first_failure": None,
+        "failure_status": None,
+        "error": None,
+        **result,
+    }
+    (job_dir / "max_seqlen.json").write_text(json.dumps(summary, indent=2))
+    write_csv([summary], job_dir / "max_seqlen.csv", SUMMARY_FIELDS)
+    if hc.mode == RunMode.MULTIRUN:  # one table for the whole sweep
+        sweep_dir = Path(hc.sweep.dir)
+        rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("max_seqlen.json"))]
+        write_csv(rows, sweep_dir / "max_seqlen.csv", SUMMARY_FIELDS)
+    print(f"max_seqlen {label}: {summary['max_seq_len']} tokens ({summary['status']}, {summary['probes']} probes"
+          + (f", first failure {summary['first_failure']}: {summary['failure_status']}" if summary["first_failure"]
+             else "") + ")", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
