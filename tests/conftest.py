@@ -28,11 +28,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def nan_like(t: "torch.Tensor", dtype=None) -> "torch.Tensor":
-    """A fresh buffer shaped like ``t`` filled with NaN, so an element a kernel forgot to write fails loudly."""
-    return torch.full_like(t, float("nan"), dtype=dtype)
-
-
 @pytest.fixture
 def nan_buffer():
     """Factory fixture: ``nan_buffer(shape, dtype, device)`` returns a NaN-filled tensor."""
