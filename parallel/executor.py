@@ -1,11 +1,18 @@
 """Runs a :class:`~parallel.schedule.Schedule`: CUDA streams ordered by events, or in order on CPU.
 
 On CUDA each op is issued on its stream (compute = the caller's current stream, plus one
-host-to-device, one device-to-host and one communication stream per device, created once)
-after ``wait_event`` on the events of its dependencies on other streams; an event is recorded
-after it. Nothing synchronises the host inside a run: at the start the side streams wait for
-the caller's stream, at the end the caller's stream waits for them. Tensors that cross streams
-are protected from early reuse by :class:`Env` (``record_stream``).
+host-to-device, one device-to-host and one communication stream per device, created once:
+:func:`side_streams`) after ``wait_event`` on the events of its dependencies on other streams;
+an event is recorded after it. Nothing synchronises the host inside a run, and nothing joins
+whole streams: a side-stream op that touches one of the caller's buffers (the schedule's inputs
+and outputs) first waits for an event recorded on the caller's stream when the run starts, and
+at the end the caller's stream waits only for the ops that wrote the outputs or read the
+caller's inputs on other streams. A buffer an earlier run wrote (the forward's offloads, read
+by the backward) is waited for through that run's events, which :func:`run_schedule` returns.
+So the last offload of a forward overlaps what the caller does next, and the first fetches of
+a backward wait for the forward's copies, not for the caller's stream. Tensors that cross
+streams are protected from early reuse by :class:`Env` (``record_stream``); device memory for
+the side streams comes from :class:`DeviceBuffers`.
 
 On CPU the ops run in schedule order, synchronously.
 
@@ -16,22 +23,57 @@ the run.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from .schedule import Kind, Op, Schedule, Stream
+from .schedule import HOST, Kind, Op, Schedule, Stream
 
-_side_streams: dict[int, dict[Stream, torch.cuda.Stream]] = {}
+# The CUDA calls of this module go through this name, so a CPU test can put a fake in its place
+# and check the ordering the executor sets up.
+_cuda = torch.cuda
+
+_side_streams: dict[int, dict[Stream, object]] = {}
 
 
-def _streams(device: torch.device) -> dict[Stream, object]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def side_streams(device: torch.device) -> dict[Stream, torch.cuda.Stream]:
+    """The ``H2D``, ``D2H`` and ``COMM`` streams of a CUDA ``device``, created once per process.
+
+    The FPDT pipeline and the host checkpoint hooks (:mod:`parallel.host_store`) share them, so
+    their copies are ordered with each other.
+    """
+    index = device.index if device.index is not None else _cuda.current_device()
     if index not in _side_streams:
-        _side_streams[index] = {s: torch.cuda.Stream(device=index) for s in (Stream.H2D, Stream.D2H, Stream.COMM)}
-    return {Stream.COMPUTE: torch.cuda.current_stream(index), **_side_streams[index]}
+        _side_streams[index] = {s: _cuda.Stream(device=index) for s in (Stream.H2D, Stream.D2H, Stream.COMM)}
+    return _side_streams[index]
+
+
+def current_stream(device=None):
+    """The current CUDA stream (of ``device``)."""
+    return _cuda.current_stream(device)
+
+
+def use_stream(stream):
+    """Context manager: make ``stream`` the current stream."""
+    return _cuda.stream(stream)
+
+
+def record_event(stream=None):
+    """A CUDA event recorded now on ``stream`` (default: the current stream)."""
+    event = _cuda.Event()
+    event.record(stream)
+    return event
+
+
+def wait_events(stream, events: Iterable) -> None:
+    """Make ``stream`` wait for each event (no host synchronisation)."""
+    for event in events:
+        stream.wait_event(event)
 
 
 def _tensors(value):
@@ -45,18 +87,28 @@ def _tensors(value):
 class Env:
     """Named device buffers of one run. On CUDA every access from a stream records the
     tensors on that stream, so freeing them never lets the allocator hand their memory to
-    another stream while this one still uses it."""
+    another stream while this one still uses it. A buffer dropped or replaced gives its
+    :class:`DeviceBuffers` slots back (``buffers``, set for the duration of a run)."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
+        self.buffers: DeviceBuffers | None = None
         self._d: dict[str, object] = {}
 
     def _touch(self, value) -> None:
         if self.cuda:
-            stream = torch.cuda.current_stream()
+            stream = current_stream()
             for t in _tensors(value):
                 if t.is_cuda:
                     t.record_stream(stream)
+
+    def _drop(self, value, keep=()) -> None:
+        if self.buffers is None or value is None:
+            return
+        kept = {id(t) for t in _tensors(keep)}
+        for t in _tensors(value):
+            if id(t) not in kept:
+                self.buffers.release(t)
 
     def read(self, name: str):
         value = self._d[name]
@@ -65,16 +117,112 @@ class Env:
 
     def write(self, name: str, value) -> None:
         self._touch(value)
+        self._drop(self._d.get(name), keep=value)
         self._d[name] = value
 
     def pop(self, name: str):
-        return self._d.pop(name)
+        value = self._d.pop(name)
+        self._drop(value)
+        return value
 
     def __contains__(self, name: str) -> bool:
         return name in self._d
 
     def names(self) -> list[str]:
         return sorted(self._d)
+
+
+class DeviceBuffers:
+    """One run's device memory for the work on side streams, allocated when the run starts on
+    the caller's stream.
+
+    Why: the CUDA caching allocator reuses a freed block only on the stream that allocated it.
+    Buffers allocated on side streams (fetch destinations, all-to-all and RoPE outputs and
+    temporaries) would stay reserved in per-stream pools the compute stream cannot use, so
+    reserved memory would be the sum of the pools, not their maximum. Here every block comes from
+    the caller's pool, once per run, and side streams allocate nothing (FSDP2 reuses its
+    all-gather buffers the same way: a ring reused after an event wait).
+
+    Slots (fetch destinations, all-to-all outputs): ``slots`` maps ``(numel, dtype)`` to how many
+    the run holds at once; :meth:`take` views one as any shape with that many elements. A taken
+    slot is given back by :class:`Env` when its buffer is freed or replaced (:meth:`release`)
+    and is free again, with the events of the ops that used it, after :meth:`settle` (called by
+    the executor after each op); the next stream to take it first waits for those events (the
+    first user: for the allocation on the caller's stream). A slot is never freed during the run,
+    so its reuse is ordered by events alone. Should the ring run dry (it is sized from the
+    schedule, so it does not), a slot is added on the caller's stream and counted in ``grown``.
+
+    Scratch regions: ``scratch`` maps a name to a byte count; :meth:`scratch` views the region as
+    any shape and dtype that fits. A region serves one stream (the communication stream), whose
+    ops run in order, so consecutive ops reuse it without events.
+
+    On CPU the same bookkeeping runs without events.
+    """
+
+    def __init__(self, device: torch.device, slots: dict[tuple[int, torch.dtype], int], scratch: dict[str, int]):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._caller = current_stream(device) if self.cuda else None
+        made = {key: [torch.empty(key[0], dtype=key[1], device=device) for _ in range(n)] for key, n in slots.items()}
+        self._regions = {name: torch.empty(n, dtype=torch.uint8, device=device) for name, n in scratch.items()}
+        self._ready = [record_event(self._caller)] if self.cuda else []  # after the allocations
+        self._free = {key: [(t, self._ready) for t in ts] for key, ts in made.items()}
+        self._taken: dict[int, tuple[torch.Tensor, tuple]] = {}
+        self._pending: list[tuple[torch.Tensor, tuple]] = []
+        self._region_streams: set = set()
+        self.grown = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: every slot and region."""
+        slots = [t for ts in self._free.values() for t, _ in ts]
+        slots += [t for t, _ in self._taken.values()] + [t for t, _ in self._pending]
+        return sum(t.nbytes for t in slots) + sum(r.numel() for r in self._regions.values())
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A free slot viewed as ``shape``, usable on the current stream."""
+        key = (math.prod(shape), dtype)
+        free = self._free.setdefault(key, [])
+        if free:
+            t, events = free.pop()
+        else:
+            self.grown += 1
+            warnings.warn(f"no free device slot of {key}: adding one (ring too small)", RuntimeWarning, stacklevel=2)
+            with use_stream(self._caller) if self.cuda else contextlib.nullcontext():
+                t = torch.empty(key[0], dtype=dtype, device=self.device)
+                events = [record_event(self._caller)] if self.cuda else []
+        if self.cuda:
+            wait_events(current_stream(self.device), events)
+        self._taken[t.untyped_storage().data_ptr()] = (t, key)
+        return t.view(shape)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Give back the slot ``tensor`` views (a no-op for other tensors); free after :meth:`settle`."""
+        entry = self._taken.pop(tensor.untyped_storage().data_ptr(), None)
+        if entry is not None:
+            self._pending.append(entry)
+
+    def settle(self, events: Iterable) -> None:
+        """Slots released since the last call are free once ``events`` (their users) complete."""
+        events = list(events)
+        for t, key in self._pending:
+            self._free[key].append((t, events))
+        self._pending.clear()
+
+    def scratch(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Region ``name`` viewed as ``shape``/``dtype``, for the current stream."""
+        region = self._regions[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > region.numel():
+            raise ValueError(f"scratch region {name!r} holds {region.numel()} bytes, {nbytes} asked")
+        if self.cuda:
+            stream = current_stream(self.device)
+            if stream not in self._region_streams:
+                self._region_streams.add(stream)
+                wait_events(stream, self._ready)
+                for r in self._regions.values():
+                    r.record_stream(stream)  # freed after the run: reuse waits for this stream
+        return region[:nbytes].view(dtype).view(shape)
 
 
 class Timeline:
@@ -131,11 +279,18 @@ def run_schedule(
     handlers: dict[Kind, Callable[[Op], None]],
     device: torch.device,
     *,
+    buffers: DeviceBuffers | None = None,
+    ready: dict[str, object] | None = None,
     timeline: Timeline | None = None,
     label: str = "",
     max_blocks_ahead: int = 2,
-) -> None:
-    """Execute ``schedule`` by calling ``handlers[op.kind](op)`` on the op's stream."""
+) -> dict[str, object]:
+    """Execute ``schedule`` by calling ``handlers[op.kind](op)`` on the op's stream.
+
+    ``buffers``: the run's :class:`DeviceBuffers` (settled after each op). ``ready``: what an
+    earlier run returned, for the buffers it wrote that this one reads. Returns the event of the
+    last writer of every buffer this run wrote (empty on CPU).
+    """
     label = label or schedule.direction
     if device.type != "cuda":
         for op in schedule.ops:
@@ -143,28 +298,58 @@ def run_schedule(
             handlers[op.kind](op)
             if timeline:
                 timeline.add(label, op, start, timeline._end(False))
-        return
-    streams = _streams(device)
-    caller = streams[Stream.COMPUTE]
-    for s in (Stream.H2D, Stream.D2H, Stream.COMM):
-        streams[s].wait_stream(caller)
-    events: list[torch.cuda.Event | None] = [None] * len(schedule.ops)
-    in_flight: deque[torch.cuda.Event] = deque()
-    for op in schedule.ops:
+            if buffers is not None:
+                buffers.settle(())
+        return {}
+    caller = current_stream(device)
+    streams = {Stream.COMPUTE: caller, **side_streams(device)}
+    start = record_event(caller)
+    ready = dict(ready or {})
+    # The caller's buffers: a side stream touches them only after the caller's work so far.
+    owned = {n for n in schedule.inputs | schedule.outputs if not n.startswith(HOST) and n not in ready}
+    ops, events = schedule.ops, [None] * len(schedule.ops)
+    last_write: dict[str, int] = {}
+    touched_owned: dict[Stream, int] = {}  # per side stream, its last op that touched them
+    waited: set[tuple[Stream, int]] = set()
+    in_flight: deque = deque()
+
+    def latest_per_stream(indices) -> list:
+        latest: dict[Stream, int] = {}
+        for d in indices:
+            latest[ops[d].stream] = max(d, latest.get(ops[d].stream, -1))
+        return [events[d] for d in latest.values() if events[d] is not None]
+
+    for op in ops:
         if op.kind == Kind.FREE:  # host-side drop of a reference; Env made it stream-safe
             handlers[op.kind](op)
+            if buffers is not None:
+                buffers.settle(latest_per_stream(op.deps))
             continue
         stream = streams[op.stream]
-        for d in op.deps:
-            if schedule.ops[d].stream != op.stream and events[d] is not None:
-                stream.wait_event(events[d])
-        with torch.cuda.stream(stream):
-            start = timeline._start(True) if timeline else None
+        waits = latest_per_stream(d for d in op.deps if ops[d].stream != op.stream)
+        for name in op.reads + op.writes:
+            if name in last_write:  # made in this run: its writer is a dependency
+                continue
+            if name in ready:
+                waits.append(ready[name])
+            elif name in owned and op.stream != Stream.COMPUTE:
+                waits.append(start)
+        for event in waits:
+            if (op.stream, id(event)) not in waited:
+                waited.add((op.stream, id(event)))
+                stream.wait_event(event)
+        with use_stream(stream):
+            t0 = timeline._start(True) if timeline else None
             handlers[op.kind](op)
             if timeline:
-                timeline.add(label, op, start, timeline._end(True))
-            events[op.index] = torch.cuda.Event()
-            events[op.index].record(stream)
+                timeline.add(label, op, t0, timeline._end(True))
+            events[op.index] = record_event(stream)
+        for name in op.writes:
+            last_write[name] = op.index
+        if op.stream != Stream.COMPUTE and any(n in owned for n in op.reads + op.writes):
+            touched_owned[op.stream] = op.index
+        if buffers is not None:
+            buffers.settle(latest_per_stream([*op.deps, op.index]))
         if op.kind in (Kind.ATTN_FWD, Kind.ATTN_BWD):
             # Bounded run-ahead (like FSDP's rate limiter): the host waits for the block issued
             # `max_blocks_ahead` blocks ago, never for the whole device. Without it the host
@@ -173,5 +358,7 @@ def run_schedule(
             in_flight.append(events[op.index])
             if len(in_flight) > max_blocks_ahead:
                 in_flight.popleft().synchronize()
-    for s in (Stream.H2D, Stream.D2H, Stream.COMM):
-        caller.wait_stream(streams[s])
+    # The caller reads the outputs and may reuse its inputs: it waits for those ops only.
+    finals = {last_write[n] for n in schedule.outputs if n in last_write} | set(touched_owned.values())
+    wait_events(caller, latest_per_stream(d for d in finals if ops[d].stream != Stream.COMPUTE))
+    return {name: events[i] for name, i in last_write.items()}

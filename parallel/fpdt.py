@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 import kernels
 
-from .all_to_all import _head_to_seq, _seq_to_head, kv_head_to_seq_grad, kv_seq_to_head
+from .all_to_all import (
+    head_to_seq_into,
+    kv_head_to_seq_grad_into,
+    kv_heads_per_rank,
+    kv_seq_to_head_into,
+    seq_to_head_into,
+)
 from .distributed import SPGroup
-from .executor import Env, Timeline, run_schedule
-from .host_store import HostBuffer, HostStore
-from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward
-from .schedule import Kind, Op, backward_schedule, forward_schedule
+from .executor import DeviceBuffers, Env, Timeline, current_stream, record_event, run_schedule, wait_events
+from .host_store import HostBuffer, HostStore, copy_rows
+from .rotary import RotaryEmbedding, apply_rotary_into
+from .schedule import Kind, Op, Schedule, backward_schedule, forward_schedule
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,14 @@ def _release_all(store: HostStore, host: dict[str, tuple[HostBuffer, ...]]) -> N
 
 
 class _Runner:
-    """One rank's state for one FPDT block call: device buffers (``env``) and host copies."""
+    """One rank's state for one FPDT block call: device buffers (``env``) and host copies.
+
+    Each run (forward, backward) takes the device memory its side-stream ops write, fetch
+    destinations and all-to-all/RoPE outputs and temporaries, from one :class:`DeviceBuffers`
+    made on the caller's stream when the run starts: a ring of slots sized from the schedule
+    (:meth:`_slot_counts`) and scratch regions for the communication stream
+    (:meth:`_scratch_bytes`). Side streams allocate nothing.
+    """
 
     def __init__(self, spec: FPDTSpec, x: torch.Tensor, wqkv, bqkv):
         self.spec = spec
@@ -58,11 +72,19 @@ class _Runner:
         self.device = x.device
         self.cuda = x.device.type == "cuda"
         self.dtype = x.dtype
-        B, s, _ = x.shape
+        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # the kernels' fp32 state
+        B, s, h = x.shape
+        P = spec.group.size
         self.c = s // spec.chunks  # local tokens per chunk
-        self.C = self.c * spec.group.size  # global tokens per chunk
-        self.scale = spec.softmax_scale or 1.0 / math.sqrt(spec.head_dim)
+        self.C = self.c * P  # global tokens per chunk
+        d = spec.head_dim
+        self.q_shape = (B, self.C, spec.n_heads // P, d)  # after the all-to-all: [B, C, H/P, d]
+        self.kv_shape = (B, self.C, kv_heads_per_rank(spec.n_kv_heads, P), d)
+        self.x_shape = (B, self.c, h)
+        self.scale = 1.0 / math.sqrt(d) if spec.softmax_scale is None else spec.softmax_scale
         self.env = Env(self.cuda)
+        self.bufs: DeviceBuffers | None = None
+        self.ready: dict[str, object] = {}  # events of the forward's writes, for the backward
         self.store = spec.store
         self.host: dict[str, tuple[HostBuffer, ...]] = {}
         # Host buffers return to the pool when the backward finishes, or when this runner is
@@ -74,8 +96,93 @@ class _Runner:
     def _local(self, t: torch.Tensor, i: int) -> torch.Tensor:
         return t[:, i * self.c : (i + 1) * self.c]
 
-    def _rope(self, i: int):
-        return self.spec.rope.span(i * self.C, self.C, device=self.device)
+    # --- device memory of a run --------------------------------------------------------------
+    def _value(self, family: str) -> list[tuple[tuple, torch.dtype]]:
+        """Shapes and dtypes of a buffer family's tensors (what an offload stores)."""
+        dt, q = self.dtype, self.q_shape
+        return {
+            "x": [(self.x_shape, dt)],
+            "q": [(q, dt)],
+            "kv": [(self.kv_shape, dt)] * 2,
+            "o": [(q, dt), ((q[0], q[2], q[1]), self.acc)],  # out, lse [B, H/P, C]
+            "do": [(q, dt)],
+            "dq": [(q, self.acc)],
+        }[family]
+
+    def _slot_writes(self, op: Op) -> dict[str, list[tuple[int, torch.dtype]]]:
+        """The slots each buffer ``op`` writes takes, as ``(numel, dtype)`` (mirrors the handlers)."""
+        dt, n = self.dtype, math.prod(self.q_shape)
+        kv, loc_kv = math.prod(self.kv_shape), self.c * self.kv_shape[0] * self.spec.n_kv_heads * self.spec.head_dim
+        if op.kind == Kind.FETCH:
+            return {op.buffer: [(math.prod(shape), t) for shape, t in self._value(op.buffer.split("[")[0])]}
+        if op.kind == Kind.A2A_QKV:
+            return {op.writes[0]: [(n, dt)], op.writes[1]: [(kv, dt)] * 2}
+        if op.kind == Kind.A2A_OUT:
+            return {f"o[{op.chunk[0]}]": [(n, dt)]}
+        if op.kind == Kind.A2A_DO and self.spec.group.size > 1:
+            return {op.writes[0]: [(n, dt)]}
+        if op.kind == Kind.A2A_DQ:
+            return {op.writes[0]: [(n, dt)]}  # [B, c, H, d]: as many elements as [B, C, H/P, d]
+        if op.kind == Kind.A2A_DKV:
+            return {op.writes[0]: [(loc_kv, dt)] * 2}
+        return {}
+
+    def _slot_counts(self, schedule: Schedule) -> Counter:
+        """The most slots of each ``(numel, dtype)`` the run holds at once.
+
+        Replays the schedule as :class:`Env` and :class:`DeviceBuffers` run it: an op takes its
+        slots before the ones it replaces are given back; a buffer's slots are given back when it
+        is freed or rewritten by an op that does not read it (a read-and-write accumulates in
+        place and keeps them).
+        """
+        live: dict[str, list] = {}
+        held, peak = Counter(), Counter()
+        for op in schedule.ops:
+            made = {} if op.kind == Kind.FREE else self._slot_writes(op)
+            for keys in made.values():
+                held.update(keys)
+            peak |= held
+            for name in op.writes:
+                if op.kind == Kind.FREE or name in made or name not in op.reads:
+                    held.subtract(live.pop(name, []))
+                if name in made:
+                    live[name] = made[name]
+        return peak
+
+    def _scratch_bytes(self, schedule: Schedule) -> dict[str, int]:
+        """Scratch regions of the communication stream's ops, in bytes: ``send``/``recv`` for the
+        all-to-all (the largest it moves: a ``[B, C, H/P, d]`` chunk), ``work`` (fp32 RoPE math
+        on such a chunk, or the KV replicas before their sum), ``tables`` (fp32 cos/sin ``[C, d]``)
+        and ``angles`` (float64, to build them)."""
+        kinds = schedule.counts()
+        P, n, C, d = self.spec.group.size, math.prod(self.q_shape), self.C, self.spec.head_dim
+        rope = self.spec.rope is not None and (kinds[Kind.A2A_QKV] or kinds[Kind.A2A_DQ] or kinds[Kind.A2A_DKV])
+        replicas = self.spec.n_kv_heads % P != 0 and kinds[Kind.A2A_DKV]
+        sizes = {}
+        if P > 1:
+            sizes["send"] = sizes["recv"] = n * self.dtype.itemsize
+        if rope or replicas:
+            sizes["work"] = 2 * n * 4
+        if rope:
+            sizes["tables"] = 2 * C * d * 4
+            sizes["angles"] = self.spec.rope.span_work(C) * 8
+        return sizes
+
+    def _send_recv(self):
+        if self.spec.group.size == 1:
+            return None, None
+        n = math.prod(self.q_shape)
+        return self.bufs.scratch("send", (n,), self.dtype), self.bufs.scratch("recv", (n,), self.dtype)
+
+    def _tables(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        C, d = self.C, self.spec.head_dim
+        cos, sin = self.bufs.scratch("tables", (2, C, d), torch.float32)
+        rope = self.spec.rope
+        rope.span_into(i * C, cos, sin, self.bufs.scratch("angles", (rope.span_work(C),), torch.float64))
+        return cos, sin
+
+    def _work(self, t: torch.Tensor) -> torch.Tensor:
+        return self.bufs.scratch("work", (2 * t.numel(),), torch.float32)
 
     # --- ops shared by both directions -------------------------------------------------------
     def offload(self, op: Op) -> None:
@@ -84,9 +191,13 @@ class _Runner:
         for t in self.env.read(name):
             buf = self.store.acquire(t.shape, t.dtype)
             if self.cuda:
-                buf.wait_writable()
-            buf.tensor.copy_(t, non_blocking=self.cuda)
+                wait_events(current_stream(), buf.before_write())
+            copy_rows(buf.tensor, t, non_blocking=self.cuda)
             bufs.append(buf)
+        if self.cuda:
+            event = record_event()
+            for buf in bufs:
+                buf.wrote(event)
         old = self.host.get(name)
         if old is not None:  # overwrite (dq round trip): give the previous buffers back
             for buf in old:
@@ -97,11 +208,15 @@ class _Runner:
         name = op.buffer
         out = []
         for buf in self.host[name]:
-            t = torch.empty(buf.tensor.shape, dtype=buf.tensor.dtype, device=self.device)
-            t.copy_(buf.tensor, non_blocking=self.cuda)
             if self.cuda:
-                buf.mark_read()
+                wait_events(current_stream(), buf.before_read())
+            t = self.bufs.take(buf.tensor.shape, buf.tensor.dtype)
+            t.copy_(buf.tensor, non_blocking=self.cuda)
             out.append(t)
+        if self.cuda:
+            event = record_event()
+            for buf in self.host[name]:
+                buf.read(event)
         self.env.write(name, tuple(out))
 
     def free(self, op: Op) -> None:
@@ -119,15 +234,22 @@ class _Runner:
 
     def a2a_qkv(self, op: Op) -> None:
         (i,) = op.chunk
-        g = self.spec.group
+        g, rope = self.spec.group, self.spec.rope is not None
         q, k, v = self.env.read(f"qkv[{i}]")
-        q = _seq_to_head(q, g)  # [B, c, H, d] -> [B, C, H/P, d]
-        k, v = kv_seq_to_head(k, g), kv_seq_to_head(v, g)  # -> [B, C, Hkv', d]
-        if self.spec.rope is not None:
-            cos, sin = self._rope(i)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        self.env.write(f"q[{i}]", (q.contiguous(),))
-        self.env.write(f"kv[{i}]", (k.contiguous(), v.contiguous()))
+        send, recv = self._send_recv()
+        qo = self.bufs.take(self.q_shape, self.dtype)  # [B, c, H, d] -> [B, C, H/P, d]
+        ko, vo = (self.bufs.take(self.kv_shape, self.dtype) for _ in range(2))  # -> [B, C, Hkv', d]
+        tables = self._tables(i) if rope else None
+        for src, out, move in ((q, qo, seq_to_head_into), (k, ko, kv_seq_to_head_into), (v, vo, kv_seq_to_head_into)):
+            rotate = rope and out is not vo
+            if rotate and g.size == 1:  # nothing to move: rotate straight into the slot
+                apply_rotary_into(src, *tables, self._work(src), out=out)
+                continue
+            move(src, out, g, send, recv)
+            if rotate:
+                apply_rotary_into(out, *tables, self._work(out), out=out)
+        self.env.write(f"q[{i}]", (qo,))
+        self.env.write(f"kv[{i}]", (ko, vo))
 
     def attn_fwd(self, op: Op) -> None:
         i, j = op.chunk
@@ -150,16 +272,21 @@ class _Runner:
     def a2a_out(self, op: Op) -> None:
         (i,) = op.chunk
         o, lse = self.env.read(f"o[{i}]")
-        o = o.to(self.dtype)
-        self._local(self.out, i).copy_(_head_to_seq(o, self.spec.group))  # -> [B, c, H, d]
-        self.env.write(f"o[{i}]", (o, lse))  # saved for the backward in the input dtype
+        od = self.bufs.take(self.q_shape, self.dtype)
+        od.copy_(o)  # saved for the backward in the input dtype
+        head_to_seq_into(od, self._local(self.out, i), self.spec.group, *self._send_recv())  # -> [B, c, H, d]
+        self.env.write(f"o[{i}]", (od, lse))
 
     # --- backward ----------------------------------------------------------------------------
     def a2a_do(self, op: Op) -> None:
         (j,) = op.chunk
         (dout,) = self.env.read(f"dout[{j}]")
-        do = _seq_to_head(dout, self.spec.group)
-        self.env.write(f"do[{j}]", (do.contiguous(),))
+        if self.spec.group.size == 1:
+            do = dout  # the caller's gradient itself: the kernels take any strides but the last
+        else:
+            do = self.bufs.take(self.q_shape, self.dtype)
+            seq_to_head_into(dout, do, self.spec.group, *self._send_recv())
+        self.env.write(f"do[{j}]", (do,))
 
     def attn_bwd(self, op: Op) -> None:
         i, j = op.chunk
@@ -191,18 +318,26 @@ class _Runner:
         (j,) = op.chunk
         (dq,) = self.env.read(f"dq[{j}]")
         if self.spec.rope is not None:
-            dq = apply_rotary_backward(dq, *self._rope(j))
-        self.env.write(f"dqloc[{j}]", (_head_to_seq(dq.to(self.dtype), self.spec.group),))
+            dq = apply_rotary_into(dq, *self._tables(j), self._work(dq), inverse=True)
+        out = self.bufs.take(self.q_shape[:1] + (self.c, self.spec.n_heads, self.spec.head_dim), self.dtype)
+        head_to_seq_into(dq, out, self.spec.group, *self._send_recv())  # cast to the input dtype on the way
+        self.env.write(f"dqloc[{j}]", (out,))
 
     def a2a_dkv(self, op: Op) -> None:
         (i,) = op.chunk
+        g, n_kv = self.spec.group, self.spec.n_kv_heads
         dk, dv = self.env.read(f"dkv[{i}]")
         if self.spec.rope is not None:
-            dk = apply_rotary_backward(dk, *self._rope(i))
-        g, n_kv = self.spec.group, self.spec.n_kv_heads
-        dk = kv_head_to_seq_grad(dk.to(self.dtype), g, n_kv)
-        dv = kv_head_to_seq_grad(dv.to(self.dtype), g, n_kv)
-        self.env.write(f"dkvloc[{i}]", (dk, dv))
+            dk = apply_rotary_into(dk, *self._tables(i), self._work(dk), inverse=True)
+        send, recv = self._send_recv()
+        outs = []
+        for grad in (dk, dv):
+            out = self.bufs.take((self.q_shape[0], self.c, n_kv, self.spec.head_dim), self.dtype)
+            # The replicas land in the work region after the rotated dk there was sent: in order.
+            gathered = self.bufs.scratch("work", (grad.numel(),), self.dtype) if n_kv % g.size else None
+            kv_head_to_seq_grad_into(grad, out, g, n_kv, send, recv, gathered)
+            outs.append(out)
+        self.env.write(f"dkvloc[{i}]", tuple(outs))
 
     def _proj_bwd(self, i: int, grads, rows: slice) -> None:
         (x,) = self.env.read(f"x[{i}]")
@@ -229,12 +364,21 @@ class _Runner:
         return {kind: getattr(self, kind.value) for kind in Kind}
 
     # --- drivers -----------------------------------------------------------------------------
+    def _run(self, schedule: Schedule, ready: dict | None = None) -> dict:
+        self.bufs = DeviceBuffers(self.device, self._slot_counts(schedule), self._scratch_bytes(schedule))
+        self.env.buffers = self.bufs
+        try:
+            return run_schedule(
+                schedule, self._handlers(), self.device, buffers=self.bufs, ready=ready, timeline=self.spec.timeline
+            )
+        finally:
+            self.env.buffers = self.bufs = None
+
     def forward(self, save: bool) -> torch.Tensor:
         B, s, _ = self.x.shape
         spec = self.spec
         self.out = torch.empty(B, s, spec.n_heads, spec.head_dim, dtype=self.dtype, device=self.device)
-        sched = forward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload, save=save)
-        run_schedule(sched, self._handlers(), self.device, timeline=spec.timeline, label="forward")
+        self.ready = self._run(forward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload, save=save))
         out, self.out = self.out, None
         if not save:
             self.close()
@@ -252,8 +396,7 @@ class _Runner:
         self.db = None if self.bqkv is None else torch.zeros(self.bqkv.shape, dtype=torch.float32, device=self.device)
         for j in range(spec.chunks):
             self.env.write(f"dout[{j}]", (self._local(dout, j),))
-        sched = backward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload)
-        run_schedule(sched, self._handlers(), self.device, timeline=spec.timeline, label="backward")
+        self._run(backward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload), ready=self.ready)
         dx, dw, db = self.dx, self.dw, self.db
         self.close()
         return dx, dw, db
@@ -263,6 +406,7 @@ class _Runner:
         for name in self.env.names():
             self.env.pop(name)
         self.dout = self.dx = self.dw = self.db = None
+        self.ready = {}
         self._finalizer()
 
 

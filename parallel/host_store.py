@@ -1,20 +1,29 @@
-"""Host memory for offloaded chunks: a pool of (pinned) buffers allocated once per shape.
+"""Host memory for offloaded chunks and host-kept checkpoints: pools of (pinned) buffers.
 
 A buffer is taken with :meth:`HostStore.acquire` when a chunk is offloaded and given back
 with :meth:`HostStore.release` when the backward no longer needs it, so the same buffers serve
 every chunk, layer and step (``allocations`` stops growing after the first step). On CUDA the
-buffers are pinned, so copies are asynchronous; each buffer remembers an event recorded after
-the last host-to-device copy that read it, and a later device-to-host copy into it waits for
-that event on its stream (no host synchronisation). Without CUDA the buffers are plain CPU
-tensors and the copies are synchronous.
+buffers are pinned, so copies are asynchronous; each :class:`HostBuffer` keeps the CUDA events
+of its last write and of the reads since, and a copy into or out of it first makes its stream
+wait for the ones it must follow (no host synchronisation). Without CUDA the buffers are plain
+CPU tensors and the copies are synchronous.
+
+:func:`saved_tensors_on_host` keeps the tensors autograd saves (activation checkpoints) in the
+same store, copied on the device-to-host stream the FPDT pipeline uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
+import warnings
+import weakref
 
 import torch
+
+from .executor import current_stream, record_event, side_streams, use_stream, wait_events
+from .schedule import Stream
 
 _allocating_on_host = contextvars.ContextVar("allocating_on_host", default=False)
 
@@ -38,58 +47,71 @@ def allocating_on_host() -> bool:
     return _allocating_on_host.get()
 
 
-def _pack_to_host(t: torch.Tensor):
-    with host_allocation():
-        return t.detach().clone()
-
-
-def _unpack_from_host(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()  # the "host-to-device" copy back
-
-
-@contextlib.contextmanager
-def saved_tensors_on_host():
-    """Keep the tensors autograd saves inside this block in host memory until the backward.
-
-    On CUDA this is ``torch.autograd.graph.save_on_cpu(pin_memory=True)``. On a CPU-only run the
-    same data movement is simulated: each saved tensor is copied into a host-marked buffer (see
-    :func:`host_allocation`) and copied back when the backward needs it, so memory accounting
-    sees what a GPU run would hold on the device and on the host.
-    """
-    if torch.cuda.is_available():
-        with torch.autograd.graph.save_on_cpu(pin_memory=True):
-            yield
-        return
-    with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_from_host):
-        yield
+def pinned_reserved_bytes(nbytes: int) -> int:
+    """Bytes PyTorch's pinned host allocator reserves for a request of ``nbytes``: the next power
+    of two (``CachingHostAllocator``: ``roundSize = PowerOf2Ceil(size)``)."""
+    return nbytes if nbytes <= 1 else 1 << (nbytes - 1).bit_length()
 
 
 class HostBuffer:
-    """One host tensor plus the event that says when its last reader finished (CUDA)."""
+    """One host tensor, the bytes it reserves (``nbytes``), and on CUDA the event of its last
+    write and those of the reads since."""
 
-    __slots__ = ("tensor", "_event")
+    __slots__ = ("tensor", "nbytes", "_written", "_reads")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, nbytes: int | None = None):
         self.tensor = tensor
-        self._event = None
+        self.nbytes = tensor.nbytes if nbytes is None else nbytes
+        self._written = None
+        self._reads: list = []
 
-    def mark_read(self) -> None:
-        """Call on the stream that just issued a copy out of this buffer (CUDA only)."""
-        event = torch.cuda.Event()
-        event.record()
-        self._event = event
+    def before_write(self) -> list:
+        """Events a copy into the buffer waits for: the last write and every read since."""
+        return self._reads + ([self._written] if self._written is not None else [])
 
-    def wait_writable(self) -> None:
-        """Make the current CUDA stream wait until earlier readers are done."""
-        if self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
+    def before_read(self) -> list:
+        """Events a copy out of the buffer waits for: the last write."""
+        return [self._written] if self._written is not None else []
+
+    def wrote(self, event) -> None:
+        """Record the event after a copy into the buffer."""
+        self._written, self._reads = event, []
+
+    def read(self, event) -> None:
+        """Record the event after a copy out of the buffer."""
+        self._reads.append(event)
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+    """``dst.copy_(src)`` between host and device, one copy per leading index when ``src`` is a
+    slice of contiguous rows (a chunk of a ``[B, S, ...]`` tensor with ``B > 1``): PyTorch copies
+    a non-contiguous tensor across devices through a contiguous temporary allocated on the
+    current stream, which on a side stream would come from that stream's memory pool."""
+    if src.is_contiguous() or src.numel() == 0 or not src[0].is_contiguous():
+        dst.copy_(src, non_blocking=non_blocking)
+        return
+    for k in range(src.shape[0]):
+        dst[k].copy_(src[k], non_blocking=non_blocking)
 
 
 class HostStore:
-    """Pool of host buffers keyed by ``(shape, dtype)``; pinned when CUDA is available."""
+    """Pool of host buffers keyed by ``(shape, dtype)``; pinned when CUDA is available.
+
+    ``bytes_allocated`` counts what the buffers reserve: a pinned buffer reserves the next power
+    of two of its size (:func:`pinned_reserved_bytes`). ``bytes_in_use`` and
+    ``peak_bytes_in_use`` count the same way, for the buffers handed out.
+    """
 
     def __init__(self, pin_memory: bool | None = None):
         available = torch.cuda.is_available()
+        if available and pin_memory is False:
+            warnings.warn(
+                "HostStore(pin_memory=False) on a CUDA machine: copies between the device and pageable "
+                "host memory are synchronous (the host waits for each one, nothing overlaps), so every "
+                "offload and fetch stalls the pipeline; leave pin_memory unset to pin the buffers",
+                UserWarning,
+                stacklevel=2,
+            )
         self.pin_memory = available if pin_memory is None else (pin_memory and available)
         self._free: dict[tuple, list[HostBuffer]] = {}
         self._owned: set[int] = set()
@@ -105,16 +127,17 @@ class HostStore:
             buf = free.pop()
         else:
             with host_allocation():
-                buf = HostBuffer(torch.empty(key[0], dtype=dtype, pin_memory=self.pin_memory))
+                tensor = torch.empty(key[0], dtype=dtype, pin_memory=self.pin_memory)
+            buf = HostBuffer(tensor, pinned_reserved_bytes(tensor.nbytes) if self.pin_memory else tensor.nbytes)
             self.allocations += 1
-            self.bytes_allocated += buf.tensor.nbytes
+            self.bytes_allocated += buf.nbytes
             self._owned.add(buf.tensor.untyped_storage().data_ptr())
-        self.bytes_in_use += buf.tensor.nbytes
+        self.bytes_in_use += buf.nbytes
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.bytes_in_use)
         return buf
 
     def release(self, buf: HostBuffer) -> None:
-        self.bytes_in_use -= buf.tensor.nbytes
+        self.bytes_in_use -= buf.nbytes
         self._free.setdefault((tuple(buf.tensor.shape), buf.tensor.dtype), []).append(buf)
 
     def owns(self, tensor_or_storage) -> bool:
@@ -129,7 +152,7 @@ class HostStore:
         for bufs in self._free.values():
             for buf in bufs:
                 self._owned.discard(buf.tensor.untyped_storage().data_ptr())
-                self.bytes_allocated -= buf.tensor.nbytes
+                self.bytes_allocated -= buf.nbytes
         self._free.clear()
 
     def __repr__(self) -> str:
@@ -148,3 +171,127 @@ def default_host_store() -> HostStore:
     if _default is None:
         _default = HostStore()
     return _default
+
+
+# --- host-kept checkpoints -------------------------------------------------------------------
+def _pack_to_host(t: torch.Tensor):
+    with host_allocation():
+        return t.detach().clone()
+
+
+def _unpack_from_host(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()  # the "host-to-device" copy back
+
+
+class _Packed:
+    """A saved tensor kept in a host buffer; ``prefetched``: its device copy and the event after
+    that copy, once one is under way."""
+
+    __slots__ = ("device", "buf", "seq", "prefetched", "__weakref__")
+
+    def __init__(self, device: torch.device, buf: HostBuffer, seq: int):
+        self.device, self.buf, self.seq, self.prefetched = device, buf, seq, None
+
+
+class _HostCheckpoints:
+    """Pack/unpack hooks that keep saved ``device_type`` tensors in ``store``.
+
+    Pack: the device-to-host stream waits for the current stream, copies the tensor into a
+    buffer of the store (reused across steps), records the event; the tensor is recorded on that
+    stream, so autograd may drop it at once. Unpack: copies back on the current stream after
+    that event, unless a prefetch did; then it prefetches the checkpoint packed just before this
+    one (the one the backward unpacks next, e.g. the previous layer's input under reentrant
+    checkpointing) on the host-to-device stream, into memory taken from the current stream's
+    pool, so the copy overlaps this layer's recompute and backward. At most one prefetch is in
+    flight: one extra checkpoint on the device. A buffer goes back to the store when autograd
+    drops the saved tensor.
+    """
+
+    def __init__(self, store: HostStore, device_type: str = "cuda"):
+        self.store = store
+        self.device_type = device_type
+        self._packed: list[weakref.ref] = []  # live, not yet unpacked, in pack order
+        self._prefetch: weakref.ref | None = None
+        self._seq = itertools.count()
+
+    def pack(self, t: torch.Tensor):
+        if t.device.type != self.device_type:
+            return t
+        buf = self.store.acquire(t.shape, t.dtype)
+        d2h = side_streams(t.device)[Stream.D2H]
+        wait_events(d2h, [record_event(current_stream(t.device))])
+        with use_stream(d2h), torch.no_grad():
+            wait_events(d2h, buf.before_write())
+            copy_rows(buf.tensor, t.detach(), non_blocking=True)
+            buf.wrote(record_event(d2h))
+        t.record_stream(d2h)
+        packed = _Packed(t.device, buf, next(self._seq))
+        weakref.finalize(packed, self.store.release, buf)
+        self._packed.append(weakref.ref(packed))
+        return packed
+
+    def unpack(self, packed) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        self._packed = [r for r in self._packed if r() is not None and r() is not packed]
+        caller = current_stream(packed.device)
+        if packed.prefetched is not None:
+            t, event = packed.prefetched
+            packed.prefetched = None
+            wait_events(caller, [event])
+        else:
+            t, _ = self._copy_back(packed, caller, caller)
+        self._prefetch_before(packed, caller)
+        return t
+
+    def _copy_back(self, packed: _Packed, stream, caller):
+        """A device copy of ``packed`` in the caller's pool, copied on ``stream``; and its event."""
+        buf = packed.buf
+        t = torch.empty(buf.tensor.shape, dtype=buf.tensor.dtype, device=packed.device)
+        if stream != caller:  # the block is free on the caller's stream from here on
+            wait_events(stream, [record_event(caller)])
+        with use_stream(stream):
+            wait_events(stream, buf.before_read())
+            t.copy_(buf.tensor, non_blocking=True)
+            event = record_event(stream)
+        buf.read(event)
+        if stream != caller:
+            t.record_stream(stream)
+        return t, event
+
+    def _prefetch_before(self, packed: _Packed, caller) -> None:
+        busy = self._prefetch() if self._prefetch is not None else None
+        if busy is not None and busy.prefetched is not None:
+            return
+        earlier = [p for p in (r() for r in self._packed) if p is not None and p.seq < packed.seq]
+        earlier = [p for p in earlier if p.device == packed.device and p.prefetched is None]
+        if earlier:
+            nxt = max(earlier, key=lambda p: p.seq)
+            nxt.prefetched = self._copy_back(nxt, side_streams(packed.device)[Stream.H2D], caller)
+            self._prefetch = weakref.ref(nxt)
+
+
+_hooks: weakref.WeakKeyDictionary[HostStore, _HostCheckpoints] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def saved_tensors_on_host(store: HostStore | None = None):
+    """Keep the tensors autograd saves inside this block in host memory until the backward.
+
+    On CUDA they go to ``store`` (default: :func:`default_host_store`) through
+    :class:`_HostCheckpoints`: copies on the side streams, pinned buffers reused across steps,
+    and the next checkpoint prefetched while the backward of the current one runs. On a CPU-only
+    run the same data movement is simulated: each saved tensor is copied into a host-marked buffer
+    (see :func:`host_allocation`) and copied back when the backward needs it, so memory
+    accounting sees what a GPU run would hold on the device and on the host.
+    """
+    if not torch.cuda.is_available():
+        with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_from_host):
+            yield
+        return
+    store = store or default_host_store()
+    if store not in _hooks:
+        _hooks[store] = _HostCheckpoints(store)
+    hooks = _hooks[store]
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        yield

@@ -87,6 +87,7 @@ class Schedule:
     offload: bool
     save: bool
     inputs: frozenset[str]
+    outputs: frozenset[str] = frozenset()  # what the caller reads after the run
     ops: list[Op] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -164,7 +165,8 @@ def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, 
     forward (``save=False``) offloads only KV chunks a later query chunk still needs.
     """
     u = chunks
-    s = Schedule("forward", u, causal, offload, save, frozenset(_n("x", i) for i in range(u)))
+    inputs, outputs = frozenset(_n("x", i) for i in range(u)), frozenset(_n("out", i) for i in range(u))
+    s = Schedule("forward", u, causal, offload, save, inputs, outputs)
     b = _Builder(s)
     kv_reused = (lambda i: i < u - 1) if causal else (lambda i: u > 1)
 
@@ -226,7 +228,8 @@ def backward_schedule(chunks: int, *, causal: bool = True, offload: bool = True)
     """Backward of the FPDT attention block (what :func:`forward_schedule` saved is the input)."""
     u = chunks
     inputs = saved_buffers(u, offload) | {_n("dout", j) for j in range(u)}
-    s = Schedule("backward", u, causal, offload, True, frozenset(inputs))
+    outputs = frozenset({_n("dx", i) for i in range(u)} | {"dw"})
+    s = Schedule("backward", u, causal, offload, True, frozenset(inputs), outputs)
     b = _Builder(s)
     qs = (lambda i: list(range(i, u))) if causal else (lambda i: list(range(u)))
     last_outer = (lambda j: j) if causal else (lambda j: u - 1)
@@ -352,6 +355,7 @@ def check_schedule(s: Schedule) -> dict[str, int]:
     else:
         missing = [_n("dx", i) for i in range(u) if written[_n("dx", i)] != 2]
         missing += [_n("do", j) for j in range(u) if s.counts()[Kind.A2A_DO] != u]
+    missing += sorted(n for n in s.outputs if not written[n])
     if missing:
         raise ScheduleError(f"{s.direction} schedule does not produce {missing}")
     return dict(peak)
