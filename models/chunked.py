@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from parallel.amp import autocast_state, restore_autocast
+
 IGNORE_INDEX = -100
 
 
@@ -60,10 +62,16 @@ class _ChunkedMLP(torch.autograd.Function):
             y[t] = F.linear(_mlp_act(a, u, activation), w2, b2)
         ctx.save_for_backward(x, w1, b1, w3, w2, b2)
         ctx.activation, ctx.tile = activation, tile
+        ctx.autocast = autocast_state(x.device)
         return y.reshape(*shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
+        with restore_autocast(ctx.autocast, dy.device):
+            return _ChunkedMLP._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, w1, b1, w3, w2, b2 = ctx.saved_tensors
         activation, tile = ctx.activation, ctx.tile
         need = ctx.needs_input_grad
@@ -176,10 +184,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total += torch.where(valid[t], lse[t] - picked, 0.0).sum()
         ctx.save_for_backward(x, w, safe, valid, lse)
         ctx.tile = tile
+        ctx.autocast = autocast_state(x.device)
         return total
 
     @staticmethod
     def backward(ctx, dtotal):
+        with restore_autocast(ctx.autocast, dtotal.device):
+            return _ChunkedCrossEntropy._backward(ctx, dtotal)
+
+    @staticmethod
+    def _backward(ctx, dtotal):
         x, w, safe, valid, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])

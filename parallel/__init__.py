@@ -3,7 +3,7 @@
 Public API::
 
     from parallel import (
-        init_distributed, SPGroup,                                  # process groups
+        init_distributed, init_mesh, SPGroup, Mesh,                 # process groups
         AttentionWeights, RotaryEmbedding, AttentionStrategy,       # blocks
         local_attention, ulysses_attention, fpdt_attention,
         HostStore, Timeline, forward_schedule, backward_schedule, check_schedule,
@@ -21,7 +21,7 @@ from .attention import (
     local_attention,
     ulysses_attention,
 )
-from .distributed import SPGroup, current_device, destroy_distributed, init_distributed
+from .distributed import Mesh, SPGroup, check_mesh, current_device, destroy_distributed, init_distributed, init_mesh
 from .executor import Timeline, run_schedule
 from .host_store import HostStore, default_host_store, host_allocation, saved_tensors_on_host
 from .layout import (
@@ -52,6 +52,7 @@ __all__ = [
     "AttentionWeights",
     "HostStore",
     "Kind",
+    "Mesh",
     "Op",
     "RotaryEmbedding",
     "SPGroup",
@@ -60,6 +61,7 @@ __all__ = [
     "Stream",
     "Timeline",
     "apply_rotary",
+    "check_mesh",
     "check_setup",
     "check_strategy",
     "apply_rotary_backward",
@@ -75,6 +77,7 @@ __all__ = [
     "head_to_seq",
     "host_allocation",
     "init_distributed",
+    "init_mesh",
     "inverse_permutation",
     "kv_seq_to_head",
     "local_attention",

@@ -8,7 +8,8 @@ from an explicit rank/world for ``torch.multiprocessing`` workers::
     group = init_distributed(rank, 4, init_method="file:///tmp/rdzv")   # spawned worker
 
 The attention blocks take an :class:`SPGroup`; ``SPGroup.single()`` runs everything in one
-process without ``torch.distributed``.
+process without ``torch.distributed``. Data x sequence parallelism: :func:`init_mesh` splits the
+world into ``dp`` data-parallel replicas of ``sp`` sequence-parallel ranks (:class:`Mesh`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,70 @@ class SPGroup:
         if me not in ranks:
             raise ValueError(f"rank {me} is not in the requested group {sorted(ranks)}")
         return cls(pg, sorted(ranks).index(me), len(ranks))
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """``world = dp * sp`` ranks: ``dp`` data-parallel groups, each of ``sp`` sequence-parallel ranks.
+
+    Global rank ``r`` is sequence rank ``r % sp`` of data-parallel replica ``r // sp``: a
+    sequence-parallel group is ``sp`` consecutive ranks, so its all-to-alls stay inside a node
+    when ``sp`` divides the GPUs per node. ``sp`` is this rank's sequence-parallel group, ``dp``
+    the group of ranks with the same sequence rank (one per replica), ``world`` everyone.
+    ``device_mesh`` is the ``(dp, sp)`` :class:`~torch.distributed.device_mesh.DeviceMesh`
+    (``None`` on one process).
+    """
+
+    sp: SPGroup
+    dp: SPGroup
+    world: SPGroup
+    device_mesh: object | None = None
+
+    @classmethod
+    def single(cls) -> Mesh:
+        one = SPGroup.single()
+        return cls(one, one, one)
+
+    @property
+    def replica(self) -> int:
+        """This rank's data-parallel replica (which sequences it trains on)."""
+        return self.dp.rank
+
+
+def check_mesh(world: int, sp: int) -> None:
+    """Raise ``ValueError`` unless ``world`` ranks split into data-parallel groups of ``sp``."""
+    if sp < 1 or world % sp:
+        raise ValueError(f"sp={sp} must divide gpus={world} (gpus = dp * sp); use sp in {_divisors(world)}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def init_mesh(sp: int | None = None) -> Mesh:
+    """The ``(dp, sp)`` mesh over the initialised world (``sp`` defaults to the whole world: one
+    sequence-parallel group, ``dp = 1``). Every rank must call it. Without ``torch.distributed``
+    (one process) returns :meth:`Mesh.single`."""
+    if not dist.is_initialized():
+        if sp not in (None, 1):
+            raise ValueError(f"sp={sp} needs {sp} ranks; torch.distributed is not initialised (one process)")
+        return Mesh.single()
+    world = dist.get_world_size()
+    sp = world if sp is None else sp
+    check_mesh(world, sp)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    rank = dist.get_rank()
+
+    def group(dim: str) -> SPGroup:
+        size = mesh[dim].size()
+        if size == 1:
+            return SPGroup.single()
+        return SPGroup(mesh[dim].get_group(), mesh[dim].get_local_rank(), size)
+
+    return Mesh(sp=group("sp"), dp=group("dp"), world=SPGroup(dist.group.WORLD, rank, world), device_mesh=mesh)
 
 
 def _env_int(name: str) -> int | None:

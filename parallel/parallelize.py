@@ -6,27 +6,39 @@
     loss = model(tokens, labels=labels, positions=positions)   # same value on every rank
     loss.backward()
 
+    # data x sequence parallel: dp replicas of sp ranks, each replica on its own sequences
+    mesh = init_mesh(sp=2)
+    model = parallelize(Transformer(cfg), "fpdt", mesh=mesh, chunks=4, fsdp=True, mixed_precision=torch.bfloat16)
+
 The model is duck-typed (``parallel`` never imports ``models``): every submodule whose
 ``strategy`` attribute is an :class:`AttentionStrategy` gets the new one, so parameter names and
 checkpoints do not change; the model's ``sum_across_ranks`` hook gets a differentiable
-all-reduce (sum) so its loss is the mean over the tokens of all ranks; ``blocks`` (if present)
-are the FSDP units.
+all-reduce (sum) over all ranks, so its loss is the mean over every token of every rank (all
+replicas); ``blocks`` (if present) are the FSDP units.
 
-Gradients. Every rank's loss is the loss of the whole sequence, and its backward produces this
-rank's share of the gradient (the all-reduce's backward is the identity; the all-to-alls carry
-gradients between ranks). After ``loss.backward()``:
+Gradients. Every rank's loss is that global mean, and its backward produces this rank's share of
+the gradient (the all-reduce's backward is the identity; the all-to-alls carry gradients between
+the ranks of a sequence-parallel group). The shares are summed over all ranks exactly once, so
+each rank ends with the gradient a single process would compute on the whole global batch (with
+equal tokens per replica, that is the data-parallel average of the replicas' gradients):
 
-- ``fsdp=False``: each parameter's gradient is all-reduced (SUM) over the group by a hook that
-  runs as soon as it is computed, so every rank's ``.grad`` is the single-process gradient and
-  the replicated weights stay in step (the hook reduces each backward's contribution, so
-  gradient accumulation over several backwards works).
-- ``fsdp=True``: FSDP2 (``fully_shard``) reduce-scatters with SUM (divide factor 1), so each
-  rank holds its shard of the single-process gradient (``p.grad.full_tensor()`` is the whole of
-  it) and the optimizer state is sharded likewise.
+- ``fsdp=False``: each parameter's gradient is all-reduced (SUM) over all ranks by a hook that
+  runs as soon as it is computed, so the replicated weights stay in step (the hook reduces each
+  backward's contribution, so gradient accumulation over several backwards works).
+- ``fsdp=True``: FSDP2 (``fully_shard``) over all ranks (the ``dp x sp`` mesh flattened, as
+  torchtitan's ``dp_shard_cp``) reduce-scatters with SUM (divide factor 1), so each rank holds
+  its shard of the gradient (``p.grad.full_tensor()`` is the whole of it) and the optimizer state
+  is sharded likewise. ``mixed_precision=torch.bfloat16`` keeps the sharded parameters in their
+  dtype (fp32 master weights) and computes with bf16 copies, reducing gradients in fp32
+  (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``); ``offload_states=True`` keeps
+  parameters, gradients and optimizer states in host memory (``CPUOffloadPolicy``).
 
-Parameters and buffers are broadcast from the group's rank 0 first, so every rank starts from
-the same weights. The group is the sequence-parallel group; data parallelism across groups is
-not handled here.
+Without FSDP, mixed precision is the caller's ``torch.autocast`` around the forward: the
+parameters stay fp32 and are the master weights (the custom autograd Functions run their
+backward in the forward's autocast state, see :mod:`parallel.amp`).
+
+Parameters and buffers are broadcast from global rank 0 first, so every rank starts from the
+same weights.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ import torch.nn as nn
 
 from .all_to_all import check_heads
 from .attention import AttentionStrategy, check_strategy
-from .distributed import SPGroup
+from .distributed import Mesh, SPGroup
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -96,15 +108,20 @@ def _broadcast_state(model: nn.Module, group: SPGroup) -> None:
             dist.broadcast(t.data, src=src, group=group.group)
 
 
-def _fully_shard(model: nn.Module, group: SPGroup) -> nn.Module:
+def _fully_shard(model: nn.Module, world: SPGroup, mixed_precision: torch.dtype | None, offload_states: bool):
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     device_type = next(model.parameters()).device.type
-    mesh = DeviceMesh.from_group(group.group, device_type)
+    mesh = DeviceMesh.from_group(world.group if world.group is not None else dist.group.WORLD, device_type)
+    kwargs = {}
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    if offload_states:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     units = [*getattr(model, "blocks", []), model]
     for unit in units:
-        fully_shard(unit, mesh=mesh)
+        fully_shard(unit, mesh=mesh, **kwargs)
         unit.set_gradient_divide_factor(1.0)  # SUM: shards of the single-process gradient
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return model
@@ -118,14 +135,21 @@ def parallelize(
     chunks: int = 1,
     offload: bool = False,
     fsdp: bool = False,
+    mesh: Mesh | None = None,
+    mixed_precision: torch.dtype | None = None,
+    offload_states: bool = False,
 ) -> nn.Module:
     """Run ``model``'s attention with ``strategy`` (``local | ulysses | fpdt``) over ``group``.
 
-    ``group`` defaults to the world group; ``chunks`` (``u``) and ``offload`` apply to ``fpdt``;
-    an :class:`AttentionStrategy` instance is used as it is (its own group, chunks, offload).
-    ``fsdp=True`` shards parameters, gradients and optimizer state over the group (FSDP2; gloo
-    on CPU). Modifies ``model`` in place and returns it; call once per model, before building
-    the optimizer. See the module docstring for how gradients are reduced.
+    ``group`` (the sequence-parallel group) defaults to the world group; with ``mesh`` (see
+    :func:`~parallel.distributed.init_mesh`) the sequence-parallel group is ``mesh.sp`` and the
+    loss and gradients are reduced over all ``dp * sp`` ranks. ``chunks`` (``u``) and ``offload``
+    apply to ``fpdt``; an :class:`AttentionStrategy` instance is used as it is. ``fsdp=True``
+    shards parameters, gradients and optimizer state over all ranks (FSDP2; gloo on CPU), with
+    ``mixed_precision`` (compute dtype over master weights in the parameters' dtype) and
+    ``offload_states`` (model states in host memory). Modifies ``model`` in place and returns
+    it; call once per model, before building the optimizer. See the module docstring for how
+    gradients are reduced.
     """
     if getattr(model, "_parallelized", False):
         raise ValueError("this model is already parallelized; build a fresh model to change the strategy")
@@ -135,24 +159,31 @@ def parallelize(
             "parallelize needs a model with attention modules holding a `strategy` (AttentionStrategy) and a "
             "`sum_across_ranks` loss hook, such as models.Transformer"
         )
-    strat = _make_strategy(strategy, group, chunks, offload)
-    group = strat.group
+    if mesh is not None and group is not None:
+        raise ValueError("pass the sequence-parallel group or a mesh (whose sp group it is), not both")
+    if (mixed_precision is not None or offload_states) and not fsdp:
+        raise ValueError(
+            "mixed_precision and offload_states are FSDP policies (fsdp=True); without FSDP, mixed precision is "
+            "torch.autocast around the forward over fp32 parameters"
+        )
+    if fsdp and not dist.is_initialized():
+        raise ValueError("fsdp=True needs torch.distributed initialised (a process group, even of one rank)")
+    strat = _make_strategy(strategy, mesh.sp if mesh is not None else group, chunks, offload)
+    world = mesh.world if mesh is not None else strat.group
     for m in attn:
-        check_heads(m.n_heads, m.n_kv_heads, group.size)
-    if fsdp and group.size == 1:
-        raise ValueError("fsdp=True shards over the sequence-parallel group; it needs a group of more than one rank")
+        check_heads(m.n_heads, m.n_kv_heads, strat.group.size)
     for m in attn:
         m.strategy = strat
     model._parallelized = True
-    if group.size == 1:
-        return model
-    model.sum_across_ranks = _SumAcrossRanks(group)
-    _broadcast_state(model, group)
+    if world.size > 1:
+        model.sum_across_ranks = _SumAcrossRanks(world)
+        _broadcast_state(model, world)
     if fsdp:
-        return _fully_shard(model, group)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.register_hook(_allreduce_grad_hook(group))
+        return _fully_shard(model, world, mixed_precision, offload_states)
+    if world.size > 1:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(_allreduce_grad_hook(world))
     return model
 
 
