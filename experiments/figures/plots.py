@@ -423,3 +423,26 @@ def plot_timeline(rows, path, title="", formats=("png",)):
     ax.legend(handles, kinds, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=min(6, len(kinds)), frameon=False)
     fig.tight_layout()
     return _save(fig, path, formats)
+
+
+def plot_training(rows, ax_loss, ax_lr=None, label=None, **style):
+    """Loss vs optimizer step from ``train.csv`` rows (strings or numbers); the learning rate on
+    ``ax_lr`` if given."""
+    steps = [int(float(r["step"])) + 1 for r in rows]
+    ax_loss.plot(steps, [float(r["loss"]) for r in rows], label=label, **style)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss (mean token cross entropy)")
+    if ax_lr is not None:
+        ax_lr.plot(steps, [float(r["lr"]) for r in rows], color="gray", linewidth=1)
+        ax_lr.set_xlabel("optimizer step")
+        ax_lr.set_ylabel("learning rate")
+
+
+def training_figure(rows, path, formats=("png",)):
+    """The loss curve and learning-rate schedule of one run, saved beside its ``train.csv``."""
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    plot_training(rows, ax_loss, ax_lr, color=STRATEGY_COLORS["fpdt"])
+    ax_loss.set_title("training loss")
+    ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    return _save(fig, path, formats)

@@ -17,10 +17,12 @@ from kernels.backend import BACKENDS
 from parallel import STRATEGIES
 
 from ..core.dtypes import DTYPE_NAMES
+from ..training.precision import PRECISIONS
 
 # Enums built from the names the library defines, so a config can only name what exists.
 Strategy = enum.Enum("Strategy", {name: name for name in STRATEGIES}, type=str)
-DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)  # auto: bf16 on CUDA, fp32 on CPU
+DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)  # the old key; see precision
+Precision = enum.Enum("Precision", {name: name for name in ("auto", *PRECISIONS)}, type=str)
 
 
 Backend = enum.Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)  # auto: kernels decide
@@ -42,7 +44,8 @@ class ParallelConf:
     chunked_loss: bool = False  # sequence-tiled LM head + cross entropy
     mlp_tile: int | None = None  # tokens per MLP tile (None: chunk/(2P), the paper's ratio)
     loss_tile: int | None = None  # tokens per loss tile (None: chunk/(32P))
-    fsdp: bool = False  # shard params/grads/optimizer state over the ranks (FSDP2, ZeRO-3 role)
+    fsdp: bool = False  # shard params/grads/optimizer state over all ranks (FSDP2, ZeRO-3 role)
+    offload_states: bool = False  # FSDP: parameters, gradients, optimizer states in host memory (CUDA)
 
 
 @dataclass
@@ -73,25 +76,55 @@ class SearchConf:
 
 
 @dataclass
-class RunConfig:
+class JobConfig:
+    """What every job (``run``, ``max_seqlen``, ``train``) trains: model, layout, precision, data."""
+
     model: ModelSelect = MISSING
     parallel: ParallelConf = MISSING
     hardware: HardwareConf = MISSING
     data: DataConf = field(default_factory=DataConf)
-    search: SearchConf = field(default_factory=SearchConf)
     seq_len: int = 4096  # global tokens per sequence
     chunks: int = 1  # FPDT chunks u (other strategies record 1)
-    gpus: int = 1  # ranks (GPUs on CUDA, processes on CPU) in the sequence-parallel group
-    batch_size: int = 1
-    steps: int = 3  # timed steps
-    warmup_steps: int = 1  # untimed steps first (autotuning, allocator warm-up)
-    dtype: DType = DType.auto
+    gpus: int = 1  # ranks in all (GPUs on CUDA, processes on CPU): dp * sp
+    sp: int | None = None  # sequence-parallel degree P (None: gpus, one sequence-parallel group)
+    batch_size: int = 1  # sequences per data-parallel replica (global batch: batch_size * dp)
+    precision: Precision = Precision.auto  # auto: bf16-mixed on CUDA, 32-true on CPU
+    dtype: DType = DType.auto  # old name: bf16 = precision bf16-true, fp32 = 32-true
     seed: int = 0
     backend: Backend = Backend.auto
     lr: float = 1e-4
     max_device_memory: float | None = None  # GiB cap on (simulated) device memory per rank
-    timeout_s: float = 900.0  # a point still running after this is killed and recorded
+    timeout_s: float | None = 900.0  # a job still running after this is killed (None: no limit)
+
+
+@dataclass
+class RunConfig(JobConfig):
+    search: SearchConf = field(default_factory=SearchConf)
+    steps: int = 3  # timed steps
+    warmup_steps: int = 1  # untimed steps first (autotuning, allocator warm-up)
     results_csv: str = "results.csv"  # name of the aggregated table in the sweep directory
+
+
+@dataclass
+class CheckpointConf:
+    dir: str | None = None  # where checkpoints go (None: <run directory>/checkpoints); resume reads it
+    every: int = 0  # save every this many steps (0: only when the run ends)
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    """``python -m experiments.train``: the schedule, logging and checkpoints."""
+
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    steps: int = 100  # optimizer steps of the schedule (its horizon)
+    stop_after: int | None = None  # end this run at that step, schedule unchanged (planned preemption)
+    resume: bool = False  # continue from the newest complete checkpoint in checkpoint.dir
+    lr_warmup_steps: int = 10  # linear warm-up, then cosine decay to lr * lr_min_ratio at `steps`
+    lr_min_ratio: float = 0.1
+    grad_clip: float | None = 1.0  # clip the global gradient norm (None: no clipping)
+    weight_decay: float = 0.1
+    log_every: int = 1  # progress line every this many steps (train.csv has every step)
+    timeout_s: float | None = None
 
 
 def register_configs() -> None:
@@ -99,6 +132,7 @@ def register_configs() -> None:
     are typed through its fields, so their presets need no schema of their own (and ``--help``
     lists only real presets)."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 register_configs()

@@ -41,8 +41,9 @@ from ..core.hardware import cpu_peak_tflops
 from ..core.paths import CONF_DIR
 from ..core.provenance import git_commit, versions
 from ..core.units import GIB, format_bytes
+from ..training.loop import model_config
 from . import config as _schema  # noqa: F401  (registers the structured configs)
-from .points import check_point, model_config, resolve_point
+from .points import check_point, resolve_point
 from .results import find_point, point_key, record_point
 from .worker import run_rank, spawn_entry, summarize
 
@@ -67,23 +68,27 @@ def _read_errors(job_dir: Path) -> dict | None:
     return {k: err.get(k) for k in ("status", "error", "device_peak_bytes")}
 
 
-def launch(point: dict, job_dir: Path) -> dict:
-    """Spawn the ranks, wait under the timeout, and return the raw outcome."""
+def _death(exc: BaseException) -> str:
+    """Which rank failed and how, from torch.multiprocessing's exception."""
+    if isinstance(exc, mp.ProcessExitedException):
+        how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
+        return f"rank {exc.error_index} died ({how})"
+    return f"rank {exc.error_index} raised: " + str(exc).strip().splitlines()[-1][:2000]
+
+
+def launch(point: dict, job_dir: Path, body=None) -> dict:
+    """Spawn the ranks (each runs ``body``, default the sweep's measured steps), wait under the
+    point's ``timeout_s`` (``None``: no limit), and return the raw outcome."""
     job_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*job_dir.glob("rank*_error.json"), job_dir / "worker_metrics.json"]:
         stale.unlink(missing_ok=True)
     port = _free_port()
-    ctx = mp.start_processes(
-        spawn_entry,
-        args=(point, point["gpus"], port, str(job_dir)),
-        nprocs=point["gpus"],
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + point["timeout_s"]
+    args = (point, point["gpus"], port, str(job_dir)) + (() if body is None else (body,))
+    ctx = mp.start_processes(spawn_entry, args=args, nprocs=point["gpus"], join=False, start_method="spawn")
+    deadline = None if point["timeout_s"] is None else time.monotonic() + point["timeout_s"]
     try:
         while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 for p in ctx.processes:
                     if p.is_alive():
                         p.kill()
@@ -92,10 +97,13 @@ def launch(point: dict, job_dir: Path) -> dict:
                 message = f"no result after timeout_s={point['timeout_s']:.0f} s; ranks killed"
                 return {"status": "timeout", "error": message}
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        for p in ctx.processes:  # the others wait in a collective for the dead one: stop them
+            if p.is_alive():
+                p.kill()
         err = _read_errors(job_dir)
         if err is not None:
             return err
-        reason = str(exc).strip().splitlines()[-1][:2000]
+        reason = _death(exc)
         metrics = job_dir / "worker_metrics.json"
         if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
             return {"status": "ok", "metrics": json.loads(metrics.read_text()), "warning": f"teardown: {reason}"}
@@ -131,7 +139,8 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
     if outcome["status"] != "ok":
         return row
     s = summarize(outcome["metrics"])
-    flops = step_flops(model_config(point), point["seq_len"], point["batch_size"])
+    sequences = point["batch_size"] * point["dp"]  # the global batch: every replica's sequences
+    flops = step_flops(model_config(point), point["seq_len"], sequences)
     peak = point["peak_tflops"]
     if peak is None:  # CPU: the machine's measured peak, shared by the ranks that run on it
         machine_peak, how = cpu_peak_tflops()
@@ -143,7 +152,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
         step_time_s=step,
         step_time_p20_s=s["step_time_p20_s"],
         step_time_p80_s=s["step_time_p80_s"],
-        tokens_per_s=point["batch_size"] * point["seq_len"] / step,
+        tokens_per_s=sequences * point["seq_len"] / step,
         tflops_per_gpu=tflops_per_gpu,
         mfu=tflops_per_gpu / peak,
         mfu_full_attention=flops.full / step / point["gpus"] / 1e12 / peak,

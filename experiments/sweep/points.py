@@ -9,9 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import kernels
 from models import get_config
-from parallel import check_setup
+from parallel import check_mesh, check_setup
 
+from ..core.dtypes import dtype_name
 from ..core.hardware import resolve_hardware
+from ..training.loop import model_config
+from ..training.precision import resolve_precision
 
 
 def auto_backend(cuda: bool) -> str:
@@ -23,18 +26,12 @@ def auto_backend(cuda: bool) -> str:
     return kernels.resolve_backend(torch.device("cuda"))
 
 
-def model_config(point: dict, **overrides):
-    """The model a point trains: its preset at the point's depth, with ``overrides``."""
-    if point.get("n_layers"):
-        overrides["n_layers"] = point["n_layers"]
-    return get_config(point["model"], **overrides)
-
-
 def resolve_point(cfg: DictConfig) -> dict:
     """The effective configuration of a point as a flat dict (what the key and the row echo)."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     par, hw = c["parallel"], resolve_hardware(c["hardware"])
     strategy = par["strategy"]
+    precision = resolve_precision(c["precision"], torch.cuda.is_available(), c["dtype"])
     point = {
         "model": c["model"]["name"],
         "n_layers": c["model"]["n_layers"],
@@ -45,10 +42,12 @@ def resolve_point(cfg: DictConfig) -> dict:
         "chunks": c["chunks"] if strategy == "fpdt" else 1,
         "requested_chunks": c["chunks"],
         "gpus": c["gpus"],
+        "sp": c["gpus"] if c["sp"] is None else c["sp"],
         "batch_size": c["batch_size"],
         "steps": c["steps"],
-        "warmup_steps": c["warmup_steps"],
-        "dtype": c["dtype"],
+        "warmup_steps": c.get("warmup_steps", 0),
+        "precision": precision.name,
+        "dtype": dtype_name(precision.compute_dtype),  # what the matmuls ran in
         "seed": c["seed"],
         "backend": c["backend"] if c["backend"] != "auto" else auto_backend(torch.cuda.is_available()),
         "lr": c["lr"],
@@ -62,13 +61,15 @@ def resolve_point(cfg: DictConfig) -> dict:
         "mlp_tile": par["mlp_tile"],
         "loss_tile": par["loss_tile"],
         "fsdp": par["fsdp"],
+        "offload_states": par["offload_states"],
         "hardware": hw["name"],
         "peak_tflops": hw.get("peak_tflops"),
         "peak_tflops_source": hw.get("source", ""),
         "data_path": c["data"]["path"],
         "data_dtype": c["data"]["dtype"],
-        "results_csv": c["results_csv"],
+        "results_csv": c.get("results_csv", "results.csv"),
     }
+    point["dp"] = point["gpus"] // point["sp"] if point["sp"] >= 1 and point["gpus"] % point["sp"] == 0 else None
     if point["n_layers"] is None:  # record the depth trained, not the (empty) override
         point["n_layers"] = get_config(point["model"]).n_layers
     return point
@@ -76,14 +77,24 @@ def resolve_point(cfg: DictConfig) -> dict:
 
 def check_point(point: dict) -> None:
     """Raise ``ValueError`` with what was wrong and what would be right (the library's own checks
-    for the strategy, the head split and the token layout, so every entry point says the same)."""
+    for the rank layout, the strategy, the head split and the token layout, so every entry point
+    says the same)."""
     for key in ("seq_len", "chunks", "gpus", "batch_size", "steps"):
         if point[key] < 1:
             raise ValueError(f"{key}={point[key]} must be >= 1")
     if point["warmup_steps"] < 0:
         raise ValueError(f"warmup_steps={point['warmup_steps']} must be >= 0")
+    check_mesh(point["gpus"], point["sp"])
     cfg = model_config(point)
-    check_setup(point["strategy"], point["seq_len"], point["gpus"], point["chunks"], cfg.n_heads, cfg.n_kv_heads)
+    check_setup(point["strategy"], point["seq_len"], point["sp"], point["chunks"], cfg.n_heads, cfg.n_kv_heads)
+    if point["offload_states"] and not point["fsdp"]:
+        raise ValueError("parallel.offload_states=true keeps model states in host memory through FSDP; "
+                         "set parallel.fsdp=true")  # fmt: skip
+    if point["offload_states"] and not torch.cuda.is_available():
+        raise ValueError(
+            "parallel.offload_states moves model states between host and GPU memory, so it needs CUDA; the "
+            "planner predicts it anywhere: python -m experiments.plan offload_states=true"
+        )
     if torch.cuda.is_available() and point["gpus"] > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
         raise ValueError(
             f"gpus={point['gpus']} but this machine has {torch.cuda.device_count()} visible GPUs; "

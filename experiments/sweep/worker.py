@@ -12,24 +12,25 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import kernels
-from models import Transformer
-from parallel import destroy_distributed, init_distributed
+from parallel import destroy_distributed, init_distributed, init_mesh
 from parallel.host_store import allocating_on_host, default_host_store
-from parallel.parallelize import parallelize, shard_batch
 
-from ..core.dtypes import resolve_dtype
 from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
 from ..core.tables import write_json
 from ..core.units import GIB
-from .points import model_config
+from ..training.data import DataSpec, replica_batch
+from ..training.loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config
+from ..training.precision import resolve_precision
 
+# How long a collective may wait when the job has no timeout of its own (timeout_s=None).
+COLLECTIVE_TIMEOUT_S = 1800.0
 # The memory tracker of the step in progress, so a failure can report how far memory got.
 _active_tracker: MemoryTracker | None = None
 
@@ -40,23 +41,6 @@ def _peak_device_bytes() -> int | None:
     return None if _active_tracker is None else _active_tracker.peak["device"]
 
 
-def _batch(point: dict, vocab: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-length ``(tokens, labels)`` ``[B, S]``, identical on every rank (seeded per step)."""
-    B, S = point["batch_size"], point["seq_len"]
-    gen = torch.Generator().manual_seed(point["seed"] * 1_000_003 + step)
-    if point.get("data_path"):
-        data = np.memmap(point["data_path"], dtype=point.get("data_dtype", "uint16"), mode="r")
-        if len(data) < S + 1:
-            raise ValueError(f"data.path has {len(data)} tokens; seq_len={S} needs at least {S + 1}")
-        starts = torch.randint(0, len(data) - S, (B,), generator=gen).tolist()
-        windows = torch.from_numpy(np.stack([np.asarray(data[s : s + S + 1], dtype=np.int64) for s in starts]))
-        if int(windows.max()) >= vocab:
-            raise ValueError(f"data.path holds token id {int(windows.max())} >= the model's vocab_size={vocab}")
-    else:
-        windows = torch.randint(0, vocab, (B, S + 1), generator=gen)
-    return windows[:, :-1], windows[:, 1:]
-
-
 def _sync(device: torch.device, world: int) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -64,18 +48,18 @@ def _sync(device: torch.device, world: int) -> None:
         dist.barrier()
 
 
-def train(point: dict) -> dict:
+def measure_steps(point: dict, out_dir: Path) -> dict:
     """Run ``warmup_steps + steps`` training steps on this rank; return its measurements."""
-    group = init_distributed(timeout_s=point["timeout_s"])
-    rank, world = group.rank, group.size
+    init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
+    mesh = init_mesh(point["sp"])
+    rank, world = mesh.world.rank, mesh.world.size
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda:
         # Ranks share the cores: without this each would start a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     kernels.set_backend(point["backend"])
-    dtype = resolve_dtype(point["dtype"], cuda)
-    torch.manual_seed(point["seed"])
+    precision = resolve_precision(point["precision"], cuda)
 
     cap = None if point["max_device_memory"] is None else int(point["max_device_memory"] * GIB)
     global _active_tracker
@@ -85,44 +69,22 @@ def train(point: dict) -> dict:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.mem_get_info(device)[1]), device)
 
-    overrides = dict(
-        chunked_mlp=point["chunked_mlp"],
-        chunked_loss=point["chunked_loss"],
-        mlp_tile=point["mlp_tile"],
-        loss_tile=point["loss_tile"],
-        checkpoint=point["activation_checkpointing"],
-        checkpoint_on_host=point["checkpoint_on_host"],
-    )
-    cfg = model_config(point, **overrides)
+    data = DataSpec(point["seq_len"], point["batch_size"], model_config(point).vocab_size, point["seed"],
+                    point.get("data_path"), point.get("data_dtype", "uint16"))  # fmt: skip
     step_times, loss = [], float("nan")
     with tracker:
-        model = Transformer(cfg).to(device=device, dtype=dtype)
-        model = parallelize(
-            model,
-            point["strategy"],
-            group=group,
-            chunks=point["chunks"],
-            offload=point["offload"],
-            fsdp=point["fsdp"],
-        )
-        optimizer = torch.optim.AdamW(model.parameters(), lr=point["lr"])
+        model = build_model(point, mesh, device, precision)
+        optimizer = build_optimizer(model, point)
         for step in range(point["warmup_steps"] + point["steps"]):
-            tokens, labels = _batch(point, cfg.vocab_size, step)
-            tokens, labels, positions = shard_batch(
-                tokens, labels, point["strategy"], chunks=point["chunks"], group=group
-            )
-            tokens, labels, positions = (t.to(device) for t in (tokens, labels, positions))
+            tokens, labels = replica_batch(data, step, mesh.dp.size, mesh.replica)
             _sync(device, world)
             start = time.perf_counter()
-            out = model(tokens, labels=labels, positions=positions)
-            out.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = forward_backward(model, point, mesh, precision, device, tokens, labels)
+            clip_and_step(model, optimizer, None)
             _sync(device, world)
             if step >= point["warmup_steps"]:
                 step_times.append(time.perf_counter() - start)
-            loss = float(out.detach())
-            del out
+            loss = float(out)
 
     metrics = {
         "rank": rank,
@@ -151,17 +113,18 @@ def train(point: dict) -> dict:
         )
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, metrics, group=group.group)
+        dist.all_gather_object(gathered, metrics)
         return {"ranks": gathered}
     return {"ranks": [metrics]}
 
 
-def run_rank(point: dict, out_dir: str) -> None:
-    """Train; rank 0 writes ``worker_metrics.json``, a failing rank writes ``rank<r>_error.json``."""
+def run_rank(point: dict, out_dir: str, body: Callable[[dict, Path], dict] = measure_steps) -> None:
+    """Run ``body`` (default: :func:`measure_steps`) on this rank; rank 0 writes what it returns
+    to ``worker_metrics.json``, a failing rank writes ``rank<r>_error.json``."""
     out = Path(out_dir)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        result = train(point)
+        result = body(point, out)
         if rank == 0:
             write_json(out / "worker_metrics.json", result)
         # Leave together: a rank that tears gloo down while its peer still talks aborts the peer.
@@ -178,7 +141,8 @@ def run_rank(point: dict, out_dir: str) -> None:
         destroy_distributed()
 
 
-def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: str) -> None:
+def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: str,
+                body: Callable[[dict, Path], dict] = measure_steps) -> None:  # fmt: skip
     """``torch.multiprocessing`` target: one fresh process per rank on this machine."""
     os.environ.update(
         RANK=str(local_rank),
@@ -189,7 +153,7 @@ def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: st
         MASTER_PORT=str(port),
     )
     os.environ[kernels.backend.ENV_VAR] = point["backend"]
-    run_rank(point, out_dir)
+    run_rank(point, out_dir, body)
     # Everything is measured and written. Skip interpreter teardown: gloo's destructors
     # occasionally abort (SIGABRT, "terminate called without an active exception") while the
     # interpreter unwinds, which would turn a finished point into a failed one.

@@ -1,0 +1,79 @@
+"""One rank's model, optimizer and training step, as ``experiments.run`` and ``experiments.train``
+build them from a resolved configuration (a *point*: a flat dict, see ``experiments.sweep.points``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models import Transformer, get_config
+from parallel import Mesh, parallelize, shard_batch
+
+from .precision import Precision
+
+
+def model_config(point: dict, **overrides):
+    """The model a point trains: its preset at the point's depth, with its switches (tiles,
+    checkpointing) and ``overrides``."""
+    switches = dict(
+        chunked_mlp=point.get("chunked_mlp", False),
+        chunked_loss=point.get("chunked_loss", False),
+        mlp_tile=point.get("mlp_tile"),
+        loss_tile=point.get("loss_tile"),
+        checkpoint=point.get("activation_checkpointing", False),
+        checkpoint_on_host=point.get("checkpoint_on_host", False),
+    )
+    if point.get("n_layers"):
+        switches["n_layers"] = point["n_layers"]
+    return get_config(point["model"], **{**switches, **overrides})
+
+
+def build_model(point: dict, mesh: Mesh, device: torch.device, precision: Precision) -> torch.nn.Module:
+    """The parallelized model, its parameters in the precision's storage dtype, on ``device``.
+
+    Every rank builds the same initial weights (``parallelize`` also broadcasts them from rank 0).
+    """
+    torch.manual_seed(point["seed"])
+    model = Transformer(model_config(point)).to(device=device, dtype=precision.param_dtype)
+    fsdp = point["fsdp"]
+    return parallelize(
+        model,
+        point["strategy"],
+        mesh=mesh,
+        chunks=point["chunks"],
+        offload=point["offload"],
+        fsdp=fsdp,
+        mixed_precision=precision.fsdp_mixed_precision() if fsdp else None,
+        offload_states=point.get("offload_states", False),
+    )
+
+
+def build_optimizer(model: torch.nn.Module, point: dict) -> torch.optim.Optimizer:
+    """AdamW over the parameters (fp32 master weights under mixed precision); moments in their dtype.
+    ``weight_decay`` defaults to AdamW's own 0.01 (``experiments.run`` points do not set it)."""
+    return torch.optim.AdamW(model.parameters(), lr=point["lr"], weight_decay=point.get("weight_decay", 0.01))
+
+
+def forward_backward(model, point: dict, mesh: Mesh, precision: Precision, device: torch.device,
+                     tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Shard this replica's ``[B, S]`` batch over the sequence-parallel group, run forward and
+    backward; returns the detached loss (the mean over every token of the global batch)."""
+    tokens, labels, positions = shard_batch(tokens, labels, point["strategy"], chunks=point["chunks"], group=mesh.sp)
+    tokens, labels, positions = (t.to(device) for t in (tokens, labels, positions))
+    with precision.autocast(device, point["fsdp"]):
+        loss = model(tokens, labels=labels, positions=positions)
+    loss.backward()
+    return loss.detach()
+
+
+def clip_and_step(model, optimizer, grad_clip: float | None) -> float:
+    """Clip the global gradient norm to ``grad_clip`` (if set), step, zero the gradients; returns
+    the norm before clipping (over all parameters, whole tensors, whatever the sharding)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

@@ -1,0 +1,126 @@
+"""One rank of ``python -m experiments.train``: the training loop with logging and checkpoints.
+
+Rank 0 appends one row per step to ``train.csv`` in the run directory (the columns of
+:data:`TRAIN_FIELDS`, written and flushed as each step ends) and prints a progress line every
+``log_every`` steps. Checkpoints go to ``checkpoint.dir`` every ``checkpoint.every`` steps and when
+the run ends (``steps`` reached, or ``stop_after``: a planned preemption that leaves the schedule,
+which runs to ``steps``, unchanged).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from parallel import init_distributed, init_mesh
+from parallel.host_store import default_host_store
+
+from ..core.units import GIB
+from . import checkpoint
+from .data import DataSpec, replica_batch
+from .loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config
+from .precision import resolve_precision
+from .schedule import make_scheduler
+
+TRAIN_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "device_mem_peak_gib",
+                "device_mem_reserved_gib", "host_store_gib", "tokens_seen", "wall_s"]  # fmt: skip
+COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def _peak_device_gib(device: torch.device) -> tuple[float | None, float | None]:
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device) / GIB, torch.cuda.max_memory_reserved(device) / GIB
+
+
+class _Log:
+    """``train.csv`` (rank 0): appended and flushed row by row, so a killed run keeps its rows."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            new = not path.exists()
+            self._file = path.open("a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=TRAIN_FIELDS)
+            if new:
+                self._writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            self._writer.writerow(row)
+            self._file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+
+
+def train_rank(point: dict, run_dir: Path) -> dict:
+    """Train this rank from step 0 or from the newest checkpoint; returns a summary for rank 0."""
+    init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
+    mesh = init_mesh(point["sp"])
+    rank, world = mesh.world.rank, mesh.world.size
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    kernels.set_backend(point["backend"])
+    precision = resolve_precision(point["precision"], cuda)
+    model = build_model(point, mesh, device, precision)
+    optimizer = build_optimizer(model, point)
+    horizon = point["steps"]
+    scheduler = make_scheduler(optimizer, point["lr_warmup_steps"], horizon, point["lr_min_ratio"])
+    ckpt_root = Path(point["checkpoint_dir"])
+    start = 0
+    if point["resume"]:
+        found = checkpoint.latest(ckpt_root)
+        if found is None:
+            raise ValueError(f"resume=true but {ckpt_root} holds no complete checkpoint; run without resume first")
+        start = checkpoint.load(found, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"resumed from {found} (step {start} of {horizon})", flush=True)
+    stop = min(horizon, point["stop_after"] or horizon)
+    data = DataSpec(point["seq_len"], point["batch_size"], model_config(point).vocab_size, point["seed"],
+                    point.get("data_path"), point.get("data_dtype", "uint16"))  # fmt: skip
+    tokens_per_step = point["batch_size"] * mesh.dp.size * point["seq_len"]
+    log = _Log(Path(run_dir) / "train.csv", enabled=rank == 0)
+    t_start, loss = time.perf_counter(), float("nan")
+    try:
+        for step in range(start, stop):
+            tokens, labels = replica_batch(data, step, mesh.dp.size, mesh.replica)
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            loss = float(forward_backward(model, point, mesh, precision, device, tokens, labels))
+            grad_norm = clip_and_step(model, optimizer, point["grad_clip"])
+            scheduler.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            peak, reserved = _peak_device_gib(device)
+            row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_step / seconds,
+                       step_time_s=seconds, device_mem_peak_gib=peak, device_mem_reserved_gib=reserved,
+                       host_store_gib=default_host_store().bytes_allocated / GIB,
+                       tokens_seen=(step + 1) * tokens_per_step, wall_s=time.perf_counter() - t_start)  # fmt: skip
+            log.write(row)
+            if rank == 0 and (step % point["log_every"] == 0 or step == stop - 1):
+                mem = "" if peak is None else f"  device peak {peak:.2f} GiB"
+                print(f"step {step + 1}/{horizon}  loss {loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
+                      f"{row['tokens_per_s']:.0f} tok/s  {seconds:.2f} s{mem}", flush=True)  # fmt: skip
+            done = step + 1
+            if point["checkpoint_every"] and done % point["checkpoint_every"] == 0 and done < stop:
+                checkpoint.save(ckpt_root, done, model, optimizer, scheduler)
+        if stop > start or not point["resume"]:
+            path = checkpoint.save(ckpt_root, stop, model, optimizer, scheduler)
+            if rank == 0:
+                print(f"checkpoint: {path}", flush=True)
+    finally:
+        log.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return {"start_step": start, "end_step": stop, "horizon": horizon, "loss": loss}
