@@ -252,7 +252,7 @@ class _HostCheckpoints:
             wait_events(stream, [record_event(caller)])
         with use_stream(stream):
             wait_events(stream, buf.before_read())
-            t.copy_(buf.tensor, non_blocking=True)
+            copy_rows(t, buf.tensor, non_blocking=True)
             event = record_event(stream)
         buf.read(event)
         if stream != caller:

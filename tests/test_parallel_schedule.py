@@ -58,6 +58,15 @@ def test_backward_invariants(u, offload, causal):
             assert order.index((Kind.A2A_DQ, (i,))) < order.index((Kind.ATTN_BWD, (i + 1, i + 1)))
 
 
+def test_outputs_are_what_the_caller_reads():
+    assert forward_schedule(3, save=False).outputs == {"out[0]", "out[1]", "out[2]"}
+    assert backward_schedule(2).outputs == {"dx[0]", "dx[1]", "dw"}
+    s = forward_schedule(2)
+    s.outputs = s.outputs | {"out[2]"}
+    with pytest.raises(ScheduleError, match=r"does not produce \['out\[2\]'\]"):
+        check_schedule(s)
+
+
 def test_nograd_forward_offloads_only_kv_that_later_chunks_need():
     for u in (1, 2, 5):
         s = forward_schedule(u, causal=True, offload=True, save=False)
