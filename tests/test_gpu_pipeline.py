@@ -9,6 +9,12 @@ the same order, so their outputs and gradients must be bit-identical.
 ``test_gpu_fpdt_under_sanitizer_backend`` is the case the prepared GPU script also runs under
 ``TORCH_CUDA_SANITIZER=1`` with the naive backend (the sanitizer sees PyTorch ops, not Triton
 launches).
+
+Memory and ordering: side streams allocate nothing (no allocator segment belongs to them, no new
+segment after the first step); the caller's stream does not wait for the forward's last offload,
+and the backward still reads what it wrote; host-kept checkpoints (copies on the side streams,
+prefetched) give the same bits with delayed copies; pinned buffers count what the host
+allocator reserves. A device ring running dry would be a sizing bug: its warning fails a test.
 """
 
 import dataclasses
@@ -17,10 +23,21 @@ import pytest
 import torch
 
 import kernels
-from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention, local_attention
+import models
+import parallel.host_store as host_store
+from parallel import (
+    AttentionWeights,
+    HostStore,
+    RotaryEmbedding,
+    SPGroup,
+    Stream,
+    fpdt_attention,
+    local_attention,
+)
+from parallel.executor import side_streams
 from parallel.fpdt import _Runner
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("error:no free device slot:RuntimeWarning")]
 
 # ~1 ms of GPU cycles at 1.5-2 GHz: longer than any op at these sizes.
 SLEEP_CYCLES = 2_000_000
@@ -94,3 +111,115 @@ def test_gpu_fpdt_under_sanitizer_backend(slow_copies):
     for g, r in zip(got, want, strict=True):
         err = (g - r).abs().max().item()
         assert err <= 1e-4 * r.abs().max().item(), err
+
+
+def test_gpu_fpdt_side_streams_allocate_nothing():
+    w, rope, x, dy = _block(torch.bfloat16)
+    store = HostStore()
+    fn = lambda x, w: fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=4, offload=True, store=store)  # noqa: E731
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    with kernels.use_backend("triton"):
+        for _ in range(2):  # compiles, host buffers, allocator segments: the steady state from here
+            _run(fn, x, w, dy)
+        segments = torch.cuda.memory_stats()["segment.all.allocated"]
+        torch.cuda.reset_peak_memory_stats()
+        reserved = torch.cuda.memory_reserved()
+        for _ in range(3):
+            _run(fn, x, w, dy)
+    stats = torch.cuda.memory_stats()
+    sides = {s.cuda_stream for s in side_streams(x.device).values()}
+    assert [seg for seg in torch.cuda.memory_snapshot() if seg["stream"] in sides] == []
+    assert stats["segment.all.allocated"] == segments  # no cudaMalloc after the first step
+    assert torch.cuda.max_memory_reserved() == reserved and stats["num_alloc_retries"] == 0
+    assert store.allocations > 0 and store.bytes_in_use == 0
+
+
+# ~1 s: far longer than the whole block at these sizes.
+LONG_SLEEP_CYCLES = 2_000_000_000
+
+
+def test_gpu_fpdt_forward_does_not_wait_for_its_last_offload(monkeypatch):
+    chunks = 4
+    original = _Runner.offload
+
+    def slow_last(self, op):
+        if op.buffer == f"o[{chunks - 1}]":
+            torch.cuda._sleep(LONG_SLEEP_CYCLES)
+        original(self, op)
+
+    w, rope, x, dy = _block(torch.bfloat16)
+    with kernels.use_backend("triton"):
+        want = _run(_fpdt(rope, chunks, offload=False), x, w, dy)
+        monkeypatch.setattr(_Runner, "offload", slow_last)
+        xg = x.detach().clone().requires_grad_(True)
+        wg = dataclasses.replace(w, wqkv=w.wqkv.detach().clone().requires_grad_(True))
+        y = _fpdt(rope, chunks, offload=True)(xg, wg)
+        after = torch.cuda.Event()
+        after.record()
+        after.synchronize()  # the caller's stream is through the forward and the output projection
+        assert not side_streams(x.device)[Stream.D2H].query()  # while the last offload still runs
+        y.backward(dy)  # the backward's fetch of o[3] waits for that offload through its event
+        torch.cuda.synchronize()
+    torch.testing.assert_close(y.detach(), want[0], rtol=0, atol=0)
+    torch.testing.assert_close(xg.grad, want[1], rtol=0, atol=0)
+
+
+def test_gpu_fpdt_host_checkpoints_with_delayed_copies(monkeypatch):
+    # Layer inputs kept on the host (reentrant checkpoints, the paper's recipe) with every copy
+    # delayed on its stream: the loss and gradients of checkpoints kept on the device (a copy
+    # read before it lands gives garbage, far outside the tolerance, which only allows for
+    # atomics in the model's backward kernels), every pack on the device-to-host stream and every
+    # copy back but the first prefetched on the host-to-device stream.
+    cfg = models.get_config("llama-tiny", checkpoint=True)
+    streams = []
+    real = host_store.copy_rows
+
+    def delayed(dst, src, non_blocking):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        streams.append(torch.cuda.current_stream())
+        real(dst, src, non_blocking)
+
+    monkeypatch.setattr(host_store, "copy_rows", delayed)
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, cfg.vocab_size, (2, 64), generator=g).cuda() for _ in range(2))
+    store = host_store.default_host_store()
+    results, allocations = [], []
+    with kernels.use_backend("naive"):
+        for on_host in (False, True, True):
+            torch.manual_seed(0)
+            model = models.Transformer(cfg.replace(checkpoint_on_host=on_host)).cuda()
+            in_use = store.bytes_in_use
+            loss = model(tokens, labels=labels)
+            loss.backward()
+            torch.cuda.synchronize()
+            results.append([loss.detach()] + [p.grad for p in model.parameters()])
+            assert store.bytes_in_use == in_use  # buffers back in the store after the backward
+            allocations.append(store.allocations)
+    for plain, a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, plain, rtol=1e-5, atol=1e-6)
+    assert allocations[1] == allocations[2]  # pinned buffers reused by the next step
+    sides = side_streams(tokens.device)
+    n = cfg.n_layers
+    assert streams.count(sides[Stream.D2H]) == 2 * n  # every pack, on the device-to-host stream
+    assert streams.count(sides[Stream.H2D]) == 2 * (n - 1)  # every layer but the last prefetched
+
+
+def test_gpu_fpdt_pinned_buffers_count_what_is_reserved():
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip("this PyTorch has no torch.cuda.host_memory_stats to compare with")
+    torch.cuda.synchronize()  # every pinned block freed so far is reusable ...
+    torch._C._host_emptyCache()  # ... and goes back to the system: new buffers are new blocks
+
+    def owned():
+        s = torch.cuda.host_memory_stats()
+        key = next((k for k in ("reserved_bytes.current", "allocated_bytes.current") if k in s), None)
+        assert key is not None, f"no pinned-bytes figure among {sorted(s)}"
+        return s[key]
+
+    before = owned()
+    store = HostStore()
+    bufs = [store.acquire(shape, dt) for shape, dt in (((3, 1000, 7), torch.bfloat16), ((5, 999), torch.float32))]
+    assert owned() - before == store.bytes_allocated  # what the host allocator made
+    assert store.bytes_allocated == 65536 + 32768 > sum(b.tensor.nbytes for b in bufs)
