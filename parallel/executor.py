@@ -132,6 +132,15 @@ class Env:
         return sorted(self._d)
 
 
+def _device_key(device: torch.device) -> tuple:
+    index = device.index if device.index is not None or device.type != "cuda" else _cuda.current_device()
+    return device.type, index
+
+
+# Free slots a run handed over to the next run on the device (DeviceBuffers.park).
+_parked: dict[tuple, dict[tuple[int, torch.dtype], list]] = {}
+
+
 class DeviceBuffers:
     """One run's device memory for the work on side streams, allocated when the run starts on
     the caller's stream.
@@ -152,6 +161,12 @@ class DeviceBuffers:
     so its reuse is ordered by events alone. Should the ring run dry (it is sized from the
     schedule, so it does not), a slot is added on the caller's stream and counted in ``grown``.
 
+    Handing over: :meth:`park` keeps the free slots, with their events, for the next run on the
+    device, which takes them instead of allocating (one parked set per device; the next run
+    drops the ones it does not need). A saving forward parks its slots for the backward, whose
+    first fetches then wait for the forward's last uses of them, not for the caller's stream at
+    the backward's start (as slots fresh from the caller's pool must).
+
     Scratch regions: ``scratch`` maps a name to a byte count; :meth:`scratch` views the region as
     any shape and dtype that fits. A region serves one stream (the communication stream), whose
     ops run in order, so consecutive ops reuse it without events.
@@ -163,10 +178,16 @@ class DeviceBuffers:
         self.device = device
         self.cuda = device.type == "cuda"
         self._caller = current_stream(device) if self.cuda else None
-        made = {key: [torch.empty(key[0], dtype=key[1], device=device) for _ in range(n)] for key, n in slots.items()}
+        parked = _parked.pop(_device_key(device), {})
+        kept = {key: parked.get(key, [])[:n] for key, n in slots.items()}
+        made = {
+            key: [torch.empty(key[0], dtype=key[1], device=device) for _ in range(n - len(kept[key]))]
+            for key, n in slots.items()
+        }
         self._regions = {name: torch.empty(n, dtype=torch.uint8, device=device) for name, n in scratch.items()}
         self._ready = [record_event(self._caller)] if self.cuda else []  # after the allocations
-        self._free = {key: [(t, self._ready) for t in ts] for key, ts in made.items()}
+        # Parked slots last: take() pops them first.
+        self._free = {key: [(t, self._ready) for t in made[key]] + kept[key] for key in slots}
         self._taken: dict[int, tuple[torch.Tensor, tuple]] = {}
         self._pending: list[tuple[torch.Tensor, tuple]] = []
         self._region_streams: set = set()
@@ -178,6 +199,11 @@ class DeviceBuffers:
         slots = [t for ts in self._free.values() for t, _ in ts]
         slots += [t for t, _ in self._taken.values()] + [t for t, _ in self._pending]
         return sum(t.nbytes for t in slots) + sum(r.numel() for r in self._regions.values())
+
+    def park(self) -> None:
+        """Hand the free slots to the next run on this device (see the class docstring)."""
+        _parked[_device_key(self.device)] = {key: free for key, free in self._free.items() if free}
+        self._free = {}
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A free slot viewed as ``shape``, usable on the current stream."""

@@ -368,9 +368,12 @@ class _Runner:
         self.bufs = DeviceBuffers(self.device, self._slot_counts(schedule), self._scratch_bytes(schedule))
         self.env.buffers = self.bufs
         try:
-            return run_schedule(
+            events = run_schedule(
                 schedule, self._handlers(), self.device, buffers=self.bufs, ready=ready, timeline=self.spec.timeline
             )
+            if schedule.direction == "forward" and schedule.save:
+                self.bufs.park()  # for the backward's first fetches
+            return events
         finally:
             self.env.buffers = self.bufs = None
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels
+import parallel.executor as executor
 import parallel.fpdt as fpdt
 from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention, local_attention
 
@@ -31,6 +32,8 @@ def runs(monkeypatch):
         def take(self, shape, dtype):
             t = super().take(shape, dtype)
             self.held |= Counter(key for _, key in self._taken.values())
+            if not hasattr(self, "first_taken"):
+                self.first_taken = t.untyped_storage().data_ptr()
             return t
 
     monkeypatch.setattr(fpdt, "DeviceBuffers", Recording)
@@ -66,6 +69,20 @@ def test_ring_does_not_grow_with_the_chunk_count(runs):
         fpdt_attention(x, w, None, group=SPGroup.single(), chunks=chunks, store=HostStore()).sum().backward()
         totals.append([sum(b.sized.values()) for b in runs])
     assert totals[0] == totals[1], totals
+
+
+def test_backward_fetches_into_slots_the_forward_handed_over(runs):
+    # The saving forward parks its free slots: the backward's first fetch lands in one of them, so
+    # on CUDA it waits for the forward's last use of that slot, not for the caller's stream.
+    w = AttentionWeights.random(32, 4, 4, 8)
+    x = torch.randn(1, 32, 32, requires_grad=True)
+    y = fpdt_attention(x, w, None, group=SPGroup.single(), chunks=4, store=HostStore())
+    parked = executor._parked[("cpu", None)]
+    forward_slots = {t.untyped_storage().data_ptr() for ts in parked.values() for t, _ in ts}
+    assert forward_slots
+    y.sum().backward()
+    _, backward = runs
+    assert backward.first_taken in forward_slots
 
 
 def test_nograd_forward_ring(runs):

@@ -213,6 +213,26 @@ def test_device_buffers_bookkeeping():
         bufs.scratch("send", (17,), f32)
 
 
+def test_parked_slots_go_to_the_next_run():
+    f32, cpu = torch.float32, torch.device("cpu")
+
+    def ptr(t):
+        return t.untyped_storage().data_ptr()
+
+    first = DeviceBuffers(cpu, {(6, f32): 2, (3, f32): 1}, {})
+    a = first.take((6,), f32)
+    b = first.take((6,), f32)
+    first.release(b)
+    first.settle([])
+    first.park()  # b's slot and the (3,) slot; a stays with its buffer
+    nxt = DeviceBuffers(cpu, {(6, f32): 2, (5, f32): 1}, {})
+    got = nxt.take((2, 3), f32)
+    assert ptr(got) == ptr(b)  # handed over, and taken first
+    assert ptr(nxt.take((6,), f32)) not in {ptr(a), ptr(got)}
+    assert nxt.nbytes == 2 * 24 + 20  # the (3,) slot it does not need is dropped
+    assert ptr(DeviceBuffers(cpu, {(6, f32): 1}, {}).take((6,), f32)) != ptr(b)  # handed over once
+
+
 # --- host checkpoints ------------------------------------------------------------------------
 @pytest.fixture
 def fake_copies(fake_cuda, monkeypatch):
