@@ -340,10 +340,12 @@ def run_schedule(
     in_flight: deque = deque()
 
     def latest_per_stream(indices) -> list:
+        """The events of the last of ``indices`` on each stream (events on one stream are ordered)."""
         latest: dict[Stream, int] = {}
         for d in indices:
-            latest[ops[d].stream] = max(d, latest.get(ops[d].stream, -1))
-        return [events[d] for d in latest.values() if events[d] is not None]
+            if events[d] is not None:  # FREE ops record none
+                latest[ops[d].stream] = max(d, latest.get(ops[d].stream, -1))
+        return [events[d] for d in latest.values()]
 
     for op in ops:
         if op.kind == Kind.FREE:  # host-side drop of a reference; Env made it stream-safe
@@ -356,7 +358,7 @@ def run_schedule(
         for name in op.reads + op.writes:
             if name in last_write:  # made in this run: its writer is a dependency
                 continue
-            if name in ready:
+            if name in ready and name in op.reads:
                 waits.append(ready[name])
             elif name in owned and op.stream != Stream.COMPUTE:
                 waits.append(start)

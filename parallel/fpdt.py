@@ -63,7 +63,9 @@ class _Runner:
     destinations and all-to-all/RoPE outputs and temporaries, from one :class:`DeviceBuffers`
     made on the caller's stream when the run starts: a ring of slots sized from the schedule
     (:meth:`_slot_counts`) and scratch regions for the communication stream
-    (:meth:`_scratch_bytes`). Side streams allocate nothing.
+    (:meth:`_scratch_bytes`). Side streams allocate nothing. A saving forward hands its free
+    slots to the next run (:meth:`DeviceBuffers.park`), the backward, so its first fetches need
+    not wait for the caller's stream.
     """
 
     def __init__(self, spec: FPDTSpec, x: torch.Tensor, wqkv, bqkv):
