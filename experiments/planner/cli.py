@@ -27,7 +27,8 @@ from parallel import STRATEGIES
 
 from ..core.paths import CONF_DIR
 from ..core.units import format_bytes
-from ..sweep.config import DType, HardwareConf, ModelSelect
+from ..sweep.config import DType, HardwareConf, ModelSelect, Precision
+from ..training.precision import resolve_precision
 from .estimate import ATTENTION_EFFICIENCY, DENSE_EFFICIENCY, estimate
 from .search import max_seq_len, recommend_chunk_tokens
 
@@ -36,7 +37,8 @@ from .search import max_seq_len, recommend_chunk_tokens
 class PlanConfig:
     model: ModelSelect = MISSING
     hardware: HardwareConf = MISSING
-    gpus: int = 4
+    gpus: int = 4  # ranks in all
+    sp: int | None = None  # sequence-parallel degree (default: gpus); dp = gpus / sp replicas
     strategies: list[str] | None = None  # default: ulysses and fpdt (and local when gpus=1)
     chunk_tokens: int = 65536  # FPDT global chunk C in tokens
     min_seq_len: int = 8192  # first row of the table
@@ -49,7 +51,9 @@ class PlanConfig:
     chunked_loss: bool | None = None
     mlp_tile: int | None = None
     loss_tile: int | None = None
-    dtype: DType = DType.auto
+    precision: Precision = Precision.auto  # auto: bf16-mixed on GPUs, 32-true on hardware=cpu
+    dtype: DType = DType.auto  # old name: bf16 = precision bf16-true, fp32 = 32-true
+    offload_states: bool = False  # FSDP: model states in host memory (needs fsdp=true)
     max_device_memory: float | None = None  # GiB per GPU (required for hardware=cpu)
     dense_efficiency: float = DENSE_EFFICIENCY
     attention_efficiency: float = ATTENTION_EFFICIENCY
@@ -73,15 +77,20 @@ def plan_table(cfg: DictConfig) -> str:
     strategies = c["strategies"] or [s for s in STRATEGIES if s != "local" or gpus == 1]
     kw = {k: c[k] for k in ("chunk_tokens", "activation_checkpointing", "checkpoint_on_host", "fsdp", "offload",
                             "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
-                            "dense_efficiency", "attention_efficiency")}  # fmt: skip
+                            "dense_efficiency", "attention_efficiency", "precision", "sp",
+                            "offload_states")}  # fmt: skip
     kw.update(n_layers=c["model"]["n_layers"], peak_tflops=c["hardware"]["peak_tflops"])
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]
     hi = c["max_seq_len"] or max(2 * (1 << math.ceil(math.log2(max(maxima.values()) or 1))), lo)
     where = "on host" if kw["checkpoint_on_host"] else "on device"
     chunk = f", fpdt chunk {kw['chunk_tokens']} tokens" if "fpdt" in strategies else ""
+    layout = f" (sp={kw['sp']}, dp={gpus // kw['sp']})" if kw["sp"] and kw["sp"] != gpus else ""
+    states = ", model states on host" if kw["offload_states"] else ""
+    precision = resolve_precision(kw["precision"], cuda=hardware != "cpu", dtype=kw["dtype"]).name
     lines = [
-        f"plan: {model} on {gpus} x {hardware}; checkpoints {where}, fsdp={kw['fsdp']}{chunk}",
+        f"plan: {model} on {gpus} x {hardware}{layout}, precision {precision}; checkpoints {where}, "
+        f"fsdp={kw['fsdp']}{states}{chunk}",
         "per strategy: device peak per GPU | host memory per node | step s | MFU;  x = does not fit",
     ]
     head = f"{'seq_len':>10}" + "".join(f"  {s:^35}" for s in strategies)

@@ -25,13 +25,13 @@ from omegaconf import OmegaConf
 
 from models import get_config
 from models.transformer import default_tiles
-from parallel import check_heads, check_setup, check_strategy
+from parallel import check_heads, check_mesh, check_setup, check_strategy
 
-from ..core.dtypes import dtype_bytes
 from ..core.flops import step_flops
 from ..core.hardware import cpu_peak_tflops, load_preset
 from ..core.paths import CONF_DIR
 from ..core.units import GIB
+from ..training.precision import resolve_precision
 from .model import Rates, Setup, attention_layer_seconds, memory, step_seconds
 
 # Achieved fraction of peak FLOP/s. Stated defaults, not measurements (no GPU run exists yet):
@@ -48,6 +48,9 @@ INTER_NODE_GBPS = 25.0
 # Device memory the allocator can give out: the rest goes to the CUDA context, NCCL buffers and
 # fragmentation. The CPU's simulated device has none of these.
 DEVICE_USABLE = 0.90
+# AdamW on the host (offload_states): parameters per second per rank, a stated default (a fused
+# CPU Adam such as DeepSpeed's reaches ~1e9/s on a socket; torch's foreach AdamW on CPU tensors less).
+HOST_ADAM_PARAMS_PER_S = 5e8
 HOST_USABLE = 0.90
 # CPU "hardware": copies and collectives run at memory speed (a stated default).
 CPU_COPY_GBPS = 10.0
@@ -135,42 +138,49 @@ def _chunks(strategy: str, seq_len: int, gpus: int, chunks: int | None, chunk_to
 
 
 def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches) -> tuple[Setup, dict]:
+    """``gpus`` ranks in all; the sequence-parallel degree ``P = sp`` (default: ``gpus``)."""
     if gpus < 1:
         raise ValueError(f"gpus={gpus} must be >= 1")
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
+    sp = switches.pop("sp", None) or gpus
+    check_mesh(gpus, sp)
     n_layers = switches.pop("n_layers", None)
     cfg = get_config(model, **({"n_layers": n_layers} if n_layers else {}))
     # The strategy and the head split first: they are the cause whatever the chunk size says.
-    check_strategy(strategy, gpus)
-    check_heads(cfg.n_heads, cfg.n_kv_heads, gpus)
+    check_strategy(strategy, sp)
+    check_heads(cfg.n_heads, cfg.n_kv_heads, sp)
     hw = _hardware(hardware, switches.pop("max_device_memory", None), switches.pop("peak_tflops", None))
-    u = _chunks(strategy, seq_len, gpus, chunks, chunk_tokens)
-    check_setup(strategy, seq_len, gpus, u, cfg.n_heads, cfg.n_kv_heads)
-    if switches.get("fsdp") and gpus == 1:
-        switches["fsdp"] = False  # FSDP shards over the sequence-parallel group; nothing to shard
+    u = _chunks(strategy, seq_len, sp, chunks, chunk_tokens)
+    check_setup(strategy, seq_len, sp, u, cfg.n_heads, cfg.n_kv_heads)
+    offload_states = bool(switches.pop("offload_states", False))
+    if offload_states and not switches.get("fsdp"):
+        raise ValueError("offload_states keeps model states in host memory through FSDP; set fsdp=true")
+    if switches.get("fsdp") and gpus == 1 and not offload_states:
+        switches["fsdp"] = False  # one rank and nothing offloaded: nothing for FSDP to do
     preset = _strategy_preset(strategy)
-    dtype = switches.pop("dtype", "auto")
-    s = seq_len // gpus
-    mlp_default, loss_default = default_tiles(s, u)
-    mlp_tile = switches.get("mlp_tile") or mlp_default
-    loss_tile = switches.get("loss_tile") or loss_default
+    precision = resolve_precision(switches.pop("precision", "auto"), cuda=not hw["cpu"],
+                                  dtype=switches.pop("dtype", "auto"))  # fmt: skip
+    mlp_default, loss_default = default_tiles(seq_len // sp, u)
     st = Setup(
         cfg=cfg,
         strategy=strategy,
-        gpus=gpus,
+        gpus=sp,
         seq_len=seq_len,
         chunks=u,
-        dtype_bytes=dtype_bytes(dtype, cuda=not hw["cpu"]),
+        dtype_bytes=precision.compute_dtype.itemsize,
         activation_checkpointing=switches["activation_checkpointing"],
         checkpoint_on_host=switches["checkpoint_on_host"] and switches["activation_checkpointing"],
         offload=strategy == "fpdt" and _pick(switches.get("offload"), preset["offload"]),
         fsdp=switches["fsdp"],
         chunked_mlp=_pick(switches.get("chunked_mlp"), preset["chunked_mlp"]),
         chunked_loss=_pick(switches.get("chunked_loss"), preset["chunked_loss"]),
-        mlp_tile=mlp_tile,
-        loss_tile=loss_tile,
+        mlp_tile=switches.get("mlp_tile") or mlp_default,
+        loss_tile=switches.get("loss_tile") or loss_default,
         simulated_device=hw["cpu"],
+        world=gpus,
+        param_bytes=precision.param_dtype.itemsize,
+        offload_states=offload_states,
     )
     return st, hw
 
@@ -181,14 +191,18 @@ def _pick(value, default):
 
 def _rates(st: Setup, hw: dict, dense_efficiency: float, attention_efficiency: float) -> Rates:
     peak = hw["peak_tflops"] * 1e12
-    intra = st.gpus <= GPUS_PER_NODE
-    link = (hw["nvlink_gbps"] if intra else INTER_NODE_GBPS) * 1e9 * COMM_EFFICIENCY
+
+    def link(ranks: int) -> float:  # a group of consecutive ranks stays on NVLink inside a node
+        gbps = hw["nvlink_gbps"] if ranks <= GPUS_PER_NODE else INTER_NODE_GBPS
+        return gbps * 1e9 * COMM_EFFICIENCY
+
     return Rates(
         dense_flops=peak * dense_efficiency,
         attention_flops=peak * attention_efficiency,
         pcie_bytes=hw["pcie_gbps"] * 1e9,
-        a2a_bytes=link,
-        fsdp_bytes=link,
+        a2a_bytes=link(st.gpus),
+        fsdp_bytes=link(st.ranks),
+        host_adam_params=HOST_ADAM_PARAMS_PER_S,
     )
 
 
@@ -216,16 +230,23 @@ def estimate(
     dense_efficiency: float = DENSE_EFFICIENCY,
     attention_efficiency: float = ATTENTION_EFFICIENCY,
     checkpoint_offload: bool | None = None,
+    precision: str = "auto",
+    sp: int | None = None,
+    offload_states: bool = False,
 ) -> Estimate:
     """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
 
     ``chunks`` (FPDT's ``u``) overrides ``chunk_tokens`` (global chunk ``C``; ``u = S/C``, 1 when
     ``S <= C``). ``offload``, ``chunked_mlp``, ``chunked_loss``: ``None`` = the strategy's preset.
-    ``dtype``: ``auto`` = fp32 on ``hardware=cpu`` (as the CPU runs train), bf16 otherwise.
+    ``precision``: ``auto`` = ``32-true`` on ``hardware=cpu`` (as the CPU runs train),
+    ``bf16-mixed`` otherwise (fp32 master weights and moments: 16 bytes per parameter; see
+    ``experiments.training.precision``). ``gpus`` ranks in all, ``sp`` of them per sequence
+    (default all; ``dp = gpus / sp`` replicas, each on its own sequence; FSDP shards over all).
+    ``offload_states`` (with ``fsdp``) keeps the sharded model states in host memory.
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
-    ``ValueError`` on an unknown preset, head counts that do not split over ``gpus``, or a chunk
-    size that does not divide ``seq_len``. ``checkpoint_offload`` is the old name of
-    ``checkpoint_on_host`` (deprecated).
+    ``ValueError`` on an unknown preset, head counts that do not split over ``sp``, or a chunk
+    size that does not divide ``seq_len``. ``dtype`` (``bf16``: ``bf16-true``, ``fp32``:
+    ``32-true``) and ``checkpoint_offload`` (``checkpoint_on_host``) are old names.
     """
     if checkpoint_offload is not None:
         warnings.warn("checkpoint_offload is now checkpoint_on_host", DeprecationWarning, stacklevel=2)
@@ -243,6 +264,9 @@ def estimate(
         n_layers=n_layers,
         max_device_memory=max_device_memory,
         peak_tflops=peak_tflops,
+        precision=precision,
+        sp=sp,
+        offload_states=offload_states,
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
@@ -254,6 +278,7 @@ def estimate(
         overhead = time.parts["attention"] / (st.cfg.n_layers * ideal) - 1.0
     flops = step_flops(st.cfg, seq_len).causal
     ranks_per_node = min(gpus, GPUS_PER_NODE)
+    dp = gpus // st.gpus
     host_node = mem.host_total * ranks_per_node
     return Estimate(
         model=model,
@@ -273,8 +298,8 @@ def estimate(
         host_capacity=hw["host_bytes"] if hw["host_bytes"] is not None else -1,
         step_time_s=time.seconds,
         step_parts=dict(time.parts),
-        tokens_per_s=seq_len / time.seconds,
-        mfu=flops / gpus / time.seconds / (hw["peak_tflops"] * 1e12),
+        tokens_per_s=dp * seq_len / time.seconds,  # one sequence per data-parallel replica
+        mfu=dp * flops / gpus / time.seconds / (hw["peak_tflops"] * 1e12),
         copy_overhead=overhead,
         fits_device=mem.peak <= hw["device_bytes"],
         fits_host=hw["host_bytes"] is None or host_node <= hw["host_bytes"],
@@ -283,7 +308,7 @@ def estimate(
 
 def estimate_row(row: dict, **overrides) -> Estimate:
     """The estimate for a measured result row (``results.csv`` / ``experiments.figures.plots.load_results``),
-    with the row's model, strategy, sizes, switches, dtype and device cap; ``overrides`` win."""
+    with the row's model, strategy, sizes, switches, precision and device cap; ``overrides`` win."""
 
     def flag(key):
         value = row.get(key)
@@ -302,7 +327,11 @@ def estimate_row(row: dict, **overrides) -> Estimate:
         offload=flag("offload"),
         chunked_mlp=flag("chunked_mlp"),
         chunked_loss=flag("chunked_loss"),
-        dtype=row.get("dtype") or "auto",
+        # Rows before the precision key recorded the old dtype setting (auto, fp32, bf16).
+        precision=row.get("precision") or "auto",
+        dtype=row.get("dtype") if not row.get("precision") and row.get("dtype") in ("fp32", "bf16") else "auto",
+        sp=None if number("sp") is None else int(number("sp")),
+        offload_states=flag("offload_states"),
         n_layers=None if number("n_layers") is None else int(number("n_layers")),
         max_device_memory=number("max_device_memory") or (1.0 if hardware == "cpu" else None),
         peak_tflops=number("peak_tflops") or (1.0 if hardware == "cpu" else None),

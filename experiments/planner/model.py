@@ -51,10 +51,10 @@ class Setup:
 
     cfg: object  # models.ModelConfig
     strategy: str
-    gpus: int
+    gpus: int  # the sequence-parallel degree P (sp): the ranks that share one sequence
     seq_len: int
     chunks: int
-    dtype_bytes: int
+    dtype_bytes: int  # compute dtype: activations, chunks, all-gathered parameters
     activation_checkpointing: bool
     checkpoint_on_host: bool
     offload: bool
@@ -64,6 +64,17 @@ class Setup:
     mlp_tile: int
     loss_tile: int
     simulated_device: bool  # CPU run: token ids and everything else count as device memory
+    world: int = 0  # all ranks, dp * sp (0: gpus); FSDP shards over all of them
+    param_bytes: int = 0  # storage of parameters, gradients, AdamW moments (0: dtype_bytes)
+    offload_states: bool = False  # FSDP's CPUOffloadPolicy: sharded model states in host memory
+
+    @property
+    def ranks(self) -> int:
+        return self.world or self.gpus
+
+    @property
+    def pb(self) -> int:
+        return self.param_bytes or self.dtype_bytes
 
     @property
     def s(self) -> int:
@@ -156,22 +167,32 @@ class Memory:
         return sum(self.host.values())
 
 
+def _sharded_states(st: Setup) -> dict[str, int]:
+    """Parameters, gradients and AdamW's two moments in their storage dtype (fp32 masters under
+    ``bf16-mixed``), replicated, or FSDP's shard of them over all ranks."""
+    n, pb = st.cfg.num_params(), st.pb
+    shards = st.ranks if st.fsdp else 1
+    return {"params": n * pb // shards, "grads": n * pb // shards, "optimizer": 2 * n * pb // shards}
+
+
 def model_state_bytes(st: Setup) -> dict[str, int]:
-    """Parameters, gradients and AdamW's two moments, all in the training dtype (as the worker
-    trains); sharded over ``P`` with FSDP, plus the all-gathered block in use and the next one
-    (prefetch), one block's unsharded gradient, and the root module (embeddings, head, final
-    norm), which FSDP2 keeps unsharded between forward and backward."""
-    cfg, b, P = st.cfg, st.dtype_bytes, st.gpus
-    n = cfg.num_params()
+    """Device bytes of the model states. Without FSDP the replicated states (mixed precision is
+    autocast: its bf16 weight copies exist only during the forward, not at the backward's peak).
+    With FSDP the shard over all ranks, plus the all-gathered compute copies of the block in use
+    and the next one (prefetch) and of the root module (embeddings, head, final norm), which FSDP2
+    keeps unsharded between forward and backward, and one block's unsharded gradient (cast to
+    the fp32 reduce dtype under mixed precision). With ``offload_states`` the shard lives in host
+    memory (:func:`_host`) and only the unsharded copies are on the device."""
+    states = _sharded_states(st)
     if not st.fsdp:
-        return {"params": n * b, "grads": n * b, "optimizer": 2 * n * b}
+        return states
+    cfg, cb = st.cfg, st.dtype_bytes
     blk = cfg.layer_params()
-    root = n - cfg.n_layers * blk
-    return {
-        "params": n * b // P + (2 * blk + root) * b,
-        "grads": n * b // P + blk * b,
-        "optimizer": 2 * n * b // P,
-    }
+    root = cfg.num_params() - cfg.n_layers * blk
+    device = {"params": (2 * blk + root) * cb, "grads": blk * max(cb, st.pb), "optimizer": 0}
+    if st.offload_states:
+        return device
+    return {k: states[k] + device[k] for k in states}
 
 
 def memory(st: Setup) -> Memory:
@@ -282,7 +303,9 @@ def _host(st: Setup) -> dict[str, int]:
     buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the output gradient and fp32
     dq of chunks 1..u-1 and one more dq (a round trip acquires before it releases)."""
     cfg, b, P, u = st.cfg, st.dtype_bytes, st.gpus, st.chunks
-    host = {"checkpoints": 0, "offload store": 0}
+    host = {"checkpoints": 0, "offload store": 0, "model states": 0}
+    if st.offload_states:
+        host["model states"] = sum(_sharded_states(st).values())
     if st.activation_checkpointing and st.checkpoint_on_host:
         host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * b
     if st.strategy == "fpdt" and st.offload:
@@ -309,6 +332,7 @@ class Rates:
     pcie_bytes: float
     a2a_bytes: float
     fsdp_bytes: float
+    host_adam_params: float = 1.0  # parameters/s AdamW steps on the host (offload_states)
 
 
 @dataclass(frozen=True)
@@ -407,9 +431,17 @@ def step_seconds(st: Setup, rates: Rates) -> StepTime:
     parts = {"compute": compute, "attention": attention}
     overlapped = 0.0
     if st.fsdp:
-        per_layer = cfg.layer_params() * b * (st.gpus - 1) / st.gpus
-        gathers = (n_fwd + 1) * per_layer + per_layer  # all-gathers + reduce-scatter
-        overlapped = max(overlapped, L * gathers / rates.fsdp_bytes)
+        W = st.ranks
+        blk = cfg.layer_params()
+        gathers = (n_fwd + 1) * blk * b * (W - 1) / W  # all-gathers in the compute dtype
+        reduce = blk * max(b, st.pb) * (W - 1) / W  # reduce-scatter in the reduce dtype
+        overlapped = max(overlapped, L * (gathers + reduce) / rates.fsdp_bytes)
+    if st.offload_states:
+        # Each all-gather first copies the host shard in, each gradient shard goes out, and the
+        # optimizer steps on the host after the backward (not overlapped).
+        shard = cfg.num_params() * st.pb / st.ranks
+        overlapped = max(overlapped, ((n_fwd + 1) * shard + shard) / rates.pcie_bytes)
+        parts["host optimizer"] = cfg.num_params() / st.ranks / rates.host_adam_params
     if st.activation_checkpointing and st.checkpoint_on_host:
         overlapped = max(overlapped, 2 * L * s * h * b / rates.pcie_bytes)
     parts["exposed transfers"] = max(0.0, overlapped - (compute + attention))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -68,12 +69,24 @@ def _read_errors(job_dir: Path) -> dict | None:
     return {k: err.get(k) for k in ("status", "error", "device_peak_bytes")}
 
 
-def _death(exc: BaseException) -> str:
-    """Which rank failed and how, from torch.multiprocessing's exception."""
-    if isinstance(exc, mp.ProcessExitedException):
-        how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
-        return f"rank {exc.error_index} died ({how})"
-    return f"rank {exc.error_index} raised: " + str(exc).strip().splitlines()[-1][:2000]
+def _death(exc: BaseException, ctx, job_dir: Path) -> str | None:
+    """The rank that ended without saying why (killed by a signal, or exited non-zero with no
+    ``rank<r>_error.json``): the cause, where the others' errors are its consequences. The rank
+    torch.multiprocessing saw fail first is taken over the others, which it stops with SIGTERM."""
+
+    def silent(rank: int, code: int | None) -> bool:
+        return code not in (None, 0) and not (job_dir / f"rank{rank}_error.json").exists()
+
+    def how(code: int) -> str:
+        return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+    if isinstance(exc, mp.ProcessExitedException) and silent(exc.error_index, exc.exit_code):
+        return f"rank {exc.error_index} died ({how(exc.exit_code)})"
+    for rank, p in enumerate(ctx.processes):
+        p.join(5)
+        if silent(rank, p.exitcode) and p.exitcode != -signal.SIGTERM:
+            return f"rank {rank} died ({how(p.exitcode)})"
+    return None
 
 
 def launch(point: dict, job_dir: Path, body=None) -> dict:
@@ -97,13 +110,18 @@ def launch(point: dict, job_dir: Path, body=None) -> dict:
                 message = f"no result after timeout_s={point['timeout_s']:.0f} s; ranks killed"
                 return {"status": "timeout", "error": message}
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        for p in ctx.processes:  # the others wait in a collective for the dead one: stop them
+        time.sleep(1.0)  # let the other ranks fail on their own (their error files say how)
+        for p in ctx.processes:  # the rest wait in a collective for the dead one: stop them
             if p.is_alive():
                 p.kill()
+        death = _death(exc, ctx, job_dir)
         err = _read_errors(job_dir)
+        if death is not None:
+            then = f"; then {err['error']}" if err is not None else ""
+            return {"status": "error", "error": death + then}
         if err is not None:
             return err
-        reason = _death(exc)
+        reason = str(exc).strip().splitlines()[-1][:2000]
         metrics = job_dir / "worker_metrics.json"
         if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
             return {"status": "ok", "metrics": json.loads(metrics.read_text()), "warning": f"teardown: {reason}"}

@@ -43,7 +43,7 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     point.update({k: c[k] for k in TRAIN_KEYS})
     ckpt = c["checkpoint"]
-    point["checkpoint_dir"] = str(Path(ckpt["dir"]) if ckpt["dir"] else run_dir / "checkpoints")
+    point["checkpoint_dir"] = str((Path(ckpt["dir"]) if ckpt["dir"] else run_dir / "checkpoints").resolve())
     point["checkpoint_every"] = ckpt["every"]
     check_point(point)
     if point["stop_after"] is not None and not 1 <= point["stop_after"] <= point["steps"]:
