@@ -79,6 +79,8 @@ def main(cfg: DictConfig) -> None:
           f"gpus={point['gpus']} (sp={point['sp']}, dp={point['dp']}) precision={point['precision']} "
           f"steps={point['steps']}; run directory {run_dir}", flush=True)  # fmt: skip
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun started this rank
+        if point["gpus"] != int(os.environ["WORLD_SIZE"]):
+            sys.exit(f"error: gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
         run_rank(point, str(run_dir), train_rank)
         outcome = {"status": "ok"}
     else:
