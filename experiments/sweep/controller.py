@@ -202,7 +202,9 @@ def measure(point: dict, job_dir: Path) -> dict:
 
 
 def _progress(row: dict, sweep_dir: Path, job_num: int | None, skipped: str | None = None) -> str:
-    head = f"[{row['model']} {row['strategy']} seq_len={row['seq_len']} chunks={row['chunks']} gpus={row['gpus']}]"
+    layout = f" sp={row['sp']}" if row.get("sp") not in (None, row["gpus"]) else ""
+    head = f"[{row['model']} {row['strategy']} seq_len={row['seq_len']} chunks={row['chunks']} "
+    head += f"gpus={row['gpus']}{layout}]"
     if skipped:
         body = f"skipped: {skipped} (status {row['status']})"
     elif row["status"] == "ok":
