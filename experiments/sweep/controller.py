@@ -180,6 +180,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
         loss=s["loss"],
         device_mem_peak_gib=_gib(s["device_peak_bytes"]),
         device_mem_reserved_gib=_gib(s["device_reserved_bytes"]),
+        device_alloc_retries=s["device_alloc_retries"],
         device_mem_driver_gib=_gib(s["device_driver_bytes"]),
         device_mem_total_gib=_gib(s["device_total_bytes"]),
         host_mem_gib=_gib(s["host_peak_bytes"]),

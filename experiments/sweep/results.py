@@ -28,18 +28,20 @@ ROW_FIELDS = [
     "device_name", "git_commit",
     "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
     "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
+    "precision", "sp", "dp", "offload_states",
     "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
-    "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "peak_tflops_source",
+    "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "device_alloc_retries",
+    "peak_tflops_source",
     "flops_per_step", "flops_per_step_full_attention", "flop_convention", "loss",
     "torch_version", "triton_version", "timestamp", "wall_s", "warning", "key", "job_dir",
 ]  # fmt: skip
 
 # The configuration fields that make two points the same experiment.
 KEY_FIELDS = [
-    "model", "n_layers", "strategy", "seq_len", "chunks", "gpus", "batch_size", "dtype", "backend",
+    "model", "n_layers", "strategy", "seq_len", "chunks", "gpus", "sp", "batch_size", "precision", "backend",
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
-    "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "steps", "warmup_steps", "seed", "max_device_memory",
-    "data_path",
+    "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "steps", "warmup_steps", "seed",
+    "max_device_memory", "data_path",
 ]  # fmt: skip
 
 

@@ -99,6 +99,8 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
         metrics.update(
             device_peak_bytes=torch.cuda.max_memory_allocated(device),
             device_reserved_bytes=torch.cuda.max_memory_reserved(device),
+            # Allocations that had to free cached blocks first: fragmentation the peak hides.
+            device_alloc_retries=torch.cuda.memory_stats(device).get("num_alloc_retries", 0),
             device_driver_bytes=total - free,
             device_total_bytes=total,
             device_name=torch.cuda.get_device_name(device),
@@ -107,6 +109,7 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
         metrics.update(
             device_peak_bytes=tracker.peak["device"],
             device_reserved_bytes=None,
+            device_alloc_retries=None,
             device_driver_bytes=None,
             device_total_bytes=None,
             device_name=f"cpu ({os.cpu_count()} cores, simulated device)",
@@ -179,6 +182,7 @@ def summarize(result: dict) -> dict:
         "loss": ranks[0]["loss"],
         "device_peak_bytes": biggest("device_peak_bytes"),
         "device_reserved_bytes": biggest("device_reserved_bytes"),
+        "device_alloc_retries": biggest("device_alloc_retries"),
         "device_driver_bytes": biggest("device_driver_bytes"),
         "device_total_bytes": biggest("device_total_bytes"),
         "host_peak_bytes": biggest("host_peak_bytes"),
