@@ -76,7 +76,12 @@ class MemoryTracker(TorchDispatchMode):
         if t.device.type != "cpu":
             return
         st = t.untyped_storage()
-        key = st.data_ptr()
+        try:
+            key = st.data_ptr()
+        except RuntimeError:  # a wrapper subclass (FSDP's DTensors): its inner tensors are counted
+            return
+        if not key:  # a wrapper with no storage of its own, or an empty one
+            return
         nbytes = st.nbytes()
         if nbytes == 0 or key in self._live or key in self._ignored:
             return
