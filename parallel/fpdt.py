@@ -25,6 +25,7 @@ from .all_to_all import (
     kv_seq_to_head_into,
     seq_to_head_into,
 )
+from .amp import autocast_state, restore_autocast
 from .distributed import SPGroup
 from .executor import DeviceBuffers, Env, Timeline, current_stream, record_event, run_schedule, wait_events
 from .host_store import HostBuffer, HostStore, copy_rows
@@ -416,10 +417,26 @@ class _Runner:
 
 
 class _FPDTAttention(torch.autograd.Function):
+    """The whole FPDT attention of one block as one autograd node: the forward runs the forward
+    schedule and keeps the runner (its host copies and device state), the backward runs the
+    backward schedule on it.
+
+    Under ``torch.autocast`` the pipeline computes in the autocast dtype, as autocast's own
+    matmuls would: the input and weights are cast once at entry and every chunk, fetch and
+    all-to-all is in that dtype; gradients return in the dtypes of the inputs (fp32 master
+    weights get fp32 gradients from the fp32 accumulators).
+    """
+
     @staticmethod
     def forward(ctx, x, wqkv, bqkv, spec, save):
-        runner = _Runner(spec, x, wqkv, bqkv)
-        out = runner.forward(save)
+        state = autocast_state(x.device)
+        ctx.dtypes = (x.dtype, wqkv.dtype)
+        if state is not None:
+            x, wqkv = x.to(state[1]), wqkv.to(state[1])
+            bqkv = None if bqkv is None else bqkv.to(state[1])
+        with restore_autocast(None, x.device):  # the pipeline casts nothing itself
+            runner = _Runner(spec, x, wqkv, bqkv)
+            out = runner.forward(save)
         ctx.runner = runner if save else None
         return out
 
@@ -428,13 +445,14 @@ class _FPDTAttention(torch.autograd.Function):
         if ctx.runner is None:
             raise RuntimeError("the FPDT forward ran without saving for the backward")
         runner, ctx.runner = ctx.runner, None
+        x_dtype, w_dtype = ctx.dtypes
         # x is needed by the projection backward; with offload it comes from the host store.
-        dx, dw, db = runner.backward(dout.contiguous())
-        wqkv_dtype = runner.wqkv.dtype
+        with restore_autocast(None, dout.device):
+            dx, dw, db = runner.backward(dout.to(runner.dtype).contiguous())
         return (
-            dx if ctx.needs_input_grad[0] else None,
-            dw.to(wqkv_dtype) if ctx.needs_input_grad[1] else None,
-            db.to(wqkv_dtype) if db is not None and ctx.needs_input_grad[2] else None,
+            dx.to(x_dtype) if ctx.needs_input_grad[0] else None,
+            dw.to(w_dtype) if ctx.needs_input_grad[1] else None,
+            db.to(w_dtype) if db is not None and ctx.needs_input_grad[2] else None,
             None,
             None,
         )

@@ -106,8 +106,9 @@ def test_strategies_train_alike(tmp_path):
     runs = {
         "local": _train(tmp_path, "local", "parallel=local", "gpus=1", "steps=10", "checkpoint.dir=ck_local")[0],
         "ulysses": _train(tmp_path, "uly", "parallel=ulysses", "gpus=2", "steps=10", "checkpoint.dir=ck_uly")[0],
-        "fpdt": _train(tmp_path, "fpdt", "parallel=fpdt", "chunks=2", "gpus=2", "steps=10",
-                       "checkpoint.dir=ck_fpdt")[0],  # fmt: skip
+        "fpdt": _train(tmp_path, "fpdt", "parallel=fpdt", "chunks=2", "gpus=2", "steps=10", "checkpoint.dir=ck_fpdt")[
+            0
+        ],  # fmt: skip
     }
     ref = _losses(runs["local"])
     assert len(ref) == 10 and ref[-1] < ref[0]  # it learns
@@ -213,3 +214,30 @@ def test_a_dead_rank_is_reported_and_the_last_checkpoint_survives(tmp_path):
     assert last is not None and f"last complete checkpoint: {last}" in err
     assert json.loads((last / checkpoint.COMPLETE).read_text())["step"] >= 2
     assert len(_params(tmp_path / "ck")) > 0  # it loads
+
+
+@pytest.mark.parametrize("strategy,chunks", [("local", 1), ("ulysses", 1), ("fpdt", 2)])
+def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_gradients(strategy, chunks, monkeypatch):
+    import kernels
+    from experiments.training.loop import build_model, forward_backward
+    from parallel import Mesh
+
+    seen = []
+    for name in ("flash_attention", "attention_chunk_forward"):  # what local/ulysses and FPDT call
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda q, *a, _real=real, **k: seen.append(q.dtype) or _real(q, *a, **k))
+    point = dict(model="llama-tiny", n_layers=1, strategy=strategy, chunks=chunks, offload=True, fsdp=False, seed=0,
+                 lr=1e-3, activation_checkpointing=True, checkpoint_on_host=True, chunked_mlp=True,
+                 chunked_loss=True)  # fmt: skip
+    tokens = torch.randint(0, 96, (2, 129), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    with kernels.use_backend("torch"):
+        for name in ("32-true", "bf16-mixed"):
+            seen.clear()
+            precision = resolve_precision(name, cuda=False)
+            model = build_model(point, Mesh.single(), torch.device("cpu"), precision)
+            losses[name] = float(forward_backward(model, point, Mesh.single(), precision, torch.device("cpu"),
+                                                  tokens[:, :-1], tokens[:, 1:]))  # fmt: skip
+            assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+            assert seen and set(seen) == {precision.compute_dtype}  # the attention ran in the compute dtype
+    assert losses["bf16-mixed"] == pytest.approx(losses["32-true"], rel=1e-2)
