@@ -1,11 +1,14 @@
 """Write the figures for one or more sweeps: ``python -m experiments.plot RESULTS... [--out DIR]``.
 
-``RESULTS`` are ``results.csv`` files or sweep directories (searched recursively), and
-``max_seqlen.csv`` files or ``max_seqlen`` sweep directories. Writes ``memory_mfu``, ``chunks``
-and (when there are max-length rows) ``max_seqlen`` figures as PNG, plus PDF with ``--pdf``::
+``RESULTS`` are ``results.csv`` files or sweep directories (searched recursively),
+``max_seqlen.csv`` files or ``max_seqlen`` sweep directories, and ``train.csv`` files or
+training run directories. Writes ``memory_mfu``, ``chunks``, ``max_seqlen`` (when there are
+max-length rows) and ``train_loss`` (every run's curve, labelled by its directory) figures as
+PNG, plus PDF with ``--pdf``::
 
     python -m experiments.plot results/sweeps/demo
     python -m experiments.plot results/sweeps/seqlen results/sweeps/chunks --out figures --pdf --both-conventions
+    python -m experiments.plot results/train/local results/train/fpdt --out figures
 """
 
 from __future__ import annotations
@@ -13,37 +16,41 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .plots import chunks_figure, load_max_seqlen, load_results, max_seqlen_figure, summary_figure
+from ..core.tables import read_csv
+from .plots import chunks_figure, load_max_seqlen, load_results, max_seqlen_figure, summary_figure, training_figure
 
 
 def _split(paths):
-    """Separate sweep results from max-length results (a path may hold either or both)."""
-    sweeps, maxlens = [], []
+    """Separate sweep results, max-length results and training runs (``train.csv``)."""
+    sweeps, maxlens, trains = [], [], []
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist")
         if p.is_file():
-            (maxlens if p.name == "max_seqlen.csv" else sweeps).append(p)
+            {"max_seqlen.csv": maxlens, "train.csv": trains}.get(p.name, sweeps).append(p)
             continue
-        if (p / "max_seqlen.csv").exists() or any(p.glob("*/max_seqlen.csv")):
+        if (p / "train.csv").exists():
+            trains.append(p / "train.csv")
+        elif (p / "max_seqlen.csv").exists() or any(p.glob("*/max_seqlen.csv")):
             maxlens.append(p)
         elif any(p.rglob("results.csv")):
             sweeps.append(p)
         else:
-            raise FileNotFoundError(f"no results.csv or max_seqlen.csv under {p}")
-    return sweeps, maxlens
+            raise FileNotFoundError(f"no results.csv, max_seqlen.csv or train.csv under {p}")
+    return sweeps, maxlens, trains
 
 
 def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results.csv / max_seqlen.csv files or sweep directories")
+    what = "results.csv / max_seqlen.csv / train.csv files, sweep or training run directories"
+    parser.add_argument("results", nargs="+", help=what)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the first input)")
     parser.add_argument("--pdf", action="store_true", help="also write PDF")
     parser.add_argument("--both-conventions", action="store_true", help="MFU with causal and full-square attention")
     parser.add_argument("--device-memory", type=float, default=None, help="GiB line on the memory plot")
     args = parser.parse_args(argv)
     try:
-        sweeps, maxlens = _split(args.results)
+        sweeps, maxlens, trains = _split(args.results)
     except FileNotFoundError as exc:  # a wrong path is a usage error: one line, exit status 2
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     first = Path(args.results[0])
@@ -58,6 +65,9 @@ def main(argv=None) -> list[Path]:
             written += chunks_figure(rows, out / "chunks", formats=formats)
     if maxlens:
         written += max_seqlen_figure(load_max_seqlen(*maxlens), out / "max_seqlen", formats)
+    if trains:  # each run's loss curve on one figure, labelled by its directory
+        runs = {path.parent.name: read_csv(path) for path in trains}
+        written += training_figure(runs, out / "train_loss", formats)
     for path in written:
         print(path)
     return written

@@ -438,10 +438,19 @@ def plot_training(rows, ax_loss, ax_lr=None, label=None, **style):
         ax_lr.set_ylabel("learning rate")
 
 
-def training_figure(rows, path, formats=("png",)):
-    """The loss curve and learning-rate schedule of one run, saved beside its ``train.csv``."""
+def training_figure(runs, path, formats=("png",)):
+    """Loss curves and learning-rate schedules of one or more runs on one figure (``runs``: the
+    ``train.csv`` rows of one run, or ``{label: rows}``)."""
+    runs = runs if isinstance(runs, dict) else {None: runs}
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
-    plot_training(rows, ax_loss, ax_lr, color=STRATEGY_COLORS["fpdt"])
+    cmap = plt.get_cmap("tab10")
+    for i, (label, rows) in enumerate(runs.items()):
+        color = STRATEGY_COLORS.get(label, cmap(i % 10)) if label else STRATEGY_COLORS["fpdt"]
+        # Wide solid line first, then thinner dashed ones: runs that agree stay visible on top of each other.
+        style = dict(linewidth=2.5, linestyle="-") if i == 0 else dict(linewidth=1.2, linestyle="--")
+        plot_training(rows, ax_loss, ax_lr if i == 0 else None, label=label, color=color, **style)
+    if any(runs):
+        ax_loss.legend(frameon=False)
     ax_loss.set_title("training loss")
     ax_lr.set_title("learning rate")
     fig.tight_layout()
