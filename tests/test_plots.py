@@ -104,3 +104,12 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     assert len(images) >= 5, f"{path.name} drew {len(images)} figures"
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_plot_cli_overlays_training_runs(tmp_path):
+    for run, offset in (("local", 0.0), ("fpdt", 0.01)):
+        (tmp_path / run).mkdir()
+        lines = ["step,loss,lr"] + [f"{s},{4.5 - 0.01 * s + offset},{1e-3}" for s in range(20)]
+        (tmp_path / run / "train.csv").write_text("\n".join(lines) + "\n")
+    written = plot.main([str(tmp_path / "local"), str(tmp_path / "fpdt" / "train.csv"), "--out", str(tmp_path)])
+    assert [p.name for p in written] == ["train_loss.png"] and written[0].stat().st_size > 5_000
