@@ -19,18 +19,15 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from parallel import destroy_distributed, init_distributed, init_mesh
+from parallel import destroy_distributed
 from parallel.host_store import allocating_on_host, default_host_store
 
 from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
 from ..core.tables import write_json
 from ..core.units import GIB
 from ..training.data import DataSpec, replica_batch
-from ..training.loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config
-from ..training.precision import resolve_precision
+from ..training.loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config, setup_rank
 
-# How long a collective may wait when the job has no timeout of its own (timeout_s=None).
-COLLECTIVE_TIMEOUT_S = 1800.0
 # The memory tracker of the step in progress, so a failure can report how far memory got.
 _active_tracker: MemoryTracker | None = None
 
@@ -50,16 +47,9 @@ def _sync(device: torch.device, world: int) -> None:
 
 def measure_steps(point: dict, out_dir: Path) -> dict:
     """Run ``warmup_steps + steps`` training steps on this rank; return its measurements."""
-    init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
-    mesh = init_mesh(point["sp"])
+    me = setup_rank(point)
+    mesh, device, precision, cuda = me.mesh, me.device, me.precision, me.cuda
     rank, world = mesh.world.rank, mesh.world.size
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if not cuda:
-        # Ranks share the cores: without this each would start a full thread pool.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    kernels.set_backend(point["backend"])
-    precision = resolve_precision(point["precision"], cuda)
 
     cap = None if point["max_device_memory"] is None else int(point["max_device_memory"] * GIB)
     global _active_tracker

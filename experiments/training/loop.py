@@ -4,13 +4,46 @@ build them from a resolved configuration (a *point*: a flat dict, see ``experime
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 
+import kernels
 from models import Transformer, get_config
-from parallel import Mesh, parallelize, shard_batch
+from parallel import Mesh, init_distributed, init_mesh, parallelize, shard_batch
 
-from .precision import Precision
+from .precision import Precision, resolve_precision
+
+# How long a collective may wait when the job has no timeout of its own (timeout_s=None).
+COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Rank:
+    """What one rank of a job runs on: its place in the mesh, its device, the precision."""
+
+    mesh: Mesh
+    device: torch.device
+    precision: Precision
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def setup_rank(point: dict) -> Rank:
+    """Join the job's process group and ``(dp, sp)`` mesh, pick the device, the attention backend
+    and the precision (every rank of ``run`` and ``train`` starts here)."""
+    init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
+    mesh = init_mesh(point["sp"])
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda:
+        # Ranks share the cores: without this each would start a full thread pool.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // mesh.world.size))
+    kernels.set_backend(point["backend"])
+    return Rank(mesh, device, resolve_precision(point["precision"], cuda))
 
 
 def model_config(point: dict, **overrides):

@@ -10,27 +10,22 @@ which runs to ``steps``, unchanged).
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import kernels
-from parallel import init_distributed, init_mesh
 from parallel.host_store import default_host_store
 
 from ..core.units import GIB
 from . import checkpoint
 from .data import DataSpec, replica_batch
-from .loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config
-from .precision import resolve_precision
+from .loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config, setup_rank
 from .schedule import make_scheduler
 
 TRAIN_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "device_mem_peak_gib",
                 "device_mem_reserved_gib", "host_store_gib", "tokens_seen", "wall_s"]  # fmt: skip
-COLLECTIVE_TIMEOUT_S = 1800.0
 
 
 def _peak_device_gib(device: torch.device) -> tuple[float | None, float | None]:
@@ -63,15 +58,9 @@ class _Log:
 
 def train_rank(point: dict, run_dir: Path) -> dict:
     """Train this rank from step 0 or from the newest checkpoint; returns a summary for rank 0."""
-    init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
-    mesh = init_mesh(point["sp"])
-    rank, world = mesh.world.rank, mesh.world.size
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    kernels.set_backend(point["backend"])
-    precision = resolve_precision(point["precision"], cuda)
+    me = setup_rank(point)
+    mesh, device, precision, cuda = me.mesh, me.device, me.precision, me.cuda
+    rank = mesh.world.rank
     model = build_model(point, mesh, device, precision)
     optimizer = build_optimizer(model, point)
     horizon = point["steps"]
