@@ -68,6 +68,7 @@ def test_plot_cli_writes_png_and_pdf(tmp_path):
     assert names == sorted(f"{n}.{ext}" for n in ("memory_mfu", "chunks", "max_seqlen") for ext in ("png", "pdf"))
     assert all(p.stat().st_size > 5_000 for p in written)
 
+
 def test_plot_cli_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
     for path in (tmp_path, tmp_path / "no-such-dir"):
         with pytest.raises(SystemExit) as exc:
