@@ -4,6 +4,10 @@ Public API::
 
     from kernels import flash_attention, attention_chunk_forward, attention_chunk_backward
     from kernels import merge_attention, naive, set_backend, use_backend
+
+Check that the Triton kernels compile for sm_90/sm_80 without spills, on a machine without a
+GPU: ``python -m kernels.compile_check --quick`` (the full matrix without ``--quick``). fp32
+inputs use tensor cores in ``tf32x3`` on GPU; ``FPDT_FP32_PRECISION=tf32`` or ``ieee`` overrides.
 """
 
 from .attention import (

@@ -56,8 +56,15 @@ def use_backend(name: str | None):
         _forced = previous
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The backend that will run for tensors on ``device``; raises if it cannot run there."""
+def resolve_backend(where: torch.Tensor | torch.device | str) -> str:
+    """The backend that will run for tensors on ``where`` (a tensor, or its device); raises if it
+    cannot run there."""
+    if isinstance(where, torch.Tensor):
+        device = where.device
+    elif isinstance(where, torch.device | str):
+        device = torch.device(where)
+    else:
+        raise TypeError(f"resolve_backend takes a tensor or a torch.device, got {type(where).__name__}")
     name = _forced or os.environ.get(ENV_VAR) or None
     _check_name(name)
     if name is None:

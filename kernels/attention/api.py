@@ -6,12 +6,11 @@ Every op takes the flash-attn layout ``[B, S, H, d]`` (``k, v`` may have ``Hkv``
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..backend import resolve_backend
 from . import naive, torch_cpu
+from .common import accumulator_dtype, default_scale
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -60,10 +59,6 @@ def _check_buffer(name, t, shape, device) -> None:
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     # The kernels take arbitrary batch/seq/head strides but need unit stride along d.
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _softmax_scale(q, softmax_scale):
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
 
 
 def _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, accumulate):
@@ -158,11 +153,11 @@ def attention_chunk_forward(
         _check_buffer("out", out, (B, Sq, H, D), q.device)
         _check_buffer("lse", lse, (B, H, Sq), q.device)
     else:
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulator_dtype(q.dtype)
         out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
         lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    scale = _softmax_scale(q, softmax_scale)
+    scale = default_scale(q.shape[-1], softmax_scale)
     _run_forward(backend, q, k, v, int(q_start), int(k_start), bool(causal), scale, out, lse, accumulate)
     return out, lse
 
@@ -203,7 +198,7 @@ def attention_chunk_backward(
         raise ValueError(f"lse must have shape {(B, H, Sq)}, got {tuple(lse.shape)}")
     if delta is not None:
         _check_buffer("delta", delta, (B, H, Sq), q.device)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(q.dtype)
     grads = []
     for name, g, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if g is None:
@@ -213,7 +208,7 @@ def attention_chunk_backward(
         grads.append(g)
     dq, dk, dv = grads
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
-    scale = _softmax_scale(q, softmax_scale)
+    scale = default_scale(q.shape[-1], softmax_scale)
     _run_backward(backend, do, q, k, v, out, lse, delta, int(q_start), int(k_start), bool(causal), scale, dq, dk, dv)
     return dq, dk, dv
 
@@ -236,18 +231,32 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 
 
 class _FlashAttention(torch.autograd.Function):
+    """Forward and backward of ``flash_attention``: gradients come back in the input dtype.
+
+    Triton: the kernels write the output and the gradients in the input dtype (fp32 only inside
+    the kernels, except a split dK/dV, see ``triton_bwd``). torch: when one call of PyTorch's CPU
+    flash kernel covers the whole block, it runs alone, holding what SDPA would; otherwise (causal
+    with ``Sq != Sk``) the chunk path with fp32 accumulators. naive: the chunk path.
+    """
+
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, backend):
-        Sq, Sk = q.shape[1], k.shape[1]
-        B, _, H, D = q.shape
+        B, Sq, H, D = q.shape
         # Bottom-right causal alignment (flash-attn): query m sees keys n <= m + Sk - Sq.
-        q_start = Sk - Sq
+        q_start = k.shape[1] - Sq
+        ctx.path = backend
         if backend == "triton":
-            out = torch.empty_like(q)
+            from . import triton_fwd
+
+            q, k, v = triton_fwd.pad_inputs(q, k, v)  # copies only for head dims off 16 bytes
+            out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
             lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-            _run_forward(backend, q, k, v, q_start, 0, causal, scale, out, lse, False)
+            triton_fwd.chunk_forward(q, k, v, q_start, 0, causal, scale, out, lse, False)
+        elif backend == "torch" and torch_cpu.covers_whole_block(Sq, k.shape[1], q_start, causal):
+            ctx.path = "torch_whole"
+            out, lse = torch_cpu.flash_forward(q, k, v, causal, scale)
         else:
-            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            acc = accumulator_dtype(q.dtype)
             out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
             lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
             _run_forward(backend, q, k, v, q_start, 0, causal, scale, out, lse, False)
@@ -259,28 +268,19 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        _run_backward(
-            ctx.backend,
-            _last_dim_contiguous(do),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            None,
-            ctx.q_start,
-            0,
-            ctx.causal,
-            ctx.scale,
-            dq,
-            dk,
-            dv,
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        do = _last_dim_contiguous(do)
+        if ctx.path == "triton":
+            from . import triton_bwd
+
+            dq, dk, dv = triton_bwd.flash_backward(do, q, k, v, out, lse, ctx.q_start, ctx.causal, ctx.scale)
+        elif ctx.path == "torch_whole":
+            dq, dk, dv = torch_cpu.flash_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale)
+        else:
+            acc = accumulator_dtype(q.dtype)
+            dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+            _run_backward(ctx.backend, do, q, k, v, out, lse, None, ctx.q_start, 0, ctx.causal, ctx.scale, dq, dk, dv)
+            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk, dv, None, None, None
 
 
 def flash_attention(
@@ -311,4 +311,4 @@ def flash_attention(
     backend = resolve_backend(q.device)
     _check_qkv(q, k, v, backend)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, bool(causal), _softmax_scale(q, softmax_scale), backend)
+    return _FlashAttention.apply(q, k, v, bool(causal), default_scale(q.shape[-1], softmax_scale), backend)

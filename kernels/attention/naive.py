@@ -9,9 +9,9 @@ and accumulates, exactly like the kernels, so it also documents the math they im
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .common import accumulator_dtype, default_scale
 
 __all__ = [
     "attention_chunk_backward",
@@ -39,15 +39,6 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
-def _acc_dtype(q: torch.Tensor) -> torch.dtype:
-    # Accumulators are fp32, or float64 when the oracle runs in float64.
-    return torch.promote_types(q.dtype, torch.float32)
-
-
-def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-
-
 def _scores(q, k, q_start, k_start, causal, scale):
     """Masked scores ``[B, H, Sq, Sk]`` in the input dtype (masked entries are -inf)."""
     k = _repeat_kv(k, q.shape[2] // k.shape[2])
@@ -60,7 +51,7 @@ def _scores(q, k, q_start, k_start, causal, scale):
 
 def _block_forward(q, k, v, q_start, k_start, causal, scale):
     """One block: (out fp32 ``[B, Sq, H, d]``, lse fp32 ``[B, H, Sq]``); unseen rows give (0, -inf)."""
-    acc = _acc_dtype(q)
+    acc = accumulator_dtype(q.dtype)
     s = _scores(q, k, q_start, k_start, causal, scale).to(acc)
     lse = torch.logsumexp(s, dim=-1)
     # exp(-inf - (-inf)) is NaN for rows that see no key: their probabilities are 0.
@@ -76,7 +67,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     ``out_*``: ``[B, S, H, d]``; ``lse_*``: ``[B, H, S]``. Safe when either side is ``-inf``
     (a row that saw no key in that part). Returns fp32 ``(out, lse)``.
     """
-    acc = torch.promote_types(out_a.dtype, torch.float32)
+    acc = accumulator_dtype(out_a.dtype)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     lse = torch.logaddexp(lse_a, lse_b)
     finite = torch.isfinite(lse)
@@ -95,7 +86,7 @@ def attention_chunk_forward(q, k, v, *, q_start, k_start, causal, softmax_scale=
     Returns fp32 ``(out [B, Sq, H, d], lse [B, H, Sq])``; when ``out``/``lse`` are given they are
     running accumulators, merged into in place and returned.
     """
-    scale = _scale(q, softmax_scale)
+    scale = default_scale(q.shape[-1], softmax_scale)
     blk_out, blk_lse = _block_forward(q, k, v, q_start, k_start, causal, scale)
     if out is None:
         return blk_out, blk_lse
@@ -129,11 +120,11 @@ def attention_chunk_backward(
     (allocated as zeros when not given; float64 for float64 inputs) and returns them; GQA
     gradients are summed per KV head.
     """
-    scale = _scale(q, softmax_scale)
+    scale = default_scale(q.shape[-1], softmax_scale)
     B, Sq, H, D = q.shape
     Hkv = k.shape[2]
     groups = H // Hkv
-    acc = _acc_dtype(q)
+    acc = accumulator_dtype(q.dtype)
     if delta is None:
         delta = (do.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Sq]
     s = _scores(q.to(acc), k.to(acc), q_start, k_start, causal, scale)
@@ -165,9 +156,9 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None):
 
     Math in the input dtype; autograd gives the gradients.
     """
-    scale = _scale(q, softmax_scale)
+    scale = default_scale(q.shape[-1], softmax_scale)
     Sq, Sk = q.shape[1], k.shape[1]
     s = _scores(q, k, Sk - Sq, 0, causal, scale)
-    p = torch.softmax(s.to(_acc_dtype(q)), dim=-1).nan_to_num(nan=0.0).to(v.dtype)
+    p = torch.softmax(s.to(accumulator_dtype(q.dtype)), dim=-1).nan_to_num(nan=0.0).to(v.dtype)
     v = _repeat_kv(v, q.shape[2] // v.shape[2])
     return torch.einsum("bhmn,bnhd->bmhd", p, v)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import naive
+from .common import accumulator_dtype
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -78,7 +79,7 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
             _heads_first(k[:, keys], groups),
             _heads_first(v[:, keys], groups),
             _heads_first(out[:, rows]),
-            lse[:, :, rows].to(torch.promote_types(q.dtype, torch.float32)).contiguous(),
+            lse[:, :, rows].to(accumulator_dtype(q.dtype)).contiguous(),
             0.0,
             top_left,
             scale=scale,
@@ -88,3 +89,37 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
         # [B, H, n, d] -> [B, n, Hkv, groups, d]: sum the query heads that share a KV head.
         dk[:, keys] += dk_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
         dv[:, keys] += dv_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
+
+
+def covers_whole_block(sq: int, sk: int, q_start: int, causal: bool) -> bool:
+    """True when one call of the CPU kernel covers every row and key (no merge needed): non-causal,
+    or causal with the diagonal at the top-left (``q_start = 0``, e.g. ``Sq == Sk``)."""
+    pieces = _pieces(sq, sk, q_start, 0, causal)
+    return len(pieces) == 1 and pieces[0][0] == slice(0, sq) and pieces[0][1] == slice(0, sk)
+
+
+def flash_forward(q, k, v, causal, scale):
+    """``flash_attention``'s forward where ``covers_whole_block``: ``(out, lse)`` straight from the
+    CPU kernel, ``out`` in the input dtype (no fp32 accumulator, no merge), as SDPA would."""
+    groups = q.shape[2] // k.shape[2]
+    _, _, top_left = _pieces(q.shape[1], k.shape[1], k.shape[1] - q.shape[1], 0, causal)[0]
+    out, lse = _flash_fwd(_heads_first(q), _heads_first(k, groups), _heads_first(v, groups), 0.0, top_left, scale=scale)
+    return out.transpose(1, 2), lse  # [B, H, Sq, d] (laid out as bshd) -> [B, Sq, H, d]
+
+
+def flash_backward(do, q, k, v, out, lse, causal, scale):
+    """The backward of ``flash_forward``: ``(dq, dk, dv)`` in the input dtype, no fp32 copies."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    groups = H // Hkv
+    _, _, top_left = _pieces(Sq, Sk, Sk - Sq, 0, causal)[0]
+    dq, dk, dv = _flash_bwd(
+        _heads_first(do), _heads_first(q), _heads_first(k, groups), _heads_first(v, groups), _heads_first(out),
+        lse, 0.0, top_left, scale=scale,
+    )  # fmt: skip
+    dq, dk, dv = (g.transpose(1, 2) for g in (dq, dk, dv))  # [B, H, S, d] -> [B, S, H, d]
+    if groups > 1:
+        # [B, Sk, H, d] -> [B, Sk, Hkv, groups, d]: sum the query heads that share a KV head.
+        dk = dk.reshape(B, Sk, Hkv, groups, D).sum(3)
+        dv = dv.reshape(B, Sk, Hkv, groups, D).sum(3)
+    return dq, dk, dv

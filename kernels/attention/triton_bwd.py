@@ -1,10 +1,22 @@
 """Triton backward: ``delta`` preprocess, a dK/dV kernel and a dQ kernel (FlashAttention-2 style).
 
 They take the MERGED ``out``/``lse`` of the whole attention row, so a pipeline can run them block
-by block, and they ACCUMULATE into fp32 ``dq, dk, dv`` buffers owned by the caller. The dK/dV
-kernel keeps one KV block resident and streams the query blocks of every query head in its GQA
-group (so the group sum needs no atomics); the dQ kernel keeps a query block resident and streams
-the KV blocks. Both recompute ``P = exp(S - lse)``; rows whose lse is -inf (saw no key) get P = 0.
+by block. The chunk API ACCUMULATES into fp32 ``dq, dk, dv`` buffers owned by the caller;
+``flash_attention`` has the kernels write its gradients in the input dtype instead (no fp32
+copies). The dK/dV kernel keeps one KV block resident and streams the query blocks of the query
+heads of its GQA group; the dQ kernel keeps a query block resident and streams the KV blocks.
+Both recompute ``P = exp(S - lse)``; rows whose lse is -inf (saw no key) get P = 0. Both split
+their loop as the forward does: blocks every row/key sees in full run without masks; only the
+diagonal and the tail blocks pay for them. Head dims and strides as in ``triton_fwd``.
+
+dK/dV parallelism for GQA/MQA: the grid is ``Sk/BN x B*Hkv*SPLIT``; each program walks
+``GROUPS/SPLIT`` query heads. ``SPLIT > 1`` only when ``Sk/64 * B * Hkv`` programs would leave
+the GPU under two waves; those programs then add into fp32 buffers with atomics. Chosen over a
+grid per query head plus a reduction because that needs a ``[B, Sk, H, d]`` fp32 buffer (GROUPS
+times dK/dV) where atomics need none, and they occur only when the grid is small, so few
+programs contend; when ``SPLIT == 1`` the result is deterministic. Accumulating launches add
+with atomics too (one writer per element, so deterministic), which needs no load of the old
+values and so no second tile in registers.
 """
 
 from __future__ import annotations
@@ -18,11 +30,18 @@ import triton.language as tl
 from .triton_common import (
     INTERPRET,
     LOG2E,
+    Launch,
+    Tiles,
     autotune_configs,
     dot_precision,
     head_dim_block,
-    prune_configs,
+    num_sms,
+    run,
     seq_bucket,
+    strides,
+    tile,
+    vector_elements,
+    vector_width,
 )
 
 
@@ -32,7 +51,8 @@ def _delta_kernel(
     stride_ob, stride_os, stride_oh,
     stride_db, stride_ds, stride_dh,
     stride_lb, stride_lh,
-    Sq, H, D,
+    Sq, H,
+    D: tl.constexpr,
     BD: tl.constexpr,
     BM: tl.constexpr,
 ):  # fmt: skip
@@ -53,27 +73,139 @@ def _delta_kernel(
     tl.store(Delta + i_b * stride_lb + i_h * stride_lh + m_start + o_m, b_delta, mask=m_m)
 
 
-_CONFIGS = autotune_configs(
+# dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no tile with
+# BN >= 64 (what wgmma needs) avoids spilling, so d=256 runs mma.sync tiles.
+_DKDV_CLEAN_16BIT = {
+    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x128 w8 s2", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
+    # 32x128 w8 s3 and 32x64 w4 s3: clean on triton 3.9, spill on 3.6 (d=111, d=128).
+    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
+    (90, 2, 256): ("16x32 w8 s2", "64x32 w8 s2", "32x32 w8 s2"),
+    (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
+    (80, 2, 128): ("32x64 w8 s3", "64x64 w8 s2", "32x32 w8 s2"),
+    (80, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
+}  # fmt: skip
+_DQ_CLEAN_16BIT = {
+    (90, 2, 64): ("128x64 w8 s2", "128x64 w8 s3", "64x64 w4 s2", "64x64 w4 s3", "128x32 w8 s2", "64x32 w4 s3",
+                  "32x32 w8 s2"),
+    (90, 2, 128): ("128x64 w8 s2", "128x64 w8 s3", "64x64 w4 s2", "64x64 w4 s3", "128x32 w8 s2", "64x32 w4 s3",
+                   "32x32 w8 s2"),
+    (90, 2, 256): ("64x32 w8 s2", "128x32 w8 s2", "32x32 w8 s2"),
+    (80, 2, 64): ("128x32 w8 s2", "64x32 w4 s3", "32x64 w4 s3", "32x128 w8 s2", "32x32 w8 s2"),
+    (80, 2, 128): ("64x32 w4 s3", "32x64 w4 s3", "32x128 w8 s2", "32x32 w8 s2"),
+    (80, 2, 256): ("64x32 w8 s2", "32x32 w8 s2"),
+}  # fmt: skip
+# fp32 inputs (tf32x3) as in the forward: small tiles; at d=256 the listed ones spill least.
+_DKDV_CLEAN_32BIT = {
+    (90, 4, 64): ("32x32 w8 s2", "16x32 w8 s2", "16x32 w4 s2"),
+    (90, 4, 128): ("16x16 w8 s2", "32x16 w8 s2"),
+    (90, 4, 256): ("16x16 w8 s2",),
+    (80, 4, 64): ("32x32 w8 s2", "16x32 w8 s2", "16x32 w4 s2"),
+    (80, 4, 128): ("16x16 w8 s2", "32x16 w8 s2"),
+    (80, 4, 256): ("16x16 w8 s2",),
+}  # fmt: skip
+_DQ_CLEAN_32BIT = {
+    (90, 4, 64): ("64x32 w4 s2", "64x32 w8 s2", "128x32 w8 s2", "64x16 w4 s2", "32x32 w8 s2"),
+    (90, 4, 128): ("16x32 w4 s2", "16x16 w4 s2"),
+    (90, 4, 256): ("16x16 w4 s2",),
+    (80, 4, 64): ("32x32 w8 s2", "32x32 w4 s2"),
+    (80, 4, 128): ("16x32 w4 s2", "16x16 w4 s2"),
+    (80, 4, 256): ("16x16 w4 s2",),
+}  # fmt: skip
+
+DKDV_TILES = Tiles(
     [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (32, 128, 8, 2),
-            (64, 128, 8, 2),
-            (64, 64, 4, 2),
-            (32, 64, 4, 3),
-            (128, 64, 8, 2),
-            (32, 32, 4, 1),  # the fallback that fits at d = 256
-        ]
-    ]
+        tile(32, 128, 8, 2),
+        tile(32, 128, 8, 3),
+        tile(64, 128, 8, 2),
+        tile(16, 128, 8, 3),
+        tile(64, 64, 8, 2),
+        tile(32, 64, 8, 3),
+        tile(32, 64, 4, 3),
+        tile(16, 32, 8, 2),
+        tile(64, 32, 8, 2),
+        tile(16, 32, 4, 2),
+        tile(16, 16, 8, 2),
+        tile(32, 16, 8, 2),
+        tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+    ],
+    _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT,
+)
+DQ_TILES = Tiles(
+    [
+        tile(128, 64, 8, 2),
+        tile(128, 64, 8, 3),
+        tile(64, 64, 4, 2),
+        tile(64, 64, 4, 3),
+        tile(128, 32, 8, 2),
+        tile(64, 32, 4, 3),
+        tile(32, 64, 4, 3),
+        tile(32, 128, 8, 2),
+        tile(64, 32, 8, 2),
+        tile(64, 32, 4, 2),
+        tile(64, 16, 4, 2),
+        tile(16, 32, 4, 2),
+        tile(16, 16, 4, 2),
+        tile(32, 32, 4, 2),
+        tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+    ],
+    _DQ_CLEAN_16BIT | _DQ_CLEAN_32BIT,
 )
 
-_KEY = ["BD", "GROUPS", "CAUSAL", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
+_KEY = ["D", "GROUPS", "CAUSAL", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
+
+
+@triton.jit
+def _dkdv_inner(
+    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
+    Sq, DELTA, qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DP: tl.constexpr,
+):  # fmt: skip
+    """One query block's contribution to the resident KV block's (dK, dV).
+
+    ``MASKED=False``: every row is in bounds and sees every key of the block. ``MASKED=True``:
+    rows past ``Sq`` load as zeros with lse = +inf (so P = 0), and the causal mask applies. Keys
+    past ``Sk`` need no mask: they only touch their own dK/dV rows, which are never stored.
+    """
+    m_d = o_d < DP  # folds away when DP == BD
+    if MASKED:
+        m_m = (m0 + o_m) < Sq
+        b_qt = tl.load(p_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_m[None, :] & m_d[:, None], other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_lse = tl.load(p_l + m0 + o_m, mask=m_m, other=float("inf"))
+        b_delta = tl.load(p_dl + m0 + o_m, mask=m_m, other=0.0)
+    else:
+        b_qt = tl.load(p_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_d[:, None], other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_d[None, :], other=0.0)
+        b_lse = tl.load(p_l + m0 + o_m)
+        b_delta = tl.load(p_dl + m0 + o_m)
+    if UPCAST:
+        b_qt = b_qt.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    if MASKED:
+        # lse = -inf: the row saw no key anywhere; +inf makes its probabilities 0. (A row of an
+        # unmasked block sees every key of this block, so its lse is finite.)
+        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    b_lse = b_lse * LOG2E
+    b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
+    b_pt = tl.exp2(b_st - b_lse[None, :])
+    if MASKED and CAUSAL:
+        m_vis = (n_start + o_n)[:, None] <= (m0 + o_m)[None, :] + DELTA
+        b_pt = tl.where(m_vis, b_pt, 0.0)
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
+    return b_dk, b_dv
 
 
 @triton.autotune(
-    configs=_CONFIGS,
-    key=_KEY,
-    prune_configs_by={"early_config_prune": prune_configs},
+    configs=autotune_configs(DKDV_TILES.configs),
+    key=_KEY + ["SPLIT", "ACCUMULATE"],
+    prune_configs_by={"early_config_prune": DKDV_TILES.prune},
     restore_value=["dK", "dV"],
 )
 @triton.jit
@@ -86,18 +218,32 @@ def _dkdv_kernel(
     stride_lb, stride_lh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    Sq, Sk, H, Hkv, D, DELTA, sm_scale, qk_scale,
+    Sq, Sk, Hkv, DELTA, sm_scale, qk_scale,
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
+    SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
     BD: tl.constexpr,
+    IV: tl.constexpr,
+    OV: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):  # fmt: skip
+    stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
+    stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
+    stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
+    stride_db, stride_ds, stride_dh = stride_db * IV, stride_ds * IV, stride_dh * IV
+    stride_dkb, stride_dks, stride_dkh = stride_dkb * OV, stride_dks * OV, stride_dkh * OV
+    stride_dvb, stride_dvs, stride_dvh = stride_dvb * OV, stride_dvs * OV, stride_dvh * OV
     i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bhs = tl.program_id(1)
+    i_s = i_bhs % SPLIT
+    i_bh = i_bhs // SPLIT
     i_b = (i_bh // Hkv).to(tl.int64)
     i_hk = (i_bh % Hkv).to(tl.int64)
     n_start = i_n * BN
@@ -106,71 +252,114 @@ def _dkdv_kernel(
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, BD)
     m_n = (n_start + o_n) < Sk
-    m_d = o_d < D
-    m_nd = m_n[:, None] & m_d[None, :]
 
     p_k = K + i_b * stride_kb + i_hk * stride_kh + n_start.to(tl.int64) * stride_ks
     p_v = V + i_b * stride_vb + i_hk * stride_vh + n_start.to(tl.int64) * stride_vs
-    b_k = tl.load(p_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_nd, other=0.0)
-    b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_nd, other=0.0)
+    m_in = m_n[:, None] & (o_d < DP)[None, :]
+    b_k = tl.load(p_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_in, other=0.0)
+    b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_in, other=0.0)
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
 
-    # Query rows before m_lo see none of this block's keys (causal): start there.
+    # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
+    # the partial last block: one masked loop walks both. [m_mid, m_tail) see every key of this
+    # block: no masks. Rows before m_lo see none of these keys.
+    m_tail = Sq // BM * BM
     if CAUSAL:
         m_lo = tl.minimum(tl.maximum(n_start - DELTA, 0), Sq) // BM * BM
+        m_all = tl.minimum(n_start + BN, Sk) - 1 - DELTA  # the first row that sees every key
+        m_mid = tl.minimum(m_lo + tl.cdiv(tl.maximum(m_all - m_lo, 0), BM) * BM, tl.cdiv(Sq, BM) * BM)
     else:
         # A tensor, not the literal 0: compiled Triton turns literals into constexprs, which
-        # have no .to() for the 64-bit offset below (the interpreter would not notice).
+        # have no .to() for the 64-bit offsets below (the interpreter would not notice).
         m_lo = n_start * 0
+        m_mid = m_lo
+    n_diag = (m_mid - m_lo) // BM
+    m_rest = tl.maximum(m_mid, m_tail)  # the masked tail starts here
+    n_masked = n_diag + tl.cdiv(Sq - m_rest, BM)
 
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    for g in range(GROUPS):
-        i_h = i_hk * GROUPS + g
-        p_q = Q + i_b * stride_qb + i_h * stride_qh + m_lo.to(tl.int64) * stride_qs
-        p_do = dO + i_b * stride_db + i_h * stride_dh + m_lo.to(tl.int64) * stride_ds
+    for g in range(GROUPS // SPLIT):
+        i_h = i_hk * GROUPS + i_s * (GROUPS // SPLIT) + g
+        p_q = Q + i_b * stride_qb + i_h * stride_qh
+        p_do = dO + i_b * stride_db + i_h * stride_dh
         p_l = Lse + i_b * stride_lb + i_h * stride_lh
         p_dl = Delta + i_b * stride_lb + i_h * stride_lh
-        for m0 in range(m_lo, Sq, BM):
-            m_m = (m0 + o_m) < Sq
-            b_qt = tl.load(p_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_m[None, :] & m_d[:, None], other=0.0)
-            b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-            if UPCAST:
-                b_qt = b_qt.to(tl.float32)
-                b_do = b_do.to(tl.float32)
-            b_lse = tl.load(p_l + m0 + o_m, mask=m_m, other=float("inf"))
-            # lse = -inf: the row saw no key anywhere; +inf makes its probabilities 0.
-            b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
-            b_delta = tl.load(p_dl + m0 + o_m, mask=m_m, other=0.0)
-            b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
-            b_pt = tl.exp2(b_st - b_lse[None, :])
-            if CAUSAL:
-                m_vis = (n_start + o_n)[:, None] <= (m0 + o_m)[None, :] + DELTA
-                b_pt = tl.where(m_vis & m_n[:, None], b_pt, 0.0)
-            else:
-                b_pt = tl.where(m_n[:, None], b_pt, 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
-            p_q += BM * stride_qs
-            p_do += BM * stride_ds
+        p_qm = p_q + m_mid.to(tl.int64) * stride_qs
+        p_dom = p_do + m_mid.to(tl.int64) * stride_ds
+        for m0 in range(m_mid, m_tail, BM):
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
+                Sq, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_qm += BM * stride_qs
+            p_dom += BM * stride_ds
+        for j in range(0, n_masked):
+            m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
+                p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
+                Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
 
+    b_dk = b_dk * sm_scale
     p_dk = dK + i_b * stride_dkb + i_hk * stride_dkh + n_start.to(tl.int64) * stride_dks
     p_dk = p_dk + o_n[:, None] * stride_dks + o_d[None, :]
     p_dv = dV + i_b * stride_dvb + i_hk * stride_dvh + n_start.to(tl.int64) * stride_dvs
     p_dv = p_dv + o_n[:, None] * stride_dvs + o_d[None, :]
-    # Accumulate: the caller's buffers carry the other blocks' contributions.
-    tl.store(p_dk, tl.load(p_dk, mask=m_nd, other=0.0) + b_dk * sm_scale, mask=m_nd)
-    tl.store(p_dv, tl.load(p_dv, mask=m_nd, other=0.0) + b_dv, mask=m_nd)
+    m_out = m_n[:, None] & (o_d < D)[None, :]
+    if ACCUMULATE or SPLIT > 1:
+        # Add into the caller's fp32 buffers (they carry other blocks' or programs' parts). An
+        # atomic add needs no load, so no second tile in registers (load + add + store spilled at
+        # d=128); with SPLIT == 1 each element has one writer and the sum is deterministic.
+        tl.atomic_add(p_dk, b_dk, mask=m_out, sem="relaxed")
+        tl.atomic_add(p_dv, b_dv, mask=m_out, sem="relaxed")
+    else:
+        tl.store(p_dk, b_dk.to(dK.dtype.element_ty), mask=m_out)
+        tl.store(p_dv, b_dv.to(dV.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _dq_inner(
+    b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, o_mg, o_n, o_d, stride_ks, stride_vs,
+    Sk, DELTA, qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DP: tl.constexpr,
+):  # fmt: skip
+    """One key block's contribution to the resident query block's dQ (masks as ``_fwd_inner``)."""
+    m_d = o_d < DP  # folds away when DP == BD
+    if MASKED:
+        m_n = (n0 + o_n) < Sk
+        m_kv = m_n[None, :] & m_d[:, None]
+    else:
+        m_kv = m_d[:, None]
+    b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_kv, other=0.0)
+    b_vt = tl.load(p_vn + o_n[None, :] * stride_vs + o_d[:, None], mask=m_kv, other=0.0)
+    if UPCAST:
+        b_kt = b_kt.to(tl.float32)
+        b_vt = b_vt.to(tl.float32)
+    b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
+    b_p = tl.exp2(b_s - b_lse[:, None])
+    if MASKED:
+        m_vis = m_n[None, :]
+        if CAUSAL:
+            m_vis = m_vis & ((n0 + o_n)[None, :] <= o_mg[:, None] + DELTA)
+        b_p = tl.where(m_vis, b_p, 0.0)
+    b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION)
+    return b_dq
 
 
 @triton.autotune(
-    configs=_CONFIGS,
-    key=_KEY,
-    prune_configs_by={"early_config_prune": prune_configs},
+    configs=autotune_configs(DQ_TILES.configs),
+    key=_KEY + ["ACCUMULATE"],
+    prune_configs_by={"early_config_prune": DQ_TILES.prune},
     restore_value=["dQ"],
 )
 @triton.jit
@@ -182,16 +371,26 @@ def _dq_kernel(
     stride_db, stride_ds, stride_dh,
     stride_lb, stride_lh,
     stride_dqb, stride_dqs, stride_dqh,
-    Sq, Sk, H, D, DELTA, sm_scale, qk_scale,
+    Sq, Sk, H, DELTA, sm_scale, qk_scale,
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
     BD: tl.constexpr,
+    IV: tl.constexpr,
+    OV: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):  # fmt: skip
+    stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
+    stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
+    stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
+    stride_db, stride_ds, stride_dh = stride_db * IV, stride_ds * IV, stride_dh * IV
+    stride_dqb, stride_dqs, stride_dqh = stride_dqb * OV, stride_dqs * OV, stride_dqh * OV
     n_m = tl.cdiv(Sq, BM)
     i_m = tl.program_id(0)
     if CAUSAL:
@@ -206,118 +405,175 @@ def _dq_kernel(
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, BD)
     m_m = (m_start + o_m) < Sq
-    m_d = o_d < D
-    m_md = m_m[:, None] & m_d[None, :]
+    m_in = m_m[:, None] & (o_d < DP)[None, :]
 
+    # Rows past Sq load as zeros with lse = +inf: P = 0 there, so the loops need no row mask.
     p_q = Q + i_b * stride_qb + i_h * stride_qh + m_start.to(tl.int64) * stride_qs
     p_do = dO + i_b * stride_db + i_h * stride_dh + m_start.to(tl.int64) * stride_ds
-    b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_md, other=0.0)
-    b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_md, other=0.0)
+    b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_in, other=0.0)
+    b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_in, other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     p_l = Lse + i_b * stride_lb + i_h * stride_lh + m_start + o_m
     b_lse = tl.load(p_l, mask=m_m, other=float("inf"))
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * LOG2E
     b_delta = tl.load(Delta + i_b * stride_lb + i_h * stride_lh + m_start + o_m, mask=m_m, other=0.0)
 
+    # Key ranges as in the forward: [0, n_full) unmasked, [n_full, n_end) masked.
     if CAUSAL:
         n_end = tl.minimum(Sk, tl.maximum(m_start + BM + DELTA, 0))
+        n_full = tl.minimum(tl.maximum(m_start + DELTA + 1, 0), Sk) // BN * BN
     else:
         n_end = Sk
+        n_full = Sk // BN * BN
 
     p_kn = K + i_b * stride_kb + i_hk * stride_kh
     p_vn = V + i_b * stride_vb + i_hk * stride_vh
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    for n0 in range(0, n_end, BN):
-        m_n = (n0 + o_n) < Sk
-        b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
-        b_vt = tl.load(p_vn + o_n[None, :] * stride_vs + o_d[:, None], mask=m_n[None, :] & m_d[:, None], other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_vt = b_vt.to(tl.float32)
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
-        b_p = tl.exp2(b_s - b_lse[:, None])
-        if CAUSAL:
-            m_vis = m_n[None, :] & ((n0 + o_n)[None, :] <= (m_start + o_m)[:, None] + DELTA)
-            b_p = tl.where(m_vis, b_p, 0.0)
-        else:
-            b_p = tl.where(m_n[None, :], b_p, 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION)
+    for n0 in range(0, n_full, BN):
+        b_dq = _dq_inner(
+            b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
+            Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+        )  # fmt: skip
+        p_kn += BN * stride_ks
+        p_vn += BN * stride_vs
+    for n0 in range(n_full, n_end, BN):
+        b_dq = _dq_inner(
+            b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
+            Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+        )  # fmt: skip
         p_kn += BN * stride_ks
         p_vn += BN * stride_vs
 
+    b_dq = b_dq * sm_scale
     p_dq = dQ + i_b * stride_dqb + i_h * stride_dqh + m_start.to(tl.int64) * stride_dqs
     p_dq = p_dq + o_m[:, None] * stride_dqs + o_d[None, :]
-    tl.store(p_dq, tl.load(p_dq, mask=m_md, other=0.0) + b_dq * sm_scale, mask=m_md)
+    m_out = m_m[:, None] & (o_d < D)[None, :]
+    if ACCUMULATE:
+        # One writer per element: deterministic, and no load (as in the dK/dV kernel).
+        tl.atomic_add(p_dq, b_dq, mask=m_out, sem="relaxed")
+    else:
+        tl.store(p_dq, b_dq.to(dQ.dtype.element_ty), mask=m_out)
 
 
-def compute_delta(out, do):
-    """``delta = rowsum(do * out)`` as fp32 ``[B, H, Sq]``."""
+def delta_launch(out, do, delta) -> Launch:
+    """``delta = rowsum(do * out)`` into fp32 ``delta [B, H, Sq]`` (``do`` may be head-padded)."""
     B, Sq, H, D = out.shape
-    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=out.device)
-    if B * Sq * H == 0:
-        return delta
     BD = head_dim_block(D)
-    BM = 64 if BD <= 128 else 32
-    _delta_kernel[(triton.cdiv(Sq, BM), B * H)](
-        out, do, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1),
-        Sq, H, D, BD=BD, BM=BM,
+    BM = max(16, 4096 // BD)  # two [BM, BD] fp32 tiles on 4 warps: BM=32 spilled at d=256 (sm_80)
+    args = dict(
+        Out=out, dO=do, Delta=delta,
+        stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
+        stride_db=do.stride(0), stride_ds=do.stride(1), stride_dh=do.stride(2),
+        stride_lb=delta.stride(0), stride_lh=delta.stride(1),
+        Sq=Sq, H=H, D=D, BD=BD, BM=BM,
     )  # fmt: skip
-    return delta
+    return Launch(_delta_kernel, (triton.cdiv(Sq, BM), B * H), args)
+
+
+def dkdv_split(B: int, Sk: int, Hkv: int, groups: int, device: torch.device) -> int:
+    """How many programs share a KV block (see the module docstring): the smallest divisor of
+    ``groups`` that gives two waves of ``Sk/64`` blocks on ``device``, at most ``groups``."""
+    programs = triton.cdiv(Sk, 64) * B * Hkv
+    target = 2 * num_sms(device)
+    for split in range(1, groups + 1):
+        if groups % split == 0 and (programs * split >= target or split == groups):
+            return split
+    return 1
+
+
+def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate):
+    """The backward's launches in order: delta (when not given), dK/dV, dQ.
+
+    ``q, k, v, do`` as ``triton_fwd.pad_inputs`` left them; ``out`` and the gradient buffers at
+    the true head dim. ``accumulate=False`` overwrites ``dq, dk, dv`` (any float dtype), except
+    that a split dK/dV (``dkdv_split > 1``) adds into them, so they must then be fp32 zeros."""
+    B, Sq, H, DP = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    D = out.shape[-1]
+    launches = []
+    if delta is None:
+        delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        launches.append(delta_launch(out, do, delta))
+    if lse.stride(-1) != 1 or lse.stride() != delta.stride():
+        lse = lse.contiguous()
+        delta = delta.contiguous()
+    iv = vector_width(q, k, v, do)
+    split = dkdv_split(B, Sk, Hkv, H // Hkv, q.device)
+    common = dict(
+        Q=q, K=k, V=v, dO=do, Lse=lse, Delta=delta,
+        **dict(zip(("stride_qb", "stride_qs", "stride_qh"), strides(q, iv), strict=True)),
+        **dict(zip(("stride_kb", "stride_ks", "stride_kh"), strides(k, iv), strict=True)),
+        **dict(zip(("stride_vb", "stride_vs", "stride_vh"), strides(v, iv), strict=True)),
+        **dict(zip(("stride_db", "stride_ds", "stride_dh"), strides(do, iv), strict=True)),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        Sq=Sq, Sk=Sk, DELTA=q_start - k_start, sm_scale=scale, qk_scale=scale * LOG2E.value,
+        SQ_BUCKET=seq_bucket(Sq), SK_BUCKET=seq_bucket(Sk),
+        GROUPS=H // Hkv, CAUSAL=causal, ACCUMULATE=accumulate, UPCAST=INTERPRET,
+        PRECISION=dot_precision(q.dtype), D=D, DP=DP, BD=head_dim_block(DP), IV=iv,
+    )  # fmt: skip
+    ov = vector_width(dk, dv)
+    dkdv = dict(
+        common, dK=dk, dV=dv, Hkv=Hkv, SPLIT=split, OV=ov,
+        **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
+        **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
+    )  # fmt: skip
+    launches.append(Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]), B * Hkv * split), dkdv))
+    ov = vector_width(dq)
+    dqa = dict(
+        common, dQ=dq, H=H, OV=ov,
+        **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, ov), strict=True)),
+    )  # fmt: skip
+    launches.append(Launch(_dq_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), dqa))
+    return launches
+
+
+def _vector_aligned(g: torch.Tensor, dp: int) -> torch.Tensor:
+    """``g`` when its rows start on 16-byte boundaries, else a zeroed fp32 buffer ``dp`` wide:
+    scalar atomic adds (an odd head dim in fp32) spilled dK/dV by 2.6 KB at d=111."""
+    return g if vector_width(g) == vector_elements(g.dtype) else g.new_zeros(*g.shape[:-1], dp)
 
 
 def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
     """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``."""
     if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return
+    from .triton_fwd import pad_inputs
+
+    q, k, v, do = pad_inputs(q, k, v, do)
+    D = dq.shape[-1]
+    work = [_vector_aligned(g, q.shape[-1]) for g in (dq, dk, dv)]
+    _run(backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True), q)
+    for g, w in zip((dq, dk, dv), work, strict=True):
+        if w is not g:
+            g.add_(w[..., :D])
+
+
+def flash_backward(do, q, k, v, out, lse, q_start, causal, scale):
+    """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype, written directly
+    (fp32 buffers, head-padded, only for a split dK/dV). ``q, k, v`` as ``pad_inputs`` left them."""
+    from .triton_fwd import pad_inputs
+
+    (do,) = pad_inputs(do)
+    B, Sq, H, D = out.shape
+    Sk, Hkv, DP = k.shape[1], k.shape[2], k.shape[3]
+    dq = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
+    if dkdv_split(B, Sk, Hkv, H // Hkv, q.device) > 1:
+        dk = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
+    else:
+        dk = torch.empty(B, Sk, Hkv, D, dtype=q.dtype, device=q.device)
+        dv = torch.empty(B, Sk, Hkv, D, dtype=q.dtype, device=q.device)
+    if B * Sq * Sk == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    else:
+        _run(backward_launches(do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv, False), q)
+    return dq, dk[..., :D].to(q.dtype), dv[..., :D].to(q.dtype)
+
+
+def _run(launches, q):
     # Launch on q's GPU even when it is not the current device.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv)
-
-
-def _launch_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
-    B, Sq, H, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    if delta is None:
-        delta = compute_delta(out, do)
-    if lse.stride(-1) != 1 or lse.stride() != delta.stride():
-        lse = lse.contiguous()
-        delta = delta.contiguous()
-    common = dict(
-        GROUPS=H // Hkv,
-        CAUSAL=causal,
-        UPCAST=INTERPRET,
-        PRECISION=dot_precision(q.dtype),
-        BD=head_dim_block(D),
-    )
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        lse.stride(0), lse.stride(1),
-    )  # fmt: skip
-    buckets = (seq_bucket(Sq), seq_bucket(Sk))
-    _dkdv_kernel[lambda meta: (triton.cdiv(Sk, meta["BN"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv,
-        *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        Sq, Sk, H, Hkv, D, q_start - k_start, scale, scale * LOG2E,
-        *buckets,
-        **common,
-    )  # fmt: skip
-    _dq_kernel[lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H)](
-        q, k, v, do, lse, delta, dq,
-        *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Sq, Sk, H, D, q_start - k_start, scale, scale * LOG2E,
-        *buckets,
-        **common,
-    )  # fmt: skip
+        for launch in launches:
+            run(launch)

@@ -1,21 +1,52 @@
-"""Launch-time helpers shared by the Triton forward and backward kernels."""
+"""Launch-time helpers shared by the Triton forward and backward kernels: tiles, head-dim padding,
+vector widths, dot precision, autotune keys, and the ``Launch`` record the compile check reads."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from ..backend import triton_interpreter_on
 
-LOG2E = 1.4426950408889634
+# A constexpr global: compiled Triton code may read module globals only when they are constexprs.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Under the interpreter every autotune config would run: use one, with blocks large enough that
 # numpy does the work in few steps (32x32 tiles: ~2x faster than 16x16 on the test shapes).
 INTERPRET = triton_interpreter_on()
 
 AUTOTUNE_ENV_VAR = "FPDT_AUTOTUNE"
+FP32_PRECISION_ENV_VAR = "FPDT_FP32_PRECISION"
+FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+# Dynamic shared memory one block may use, in bytes (CUDA occupancy tables).
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+
+class Launch(NamedTuple):
+    """One kernel launch, built by the same code for the GPU and for the compile check."""
+
+    kernel: Callable  # a @triton.autotune'd or @triton.jit function
+    grid: Callable | tuple
+    args: dict
+
+
+def run(launch: Launch) -> None:
+    launch.kernel[launch.grid](**launch.args)
+
+
+def tile(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
+
+
+def tile_name(config: triton.Config) -> str:
+    kw = config.kwargs
+    return f"{kw['BM']}x{kw['BN']} w{config.num_warps} s{config.num_stages}"
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -30,15 +61,114 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     return configs
 
 
+def arch_family(arch: int) -> int:
+    """The tile tables' target for a compute capability ``10*major + minor``: 90 (wgmma and its
+    227 KB of shared memory, Hopper and newer) or 80 (mma.sync; Ampere and Ada)."""
+    return 90 if arch >= 90 else 80
+
+
+def current_arch() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+class Tiles:
+    """A kernel's autotune configs and where each may run.
+
+    ``clean[(family, element_bytes, head-dim block)]`` names the configs that compile without
+    register spills and within shared memory there, as measured by ``python -m
+    kernels.compile_check --all-configs`` (triton 3.6 and 3.9); a head-dim block is looked up at
+    the smallest measured one that holds it (64, 128 or 256). ``clean_accumulate``, where given,
+    overrides it for launches with ``ACCUMULATE`` (the forward's merge epilogue holds a second
+    output tile). The last config is the fallback when nothing is listed, and the one the
+    interpreter and ``FPDT_AUTOTUNE=0`` run.
+    """
+
+    def __init__(self, configs: list[triton.Config], clean: dict, clean_accumulate: dict | None = None):
+        self.configs = configs
+        self.clean = clean
+        self.clean_accumulate = clean if clean_accumulate is None else clean_accumulate
+        names = {tile_name(c) for c in configs}
+        listed = {n for table in (clean, self.clean_accumulate) for kept in table.values() for n in kept}
+        if listed - names:
+            raise ValueError(f"clean tiles {sorted(listed - names)} are not among the configs {sorted(names)}")
+
+    def usable(self, configs, bd: int, element_bytes: int, arch: int, accumulate: bool = False):
+        """The configs of ``configs`` listed as clean for this launch (or the last one)."""
+        table = self.clean_accumulate if accumulate else self.clean
+        measured = next((b for b in (64, 128, 256) if bd <= b), 256)
+        names = table.get((arch_family(arch), element_bytes, measured), ())
+        kept = [c for c in configs if tile_name(c) in names]
+        return kept or configs[-1:]
+
+    def prune(self, configs, named_args, **kwargs):
+        """Autotune's ``early_config_prune``: the usable configs for this launch's device."""
+        if INTERPRET:
+            return configs
+        get = lambda name: named_args.get(name, kwargs.get(name))
+        return self.usable(configs, get("BD"), get("Q").element_size(), current_arch(), bool(get("ACCUMULATE")))
+
+
 def head_dim_block(d: int) -> int:
     # Pad d to a power of two (and to 16: tl.dot needs K >= 16 on GPU); masked in the kernel.
     return max(16, triton.next_power_of_2(d))
 
 
+def vector_elements(dtype: torch.dtype) -> int:
+    """Elements in one 16-byte load."""
+    return 16 // dtype.itemsize
+
+
+def vector_width(*tensors: torch.Tensor) -> int:
+    """The largest power of two ``v <= 16 bytes / element size`` such that every stride but the
+    last and every start offset of ``tensors`` is a multiple of ``v`` elements.
+
+    Kernels receive strides divided by ``v`` and multiply them back by a constexpr, which is how
+    Triton learns that a row starts on a ``v``-element boundary and loads it in vectors.
+    """
+    v = vector_elements(tensors[0].dtype)
+    while v > 1:
+        ok = all(s % v == 0 for t in tensors for s in t.stride()[:-1])
+        if ok and all(t.is_meta or t.data_ptr() % (v * t.element_size()) == 0 for t in tensors):
+            return v
+        v //= 2
+    return 1
+
+
+def strides(t: torch.Tensor, v: int, dims: int = 3) -> tuple[int, ...]:
+    """``t``'s first ``dims`` strides in units of ``v`` elements (see ``vector_width``)."""
+    return tuple(s // v for s in t.stride()[:dims])
+
+
+def padded_head_dim(d: int, dtype: torch.dtype) -> int:
+    """``d`` rounded up to whole 16-byte vectors (flash-attn pads to a multiple of 8 the same way)."""
+    v = vector_elements(dtype)
+    return -(-d // v) * v
+
+
+def pad_head_dim(t: torch.Tensor, dp: int) -> torch.Tensor:
+    """``t`` if its rows already load in whole vectors, else a copy zero-padded to ``dp`` columns.
+
+    The zero columns add nothing to ``q @ k^T`` and produce zero output columns, which the kernels
+    never store (their stores are masked to the true head dim)."""
+    if vector_width(t) == vector_elements(t.dtype) and t.shape[-1] == dp:
+        return t
+    if t.shape[-1] == dp:
+        return t.clone(memory_format=torch.contiguous_format)
+    return torch.nn.functional.pad(t, (0, dp - t.shape[-1]))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (users choose fp32 for accuracy; TF32 would keep only
-    # 10 mantissa bits). For fp16/bf16 the argument has no effect.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``tl.dot``'s input precision. fp32 inputs default to ``tf32x3`` (three TF32 products per
+    dot: tensor cores at near-fp32 accuracy, where true fp32 FMA tiles spilled and took minutes to
+    compile); ``FPDT_FP32_PRECISION=tf32`` trades accuracy (10 mantissa bits) for speed, ``ieee``
+    gives exact fp32 products. For fp16/bf16 the argument has no effect."""
+    if dtype != torch.float32:
+        return "tf32"
+    name = os.environ.get(FP32_PRECISION_ENV_VAR, "tf32x3")
+    if name not in FP32_PRECISIONS:
+        raise ValueError(f"{FP32_PRECISION_ENV_VAR}={name!r} is not one of {FP32_PRECISIONS}")
+    return name
 
 
 # Beyond this many rows or keys the best tile no longer changes, and autotuning at the full length
@@ -51,13 +181,9 @@ def seq_bucket(n: int) -> int:
     return triton.next_power_of_2(max(1, min(n, SEQ_BUCKET_CAP)))
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the small tiles (at most 64x64, at most 2 stages) where large ones cannot fit: head
-    dims over 128, and fp32 products in IEEE precision (no tensor cores: 4-byte tiles and FMA
-    products spill and take minutes to compile). Falls back to the last config, the smallest."""
-    get = lambda name: named_args.get(name, kwargs.get(name))
-    bd, precision = get("BD"), get("PRECISION")
-    if (bd is None or bd <= 128) and precision != "ieee":
-        return configs
-    kept = [c for c in configs if c.kwargs["BM"] <= 64 and c.kwargs["BN"] <= 64 and c.num_stages <= 2]
-    return kept or configs[-1:]
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device``; off CUDA, an H100's 132, so interpreter runs take
+    the same launch decisions as the GPU would."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132

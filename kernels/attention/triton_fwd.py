@@ -4,6 +4,11 @@ Writes the output (any float dtype) and the natural-log LSE, or merges the block
 running fp32 ``(out, lse)`` accumulators in place (``ACCUMULATE``), so an FPDT pipeline needs no
 separate merge pass. Causal masking is at global offsets: key ``k_start+n`` is visible to query
 ``q_start+m`` iff ``n <= m + DELTA`` with ``DELTA = q_start - k_start``.
+
+Head dims: ``D`` is the true head dim (what ``out`` holds), ``DP >= D`` the width ``q, k, v``
+are laid out with (the launcher zero-pads odd dims to whole 16-byte vectors), ``BD`` the power
+of two the tiles use. Strides arrive divided by the vector widths ``IV`` (inputs) and ``OV``
+(output); multiplying them back by the constexprs tells Triton rows start on vector boundaries.
 """
 
 from __future__ import annotations
@@ -17,43 +22,90 @@ import triton.language as tl
 from .triton_common import (
     INTERPRET,
     LOG2E,
+    Launch,
+    Tiles,
     autotune_configs,
     dot_precision,
     head_dim_block,
-    prune_configs,
+    pad_head_dim,
+    padded_head_dim,
+    run,
     seq_bucket,
+    strides,
+    tile,
+    vector_width,
 )
 
-_CONFIGS = autotune_configs(
+# The forward's tiles; autotune picks among the clean ones. 128x64 w8 s3 was 1.30x SDPA's flash
+# kernel at d=128, S=16K, bf16 on an H200; 128x64 w4 s3 spills at d=128 on both targets, and
+# 128x32 w4 s4 at d=111 on sm_90 (triton 3.6).
+_CLEAN_16BIT = {
+    (90, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x64 w4 s3", "128x32 w4 s4", "64x64 w4 s3", "64x32 w4 s4",
+                  "32x32 w4 s2"),
+    (90, 2, 128): ("128x64 w8 s3", "128x128 w8 s3", "64x64 w4 s3", "64x32 w4 s4", "128x32 w8 s3", "32x32 w4 s2"),
+    (90, 2, 256): ("128x32 w8 s3", "64x64 w8 s2", "64x32 w8 s2", "128x32 w8 s2", "32x32 w4 s2"),
+    (80, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x32 w4 s4", "64x64 w4 s3", "64x32 w4 s4", "32x32 w4 s2"),
+    (80, 2, 128): ("128x64 w8 s3", "64x32 w4 s4", "128x32 w8 s3", "64x64 w8 s2", "32x32 w4 s2"),
+    (80, 2, 256): ("64x32 w8 s2", "32x32 w4 s2"),
+}  # fmt: skip
+# The merge epilogue (ACCUMULATE: the chunk API) holds the running output tile too: fewer tiles fit.
+# At d=256 every wgmma tile spills there, so the merge runs mma.sync tiles.
+_CLEAN_16BIT_ACCUMULATE = _CLEAN_16BIT | {
+    (90, 2, 256): ("32x32 w4 s2",),
+    (80, 2, 64): tuple(n for n in _CLEAN_16BIT[80, 2, 64] if n not in ("64x64 w4 s3", "64x32 w4 s4")),
+    (80, 2, 128): tuple(n for n in _CLEAN_16BIT[80, 2, 128] if n != "64x32 w4 s4"),
+}
+# fp32 inputs run tf32x3 (three products per dot): about twice the registers of bf16, so small
+# tiles. At d=256 no fp32 tile is spill-free; the one listed spills least (~1 KB).
+_CLEAN_32BIT = {
+    (90, 4, 64): ("64x32 w4 s2", "128x32 w8 s2", "64x32 w8 s2", "32x32 w4 s2"),
+    (90, 4, 128): ("64x16 w4 s2", "16x32 w4 s2", "32x32 w8 s2", "16x16 w4 s2"),
+    (90, 4, 256): ("16x16 w4 s2",),
+    (80, 4, 64): ("64x32 w8 s2", "32x32 w4 s2"),
+    (80, 4, 128): ("16x32 w4 s2", "32x32 w8 s2", "16x16 w4 s2"),
+    (80, 4, 256): ("16x16 w4 s2",),
+}  # fmt: skip
+
+TILES = Tiles(
     [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3),
-            (128, 64, 4, 3),
-            (128, 128, 8, 3),
-            (128, 32, 4, 4),
-            (64, 64, 4, 3),
-            (64, 32, 4, 4),
-            (32, 32, 4, 1),  # the fallback that fits at d = 256
-        ]
-    ]
+        tile(128, 64, 8, 3),
+        tile(128, 128, 8, 3),
+        tile(128, 64, 4, 3),
+        tile(128, 32, 4, 4),
+        tile(64, 64, 4, 3),
+        tile(64, 32, 4, 4),
+        tile(128, 32, 8, 3),
+        tile(64, 64, 8, 2),
+        tile(128, 32, 8, 2),
+        tile(64, 32, 8, 2),
+        tile(64, 32, 4, 2),
+        tile(64, 16, 4, 2),
+        tile(32, 32, 8, 2),
+        tile(16, 32, 4, 2),
+        tile(16, 16, 4, 2),
+        tile(32, 32, 4, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+    ],
+    _CLEAN_16BIT | _CLEAN_32BIT,
+    _CLEAN_16BIT_ACCUMULATE | _CLEAN_32BIT,
 )
 
 
 @triton.jit
 def _fwd_inner(
-    b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, o_mg, o_n, o_d, m_d, stride_ks, stride_vs,
+    b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, o_mg, o_n, o_d, stride_ks, stride_vs,
     Sk, DELTA, qk_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    DP: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax: returns the updated running (max, sum, acc).
 
     ``MASKED=False`` is the fast path for blocks every row sees in full; ``MASKED=True`` applies
     the bounds (``n < Sk``) and causal (``n <= m + DELTA``) masks; ``o_mg`` are the rows' indices.
     """
+    m_d = o_d < DP  # folds away when DP == BD
     if MASKED:
         m_n = (n0 + o_n) < Sk
         m_k = m_n[None, :] & m_d[:, None]
@@ -86,9 +138,9 @@ def _fwd_inner(
 
 
 @triton.autotune(
-    configs=_CONFIGS,
-    key=["BD", "GROUPS", "CAUSAL", "ACCUMULATE", "SQ_BUCKET", "SK_BUCKET", "PRECISION"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    configs=autotune_configs(TILES.configs),
+    key=["D", "GROUPS", "CAUSAL", "ACCUMULATE", "SQ_BUCKET", "SK_BUCKET", "PRECISION"],
+    prune_configs_by={"early_config_prune": TILES.prune},
     # Autotuning runs the kernel several times; accumulators must not see every run.
     restore_value=["Out", "Lse"],
 )
@@ -100,17 +152,25 @@ def _fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
-    Sq, Sk, H, D, DELTA, qk_scale,
+    Sq, Sk, H, DELTA, qk_scale,
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
     CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
     BD: tl.constexpr,
+    IV: tl.constexpr,
+    OV: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):  # fmt: skip
+    stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
+    stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
+    stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
+    stride_ob, stride_os, stride_oh = stride_ob * OV, stride_os * OV, stride_oh * OV
     n_m = tl.cdiv(Sq, BM)
     i_m = tl.program_id(0)
     if CAUSAL:
@@ -126,10 +186,9 @@ def _fwd_kernel(
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, BD)
     m_m = (m_start + o_m) < Sq
-    m_d = o_d < D
 
     p_q = Q + i_b * stride_qb + i_h * stride_qh + m_start.to(tl.int64) * stride_qs
-    b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_m[:, None] & (o_d < DP)[None, :], other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
     p_k = K + i_b * stride_kb + i_hk * stride_kh
@@ -154,30 +213,28 @@ def _fwd_kernel(
     p_vn = p_v
     for n0 in range(0, n_full, BN):
         b_mi, b_li, b_acc = _fwd_inner(
-            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, m_d, stride_ks, stride_vs,
-            Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION,
+            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
+            Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
         )  # fmt: skip
         p_kn += BN * stride_ks
         p_vn += BN * stride_vs
     for n0 in range(n_full, n_end, BN):
         b_mi, b_li, b_acc = _fwd_inner(
-            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, m_d, stride_ks, stride_vs,
-            Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION,
+            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
+            Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
         )  # fmt: skip
         p_kn += BN * stride_ks
         p_vn += BN * stride_vs
 
     # Natural-log LSE of the block; rows that saw no key: out = 0, lse = -inf.
     m_seen = b_li > 0.0
-    b_lse = tl.where(
-        m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / 1.4426950408889634, float("-inf")
-    )  # LOG2E: jit code reads no globals
+    b_lse = tl.where(m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / LOG2E, float("-inf"))
     b_out = b_acc / tl.where(m_seen, b_li, 1.0)[:, None]
 
     p_o = Out + i_b * stride_ob + i_h * stride_oh + m_start.to(tl.int64) * stride_os
     p_o = p_o + o_m[:, None] * stride_os + o_d[None, :]
     p_l = Lse + i_b * stride_lb + i_h * stride_lh + m_start + o_m
-    m_o = m_m[:, None] & m_d[None, :]
+    m_o = m_m[:, None] & (o_d < D)[None, :]
     if ACCUMULATE:
         # Online-softmax merge with the running state; safe when either side is -inf.
         b_lprev = tl.load(p_l, mask=m_m, other=float("-inf"))
@@ -195,28 +252,37 @@ def _fwd_kernel(
     tl.store(p_l, b_lse, mask=m_m)
 
 
+def pad_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` with rows that load as whole 16-byte vectors (zero-padded copies where needed)."""
+    dp = padded_head_dim(tensors[0].shape[-1], tensors[0].dtype)
+    return tuple(pad_head_dim(t, dp) for t in tensors)
+
+
+def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate) -> Launch:
+    """The forward's launch; ``q, k, v`` as ``pad_inputs`` left them, ``out`` at the true head dim."""
+    B, Sq, H, DP = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    iv, ov = vector_width(q, k, v), vector_width(out)
+    args = dict(
+        Q=q, K=k, V=v, Out=out, Lse=lse,
+        **dict(zip(("stride_qb", "stride_qs", "stride_qh"), strides(q, iv), strict=True)),
+        **dict(zip(("stride_kb", "stride_ks", "stride_kh"), strides(k, iv), strict=True)),
+        **dict(zip(("stride_vb", "stride_vs", "stride_vh"), strides(v, iv), strict=True)),
+        **dict(zip(("stride_ob", "stride_os", "stride_oh"), strides(out, ov), strict=True)),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        Sq=Sq, Sk=Sk, H=H, DELTA=q_start - k_start, qk_scale=scale * LOG2E.value,
+        SQ_BUCKET=seq_bucket(Sq), SK_BUCKET=seq_bucket(Sk),
+        GROUPS=H // Hkv, CAUSAL=causal, ACCUMULATE=accumulate, UPCAST=INTERPRET,
+        PRECISION=dot_precision(q.dtype), D=out.shape[-1], DP=DP, BD=head_dim_block(DP), IV=iv, OV=ov,
+    )  # fmt: skip
+    return Launch(_fwd_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), args)
+
+
 def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate):
     """Launch the forward: write (or merge, ``accumulate=True``) one block into ``out``/``lse``."""
-    B, Sq, H, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    if B == 0 or Sq == 0:
+    if q.shape[0] == 0 or q.shape[1] == 0:
         return
-    grid = lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H)
+    q, k, v = pad_inputs(q, k, v)
     # Launch on q's GPU even when it is not the current device.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _fwd_kernel[grid](
-            q, k, v, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            Sq, Sk, H, D, q_start - k_start, scale * LOG2E,
-            seq_bucket(Sq), seq_bucket(Sk),
-            GROUPS=H // Hkv,
-            CAUSAL=causal,
-            ACCUMULATE=accumulate,
-            UPCAST=INTERPRET,
-            PRECISION=dot_precision(q.dtype),
-            BD=head_dim_block(D),
-        )  # fmt: skip
+        run(forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate))

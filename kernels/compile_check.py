@@ -1,0 +1,395 @@
+"""Compile every Triton kernel for NVIDIA GPUs on a machine without one, and check the result.
+
+Triton compiles for a target it is not running on: source -> ttir -> ttgir -> llir -> ptx ->
+cubin, with the ``ptxas`` that ships in the triton wheel. For every kernel x every config
+autotune may choose there (after pruning by head dim, dtype and target), this prints registers,
+spill bytes, shared memory and what the PTX contains (``wgmma``/``mma.sync``, ``cp.async``
+pipelining, 16-byte loads), and exits non-zero on a compile error, a spill, or shared memory over
+the target's limit. The launches are built by the same functions the GPU path uses
+(``forward_launch``, ``backward_launches``) on meta tensors, so what is checked is what runs.
+
+Usage (the interpreter must be off: ``TRITON_INTERPRET`` unset or 0)::
+
+    python -m kernels.compile_check                      # full matrix: sm_90, sm_80; bf16, fp16;
+                                                         # d 64, 128, 256, 40, 59, 111; causal or not;
+                                                         # MHA, GQA (split dK/dV or not), accumulate
+    python -m kernels.compile_check --quick              # the CI subset (tests/test_compile_check.py)
+    python -m kernels.compile_check --arch 90 --dtype bf16 --head-dim 128 --causal true --csv out.csv
+    python -m kernels.compile_check --all-configs        # also the configs pruning drops (tuning)
+
+Runs on every core (``--jobs``); a compile takes 1-5 s per config on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+ARCHS = (90, 80)
+DTYPES = ("bf16", "fp16")
+HEAD_DIMS = (64, 128, 256, 40, 59, 111)
+# What a launch may vary beyond dtype, head dim and causality: (name, kernels it applies to).
+VARIANTS = ("mha", "gqa", "gqa-split", "accumulate")
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # fwd | dkdv | dq | delta
+    variant: str
+    arch: int
+    dtype: str
+    d: int
+    causal: bool
+    config: str
+    pruned: bool  # autotune would not pick it on this target (compiled only with --all-configs)
+    module: str
+    name: str
+    signature: tuple
+    constexprs: tuple
+    attrs: tuple
+    options: tuple
+
+
+@dataclass
+class Result:
+    kernel: str
+    variant: str
+    arch: int
+    dtype: str
+    d: int
+    causal: bool
+    config: str
+    pruned: bool
+    status: str = "ok"  # ok | spill | smem | error
+    regs: int = -1
+    spill: int = -1  # bytes of spill stores + loads
+    smem: int = -1  # bytes of shared memory
+    mma: str = ""  # wgmma | mma | fma
+    cp_async: int = 0  # cp.async instructions (software pipelining)
+    vec16: int = 0  # 16-byte global loads and cp.async copies
+    scalar: int = 0  # global loads narrower than 8 bytes
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
+    """The ``Launch`` records of one case, built on meta tensors by the GPU path's own code."""
+    import torch
+
+    from .attention import triton_bwd, triton_fwd
+
+    dt = _dtype(dtype)
+    # GQA: 8 query heads on 2 KV heads. At 1K keys the dK/dV grid is small and the group is
+    # split over programs (atomics); at 16K it is not.
+    B, H, Hkv = 2, (8 if variant.startswith("gqa") else 4), (2 if variant.startswith("gqa") else 4)
+    S = 16384 if variant == "gqa" else 1024
+    accumulate = variant == "accumulate"
+    meta = dict(device="meta")
+    q = torch.empty(B, S, H, d, dtype=dt, **meta)
+    k = torch.empty(B, S, Hkv, d, dtype=dt, **meta)
+    v = torch.empty(B, S, Hkv, d, dtype=dt, **meta)
+    lse = torch.empty(B, H, S, dtype=torch.float32, **meta)
+    q, k, v = triton_fwd.pad_inputs(q, k, v)
+    acc = torch.float32 if accumulate else dt
+    if kernel == "fwd":
+        out = torch.empty(B, S, H, d, dtype=acc, **meta)
+        return [triton_fwd.forward_launch(q, k, v, 0, 0, causal, d**-0.5, out, lse, accumulate)]
+    out = torch.empty(B, S, H, d, dtype=dt, **meta)
+    (do,) = triton_fwd.pad_inputs(torch.empty(B, S, H, d, dtype=dt, **meta))
+    dp = q.shape[-1]
+    if accumulate:  # the chunk API: the caller's fp32 buffers, as chunk_backward aligns them
+        dq, dk, dv = (
+            triton_bwd._vector_aligned(torch.empty(t.shape[:-1] + (d,), dtype=torch.float32, **meta), dp)
+            for t in (q, k, v)
+        )
+    else:  # flash_attention's buffers, as flash_backward allocates them
+        split = triton_bwd.dkdv_split(B, S, Hkv, H // Hkv, q.device)
+        dq = torch.empty(B, S, H, d, dtype=dt, **meta)
+        shape, gk = ((B, S, Hkv, dp), torch.float32) if split > 1 else ((B, S, Hkv, d), dt)
+        dk, dv = torch.empty(shape, dtype=gk, **meta), torch.empty(shape, dtype=gk, **meta)
+    launches = triton_bwd.backward_launches(
+        do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate
+    )  # [delta, dkdv, dq]
+    return [launches[{"delta": 0, "dkdv": 1, "dq": 2}[kernel]]]
+
+
+def _jit_function(kernel):
+    """The ``JITFunction`` under ``@triton.autotune`` (or the kernel itself)."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _tiles(kernel):
+    from .attention import triton_bwd, triton_fwd
+
+    return {"fwd": triton_fwd.TILES, "dkdv": triton_bwd.DKDV_TILES, "dq": triton_bwd.DQ_TILES}.get(kernel)
+
+
+def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs) -> list[Job]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    from .attention.triton_common import tile_name
+
+    backend = type(make_backend(GPUTarget("cuda", arch, 32)))
+    jobs = []
+    for launch in _launches(kernel, variant, dtype, d, causal):
+        fn = _jit_function(launch.kernel)
+        tiles = _tiles(kernel)
+        if tiles is None:
+            configs, usable = [triton.Config({})], None
+        else:
+            usable = tiles.usable(
+                tiles.configs, launch.args["BD"], _dtype(dtype).itemsize, arch, launch.args["ACCUMULATE"]
+            )
+            configs = tiles.configs if all_configs else usable
+        for config in configs:
+            args = dict(launch.args, **config.kwargs)
+            signature, constexprs, attrs = {}, {}, {}
+            for i, name in enumerate(fn.arg_names):
+                value = args[name]
+                if i in fn.constexprs:
+                    signature[name], constexprs[name] = "constexpr", value
+                    continue
+                # Triton's own specialization: the type, and 'D' for 16-divisible ints/pointers
+                # (and a constexpr for ints equal to 1), exactly as at a real launch.
+                ty, key = native_specialize_impl(backend, value, False, True, True)[:2]
+                if ty == "constexpr":
+                    signature[name], constexprs[name] = "constexpr", key
+                    continue
+                signature[name] = ty
+                if key:
+                    attrs[(i,)] = backend.parse_attr(key)
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            jobs.append(
+                Job(
+                    kernel,
+                    variant,
+                    arch,
+                    dtype,
+                    d,
+                    causal,
+                    tile_name(config) if tiles is not None else "default",
+                    usable is not None and config not in usable,
+                    fn.__module__,
+                    fn.__name__,
+                    tuple(signature.items()),
+                    tuple(constexprs.items()),
+                    tuple((k, tuple(tuple(a) for a in v)) for k, v in attrs.items()),
+                    tuple(options.items()),
+                )  # fmt: skip
+            )
+    return jobs
+
+
+def _ptx_features(ptx: str) -> dict:
+    if "wgmma.mma_async" in ptx:
+        mma = "wgmma"
+    elif "mma.sync" in ptx:
+        mma = "mma"
+    else:
+        mma = "fma"
+    cp_async = len(re.findall(r"^\s*(?:@%p\d+\s+)?cp\.async\.c[ag]\.shared", ptx, re.M))
+    cp16 = len(re.findall(r"cp\.async\.c[ag]\.shared\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*0x10", ptx))
+    vec16 = len(re.findall(r"ld\.global\S*\.v4\.b32|ld\.global\S*\.v2\.b64|ld\.global\S*\.v4\.f32", ptx)) + cp16
+    scalar = len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b16|b32|u16|f32)\s", ptx))
+    return dict(mma=mma, cp_async=cp_async, vec16=vec16, scalar=scalar)
+
+
+def _compile(job: Job) -> Result:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .attention.triton_common import SHARED_MEMORY_LIMIT
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True  # the ptxas log is printed only on a real compile
+    fields = {f: getattr(job, f) for f in ("kernel", "variant", "arch", "dtype", "d", "causal", "config", "pruned")}
+    res = Result(**fields)
+    fn = _jit_function(getattr(importlib.import_module(job.module), job.name))
+    src = triton.compiler.ASTSource(
+        fn=fn,
+        signature=dict(job.signature),
+        constexprs=dict(job.constexprs),
+        attrs={k: [list(a) for a in v] for k, v in job.attrs},
+    )
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
+    except Exception as e:  # a compile error is a result to report, not a crash of the check
+        res.status, res.error = "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        res.seconds = time.perf_counter() - start
+        return res
+    res.seconds = time.perf_counter() - start
+    text = log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    res.regs = int(regs[-1]) if regs else -1
+    res.spill = sum(int(a) + int(b) for a, b in spills) if spills else -1
+    res.smem = int(compiled.metadata.shared)
+    for k, v in _ptx_features(compiled.asm["ptx"]).items():
+        setattr(res, k, v)
+    if res.spill != 0:
+        res.status = "spill"
+    elif res.smem > SHARED_MEMORY_LIMIT[job.arch]:
+        res.status = "smem"
+    return res
+
+
+def build_jobs(archs, dtypes, head_dims, causals, variants, kernels, all_configs) -> list[Job]:
+    jobs, seen = [], set()
+    for arch in archs:
+        for dtype in dtypes:
+            for d in head_dims:
+                for causal in causals:
+                    for kernel in kernels:
+                        for variant in variants:
+                            if not _applies(kernel, variant):
+                                continue
+                            for job in _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs):
+                                # Identical compiles (e.g. delta is the same causal or not) run once.
+                                key = (
+                                    job.module,
+                                    job.name,
+                                    job.signature,
+                                    job.constexprs,
+                                    job.attrs,
+                                    job.options,
+                                    arch,
+                                )
+                                if key not in seen:
+                                    seen.add(key)
+                                    jobs.append(job)
+    return jobs
+
+
+def _applies(kernel, variant):
+    if kernel == "delta":
+        return variant == "mha"
+    if variant == "gqa-split":
+        return kernel == "dkdv"  # the only kernel whose code changes with the split
+    return True
+
+
+# The CI subset (~50 compiles, under 2 minutes on 2 cores): sm_90, bf16, causal, every kernel at
+# d=64 and 128, and the forward at the odd d=40 (16-byte loads through the head-dim mask).
+QUICK = (
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha",),
+         kernels=("fwd", "dkdv", "dq", "delta")),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(40,), causals=(True,), variants=("mha",), kernels=("fwd",)),
+)  # fmt: skip
+
+_COLUMNS = ("arch", "kernel", "variant", "dtype", "d", "causal", "config", "regs", "spill", "smem", "mma", "cp_async",
+            "vec16", "scalar", "seconds", "status")  # fmt: skip
+
+
+def _row(r: Result) -> str:
+    status = r.status + (" (pruned)" if r.pruned else "")
+    if r.status == "error":
+        status += f": {r.error}"
+    return (
+        f"sm_{r.arch} {r.kernel:5} {r.variant:10} {r.dtype:4} d={r.d:<3} {'causal' if r.causal else 'full  '} "
+        f"{r.config:13} regs={r.regs:<3} spill={r.spill:<5} smem={r.smem / 1024:6.1f}K {r.mma:5} "
+        f"cp.async={r.cp_async:<3} vec16={r.vec16:<3} scalar={r.scalar:<4} {r.seconds:5.1f}s  {status}"
+    )
+
+
+def run(jobs: list[Job], workers: int, out=sys.stdout) -> list[Result]:
+    results = []
+    if workers <= 1:
+        it = map(_compile, jobs)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        it = pool.map(_compile, jobs)
+    for r in it:
+        results.append(r)
+        print(_row(r), file=out, flush=True)
+    if workers > 1:
+        pool.shutdown()
+    return results
+
+
+def failures(results: list[Result]) -> list[Result]:
+    """Results that fail the check: configs autotune may pick that did not compile cleanly."""
+    return [r for r in results if r.status != "ok" and not r.pruned]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the CI subset (QUICK); other selections are ignored")
+    p.add_argument("--arch", type=int, nargs="+", choices=ARCHS, help=f"targets (default {ARCHS})")
+    p.add_argument("--dtype", nargs="+", choices=("bf16", "fp16", "fp32"), help=f"default {DTYPES}")
+    p.add_argument("--head-dim", type=int, nargs="+", help=f"default {HEAD_DIMS}")
+    p.add_argument("--causal", choices=("true", "false", "both"), default="both")
+    p.add_argument("--variant", nargs="+", choices=VARIANTS, help=f"default {VARIANTS}")
+    p.add_argument("--kernel", nargs="+", choices=("fwd", "dkdv", "dq", "delta"), help="default: all")
+    p.add_argument(
+        "--all-configs", action="store_true", help="also compile configs pruning drops (reported, not failed)"
+    )
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: every core)")
+    p.add_argument("--csv", help="also write one row per compile to this CSV file")
+    a = p.parse_args(argv)
+
+    from .backend import triton_interpreter_on
+
+    if triton_interpreter_on():
+        p.error("TRITON_INTERPRET is on: the interpreter does not compile; run with TRITON_INTERPRET=0")
+    causals = {"true": (True,), "false": (False,), "both": (False, True)}[a.causal]
+    full = dict(
+        archs=a.arch or ARCHS,
+        dtypes=a.dtype or DTYPES,
+        head_dims=a.head_dim or HEAD_DIMS,
+        causals=causals,
+        variants=a.variant or VARIANTS,
+        kernels=a.kernel or ("fwd", "dkdv", "dq", "delta"),
+    )
+    jobs = []
+    for sel in QUICK if a.quick else (full,):
+        jobs += build_jobs(**sel, all_configs=a.all_configs)
+    import triton
+
+    print(f"# triton {triton.__version__}: {len(jobs)} compiles on {a.jobs} workers", flush=True)
+    start = time.perf_counter()
+    results = run(jobs, a.jobs)
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(asdict(results[0]).keys()) if results else _COLUMNS)
+            w.writeheader()
+            w.writerows(asdict(r) for r in results)
+    bad = failures(results)
+    counts = {s: sum(r.status == s and not r.pruned for r in results) for s in ("ok", "spill", "smem", "error")}
+    print(
+        f"# {len(results)} compiles in {time.perf_counter() - start:.0f}s: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f"; {sum(r.pruned for r in results)} pruned configs (not failed)"
+    )
+    for r in bad:
+        print(f"FAIL {_row(r)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
