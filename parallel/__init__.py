@@ -25,7 +25,9 @@ from .distributed import Mesh, SPGroup, check_mesh, current_device, destroy_dist
 from .executor import Timeline, run_schedule
 from .host_store import HostStore, default_host_store, host_allocation, saved_tensors_on_host
 from .layout import (
+    check_cu_seqlens,
     check_layout,
+    document_positions,
     inverse_permutation,
     local_positions,
     permutation,
@@ -42,6 +44,7 @@ from .schedule import (
     Stream,
     backward_schedule,
     check_schedule,
+    document_pairs,
     forward_schedule,
 )
 from .weights import AttentionWeights
@@ -67,7 +70,10 @@ __all__ = [
     "apply_rotary_backward",
     "backward_schedule",
     "check_heads",
+    "check_cu_seqlens",
     "check_layout",
+    "document_pairs",
+    "document_positions",
     "check_schedule",
     "current_device",
     "default_host_store",

@@ -60,3 +60,30 @@ def unshard(shards: list[torch.Tensor], chunks: int, dim: int = 1) -> torch.Tens
     full = torch.cat(shards, dim=dim)
     inv = inverse_permutation(full.shape[dim], world, chunks).to(full.device)
     return full.index_select(dim, inv)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens`` are document offsets over the flattened
+    ``[batch * seq_len]`` tokens (flash-attn's varlen convention): int32, starting at 0, strictly
+    increasing, ending at ``batch * seq_len``, every row boundary a document boundary."""
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of document offsets, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")  # fmt: skip
+    cu = cu_seqlens.tolist()
+    total = batch * seq_len
+    if cu[0] != 0 or cu[-1] != total or any(b <= a for a, b in zip(cu, cu[1:], strict=False)):
+        raise ValueError(f"cu_seqlens must increase strictly from 0 to B*S={total}; got {cu[:6]}...{cu[-2:]}")
+    missing = sorted(set(range(0, total, seq_len)) - set(cu))
+    if missing:
+        raise ValueError(f"every row boundary must be a document boundary (B={batch}, S={seq_len}); "
+                         f"cu_seqlens lacks {missing[:4]}")  # fmt: skip
+
+
+def document_positions(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Each token's position inside its document, ``[batch, seq_len]`` int64: positions restart at
+    0 at every document start (RoPE per document)."""
+    check_cu_seqlens(cu_seqlens, batch, seq_len)
+    flat = torch.arange(batch * seq_len, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].long()
+    doc = torch.searchsorted(starts, flat, right=True) - 1
+    return (flat - starts[doc]).reshape(batch, seq_len)

@@ -50,6 +50,7 @@ import torch.nn as nn
 from .all_to_all import check_heads
 from .attention import AttentionStrategy, check_strategy
 from .distributed import Mesh, SPGroup
+from .layout import document_positions
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -194,18 +195,26 @@ def shard_batch(
     *,
     chunks: int = 1,
     group: SPGroup | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """This rank's share of a full batch ``tokens, labels [B, S]`` in the strategy's layout.
 
-    Returns ``(tokens [B, S/P], labels [B, S/P] or None, positions [S/P])``: contiguous slices
-    for ``ulysses``, the FPDT chunk permutation for ``fpdt`` (``chunks`` = ``u``), everything
-    for ``local``. ``positions`` are the global positions of the local tokens.
+    Returns ``(tokens [B, S/P], labels [B, S/P] or None, positions)``: contiguous slices for
+    ``ulysses``, the FPDT chunk permutation for ``fpdt`` (``chunks`` = ``u``), everything for
+    ``local``. ``positions`` are the global positions of the local tokens (``[S/P]``), or, for
+    packed documents (``cu_seqlens``: int32 offsets over the flattened ``[B * S]`` tokens, every
+    row boundary a document boundary), each local token's position inside its document
+    (``[B, S/P]``: RoPE restarts at every document).
     """
     strat = _make_strategy(strategy, group, chunks, offload=False)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [B, S], got {tuple(tokens.shape)}")
     if labels is not None and labels.shape != tokens.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
-    seq_len = tokens.shape[1]
+    B, seq_len = tokens.shape
     local_labels = None if labels is None else strat.shard(labels, 1)
-    return strat.shard(tokens, 1), local_labels, strat.positions(seq_len).to(tokens.device)
+    if cu_seqlens is None:
+        positions = strat.positions(seq_len)
+    else:
+        positions = strat.shard(document_positions(cu_seqlens, B, seq_len), 1)
+    return strat.shard(tokens, 1), local_labels, positions.to(tokens.device)

@@ -8,17 +8,22 @@ drops a device buffer. One executor runs a schedule (CUDA streams + events, or i
 tests check it with :func:`check_schedule`; a cost model can replay it; ``print(schedule)``
 shows it.
 
-Forward (invariant 2): outer loop over query chunks ``i``; chunk ``i+1`` is projected and sent
+Forward: outer loop over query chunks ``i``; chunk ``i+1`` is projected and sent
 through its all-to-all before the blocks of chunk ``i`` (so the all-to-all overlaps them);
 inner loop over KV chunks ``j <= i`` (all ``j`` when non-causal), the next KV chunk fetched
-before the current block. Backward (invariant 4): outer loop over KV chunks ``i``, inner loop
+before the current block. Backward: outer loop over KV chunks ``i``, inner loop
 over query chunks ``j >= i``; the output gradient of chunk ``j`` goes through its all-to-all on
-first use (outer step 0), ``dq[j]`` round-trips through the host, and each chunk's gradient
-all-to-all + projection backward run once its gradient is complete.
+first use, ``dq[j]`` round-trips through the host, and each chunk's gradient all-to-all +
+projection backward run once its gradient is complete.
+
+Packed documents (``pairs``): a block ``(i, j)`` whose query and KV chunks share no document does
+no work, so the schedules omit it, and with it every fetch, offload and all-to-all only it needed
+(:func:`document_pairs` finds the blocks from the documents' offsets).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
@@ -89,6 +94,14 @@ class Schedule:
     inputs: frozenset[str]
     outputs: frozenset[str] = frozenset()  # what the caller reads after the run
     ops: list[Op] = field(default_factory=list)
+    # Packed documents: the (query chunk, KV chunk) blocks that share a document; None = all.
+    pairs: frozenset[tuple[int, int]] | None = None
+
+    def visible(self, i: int, j: int) -> bool:
+        """Whether query chunk ``i`` attends to KV chunk ``j`` at all (causal and documents)."""
+        if self.causal and j > i:
+            return False
+        return self.pairs is None or (i, j) in self.pairs
 
     def __str__(self) -> str:
         head = (
@@ -158,17 +171,27 @@ def _n(name: str, i: int) -> str:
     return f"{name}[{i}]"
 
 
-def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, save: bool = True) -> Schedule:
+def forward_schedule(
+    chunks: int,
+    *,
+    causal: bool = True,
+    offload: bool = True,
+    save: bool = True,
+    pairs: frozenset[tuple[int, int]] | None = None,
+) -> Schedule:
     """Forward of the FPDT attention block over ``chunks`` chunks.
 
     ``save``: keep what the backward needs (in the host store when ``offload``). A no-grad
-    forward (``save=False``) offloads only KV chunks a later query chunk still needs.
+    forward (``save=False``) offloads only KV chunks a later query chunk still needs. ``pairs``:
+    the blocks that share a document (:func:`document_pairs`); the others are left out.
     """
     u = chunks
     inputs, outputs = frozenset(_n("x", i) for i in range(u)), frozenset(_n("out", i) for i in range(u))
-    s = Schedule("forward", u, causal, offload, save, inputs, outputs)
+    s = Schedule("forward", u, causal, offload, save, inputs, outputs, pairs=_checked_pairs(pairs, u))
     b = _Builder(s)
-    kv_reused = (lambda i: i < u - 1) if causal else (lambda i: u > 1)
+
+    def kv_reused(j: int) -> bool:  # a query chunk other than the one prepared with it reads it
+        return any(s.visible(i, j) for i in range(u) if i != j and (i > j or not causal))
 
     def prepare(i: int) -> None:
         b.add(Kind.PROJECT, (i,), reads=[_n("x", i)], writes=[_n("qkv", i)])
@@ -191,7 +214,7 @@ def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, 
     else:
         prepare(0)
     for i in range(u):
-        js = list(range(i + 1)) if causal else list(range(u))
+        js = [j for j in range(u) if s.visible(i, j)]
         if offload:
             b.ensure(_n("q", i))
             b.ensure(_n("kv", js[0]))
@@ -213,8 +236,8 @@ def forward_schedule(chunks: int, *, causal: bool = True, offload: bool = True, 
             b.free(_n("o", i))
         elif not save:
             b.free(_n("q", i), _n("o", i))
-            if i == u - 1:
-                b.free(*(_n("kv", j) for j in range(u)))
+            # KV chunks no later query chunk reads (with documents, some go early).
+            b.free(*(_n("kv", j) for j in range(i + 1) if not any(s.visible(k, j) for k in range(i + 1, u))))
     return s
 
 
@@ -224,24 +247,35 @@ def saved_buffers(chunks: int, offload: bool) -> frozenset[str]:
     return frozenset(pre + _n(name, i) for i in range(chunks) for name in ("x", "q", "kv", "o"))
 
 
-def backward_schedule(chunks: int, *, causal: bool = True, offload: bool = True) -> Schedule:
-    """Backward of the FPDT attention block (what :func:`forward_schedule` saved is the input)."""
+def backward_schedule(
+    chunks: int, *, causal: bool = True, offload: bool = True, pairs: frozenset[tuple[int, int]] | None = None
+) -> Schedule:
+    """Backward of the FPDT attention block (what :func:`forward_schedule` saved is the input);
+    ``pairs`` as for the forward (block ``(i, j)`` here is KV chunk ``i``, query chunk ``j``)."""
     u = chunks
     inputs = saved_buffers(u, offload) | {_n("dout", j) for j in range(u)}
     outputs = frozenset({_n("dx", i) for i in range(u)} | {"dw"})
-    s = Schedule("backward", u, causal, offload, True, frozenset(inputs), outputs)
+    s = Schedule("backward", u, causal, offload, True, frozenset(inputs), outputs, pairs=_checked_pairs(pairs, u))
     b = _Builder(s)
-    qs = (lambda i: list(range(i, u))) if causal else (lambda i: list(range(u)))
-    last_outer = (lambda j: j) if causal else (lambda j: u - 1)
+
+    def qs(i: int) -> list[int]:  # the query chunks KV chunk i meets
+        return [j for j in range(u) if s.visible(j, i)]
+
+    def first_outer(j: int) -> int:  # the outer steps (KV chunks) that meet query chunk j
+        return min(i for i in range(u) if s.visible(j, i))
+
+    def last_outer(j: int) -> int:
+        return max(i for i in range(u) if s.visible(j, i))
+
     pending: list[tuple[Kind, int]] = []  # projection backwards waiting for their all-to-all
 
     def load(i: int, j: int) -> None:
-        if i == 0:
+        if i == first_outer(j):
             b.add(Kind.A2A_DO, (j,), reads=[_n("dout", j)], writes=[_n("do", j)])
-            if offload and last_outer(j) > 0:
+            if offload and last_outer(j) > i:
                 b.offload(_n("do", j))
         if offload:
-            for name in ("q", "o", "do") + (("dq",) if i > 0 else ()):
+            for name in ("q", "o", "do") + (("dq",) if i > first_outer(j) else ()):
                 b.ensure(_n(name, j))
 
     def flush() -> None:
@@ -290,8 +324,40 @@ class ScheduleError(AssertionError):
 def _expected_blocks(s: Schedule) -> list[tuple[int, int]]:
     u = s.chunks
     if s.direction == "forward":
-        return [(i, j) for i in range(u) for j in range(u) if j <= i or not s.causal]
-    return [(i, j) for i in range(u) for j in range(u) if j >= i or not s.causal]
+        return [(i, j) for i in range(u) for j in range(u) if s.visible(i, j)]
+    return [(i, j) for i in range(u) for j in range(u) if s.visible(j, i)]
+
+
+def _checked_pairs(pairs, u: int) -> frozenset[tuple[int, int]] | None:
+    if pairs is None:
+        return None
+    pairs = frozenset((int(i), int(j)) for i, j in pairs)
+    missing = [i for i in range(u) if (i, i) not in pairs]
+    if missing:
+        raise ValueError(f"every chunk shares a document with itself; pairs lack {[(i, i) for i in missing]}")
+    if any(not (0 <= i < u and 0 <= j < u) for i, j in pairs):
+        raise ValueError(f"pairs must name chunks 0..{u - 1}")
+    return pairs
+
+
+def document_pairs(cu_seqlens, batch: int, seq_len: int, chunks: int) -> frozenset[tuple[int, int]]:
+    """The chunk blocks ``(i, j)`` in which some row's query chunk ``i`` and KV chunk ``j`` (each
+    ``seq_len / chunks`` tokens of the global sequence) share a document, from the documents'
+    offsets over the flattened ``[batch * seq_len]`` tokens (flash-attn's ``cu_seqlens``)."""
+    starts = [int(c) for c in cu_seqlens[:-1]]
+    C = seq_len // chunks
+
+    def doc(pos: int) -> int:  # index of the document holding flattened position pos
+        return bisect.bisect_right(starts, pos) - 1
+
+    pairs = set()
+    for row in range(batch):
+        spans = [(doc(row * seq_len + i * C), doc(row * seq_len + (i + 1) * C - 1)) for i in range(chunks)]
+        for i, (lo_i, hi_i) in enumerate(spans):
+            for j, (lo_j, hi_j) in enumerate(spans):
+                if max(lo_i, lo_j) <= min(hi_i, hi_j):
+                    pairs.add((i, j))
+    return frozenset(pairs)
 
 
 def _family(name: str) -> str:
@@ -302,7 +368,8 @@ def check_schedule(s: Schedule) -> dict[str, int]:
     """Check the invariants of a schedule; return the peak number of resident device chunks
     per buffer family (``{"kv": 3, "q": 2, ...}``). Raises :class:`ScheduleError`.
 
-    Checked: every block of the causal triangle (or the full square) exactly once, outer loop
+    Checked: every block of the causal triangle (or the full square; with ``pairs`` only those
+    that share a document) exactly once, outer loop
     over query chunks forward and over KV chunks backward; every buffer is produced or fetched
     before it is read and never read after it is freed; every op waits for the last writer of
     what it reads and for every reader of what it overwrites or frees (so no chunk is used
@@ -354,7 +421,8 @@ def check_schedule(s: Schedule) -> dict[str, int]:
             missing += sorted(saved_buffers(u, s.offload) - live - s.inputs)
     else:
         missing = [_n("dx", i) for i in range(u) if written[_n("dx", i)] != 2]
-        missing += [_n("do", j) for j in range(u) if s.counts()[Kind.A2A_DO] != u]
+        done = Counter(op.chunk[0] for op in s.ops if op.kind == Kind.A2A_DO)
+        missing += [_n("do", j) for j in range(u) if done[j] != 1]
     missing += sorted(n for n in s.outputs if not written[n])
     if missing:
         raise ScheduleError(f"{s.direction} schedule does not produce {missing}")

@@ -3,8 +3,9 @@
 import dataclasses
 
 import pytest
+import torch
 
-from parallel import Kind, ScheduleError, Stream, backward_schedule, check_schedule, forward_schedule
+from parallel import Kind, ScheduleError, Stream, backward_schedule, check_schedule, document_pairs, forward_schedule
 
 U = [1, 2, 3, 4, 7, 8, 16]
 
@@ -118,3 +119,49 @@ def test_checker_catches_broken_schedules():
     s = forward_schedule(2)
     with pytest.raises(ScheduleError, match="runs on"):
         check_schedule(_tamper(s, fetch.index, stream=Stream.COMPUTE))
+
+
+def _random_documents(seed, batch, seq_len):
+    g = torch.Generator().manual_seed(seed)
+    starts = {0}
+    for row in range(batch):
+        starts.add(row * seq_len)
+        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
+            starts.add(row * seq_len + int(torch.randint(1, seq_len, (1,), generator=g)))
+    return torch.tensor(sorted(starts) + [batch * seq_len], dtype=torch.int32)
+
+
+def test_document_pairs_of_a_known_packing():
+    # S=16, u=4 (C=4): documents [0, 6), [6, 7), [7, 16): chunk 0 meets chunk 1; chunk 1 meets 2 and 3.
+    pairs = document_pairs(torch.tensor([0, 6, 7, 16], dtype=torch.int32), 1, 16, 4)
+    assert pairs == {(0, 0), (1, 1), (2, 2), (3, 3), (0, 1), (1, 0), (1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)}
+    # One document per chunk: only the diagonal; one document in all: every block.
+    assert document_pairs(torch.tensor([0, 4, 8, 12, 16], dtype=torch.int32), 1, 16, 4) == {(i, i) for i in range(4)}
+    assert len(document_pairs(torch.tensor([0, 16], dtype=torch.int32), 1, 16, 4)) == 16
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_document_schedules_keep_the_invariants_and_drop_the_rest(seed):
+    batch, seq_len, u = 1 + seed % 2, 64, 4 + seed % 3
+    seq_len = u * 16
+    pairs = document_pairs(_random_documents(seed, batch, seq_len), batch, seq_len, u)
+    for causal in (True, False):
+        for offload in (True, False):
+            full_fwd = forward_schedule(u, causal=causal, offload=offload)
+            fwd = forward_schedule(u, causal=causal, offload=offload, pairs=pairs)
+            check_schedule(fwd)
+            check_schedule(forward_schedule(u, causal=causal, offload=offload, save=False, pairs=pairs))
+            bwd = backward_schedule(u, causal=causal, offload=offload, pairs=pairs)
+            check_schedule(bwd)
+            assert set(fwd.blocks()) == {(i, j) for i, j in pairs if j <= i or not causal}
+            assert set(bwd.blocks()) == {(j, i) for i, j in pairs if j <= i or not causal}
+            assert len(fwd.ops) <= len(full_fwd.ops)  # fewer blocks, and the copies only they needed
+            if offload:
+                fetches = lambda s: s.counts()[Kind.FETCH]  # noqa: E731
+                assert fetches(fwd) <= fetches(full_fwd)
+                assert fetches(bwd) <= fetches(backward_schedule(u, causal=causal, offload=True))
+
+
+def test_pairs_must_include_every_chunk_with_itself():
+    with pytest.raises(ValueError, match="shares a document with itself"):
+        forward_schedule(3, pairs={(0, 0), (1, 1)})

@@ -63,6 +63,10 @@ class HardwareConf:
 class DataConf:
     path: str | None = None  # numpy memmap of token ids (uint16/uint32/int32/int64); None = synthetic
     dtype: str = "uint16"  # dtype of the token file
+    packing: bool = True  # documents (eos_id, index or doc_len) give attention document boundaries
+    eos_id: int | None = None  # token file: this id ends a document
+    index: str | None = None  # token file: .npy of document start offsets (instead of eos_id)
+    doc_len: int | None = None  # synthetic packed documents: mean length in tokens (seeded lengths)
 
 
 @dataclass

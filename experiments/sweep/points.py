@@ -67,6 +67,10 @@ def resolve_point(cfg: DictConfig) -> dict:
         "peak_tflops_source": hw.get("source", ""),
         "data_path": c["data"]["path"],
         "data_dtype": c["data"]["dtype"],
+        "data_packing": c["data"]["packing"],
+        "data_eos_id": c["data"]["eos_id"],
+        "data_index": c["data"]["index"],
+        "data_doc_len": c["data"]["doc_len"],
         "results_csv": c.get("results_csv", "results.csv"),
     }
     point["dp"] = point["gpus"] // point["sp"] if point["sp"] >= 1 and point["gpus"] % point["sp"] == 0 else None

@@ -41,7 +41,7 @@ KEY_FIELDS = [
     "model", "n_layers", "strategy", "seq_len", "chunks", "gpus", "sp", "batch_size", "precision", "backend",
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
     "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "steps", "warmup_steps", "seed",
-    "max_device_memory", "data_path",
+    "max_device_memory", "data_path", "data_packing", "data_eos_id", "data_index", "data_doc_len",
 ]  # fmt: skip
 
 

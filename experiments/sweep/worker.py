@@ -25,7 +25,7 @@ from parallel.host_store import allocating_on_host, default_host_store
 from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
 from ..core.tables import write_json
 from ..core.units import GIB
-from ..training.data import DataSpec, replica_batch
+from ..training.data import data_spec, replica_batch
 from ..training.loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config, setup_rank
 
 # The memory tracker of the step in progress, so a failure can report how far memory got.
@@ -59,17 +59,16 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.mem_get_info(device)[1]), device)
 
-    data = DataSpec(point["seq_len"], point["batch_size"], model_config(point).vocab_size, point["seed"],
-                    point.get("data_path"), point.get("data_dtype", "uint16"))  # fmt: skip
+    data = data_spec(point, model_config(point).vocab_size)
     step_times, loss = [], float("nan")
     with tracker:
         model = build_model(point, mesh, device, precision)
         optimizer = build_optimizer(model, point)
         for step in range(point["warmup_steps"] + point["steps"]):
-            tokens, labels = replica_batch(data, step, mesh.dp.size, mesh.replica)
+            tokens, labels, cu_seqlens = replica_batch(data, step, mesh.dp.size, mesh.replica)
             _sync(device, world)
             start = time.perf_counter()
-            out = forward_backward(model, point, mesh, precision, device, tokens, labels)
+            out = forward_backward(model, point, mesh, precision, device, tokens, labels, cu_seqlens)
             clip_and_step(model, optimizer, None)
             _sync(device, world)
             if step >= point["warmup_steps"]:

@@ -4,6 +4,14 @@ step (never on the rank layout), and a resumed run sees the same data as an unin
 The global batch of a step is ``batch_size * dp`` sequences of ``seq_len + 1`` tokens; data-parallel
 replica ``r`` trains on sequences ``[r * batch_size, (r + 1) * batch_size)``. So ``gpus=4 sp=2
 batch_size=1`` and ``gpus=1 batch_size=2`` train on exactly the same tokens.
+
+Packed documents: each sequence is a window of whole and cut documents, and the batch carries
+their boundaries as ``cu_seqlens`` (int32 offsets over the flattened ``[B * S]`` input tokens, every
+row boundary a document boundary: flash-attn's varlen convention), so attention stays inside each
+document. Boundaries come from a token file's end-of-document id (``eos_id``: a document ends
+with it), a file of document start offsets (``index``), or, for synthetic data, seeded document
+lengths with mean ``doc_len``. The labels are the next tokens as before: a document's last
+position predicts the next document's first token from its own document's context.
 """
 
 from __future__ import annotations
@@ -22,14 +30,39 @@ class DataSpec:
     seed: int = 0
     path: str | None = None  # numpy memmap of token ids; None = synthetic uniform tokens
     file_dtype: str = "uint16"
+    packing: bool = True  # give document boundaries where eos_id, index or doc_len define them
+    eos_id: int | None = None  # token files: this id ends a document
+    index: str | None = None  # token files: .npy of document start offsets (instead of eos_id)
+    doc_len: int | None = None  # synthetic data: mean document length in tokens
+
+    @property
+    def packed(self) -> bool:
+        return self.packing and (self.eos_id is not None or self.index is not None or self.doc_len is not None)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for settings that cannot work together."""
+        if self.path is None and (self.eos_id is not None or self.index is not None):
+            raise ValueError("data.eos_id and data.index describe a token file; set data.path (or use data.doc_len "
+                             "for synthetic packed documents)")  # fmt: skip
+        if self.path is not None and self.doc_len is not None:
+            raise ValueError("data.doc_len draws synthetic documents; with data.path use data.eos_id or data.index")
+        if self.eos_id is not None and self.index is not None:
+            raise ValueError("give the document boundaries one way: data.eos_id or data.index, not both")
+        if self.doc_len is not None and self.doc_len < 1:
+            raise ValueError(f"data.doc_len={self.doc_len} must be >= 1 tokens")
+        if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
+            raise ValueError(f"data.eos_id={self.eos_id} is not a token id of the model (vocab_size={self.vocab_size})")
 
 
-def global_batch(spec: DataSpec, step: int, dp: int) -> torch.Tensor:
-    """``[batch_size * dp, seq_len + 1]`` int64 token windows of ``step`` (inputs and next tokens)."""
-    n, S = spec.batch_size * dp, spec.seq_len
-    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+def _generator(spec: DataSpec, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+
+
+def _windows(spec: DataSpec, step: int, n: int) -> tuple[torch.Tensor, list[int] | None]:
+    """``n`` windows of ``seq_len + 1`` token ids and, for a token file, their start offsets."""
+    S, gen = spec.seq_len, _generator(spec, step)
     if spec.path is None:
-        return torch.randint(0, spec.vocab_size, (n, S + 1), generator=gen)
+        return torch.randint(0, spec.vocab_size, (n, S + 1), generator=gen), None
     data = np.memmap(spec.path, dtype=spec.file_dtype, mode="r")
     if len(data) < S + 1:
         raise ValueError(f"data.path has {len(data)} tokens; seq_len={S} needs at least {S + 1}")
@@ -37,10 +70,66 @@ def global_batch(spec: DataSpec, step: int, dp: int) -> torch.Tensor:
     windows = torch.from_numpy(np.stack([np.asarray(data[s : s + S + 1], dtype=np.int64) for s in starts]))
     if int(windows.max()) >= spec.vocab_size:
         raise ValueError(f"data.path holds token id {int(windows.max())} >= the model's vocab_size={spec.vocab_size}")
-    return windows
+    return windows, starts
 
 
-def replica_batch(spec: DataSpec, step: int, dp: int, replica: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This replica's ``(tokens, labels)``, each ``[batch_size, seq_len]``, before sequence sharding."""
-    windows = global_batch(spec, step, dp)[replica * spec.batch_size : (replica + 1) * spec.batch_size]
-    return windows[:, :-1], windows[:, 1:]
+def _row_starts(spec: DataSpec, step: int, row: int, window: torch.Tensor, offset: int | None) -> list[int]:
+    """Where documents start among one window's ``seq_len`` input positions (always including 0)."""
+    S = spec.seq_len
+    if spec.eos_id is not None:
+        ends = (window[:S] == spec.eos_id).nonzero().flatten() + 1  # a document ends with eos_id
+        starts = ends[ends < S].tolist()
+    elif spec.index is not None:
+        offsets = np.load(spec.index, mmap_mode="r")
+        lo, hi = np.searchsorted(offsets, [offset + 1, offset + S])
+        starts = [int(o) - offset for o in offsets[lo:hi]]
+    else:  # synthetic: geometric lengths with mean doc_len, seeded per step and row
+        gen = torch.Generator().manual_seed((spec.seed * 1_000_003 + step) * 4099 + row)
+        p = 1.0 / spec.doc_len
+        lengths = torch.empty(S).geometric_(p, generator=gen).long()
+        starts = torch.cumsum(lengths, 0)
+        starts = starts[starts < S].tolist()
+    return [0, *starts]
+
+
+def global_batch(spec: DataSpec, step: int, dp: int) -> tuple[torch.Tensor, list[list[int]] | None]:
+    """``[batch_size * dp, seq_len + 1]`` int64 token windows of ``step`` (inputs and next tokens),
+    and each window's document starts (``None`` unless packed)."""
+    n = spec.batch_size * dp
+    windows, offsets = _windows(spec, step, n)
+    if not spec.packed:
+        return windows, None
+    return windows, [_row_starts(spec, step, r, windows[r], offsets[r] if offsets else None) for r in range(n)]
+
+
+def cu_seqlens_of(starts: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Flattened ``[B * seq_len]`` document offsets (int32) from each row's document starts."""
+    flat = [row * seq_len + s for row, row_starts in enumerate(starts) for s in row_starts]
+    return torch.tensor([*flat, len(starts) * seq_len], dtype=torch.int32)
+
+
+def replica_batch(spec: DataSpec, step: int, dp: int, replica: int):
+    """This replica's ``(tokens, labels, cu_seqlens)``: ``[batch_size, seq_len]`` each, before
+    sequence sharding, and the documents' flattened offsets (``None`` unless packed)."""
+    windows, starts = global_batch(spec, step, dp)
+    rows = slice(replica * spec.batch_size, (replica + 1) * spec.batch_size)
+    cu = None if starts is None else cu_seqlens_of(starts[rows], spec.seq_len)
+    return windows[rows, :-1], windows[rows, 1:], cu
+
+
+def data_spec(point: dict, vocab_size: int) -> DataSpec:
+    """The batches a resolved point trains on (``data.*`` keys, see ``experiments.sweep.points``)."""
+    spec = DataSpec(
+        seq_len=point["seq_len"],
+        batch_size=point["batch_size"],
+        vocab_size=vocab_size,
+        seed=point["seed"],
+        path=point.get("data_path"),
+        file_dtype=point.get("data_dtype", "uint16"),
+        packing=point.get("data_packing", True),
+        eos_id=point.get("data_eos_id"),
+        index=point.get("data_index"),
+        doc_len=point.get("data_doc_len"),
+    )
+    spec.check()
+    return spec

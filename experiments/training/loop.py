@@ -89,13 +89,17 @@ def build_optimizer(model: torch.nn.Module, point: dict) -> torch.optim.Optimize
 
 
 def forward_backward(model, point: dict, mesh: Mesh, precision: Precision, device: torch.device,
-                     tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Shard this replica's ``[B, S]`` batch over the sequence-parallel group, run forward and
-    backward; returns the detached loss (the mean over every token of the global batch)."""
-    tokens, labels, positions = shard_batch(tokens, labels, point["strategy"], chunks=point["chunks"], group=mesh.sp)
+                     tokens: torch.Tensor, labels: torch.Tensor,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Shard this replica's ``[B, S]`` batch (and its documents' ``cu_seqlens``, if packed) over the
+    sequence-parallel group, run forward and backward; returns the detached loss (the mean over
+    every token of the global batch)."""
+    tokens, labels, positions = shard_batch(tokens, labels, point["strategy"], chunks=point["chunks"], group=mesh.sp,
+                                            cu_seqlens=cu_seqlens)  # fmt: skip
     tokens, labels, positions = (t.to(device) for t in (tokens, labels, positions))
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.to(device)}
     with precision.autocast(device, point["fsdp"]):
-        loss = model(tokens, labels=labels, positions=positions)
+        loss = model(tokens, labels=labels, positions=positions, **packed)
     loss.backward()
     return loss.detach()
 

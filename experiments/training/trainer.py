@@ -20,7 +20,7 @@ from parallel.host_store import default_host_store
 
 from ..core.units import GIB
 from . import checkpoint
-from .data import DataSpec, replica_batch
+from .data import data_spec, replica_batch
 from .loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config, setup_rank
 from .schedule import make_scheduler
 
@@ -75,17 +75,16 @@ def train_rank(point: dict, run_dir: Path) -> dict:
         if rank == 0:
             print(f"resumed from {found} (step {start} of {horizon})", flush=True)
     stop = min(horizon, point["stop_after"] or horizon)
-    data = DataSpec(point["seq_len"], point["batch_size"], model_config(point).vocab_size, point["seed"],
-                    point.get("data_path"), point.get("data_dtype", "uint16"))  # fmt: skip
+    data = data_spec(point, model_config(point).vocab_size)
     tokens_per_step = point["batch_size"] * mesh.dp.size * point["seq_len"]
     log = _Log(Path(run_dir) / "train.csv", enabled=rank == 0)
     t_start, loss = time.perf_counter(), float("nan")
     try:
         for step in range(start, stop):
-            tokens, labels = replica_batch(data, step, mesh.dp.size, mesh.replica)
+            tokens, labels, cu_seqlens = replica_batch(data, step, mesh.dp.size, mesh.replica)
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            loss = float(forward_backward(model, point, mesh, precision, device, tokens, labels))
+            loss = float(forward_backward(model, point, mesh, precision, device, tokens, labels, cu_seqlens))
             grad_norm = clip_and_step(model, optimizer, point["grad_clip"])
             scheduler.step()
             if cuda:
