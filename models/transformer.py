@@ -15,9 +15,16 @@ Loss: ``sum of token losses / number of non-ignored tokens``, both passed throug
 the loss of the whole sequence and each rank's backward yields its share of the gradient.
 
 Gradient reduction (done by ``parallel.parallelize``, not here): without FSDP, each parameter
-gradient is all-reduced (SUM) over the sequence-parallel group as the backward produces it, so
-every rank's ``.grad`` equals the single-process gradient; with FSDP2 it is reduce-scattered
-(SUM), so every rank holds its shard of that gradient.
+gradient is all-reduced (SUM) over all ranks as the backward produces it, so every rank's
+``.grad`` equals the single-process gradient of the global batch; with FSDP2 it is
+reduce-scattered (SUM), so every rank holds its shard of that gradient.
+
+Packed documents: ``model(tokens, labels, positions, cu_seqlens)`` with ``cu_seqlens`` the int32
+offsets of the documents over the flattened ``[B * S]`` tokens of the whole sequence (every row
+boundary a document boundary, flash-attn's convention): attention stays inside each document and
+RoPE restarts at each (``positions``, from ``parallel.shard_batch``, are then positions inside
+documents). The loss equals that of running every document on its own and combining the token
+losses.
 
 Activation checkpointing (``cfg.checkpoint``) uses reentrant checkpoints: drive the backward
 with ``loss.backward()`` (``torch.autograd.grad`` does not see the parameter gradients).
@@ -35,6 +42,7 @@ import torch.utils.checkpoint
 
 from parallel.attention import AttentionStrategy
 from parallel.host_store import saved_tensors_on_host
+from parallel.layout import check_cu_seqlens, document_positions
 from parallel.rotary import RotaryEmbedding
 from parallel.weights import AttentionWeights
 
@@ -68,9 +76,9 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(d, cfg.rope_theta)
         self.strategy = AttentionStrategy()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S/P, h] -> [B, S/P, h]
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:  # [B, S/P, h] -> same
         w = AttentionWeights(self.wqkv, self.wo, self.n_heads, self.n_kv_heads, self.bqkv, self.bo)
-        return self.strategy(x, w, self.rope)
+        return self.strategy(x, w, self.rope, cu_seqlens)
 
 
 class MLP(nn.Module):
@@ -103,20 +111,20 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def _layer(self, x: torch.Tensor, mlp_tile: int | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def _layer(self, x: torch.Tensor, mlp_tile: int | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens)
         return x + self.mlp(self.norm2(x), mlp_tile)
 
-    def forward(self, x: torch.Tensor, mlp_tile: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mlp_tile: int | None = None, cu_seqlens: torch.Tensor | None = None):
         if not (self.cfg.checkpoint and torch.is_grad_enabled()):
-            return self._layer(x, mlp_tile)
+            return self._layer(x, mlp_tile, cu_seqlens)
         # Reentrant checkpoint: its forward runs without grad (so the FPDT block saves nothing)
         # and saves only the layer input through save_for_backward, which saved_tensors_on_host then
         # moves to host memory. Parameter gradients are accumulated into ``.grad`` by the
         # recompute's own backward, so use ``loss.backward()`` rather than ``torch.autograd.grad``.
         with saved_tensors_on_host() if self.cfg.checkpoint_on_host else nullcontext():
             return torch.utils.checkpoint.checkpoint(
-                self._layer, x, mlp_tile, use_reentrant=True, preserve_rng_state=False
+                self._layer, x, mlp_tile, cu_seqlens, use_reentrant=True, preserve_rng_state=False
             )
 
 
@@ -171,7 +179,7 @@ class Transformer(nn.Module):
         loss = (cfg.loss_tile or loss_default) if cfg.chunked_loss else None
         return mlp, loss
 
-    def _check_inputs(self, tokens, labels, positions) -> None:
+    def _check_inputs(self, tokens, labels, positions, cu_seqlens) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [B, S/P], got {tuple(tokens.shape)} {tokens.dtype}")
         if labels is not None and labels.shape != tokens.shape:
@@ -182,9 +190,14 @@ class Transformer(nn.Module):
         strategy = self.strategy
         seq_len = tokens.shape[1] * strategy.group.size
         strategy.check(seq_len, self.cfg.n_heads, self.cfg.n_kv_heads)
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, tokens.shape[0], seq_len)
         if positions is not None:
-            expected = strategy.positions(seq_len).to(positions.device)
-            if positions.shape[-1] != expected.shape[0] or positions.reshape(-1, expected.shape[0]).ne(expected).any():
+            if cu_seqlens is None:
+                expected = strategy.positions(seq_len).to(positions.device)
+            else:
+                expected = strategy.shard(document_positions(cu_seqlens, tokens.shape[0], seq_len)).to(positions.device)
+            if positions.shape[-1] != expected.shape[-1] or positions.ne(expected).any():
                 raise ValueError(
                     f"positions do not match the {strategy.kind!r} token layout of this rank "
                     f"(chunks={strategy.layout_chunks}); take tokens, labels and positions from parallel.shard_batch"
@@ -195,12 +208,13 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._check_inputs(tokens, labels, positions)
+        self._check_inputs(tokens, labels, positions, cu_seqlens)
         mlp_tile, loss_tile = self._tiles(tokens.numel())
         x = self.embed(tokens)  # [B, S/P, h]
         for block in self.blocks:
-            x = block(x, mlp_tile)
+            x = block(x, mlp_tile, cu_seqlens)
         x = self.norm(x)
         if labels is None:
             return F.linear(x, self.head_weight).float()  # [B, S/P, V]

@@ -23,7 +23,7 @@ from .distributed import SPGroup
 from .executor import Timeline
 from .fpdt import FPDTSpec, fpdt_attention_core
 from .host_store import HostStore, default_host_store
-from .layout import check_layout, local_positions, shard
+from .layout import check_cu_seqlens, check_layout, document_positions, local_positions, shard
 from .rotary import RotaryEmbedding, apply_rotary
 from .weights import AttentionWeights, project_out, project_qkv
 
@@ -51,11 +51,30 @@ def check_setup(kind: str, seq_len: int, world: int, chunks: int, n_heads: int, 
     check_layout(seq_len, world, chunks if kind == "fpdt" else 1)
 
 
-def _rotate(q, k, rope: RotaryEmbedding | None, start: int = 0):
+def _rotate(q, k, rope: RotaryEmbedding | None, cu_seqlens: torch.Tensor | None = None):
+    """RoPE on the whole sequence ``[B, S, heads, d]``: at positions ``0..S-1``, or, for packed
+    documents, at each token's position inside its document."""
     if rope is None:
         return q, k
-    cos, sin = rope.span(start, q.shape[1], device=q.device)
+    B, S = q.shape[:2]
+    if cu_seqlens is None:
+        cos, sin = rope.span(0, S, device=q.device)
+    else:
+        cos, sin = rope.tables(document_positions(cu_seqlens, B, S))
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def _attend(q, k, v, causal: bool, softmax_scale: float | None, cu_seqlens: torch.Tensor | None):
+    """Attention over the whole sequence ``[B, S, heads, d]``; with packed documents (offsets over
+    the flattened ``[B * S]`` tokens) each token attends inside its own document only."""
+    if cu_seqlens is None:
+        return kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    B, S = q.shape[:2]
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B * S, heads, d]
+    o = kernels.flash_attention_varlen(*flat, cu_seqlens, cu_seqlens, longest, longest, causal=causal,
+                                       softmax_scale=softmax_scale)  # fmt: skip
+    return o.view(B, S, *o.shape[1:])
 
 
 def local_attention(
@@ -65,11 +84,18 @@ def local_attention(
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Single-process attention block over the whole sequence: ``[B, S, h] -> [B, S, h]``."""
+    """Single-process attention block over the whole sequence: ``[B, S, h] -> [B, S, h]``.
+
+    ``cu_seqlens``: packed documents (int32 offsets over the flattened ``[B * S]`` tokens, every
+    row boundary a document boundary): attention inside each document, RoPE restarting at each.
+    """
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
     q, k, v = project_qkv(x, w)
-    q, k = _rotate(q, k, rope)
-    o = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    q, k = _rotate(q, k, rope, cu_seqlens)
+    o = _attend(q, k, v, causal, softmax_scale, cu_seqlens)
     return project_out(o, w)
 
 
@@ -81,15 +107,21 @@ def ulysses_attention(
     group: SPGroup,
     causal: bool = True,
     softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DeepSpeed-Ulysses block: ``[B, S/P, h]`` (contiguous slice ``rank``) -> ``[B, S/P, h]``."""
+    """DeepSpeed-Ulysses block: ``[B, S/P, h]`` (contiguous slice ``rank``) -> ``[B, S/P, h]``.
+
+    ``cu_seqlens``: the packed documents of the whole ``[B, S]`` sequence (see :func:`local_attention`).
+    """
     check_heads(w.n_heads, w.n_kv_heads, group.size)
     check_layout(x.shape[1] * group.size, group.size, 1)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1] * group.size)
     q, k, v = project_qkv(x, w)  # [B, S/P, H, d]
     q = seq_to_head(q, group)  # -> [B, S, H/P, d]
     k, v = kv_seq_to_head(k, group), kv_seq_to_head(v, group)  # -> [B, S, Hkv', d]
-    q, k = _rotate(q, k, rope)
-    o = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    q, k = _rotate(q, k, rope, cu_seqlens)
+    o = _attend(q, k, v, causal, softmax_scale, cu_seqlens)
     return project_out(head_to_seq(o, group), w)  # [B, S, H/P, d] -> [B, S/P, H, d] -> [B, S/P, h]
 
 
@@ -105,14 +137,19 @@ def fpdt_attention(
     softmax_scale: float | None = None,
     store: HostStore | None = None,
     timeline: Timeline | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FPDT block: ``[B, S/P, h]`` in the FPDT layout (``chunks`` chunks) -> ``[B, S/P, h]``.
 
     ``offload``: keep saved chunks in the host store (``store``, default the process-wide one);
-    ``timeline``: record every op's start/end.
+    ``timeline``: record every op's start/end; ``cu_seqlens``: the packed documents of the whole
+    ``[B, S]`` sequence (see :func:`local_attention`): the schedules then omit every chunk block
+    whose chunks share no document.
     """
     check_heads(w.n_heads, w.n_kv_heads, group.size)
     check_layout(x.shape[1] * group.size, group.size, chunks)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1] * group.size)
     if offload and store is None:
         store = default_host_store()
     spec = FPDTSpec(
@@ -127,6 +164,7 @@ def fpdt_attention(
         softmax_scale=softmax_scale,
         store=store,
         timeline=timeline,
+        cu_seqlens=cu_seqlens,
     )
     o = fpdt_attention_core(x, w.wqkv, w.bqkv, spec)  # [B, S/P, H, d]
     return project_out(o, w)
@@ -169,11 +207,19 @@ class AttentionStrategy:
         """This rank's part of a full-length tensor (inputs, labels, ...)."""
         return shard(x, self.group.size, self.layout_chunks, self.group.rank, dim)
 
-    def __call__(self, x: torch.Tensor, w: AttentionWeights, rope: RotaryEmbedding | None = None):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        w: AttentionWeights,
+        rope: RotaryEmbedding | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
         if self.kind == "local":
-            return local_attention(x, w, rope, causal=self.causal, softmax_scale=self.softmax_scale)
+            return local_attention(x, w, rope, causal=self.causal, softmax_scale=self.softmax_scale,
+                                   cu_seqlens=cu_seqlens)  # fmt: skip
         if self.kind == "ulysses":
-            return ulysses_attention(x, w, rope, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale)
+            return ulysses_attention(x, w, rope, group=self.group, causal=self.causal,
+                                     softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)  # fmt: skip
         return fpdt_attention(
             x,
             w,
@@ -184,4 +230,5 @@ class AttentionStrategy:
             offload=self.offload,
             softmax_scale=self.softmax_scale,
             store=self.store,
+            cu_seqlens=cu_seqlens,
         )

@@ -1,8 +1,8 @@
 """The FPDT attention block: Ulysses done chunk by chunk, with host offload.
 
-``fpdt_attention_core`` is a ``torch.autograd.Function`` whose forward and backward each build a
-schedule (:mod:`parallel.schedule`) and run it (:mod:`parallel.executor`); this file holds the
-handlers that implement each op kind on one rank. The QKV projection of chunk ``i`` and its
+``fpdt_attention_core`` applies one autograd node (``_FPDTAttention``) whose forward and backward
+each build a schedule (:mod:`parallel.schedule`) and run it (:mod:`parallel.executor`); this file
+holds the handlers that implement each op kind on one rank. The QKV projection of chunk ``i`` and its
 backward are fused into the pipeline, so full-length Q/K/V never exist; the output projection
 runs outside, under autograd, on the local ``[B, S/P, H*d]`` output.
 """
@@ -29,8 +29,9 @@ from .amp import autocast_state, restore_autocast
 from .distributed import SPGroup
 from .executor import DeviceBuffers, Env, Timeline, current_stream, record_event, run_schedule, wait_events
 from .host_store import HostBuffer, HostStore, copy_rows
-from .rotary import RotaryEmbedding, apply_rotary_into
-from .schedule import Kind, Op, Schedule, backward_schedule, forward_schedule
+from .layout import document_positions, shard
+from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward, apply_rotary_into
+from .schedule import Kind, Op, Schedule, backward_schedule, document_pairs, forward_schedule
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class FPDTSpec:
     softmax_scale: float | None = None
     store: HostStore | None = None
     timeline: Timeline | None = None
+    # Packed documents: int32 offsets over the flattened [B * S] tokens (flash-attn's varlen
+    # convention). Attention stays inside documents, RoPE restarts at each, and the schedules
+    # omit the chunk blocks that share no document.
+    cu_seqlens: torch.Tensor | None = None
 
 
 def _release_all(store: HostStore, host: dict[str, tuple[HostBuffer, ...]]) -> None:
@@ -95,6 +100,13 @@ class _Runner:
         self._finalizer = weakref.finalize(self, _release_all, self.store, self.host)
         for i in range(spec.chunks):
             self.env.write(f"x[{i}]", (self._local(x, i),))
+        self.pairs = self.positions = None
+        if spec.cu_seqlens is not None:
+            S = s * P
+            self.pairs = document_pairs(spec.cu_seqlens, B, S, spec.chunks)
+            # This rank's tokens' positions in their documents, in its layout order: RoPE is applied
+            # to them on the compute stream, before the all-to-all moves the chunk.
+            self.positions = shard(document_positions(spec.cu_seqlens, B, S), P, spec.chunks, spec.group.rank, 1)
 
     def _local(self, t: torch.Tensor, i: int) -> torch.Tensor:
         return t[:, i * self.c : (i + 1) * self.c]
@@ -159,7 +171,7 @@ class _Runner:
         and ``angles`` (float64, to build them)."""
         kinds = schedule.counts()
         P, n, C, d = self.spec.group.size, math.prod(self.q_shape), self.C, self.spec.head_dim
-        rope = self.spec.rope is not None and (kinds[Kind.A2A_QKV] or kinds[Kind.A2A_DQ] or kinds[Kind.A2A_DKV])
+        rope = self._rope_in_a2a() and (kinds[Kind.A2A_QKV] or kinds[Kind.A2A_DQ] or kinds[Kind.A2A_DKV])
         replicas = self.spec.n_kv_heads % P != 0 and kinds[Kind.A2A_DKV]
         sizes = {}
         if P > 1:
@@ -183,6 +195,20 @@ class _Runner:
         rope = self.spec.rope
         rope.span_into(i * C, cos, sin, self.bufs.scratch("angles", (rope.span_work(C),), torch.float64))
         return cos, sin
+
+    def _documents(self) -> dict:
+        """The chunk kernels' document argument, given only for packed documents."""
+        return {} if self.spec.cu_seqlens is None else {"cu_seqlens": self.spec.cu_seqlens}
+
+    def _rope_in_a2a(self) -> bool:
+        """RoPE at the global positions of a contiguous chunk, on the communication stream; with
+        packed documents it is applied per token in the local layout instead (:meth:`_doc_rope`)."""
+        return self.spec.rope is not None and self.positions is None
+
+    def _doc_rope(self, t: torch.Tensor, i: int, inverse: bool = False) -> torch.Tensor:
+        """Rotate local chunk ``i`` (``[B, c, heads, d]``) at its tokens' document positions."""
+        cos, sin = self.spec.rope.tables(self._local(self.positions, i).to(t.device))
+        return apply_rotary_backward(t, cos, sin) if inverse else apply_rotary(t, cos, sin)
 
     def _work(self, t: torch.Tensor) -> torch.Tensor:
         return self.bufs.scratch("work", (2 * t.numel(),), torch.float32)
@@ -233,11 +259,14 @@ class _Runner:
         H, Hkv, d = self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
         qkv = torch.nn.functional.linear(x, self.wqkv, self.bqkv)
         q, k, v = qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
-        self.env.write(f"qkv[{i}]", (q.reshape(B, c, H, d), k.reshape(B, c, Hkv, d), v.reshape(B, c, Hkv, d)))
+        q, k, v = q.reshape(B, c, H, d), k.reshape(B, c, Hkv, d), v.reshape(B, c, Hkv, d)
+        if self.spec.rope is not None and self.positions is not None:
+            q, k = self._doc_rope(q, i), self._doc_rope(k, i)
+        self.env.write(f"qkv[{i}]", (q, k, v))
 
     def a2a_qkv(self, op: Op) -> None:
         (i,) = op.chunk
-        g, rope = self.spec.group, self.spec.rope is not None
+        g, rope = self.spec.group, self._rope_in_a2a()
         q, k, v = self.env.read(f"qkv[{i}]")
         send, recv = self._send_recv()
         qo = self.bufs.take(self.q_shape, self.dtype)  # [B, c, H, d] -> [B, C, H/P, d]
@@ -269,6 +298,7 @@ class _Runner:
             softmax_scale=self.scale,
             out=acc[0],
             lse=acc[1],
+            **self._documents(),
         )
         self.env.write(f"o[{i}]", (o, lse))
 
@@ -313,6 +343,7 @@ class _Runner:
             dq=dq,
             dk=dk,
             dv=dv,
+            **self._documents(),
         )
         self.env.write(f"dq[{j}]", (dq,))
         self.env.write(f"dkv[{i}]", (dk, dv))
@@ -320,7 +351,7 @@ class _Runner:
     def a2a_dq(self, op: Op) -> None:
         (j,) = op.chunk
         (dq,) = self.env.read(f"dq[{j}]")
-        if self.spec.rope is not None:
+        if self._rope_in_a2a():
             dq = apply_rotary_into(dq, *self._tables(j), self._work(dq), inverse=True)
         out = self.bufs.take(self.q_shape[:1] + (self.c, self.spec.n_heads, self.spec.head_dim), self.dtype)
         head_to_seq_into(dq, out, self.spec.group, *self._send_recv())  # cast to the input dtype on the way
@@ -330,7 +361,7 @@ class _Runner:
         (i,) = op.chunk
         g, n_kv = self.spec.group, self.spec.n_kv_heads
         dk, dv = self.env.read(f"dkv[{i}]")
-        if self.spec.rope is not None:
+        if self._rope_in_a2a():
             dk = apply_rotary_into(dk, *self._tables(i), self._work(dk), inverse=True)
         send, recv = self._send_recv()
         outs = []
@@ -355,11 +386,15 @@ class _Runner:
     def proj_bwd_q(self, op: Op) -> None:
         (j,) = op.chunk
         (dq,) = self.env.read(f"dqloc[{j}]")
+        if self.spec.rope is not None and self.positions is not None:
+            dq = self._doc_rope(dq, j, inverse=True)
         self._proj_bwd(j, (dq,), slice(0, self.spec.n_heads * self.spec.head_dim))
 
     def proj_bwd_kv(self, op: Op) -> None:
         (i,) = op.chunk
         dk, dv = self.env.read(f"dkvloc[{i}]")
+        if self.spec.rope is not None and self.positions is not None:
+            dk = self._doc_rope(dk, i, inverse=True)
         start = self.spec.n_heads * self.spec.head_dim
         self._proj_bwd(i, (dk, dv), slice(start, start + 2 * self.spec.n_kv_heads * self.spec.head_dim))
 
@@ -384,7 +419,8 @@ class _Runner:
         B, s, _ = self.x.shape
         spec = self.spec
         self.out = torch.empty(B, s, spec.n_heads, spec.head_dim, dtype=self.dtype, device=self.device)
-        self.ready = self._run(forward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload, save=save))
+        schedule = forward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload, save=save, pairs=self.pairs)
+        self.ready = self._run(schedule)
         out, self.out = self.out, None
         if not save:
             self.close()
@@ -402,7 +438,8 @@ class _Runner:
         self.db = None if self.bqkv is None else torch.zeros(self.bqkv.shape, dtype=torch.float32, device=self.device)
         for j in range(spec.chunks):
             self.env.write(f"dout[{j}]", (self._local(dout, j),))
-        self._run(backward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload), ready=self.ready)
+        schedule = backward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload, pairs=self.pairs)
+        self._run(schedule, ready=self.ready)
         dx, dw, db = self.dx, self.dw, self.db
         self.close()
         return dx, dw, db

@@ -23,11 +23,12 @@ class RotaryEmbedding:
         self.base = float(base)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[len(positions), d]`` fp32 on ``positions.device``."""
+        """``(cos, sin)``, each ``[*positions.shape, d]`` fp32 on ``positions.device``: ``[S, d]``
+        for one sequence's positions, ``[B, S, d]`` for per-row positions (packed documents)."""
         half = self.head_dim // 2
         dev = positions.device
         inv_freq = self.base ** (-torch.arange(half, dtype=torch.float64, device=dev) / half)
-        angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+        angles = positions.to(torch.float64)[..., None] * inv_freq
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().float(), angles.sin().float()
 
@@ -65,13 +66,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def _per_head(table: torch.Tensor) -> torch.Tensor:
+    """``[S, d]`` or ``[B, S, d]`` tables broadcast over ``[B, S, H, d]``."""
+    return table[None, :, None, :] if table.dim() == 2 else table[:, :, None, :]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, S, H, d]`` by the tables ``[S, d]``; fp32 math, result in ``x.dtype``.
+    """Rotate ``x [B, S, H, d]`` by the tables ``[S, d]`` (or ``[B, S, d]``: positions per row);
+    fp32 math, result in ``x.dtype``.
 
     Differentiable; :func:`apply_rotary_backward` is its explicit backward.
     """
     xf = x.float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = _per_head(cos), _per_head(sin)
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
@@ -99,7 +106,7 @@ def apply_rotary_into(
     n, half = x.numel(), x.shape[-1] // 2
     xf = work[:n].view(x.shape)
     y = work[n : 2 * n].view(x.shape)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = _per_head(cos), _per_head(sin)
     xf.copy_(x)
     torch.mul(xf, cos, out=y)
     xf[..., half:].mul_(sin[..., :half])  # x2 * sin: the first half's rotation term
