@@ -221,3 +221,21 @@ def test_data_parallel_and_host_kept_model_states():
         estimate("llama3-8b", "fpdt", 1, "h100-sxm", 1 << 19, offload_states=True, fsdp=False)
     with pytest.raises(ValueError, match="sp=3 must divide gpus=8"):
         estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20, sp=3)
+
+
+def test_packed_documents_replay_the_sparser_schedule():
+    from experiments.planner.model import pairs
+
+    whole = estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20)
+    docs = estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20, doc_len=1 << 17)
+    # 64K chunks, 128K documents: each chunk meets itself and its document's other chunk.
+    switches = dict(activation_checkpointing=True, checkpoint_on_host=True, fsdp=True, doc_len=1 << 17)
+    st, _ = _setup("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20, None, 65536, switches)
+    assert len(pairs(st)) == 16 + 16
+    assert docs.step_parts["attention"] < whole.step_parts["attention"] / 4
+    assert docs.device_peak == whole.device_peak  # the same chunks on the device, fewer of them fetched
+    uly_whole = estimate("llama3-8b", "ulysses", 8, "h100-sxm", 1 << 17)
+    uly_docs = estimate("llama3-8b", "ulysses", 8, "h100-sxm", 1 << 17, doc_len=1 << 14)
+    assert uly_docs.step_parts["attention"] < uly_whole.step_parts["attention"] / 4
+    with pytest.raises(ValueError, match="doc_len=0"):
+        estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20, doc_len=0)

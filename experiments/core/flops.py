@@ -54,17 +54,21 @@ def forward_flops_per_token_dense(cfg) -> float:
     return cfg.n_layers * (qkv + out + mlp) + head
 
 
-def step_flops(cfg, seq_len: int, batch_size: int = 1) -> StepFlops:
+def step_flops(cfg, seq_len: int, batch_size: int = 1, square_tokens: float | None = None) -> StepFlops:
     """FLOPs of one forward+backward step over ``batch_size`` sequences of ``seq_len`` tokens.
 
     ``cfg`` is a :class:`models.ModelConfig` (any object with its shape fields works).
+    ``square_tokens``: the attention's query-key pairs before the causal halving, summed over the
+    batch: ``batch_size * seq_len**2`` (the default) for one document per sequence, the sum of
+    every document's length squared for packed documents (attention stays inside documents).
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
     tokens = batch_size * seq_len
     dense = 3 * tokens * forward_flops_per_token_dense(cfg)
-    # QK^T and PV: 2 matmuls x 2 FLOPs x S x S x H x d per sequence and layer.
-    full = 3 * cfg.n_layers * batch_size * 4 * seq_len * seq_len * cfg.n_heads * cfg.head_dim
+    square = batch_size * seq_len * seq_len if square_tokens is None else square_tokens
+    # QK^T and PV: 2 matmuls x 2 FLOPs x (query, key) pairs x H x d per layer.
+    full = 3 * cfg.n_layers * 4 * square * cfg.n_heads * cfg.head_dim
     return StepFlops(dense=float(dense), attention_causal=full / 2.0, attention_full=float(full))
 
 

@@ -54,6 +54,7 @@ class PlanConfig:
     precision: Precision = Precision.auto  # auto: bf16-mixed on GPUs, 32-true on hardware=cpu
     dtype: DType = DType.auto  # old name: bf16 = precision bf16-true, fp32 = 32-true
     offload_states: bool = False  # FSDP: model states in host memory (needs fsdp=true)
+    doc_len: int | None = None  # packed documents of this many tokens (attention inside each)
     max_device_memory: float | None = None  # GiB per GPU (required for hardware=cpu)
     dense_efficiency: float = DENSE_EFFICIENCY
     attention_efficiency: float = ATTENTION_EFFICIENCY
@@ -78,7 +79,7 @@ def plan_table(cfg: DictConfig) -> str:
     kw = {k: c[k] for k in ("chunk_tokens", "activation_checkpointing", "checkpoint_on_host", "fsdp", "offload",
                             "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
                             "dense_efficiency", "attention_efficiency", "precision", "sp",
-                            "offload_states")}  # fmt: skip
+                            "offload_states", "doc_len")}  # fmt: skip
     kw.update(n_layers=c["model"]["n_layers"], peak_tflops=c["hardware"]["peak_tflops"])
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]
@@ -87,6 +88,7 @@ def plan_table(cfg: DictConfig) -> str:
     chunk = f", fpdt chunk {kw['chunk_tokens']} tokens" if "fpdt" in strategies else ""
     layout = f" (sp={kw['sp']}, dp={gpus // kw['sp']})" if kw["sp"] and kw["sp"] != gpus else ""
     states = ", model states on host" if kw["offload_states"] else ""
+    states += f", documents of {kw['doc_len']} tokens" if kw["doc_len"] else ""
     precision = resolve_precision(kw["precision"], cuda=hardware != "cpu", dtype=kw["dtype"]).name
     lines = [
         f"plan: {model} on {gpus} x {hardware}{layout}, precision {precision}; checkpoints {where}, "

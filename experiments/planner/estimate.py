@@ -32,7 +32,7 @@ from ..core.hardware import cpu_peak_tflops, load_preset
 from ..core.paths import CONF_DIR
 from ..core.units import GIB
 from ..training.precision import resolve_precision
-from .model import Rates, Setup, attention_layer_seconds, memory, step_seconds
+from .model import Rates, Setup, attention_layer_seconds, memory, square_tokens, step_seconds
 
 # Achieved fraction of peak FLOP/s. Stated defaults, not measurements (no GPU run exists yet):
 # large bf16 GEMMs reach ~70% of the datasheet on A100/H100; FlashAttention-2 reaches ~40-50%
@@ -154,6 +154,9 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     u = _chunks(strategy, seq_len, sp, chunks, chunk_tokens)
     check_setup(strategy, seq_len, sp, u, cfg.n_heads, cfg.n_kv_heads)
     offload_states = bool(switches.pop("offload_states", False))
+    doc_len = switches.pop("doc_len", None)
+    if doc_len is not None and doc_len < 1:
+        raise ValueError(f"doc_len={doc_len} must be >= 1 tokens")
     if offload_states and not switches.get("fsdp"):
         raise ValueError("offload_states keeps model states in host memory through FSDP; set fsdp=true")
     if switches.get("fsdp") and gpus == 1 and not offload_states:
@@ -181,6 +184,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         world=gpus,
         param_bytes=precision.param_dtype.itemsize,
         offload_states=offload_states,
+        doc_len=doc_len,
     )
     return st, hw
 
@@ -233,6 +237,7 @@ def estimate(
     precision: str = "auto",
     sp: int | None = None,
     offload_states: bool = False,
+    doc_len: int | None = None,
 ) -> Estimate:
     """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
 
@@ -243,6 +248,8 @@ def estimate(
     ``experiments.training.precision``). ``gpus`` ranks in all, ``sp`` of them per sequence
     (default all; ``dp = gpus / sp`` replicas, each on its own sequence; FSDP shards over all).
     ``offload_states`` (with ``fsdp``) keeps the sharded model states in host memory.
+    ``doc_len``: packed documents of that many tokens (attention inside documents; FPDT's
+    schedules keep only the chunk blocks that share one, as the runner's do).
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
     ``ValueError`` on an unknown preset, head counts that do not split over ``sp``, or a chunk
     size that does not divide ``seq_len``. ``dtype`` (``bf16``: ``bf16-true``, ``fp32``:
@@ -267,6 +274,7 @@ def estimate(
         precision=precision,
         sp=sp,
         offload_states=offload_states,
+        doc_len=doc_len,
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
@@ -276,7 +284,7 @@ def estimate(
     if st.strategy == "fpdt" and st.offload:
         ideal = attention_layer_seconds(st, rates, copies=False)
         overhead = time.parts["attention"] / (st.cfg.n_layers * ideal) - 1.0
-    flops = step_flops(st.cfg, seq_len).causal
+    flops = step_flops(st.cfg, seq_len, square_tokens=square_tokens(st)).causal
     ranks_per_node = min(gpus, GPUS_PER_NODE)
     dp = gpus // st.gpus
     host_node = mem.host_total * ranks_per_node

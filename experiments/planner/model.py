@@ -21,7 +21,7 @@ import functools
 from dataclasses import dataclass
 
 from parallel.all_to_all import kv_heads_per_rank
-from parallel.schedule import HOST, Kind, Schedule, Stream, backward_schedule, forward_schedule
+from parallel.schedule import HOST, Kind, Schedule, Stream, backward_schedule, document_pairs, forward_schedule
 
 FP32 = 4
 INT64 = 8
@@ -67,6 +67,7 @@ class Setup:
     world: int = 0  # all ranks, dp * sp (0: gpus); FSDP shards over all of them
     param_bytes: int = 0  # storage of parameters, gradients, AdamW moments (0: dtype_bytes)
     offload_states: bool = False  # FSDP's CPUOffloadPolicy: sharded model states in host memory
+    doc_len: int | None = None  # packed documents of this many tokens each (None: one per sequence)
 
     @property
     def ranks(self) -> int:
@@ -91,13 +92,55 @@ class Setup:
 
 
 @functools.lru_cache(maxsize=64)
-def _forward(chunks: int, offload: bool, save: bool) -> Schedule:
-    return forward_schedule(chunks, causal=True, offload=offload, save=save)
+def _forward(chunks: int, offload: bool, save: bool, pairs: frozenset | None = None) -> Schedule:
+    return forward_schedule(chunks, causal=True, offload=offload, save=save, pairs=pairs)
 
 
 @functools.lru_cache(maxsize=64)
-def _backward(chunks: int, offload: bool) -> Schedule:
-    return backward_schedule(chunks, causal=True, offload=offload)
+def _backward(chunks: int, offload: bool, pairs: frozenset | None = None) -> Schedule:
+    return backward_schedule(chunks, causal=True, offload=offload, pairs=pairs)
+
+
+# --- packed documents ----------------------------------------------------------------------------
+
+
+def document_starts(st: Setup) -> list[int]:
+    """Where the documents of one sequence start: every ``doc_len`` tokens (one document: [0])."""
+    return [0] if st.doc_len is None else list(range(0, st.seq_len, st.doc_len))
+
+
+def square_tokens(st: Setup) -> int:
+    """Query-key pairs of one sequence's attention before the causal halving: sum of length^2."""
+    ends = [*document_starts(st)[1:], st.seq_len]
+    return sum((b - a) ** 2 for a, b in zip(document_starts(st), ends, strict=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _pairs(chunks: int, seq_len: int, doc_len: int | None) -> frozenset | None:
+    if doc_len is None:
+        return None
+    cu = [*range(0, seq_len, doc_len), seq_len]
+    return document_pairs(cu, 1, seq_len, chunks)
+
+
+def pairs(st: Setup) -> frozenset | None:
+    """The FPDT chunk blocks that share a document (what the runner's schedules keep)."""
+    return _pairs(st.chunks, st.seq_len, st.doc_len)
+
+
+def block_square(st: Setup, i: int, j: int) -> float:
+    """Query-key pairs of block ``(i, j)`` (query chunk ``i``, KV chunk ``j``) inside documents, with
+    the diagonal block counted at half, as the causal whole is."""
+    C = st.C
+    if st.doc_len is None:
+        return C * C * (0.5 if i == j else 1.0)
+    starts = document_starts(st)
+    total = 0.0
+    for a, b in zip(starts, [*starts[1:], st.seq_len], strict=True):
+        nq = max(0, min(b, (i + 1) * C) - max(a, i * C))
+        nk = max(0, min(b, (j + 1) * C) - max(a, j * C))
+        total += nq * nk * (0.5 if i == j else 1.0)
+    return total
 
 
 # --- sizes -------------------------------------------------------------------------------------
@@ -288,7 +331,7 @@ def _attn_backward_working_set(st: Setup) -> int:
         return _attn_saved(st) + 2 * Q + 2 * KV
     sizes = chunk_bytes(st)
     x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
-    sched = _backward(st.chunks, st.offload)
+    sched = _backward(st.chunks, st.offload, pairs(st))
     pipeline = replay_peak_bytes(sched, sizes, x_chunk)
     if not st.offload:  # everything the forward saved stays resident
         pipeline += _attn_kept(st)
@@ -362,8 +405,8 @@ def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
         cols = cfg.n_heads * d if op.kind == Kind.PROJ_BWD_Q else 2 * cfg.n_kv_heads * d
         return 2 * 2 * c * h * cols / rates.dense_flops
     if op.kind in (Kind.ATTN_FWD, Kind.ATTN_BWD):
-        i, j = op.chunk
-        flops = 4 * C * C * hq * d * (0.5 if i == j else 1.0)
+        i, j = op.chunk if op.kind == Kind.ATTN_FWD else op.chunk[::-1]  # (query chunk, KV chunk)
+        flops = 4 * block_square(st, i, j) * hq * d
         return flops * (2.5 if op.kind == Kind.ATTN_BWD else 1.0) / rates.attention_flops
     payload = {
         Kind.A2A_QKV: sizes["qkv"],
@@ -396,14 +439,14 @@ def attention_layer_seconds(st: Setup, rates: Rates, *, copies: bool = True) -> 
     """One layer's attention core (QKV projection, all-to-alls, blocks, projection backward) for
     a training step: the no-grad forward of checkpointing, the recompute forward, the backward."""
     if st.strategy == "fpdt":
-        passes = [_forward(st.chunks, st.offload, True), _backward(st.chunks, st.offload)]
+        passes = [_forward(st.chunks, st.offload, True, pairs(st)), _backward(st.chunks, st.offload, pairs(st))]
         if st.activation_checkpointing:
-            passes.append(_forward(st.chunks, st.offload, False))
+            passes.append(_forward(st.chunks, st.offload, False, pairs(st)))
         return sum(replay_seconds(p, st, rates, copies=copies) for p in passes)
     # Ulysses/local: one whole-sequence "chunk", its all-to-alls blocking (not overlapped).
-    cfg, P, S, s = st.cfg, st.gpus, st.seq_len, st.s
+    cfg, P, s = st.cfg, st.gpus, st.s
     hq, d = cfg.n_heads // P, cfg.head_dim
-    fwd_attn = 2 * S * S * hq * d / rates.attention_flops
+    fwd_attn = 2 * square_tokens(st) * hq * d / rates.attention_flops  # causal: half the pairs
     qkv = s * (cfg.n_heads + 2 * cfg.n_kv_heads) * d * st.dtype_bytes
     o = s * cfg.n_heads * d * st.dtype_bytes
     a2a = _a2a_seconds(qkv + o, st, rates) if P > 1 else 0.0

@@ -158,7 +158,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
         return row
     s = summarize(outcome["metrics"])
     sequences = point["batch_size"] * point["dp"]  # the global batch: every replica's sequences
-    flops = step_flops(model_config(point), point["seq_len"], sequences)
+    flops = step_flops(model_config(point), point["seq_len"], sequences, s["attention_square_tokens"])
     peak = point["peak_tflops"]
     if peak is None:  # CPU: the machine's measured peak, shared by the ranks that run on it
         machine_peak, how = cpu_peak_tflops()

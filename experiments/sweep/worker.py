@@ -25,7 +25,7 @@ from parallel.host_store import allocating_on_host, default_host_store
 from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
 from ..core.tables import write_json
 from ..core.units import GIB
-from ..training.data import data_spec, replica_batch
+from ..training.data import data_spec, replica_batch, square_tokens
 from ..training.loop import build_model, build_optimizer, clip_and_step, forward_backward, model_config, setup_rank
 
 # The memory tracker of the step in progress, so a failure can report how far memory got.
@@ -60,7 +60,7 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.mem_get_info(device)[1]), device)
 
     data = data_spec(point, model_config(point).vocab_size)
-    step_times, loss = [], float("nan")
+    step_times, loss, squares = [], float("nan"), []
     with tracker:
         model = build_model(point, mesh, device, precision)
         optimizer = build_optimizer(model, point)
@@ -73,12 +73,15 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
             _sync(device, world)
             if step >= point["warmup_steps"]:
                 step_times.append(time.perf_counter() - start)
+                if cu_seqlens is not None:  # the attention work of packed documents: sum of length^2
+                    squares.append(square_tokens(data, step, mesh.dp.size))
             loss = float(out)
 
     metrics = {
         "rank": rank,
         "step_times_s": step_times,
         "loss": loss,
+        "attention_square_tokens": statistics.mean(squares) if squares else None,
         "rss_peak_bytes": peak_rss_bytes(),
         "host_peak_bytes": tracker.peak["host"],
         "host_store_bytes": default_host_store().bytes_allocated,
@@ -169,6 +172,7 @@ def summarize(result: dict) -> dict:
         "step_time_p20_s": q[1],
         "step_time_p80_s": q[7],
         "loss": ranks[0]["loss"],
+        "attention_square_tokens": ranks[0].get("attention_square_tokens"),
         "device_peak_bytes": biggest("device_peak_bytes"),
         "device_reserved_bytes": biggest("device_reserved_bytes"),
         "device_alloc_retries": biggest("device_alloc_retries"),

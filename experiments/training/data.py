@@ -133,3 +133,13 @@ def data_spec(point: dict, vocab_size: int) -> DataSpec:
     )
     spec.check()
     return spec
+
+
+def square_tokens(spec: DataSpec, step: int, dp: int) -> int:
+    """The attention's query-key pairs (before the causal halving) of the global batch of ``step``:
+    the sum of every document's length squared (``batch * dp * seq_len**2`` without packing)."""
+    _, starts = global_batch(spec, step, dp)
+    S = spec.seq_len
+    if starts is None:
+        return spec.batch_size * dp * S * S
+    return sum((b - a) ** 2 for row in starts for a, b in zip(row, [*row[1:], S], strict=True))
