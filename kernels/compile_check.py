@@ -118,9 +118,9 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
         )
     else:  # flash_attention's buffers, as flash_backward allocates them
         split = triton_bwd.dkdv_split(B, S, Hkv, H // Hkv, q.device)
-        dq = torch.empty(B, S, H, d, dtype=dt, **meta)
-        shape, gk = ((B, S, Hkv, dp), torch.float32) if split > 1 else ((B, S, Hkv, d), dt)
-        dk, dv = torch.empty(shape, dtype=gk, **meta), torch.empty(shape, dtype=gk, **meta)
+        dq = torch.empty(B, S, H, dp, dtype=dt, **meta)
+        gk = torch.float32 if split > 1 else dt
+        dk, dv = (torch.empty(B, S, Hkv, dp, dtype=gk, **meta) for _ in range(2))
     launches = triton_bwd.backward_launches(
         do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate
     )  # [delta, dkdv, dq]

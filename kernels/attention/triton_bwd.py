@@ -74,14 +74,16 @@ def _delta_kernel(
 
 
 # dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no tile with
-# BN >= 64 (what wgmma needs) avoids spilling, so d=256 runs mma.sync tiles.
+# BN >= 64 (what wgmma needs) avoids spilling, so d=256 runs mma.sync tiles. Dropped where triton
+# 3.6 spills and 3.9 does not: 64x128 w8 s2 (GQA, d=40), 32x64 w8 s3 and 32x64 w4 s3 (d=128),
+# 32x128 w8 s3 (d=111), 64x32 w8 s2 (GQA, d=256); on sm_80, looping over a GQA group's heads
+# spills every 32-row tile at d <= 64 and 64x64 w8 s2 at d=128.
 _DKDV_CLEAN_16BIT = {
-    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x128 w8 s2", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
-    # 32x128 w8 s3 and 32x64 w4 s3: clean on triton 3.9, spill on 3.6 (d=111, d=128).
-    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
-    (90, 2, 256): ("16x32 w8 s2", "64x32 w8 s2", "32x32 w8 s2"),
-    (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
-    (80, 2, 128): ("32x64 w8 s3", "64x64 w8 s2", "32x32 w8 s2"),
+    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
+    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x32 w8 s2"),
+    (90, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
+    (80, 2, 64): ("16x128 w8 s3", "32x32 w8 s2"),
+    (80, 2, 128): ("32x64 w8 s3", "32x32 w8 s2"),
     (80, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
 }  # fmt: skip
 _DQ_CLEAN_16BIT = {
@@ -486,12 +488,14 @@ def dkdv_split(B: int, Sk: int, Hkv: int, groups: int, device: torch.device) -> 
 def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate):
     """The backward's launches in order: delta (when not given), dK/dV, dQ.
 
-    ``q, k, v, do`` as ``triton_fwd.pad_inputs`` left them; ``out`` and the gradient buffers at
-    the true head dim. ``accumulate=False`` overwrites ``dq, dk, dv`` (any float dtype), except
-    that a split dK/dV (``dkdv_split > 1``) adds into them, so they must then be fp32 zeros."""
+    ``q, k, v, do`` as ``triton_fwd.pad_inputs`` left them; ``out`` at the true head dim; the
+    gradient buffers at the true head dim or at ``q``'s padded one (then every column is stored;
+    the padding columns come out 0). ``accumulate=False`` overwrites ``dq, dk, dv`` (any float
+    dtype), except that a split dK/dV (``dkdv_split > 1``) adds into them, so they must then be
+    fp32 zeros."""
     B, Sq, H, DP = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    D = out.shape[-1]
+    D = dq.shape[-1]  # the columns stored: the true head dim, or DP for head-padded buffers
     launches = []
     if delta is None:
         delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
@@ -551,25 +555,27 @@ def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale
 
 
 def flash_backward(do, q, k, v, out, lse, q_start, causal, scale):
-    """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype, written directly
-    (fp32 buffers, head-padded, only for a split dK/dV). ``q, k, v`` as ``pad_inputs`` left them."""
+    """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype, written directly (fp32
+    buffers only for a split dK/dV). ``q, k, v`` as ``pad_inputs`` left them; the gradients are
+    written at that padded width and returned as views of the true one (per-element stores of
+    a d=111 row spilled dK/dV by 0.3 KB on sm_90)."""
     from .triton_fwd import pad_inputs
 
     (do,) = pad_inputs(do)
     B, Sq, H, D = out.shape
     Sk, Hkv, DP = k.shape[1], k.shape[2], k.shape[3]
-    dq = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
+    dq = torch.empty(B, Sq, H, DP, dtype=q.dtype, device=q.device)
     if dkdv_split(B, Sk, Hkv, H // Hkv, q.device) > 1:
         dk = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
         dv = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
     else:
-        dk = torch.empty(B, Sk, Hkv, D, dtype=q.dtype, device=q.device)
-        dv = torch.empty(B, Sk, Hkv, D, dtype=q.dtype, device=q.device)
+        dk = torch.empty(B, Sk, Hkv, DP, dtype=q.dtype, device=q.device)
+        dv = torch.empty(B, Sk, Hkv, DP, dtype=q.dtype, device=q.device)
     if B * Sq * Sk == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
         _run(backward_launches(do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv, False), q)
-    return dq, dk[..., :D].to(q.dtype), dv[..., :D].to(q.dtype)
+    return dq[..., :D], dk[..., :D].to(q.dtype), dv[..., :D].to(q.dtype)
 
 
 def _run(launches, q):

@@ -38,13 +38,13 @@ from .triton_common import (
 
 # The forward's tiles; autotune picks among the clean ones. 128x64 w8 s3 was 1.30x SDPA's flash
 # kernel at d=128, S=16K, bf16 on an H200; 128x64 w4 s3 spills at d=128 on both targets, and
-# 128x32 w4 s4 at d=111 on sm_90 (triton 3.6).
+# 128x32 w4 s4 at d=111 on sm_90, 64x32 w4 s4 and 64x64 w4 s3 at d=40 on sm_80 (triton 3.6).
 _CLEAN_16BIT = {
     (90, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x64 w4 s3", "128x32 w4 s4", "64x64 w4 s3", "64x32 w4 s4",
                   "32x32 w4 s2"),
     (90, 2, 128): ("128x64 w8 s3", "128x128 w8 s3", "64x64 w4 s3", "64x32 w4 s4", "128x32 w8 s3", "32x32 w4 s2"),
     (90, 2, 256): ("128x32 w8 s3", "64x64 w8 s2", "64x32 w8 s2", "128x32 w8 s2", "32x32 w4 s2"),
-    (80, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x32 w4 s4", "64x64 w4 s3", "64x32 w4 s4", "32x32 w4 s2"),
+    (80, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x32 w4 s4", "32x32 w4 s2"),
     (80, 2, 128): ("128x64 w8 s3", "64x32 w4 s4", "128x32 w8 s3", "64x64 w8 s2", "32x32 w4 s2"),
     (80, 2, 256): ("64x32 w8 s2", "32x32 w4 s2"),
 }  # fmt: skip
@@ -52,7 +52,6 @@ _CLEAN_16BIT = {
 # At d=256 every wgmma tile spills there, so the merge runs mma.sync tiles.
 _CLEAN_16BIT_ACCUMULATE = _CLEAN_16BIT | {
     (90, 2, 256): ("32x32 w4 s2",),
-    (80, 2, 64): tuple(n for n in _CLEAN_16BIT[80, 2, 64] if n not in ("64x64 w4 s3", "64x32 w4 s4")),
     (80, 2, 128): tuple(n for n in _CLEAN_16BIT[80, 2, 128] if n != "64x32 w4 s4"),
 }
 # fp32 inputs run tf32x3 (three products per dot): about twice the registers of bf16, so small
