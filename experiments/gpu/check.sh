@@ -39,7 +39,7 @@ smoke_or_exit
 
 (
     timeout 150 env TORCH_CUDA_SANITIZER=1 FPDT_ATTENTION_BACKEND=naive python3 -m pytest -q -p no:cacheprovider \
-        tests/test_gpu_pipeline.py -k sanitizer >"$OUT/sanitizer.log" 2>&1
+        tests/test_gpu_pipeline.py -k "sanitizer or host_checkpoints" >"$OUT/sanitizer.log" 2>&1
     echo "exit $?" >>"$OUT/sanitizer.log"
 ) &
 sanitizer=$!
