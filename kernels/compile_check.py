@@ -12,7 +12,7 @@ Usage (the interpreter must be off: ``TRITON_INTERPRET`` unset or 0)::
 
     python -m kernels.compile_check                      # full matrix: sm_90, sm_80; bf16, fp16;
                                                          # d 64, 128, 256, 40, 59, 111; causal or not;
-                                                         # MHA, GQA (split dK/dV or not), accumulate
+                                                         # MHA, GQA, accumulate (the chunk API)
     python -m kernels.compile_check --quick              # the CI subset (tests/test_compile_check.py)
     python -m kernels.compile_check --arch 90 --dtype bf16 --head-dim 128 --causal true --csv out.csv
     python -m kernels.compile_check --all-configs        # also the configs pruning drops (tuning)
@@ -37,7 +37,7 @@ ARCHS = (90, 80)
 DTYPES = ("bf16", "fp16")
 HEAD_DIMS = (64, 128, 256, 40, 59, 111)
 # What a launch may vary beyond dtype, head dim and causality: (name, kernels it applies to).
-VARIANTS = ("mha", "gqa", "gqa-split", "accumulate")
+VARIANTS = ("mha", "gqa", "accumulate")
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,8 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
     from .attention import triton_bwd, triton_fwd
 
     dt = _dtype(dtype)
-    # GQA: 8 query heads on 2 KV heads. At 1K keys the dK/dV grid is small and the group is
-    # split over programs (atomics); at 16K it is not.
-    B, H, Hkv = 2, (8 if variant.startswith("gqa") else 4), (2 if variant.startswith("gqa") else 4)
-    S = 16384 if variant == "gqa" else 1024
+    # GQA: 8 query heads on 2 KV heads (dK/dV adds the group's parts with atomics).
+    B, S, H, Hkv = 2, 1024, (8 if variant == "gqa" else 4), (2 if variant == "gqa" else 4)
     accumulate = variant == "accumulate"
     meta = dict(device="meta")
     q = torch.empty(B, S, H, d, dtype=dt, **meta)
@@ -117,9 +115,8 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
             for t in (q, k, v)
         )
     else:  # flash_attention's buffers, as flash_backward allocates them
-        split = triton_bwd.dkdv_split(B, S, Hkv, H // Hkv, q.device)
         dq = torch.empty(B, S, H, dp, dtype=dt, **meta)
-        gk = torch.float32 if split > 1 else dt
+        gk = torch.float32 if H > Hkv else dt
         dk, dv = (torch.empty(B, S, Hkv, dp, dtype=gk, **meta) for _ in range(2))
     launches = triton_bwd.backward_launches(
         do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate
@@ -289,8 +286,6 @@ def build_jobs(archs, dtypes, head_dims, causals, variants, kernels, all_configs
 def _applies(kernel, variant):
     if kernel == "delta":
         return variant == "mha"
-    if variant == "gqa-split":
-        return kernel == "dkdv"  # the only kernel whose code changes with the split
     return True
 
 

@@ -325,18 +325,6 @@ def test_softmax_scale_zero_is_not_the_default(backend):
     torch.testing.assert_close(out, v.mean(1, keepdim=True).expand_as(out), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sms", [1, 10_000], ids=["one-program-per-group", "group-split-atomics"])
-def test_gqa_dkdv_split_and_unsplit_agree(monkeypatch, sms):
-    """The dK/dV kernel splits a GQA group over programs (atomics) only when its grid is small;
-    the SM count decides. Force each way and compare with the float64 reference."""
-    from kernels.attention import triton_bwd
-
-    monkeypatch.setattr(triton_bwd, "num_sms", lambda device: sms)
-    assert triton_bwd.dkdv_split(2, 63, 1, 4, torch.device("cpu")) == (1 if sms == 1 else 4)
-    q, k, v, do = _make((17, 63, 40, 4, 1), torch.float32)
-    assert_close_to_reference(q, k, v, do, True, "triton")
-
-
 def test_kernels_package_is_standalone():
     """``kernels`` imports nothing from the rest of the codebase (users copy it alone)."""
     import subprocess

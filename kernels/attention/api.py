@@ -234,7 +234,7 @@ class _FlashAttention(torch.autograd.Function):
     """Forward and backward of ``flash_attention``: gradients come back in the input dtype.
 
     Triton: the kernels write the output and the gradients in the input dtype (fp32 only inside
-    the kernels, except a split dK/dV, see ``triton_bwd``). torch: when one call of PyTorch's CPU
+    the kernels, except GQA dK/dV, see ``triton_bwd``). torch: when one call of PyTorch's CPU
     flash kernel covers the whole block, it runs alone, holding what SDPA would; otherwise (causal
     with ``Sq != Sk``) the chunk path with fp32 accumulators. naive: the chunk path.
     """

@@ -9,14 +9,15 @@ Both recompute ``P = exp(S - lse)``; rows whose lse is -inf (saw no key) get P =
 their loop as the forward does: blocks every row/key sees in full run without masks; only the
 diagonal and the tail blocks pay for them. Head dims and strides as in ``triton_fwd``.
 
-dK/dV parallelism for GQA/MQA: the grid is ``Sk/BN x B*Hkv*SPLIT``; each program walks
-``GROUPS/SPLIT`` query heads. ``SPLIT > 1`` only when ``Sk/64 * B * Hkv`` programs would leave
-the GPU under two waves; those programs then add into fp32 buffers with atomics. Chosen over a
-grid per query head plus a reduction because that needs a ``[B, Sk, H, d]`` fp32 buffer (GROUPS
-times dK/dV) where atomics need none, and they occur only when the grid is small, so few
-programs contend; when ``SPLIT == 1`` the result is deterministic. Accumulating launches add
-with atomics too (one writer per element, so deterministic), which needs no load of the old
-values and so no second tile in registers.
+dK/dV parallelism for GQA/MQA: one program per (KV block, query head), a grid of
+``Sk/BN x B*H`` as for MHA, so MQA launches as many programs as MHA; the query heads of a group
+add their parts into fp32 dK/dV buffers with atomics. Chosen over (a) one program walking its
+group's heads, which launched only ``Sk/BN x B*Hkv`` programs and whose head loop spilled (sm_80
+at d <= 64, sm_90 at d=128 with triton 3.9), and (b) a per-query-head buffer plus a reduction,
+which needs a ``[B, Sk, H, d]`` fp32 buffer (GROUPS times dK/dV) where atomics need none. The
+price: GQA dK/dV sums are not bit-reproducible run to run (MHA ones are). Accumulating launches
+(the chunk API) add with atomics too: with one writer per element that is deterministic, and it
+needs no load of the old values, so no second tile in registers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from .triton_common import (
     autotune_configs,
     dot_precision,
     head_dim_block,
-    num_sms,
     run,
     seq_bucket,
     strides,
@@ -74,16 +74,14 @@ def _delta_kernel(
 
 
 # dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no tile with
-# BN >= 64 (what wgmma needs) avoids spilling, so d=256 runs mma.sync tiles. Dropped where triton
-# 3.6 spills and 3.9 does not: 64x128 w8 s2 (GQA, d=40), 32x64 w8 s3 and 32x64 w4 s3 (d=128),
-# 32x128 w8 s3 (d=111), 64x32 w8 s2 (GQA, d=256); on sm_80, looping over a GQA group's heads
-# spills every 32-row tile at d <= 64 and 64x64 w8 s2 at d=128.
+# BN >= 64 (what wgmma needs) avoids spilling, so d=256 runs mma.sync tiles. 32x64 w4 s3 and
+# 32x128 w8 s3 at d=128 (sm_90): clean on triton 3.9, spill on 3.6.
 _DKDV_CLEAN_16BIT = {
-    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
-    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x32 w8 s2"),
-    (90, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
-    (80, 2, 64): ("16x128 w8 s3", "32x32 w8 s2"),
-    (80, 2, 128): ("32x64 w8 s3", "32x32 w8 s2"),
+    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x128 w8 s2", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
+    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
+    (90, 2, 256): ("16x32 w8 s2", "64x32 w8 s2", "32x32 w8 s2"),
+    (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
+    (80, 2, 128): ("32x64 w8 s3", "64x64 w8 s2", "32x32 w8 s2"),
     (80, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
 }  # fmt: skip
 _DQ_CLEAN_16BIT = {
@@ -206,7 +204,7 @@ def _dkdv_inner(
 
 @triton.autotune(
     configs=autotune_configs(DKDV_TILES.configs),
-    key=_KEY + ["SPLIT", "ACCUMULATE"],
+    key=_KEY + ["ACCUMULATE"],
     prune_configs_by={"early_config_prune": DKDV_TILES.prune},
     restore_value=["dK", "dV"],
 )
@@ -220,10 +218,9 @@ def _dkdv_kernel(
     stride_lb, stride_lh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    Sq, Sk, Hkv, DELTA, sm_scale, qk_scale,
+    Sq, Sk, H, DELTA, sm_scale, qk_scale,
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
-    SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -243,11 +240,10 @@ def _dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh = stride_dkb * OV, stride_dks * OV, stride_dkh * OV
     stride_dvb, stride_dvs, stride_dvh = stride_dvb * OV, stride_dvs * OV, stride_dvh * OV
     i_n = tl.program_id(0)
-    i_bhs = tl.program_id(1)
-    i_s = i_bhs % SPLIT
-    i_bh = i_bhs // SPLIT
-    i_b = (i_bh // Hkv).to(tl.int64)
-    i_hk = (i_bh % Hkv).to(tl.int64)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // GROUPS
     n_start = i_n * BN
 
     o_m = tl.arange(0, BM)
@@ -283,28 +279,26 @@ def _dkdv_kernel(
 
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    for g in range(GROUPS // SPLIT):
-        i_h = i_hk * GROUPS + i_s * (GROUPS // SPLIT) + g
-        p_q = Q + i_b * stride_qb + i_h * stride_qh
-        p_do = dO + i_b * stride_db + i_h * stride_dh
-        p_l = Lse + i_b * stride_lb + i_h * stride_lh
-        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
-        p_qm = p_q + m_mid.to(tl.int64) * stride_qs
-        p_dom = p_do + m_mid.to(tl.int64) * stride_ds
-        for m0 in range(m_mid, m_tail, BM):
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
-                Sq, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-            )  # fmt: skip
-            p_qm += BM * stride_qs
-            p_dom += BM * stride_ds
-        for j in range(0, n_masked):
-            m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-                p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
-                Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-            )  # fmt: skip
+    p_q = Q + i_b * stride_qb + i_h * stride_qh
+    p_do = dO + i_b * stride_db + i_h * stride_dh
+    p_l = Lse + i_b * stride_lb + i_h * stride_lh
+    p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+    p_qm = p_q + m_mid.to(tl.int64) * stride_qs
+    p_dom = p_do + m_mid.to(tl.int64) * stride_ds
+    for m0 in range(m_mid, m_tail, BM):
+        b_dk, b_dv = _dkdv_inner(
+            b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
+            Sq, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+        )  # fmt: skip
+        p_qm += BM * stride_qs
+        p_dom += BM * stride_ds
+    for j in range(0, n_masked):
+        m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
+        b_dk, b_dv = _dkdv_inner(
+            b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
+            p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
+            Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+        )  # fmt: skip
 
     b_dk = b_dk * sm_scale
     p_dk = dK + i_b * stride_dkb + i_hk * stride_dkh + n_start.to(tl.int64) * stride_dks
@@ -312,10 +306,8 @@ def _dkdv_kernel(
     p_dv = dV + i_b * stride_dvb + i_hk * stride_dvh + n_start.to(tl.int64) * stride_dvs
     p_dv = p_dv + o_n[:, None] * stride_dvs + o_d[None, :]
     m_out = m_n[:, None] & (o_d < D)[None, :]
-    if ACCUMULATE or SPLIT > 1:
-        # Add into the caller's fp32 buffers (they carry other blocks' or programs' parts). An
-        # atomic add needs no load, so no second tile in registers (load + add + store spilled at
-        # d=128); with SPLIT == 1 each element has one writer and the sum is deterministic.
+    if ACCUMULATE or GROUPS > 1:
+        # Add into fp32 buffers that carry other blocks' or query heads' parts (module docstring).
         tl.atomic_add(p_dk, b_dk, mask=m_out, sem="relaxed")
         tl.atomic_add(p_dv, b_dv, mask=m_out, sem="relaxed")
     else:
@@ -474,25 +466,13 @@ def delta_launch(out, do, delta) -> Launch:
     return Launch(_delta_kernel, (triton.cdiv(Sq, BM), B * H), args)
 
 
-def dkdv_split(B: int, Sk: int, Hkv: int, groups: int, device: torch.device) -> int:
-    """How many programs share a KV block (see the module docstring): the smallest divisor of
-    ``groups`` that gives two waves of ``Sk/64`` blocks on ``device``, at most ``groups``."""
-    programs = triton.cdiv(Sk, 64) * B * Hkv
-    target = 2 * num_sms(device)
-    for split in range(1, groups + 1):
-        if groups % split == 0 and (programs * split >= target or split == groups):
-            return split
-    return 1
-
-
 def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate):
     """The backward's launches in order: delta (when not given), dK/dV, dQ.
 
     ``q, k, v, do`` as ``triton_fwd.pad_inputs`` left them; ``out`` at the true head dim; the
     gradient buffers at the true head dim or at ``q``'s padded one (then every column is stored;
     the padding columns come out 0). ``accumulate=False`` overwrites ``dq, dk, dv`` (any float
-    dtype), except that a split dK/dV (``dkdv_split > 1``) adds into them, so they must then be
-    fp32 zeros."""
+    dtype), except that GQA dK/dV (``H > Hkv``) are added into, so they must then be fp32 zeros."""
     B, Sq, H, DP = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     D = dq.shape[-1]  # the columns stored: the true head dim, or DP for head-padded buffers
@@ -504,7 +484,6 @@ def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, sc
         lse = lse.contiguous()
         delta = delta.contiguous()
     iv = vector_width(q, k, v, do)
-    split = dkdv_split(B, Sk, Hkv, H // Hkv, q.device)
     common = dict(
         Q=q, K=k, V=v, dO=do, Lse=lse, Delta=delta,
         **dict(zip(("stride_qb", "stride_qs", "stride_qh"), strides(q, iv), strict=True)),
@@ -519,11 +498,11 @@ def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, sc
     )  # fmt: skip
     ov = vector_width(dk, dv)
     dkdv = dict(
-        common, dK=dk, dV=dv, Hkv=Hkv, SPLIT=split, OV=ov,
+        common, dK=dk, dV=dv, H=H, OV=ov,
         **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
         **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
     )  # fmt: skip
-    launches.append(Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]), B * Hkv * split), dkdv))
+    launches.append(Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]), B * H), dkdv))
     ov = vector_width(dq)
     dqa = dict(
         common, dQ=dq, H=H, OV=ov,
@@ -556,7 +535,7 @@ def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale
 
 def flash_backward(do, q, k, v, out, lse, q_start, causal, scale):
     """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype, written directly (fp32
-    buffers only for a split dK/dV). ``q, k, v`` as ``pad_inputs`` left them; the gradients are
+    dK/dV buffers only for GQA). ``q, k, v`` as ``pad_inputs`` left them; the gradients are
     written at that padded width and returned as views of the true one (per-element stores of
     a d=111 row spilled dK/dV by 0.3 KB on sm_90)."""
     from .triton_fwd import pad_inputs
@@ -565,7 +544,7 @@ def flash_backward(do, q, k, v, out, lse, q_start, causal, scale):
     B, Sq, H, D = out.shape
     Sk, Hkv, DP = k.shape[1], k.shape[2], k.shape[3]
     dq = torch.empty(B, Sq, H, DP, dtype=q.dtype, device=q.device)
-    if dkdv_split(B, Sk, Hkv, H // Hkv, q.device) > 1:
+    if H > Hkv:
         dk = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
         dv = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
     else:

@@ -180,11 +180,3 @@ SEQ_BUCKET_CAP = 1 << 14
 def seq_bucket(n: int) -> int:
     """Autotune key for a length: re-tune per power of two up to ``SEQ_BUCKET_CAP``, not per length."""
     return triton.next_power_of_2(max(1, min(n, SEQ_BUCKET_CAP)))
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors on ``device``; off CUDA, an H100's 132, so interpreter runs take
-    the same launch decisions as the GPU would."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
