@@ -14,11 +14,19 @@ ROPE_BASE = 500000.0  # Llama 3's
 
 
 class Block:
-    """Weights, input ``x [B, S, H*d]`` and output gradient of one block, and the host store its
-    FPDT offload uses (:meth:`new_store` gives one configuration its own)."""
+    """Weights, input ``x [B, S, H*d]`` and output gradient of one block, the host store its FPDT
+    offload uses (:meth:`new_store` gives one configuration its own), and, with ``doc_len``, the
+    packed documents' offsets every step attends within."""
 
-    def __init__(self, S: int, H: int, d: int, dtype: torch.dtype, device, batch: int = 1, seed: int = 0):
+    def __init__(self, S: int, H: int, d: int, dtype: torch.dtype, device, batch: int = 1, seed: int = 0,
+                 doc_len: int | None = None):  # fmt: skip
         torch.manual_seed(seed)
+        # Packed documents of doc_len tokens (the last one shorter), the same in every row.
+        self.cu_seqlens = None
+        if doc_len is not None:
+            row = list(range(0, S, doc_len))
+            flat = [b * S + s for b in range(batch) for s in row] + [batch * S]
+            self.cu_seqlens = torch.tensor(flat, dtype=torch.int32, device=device)
         h = H * d
         self.w = AttentionWeights.random(h, H, H, d, dtype=dtype, device=device)
         self.rope = RotaryEmbedding(d, ROPE_BASE)
@@ -34,10 +42,10 @@ class Block:
         """One forward + backward; ``strategy`` is ``ulysses`` (at ``P = 1``: the whole-sequence
         block) or ``fpdt``."""
         if strategy == "ulysses":
-            y = ulysses_attention(self.x, self.w, self.rope, group=SPGroup.single())
+            y = ulysses_attention(self.x, self.w, self.rope, group=SPGroup.single(), cu_seqlens=self.cu_seqlens)
         else:
             y = fpdt_attention(self.x, self.w, self.rope, group=SPGroup.single(), chunks=chunks, offload=offload,
-                               store=self.store, timeline=timeline)  # fmt: skip
+                               store=self.store, timeline=timeline, cu_seqlens=self.cu_seqlens)  # fmt: skip
         y.backward(self.dy)
         self.x.grad = None
         for p in self.w.parameters():

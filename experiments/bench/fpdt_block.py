@@ -11,6 +11,10 @@ timeline as CSV and PNG::
 
     python -m experiments.bench_fpdt_block
     python -m experiments.bench_fpdt_block --seq-lens 524288 --chunk-tokens 65536
+    python -m experiments.bench_fpdt_block --doc-len 16384    # packed documents: blocks skipped
+
+With ``--doc-len`` the sequence is packed documents of that length: attention stays inside each
+and FPDT's schedules omit the chunk blocks (and their fetches) that share no document.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--reps", type=int, default=3 if cuda else 1)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
     parser.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
+    parser.add_argument("--doc-len", type=int, default=None,
+                        help="packed documents of this many tokens: attention inside each, FPDT skips the chunk "
+                             "blocks that share none")  # fmt: skip
     args = parser.parse_args(argv)
     if not cuda:
         kernels.set_backend("torch")
@@ -113,7 +120,7 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = dict(device=name, H=args.heads, d=args.head_dim, dtype=dtype_name(dtype))
+    meta = dict(device=name, H=args.heads, d=args.head_dim, dtype=dtype_name(dtype), doc_len=args.doc_len)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
 
@@ -126,7 +133,7 @@ def main(argv=None) -> list[dict]:
     if cuda:
         _tune_kernels(args, dtype, device)
     for S in args.seq_lens:
-        block = Block(S, args.heads, args.head_dim, dtype, device)
+        block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len)
         record(measure(block, "ulysses", S, S, False, args.reps, cuda))
         for C in args.chunk_tokens:
             if S % C or C > S:
@@ -162,7 +169,7 @@ def _record_timeline(args, dtype, device, stem: Path) -> None:
     """One forward+backward with per-op start/end times, for the copy/compute overlap figure."""
     S = args.seq_lens[0]
     C = next((c for c in sorted(args.chunk_tokens, reverse=True) if S % c == 0 and S // c >= 4), S // 4)
-    block = Block(S, args.heads, args.head_dim, dtype, device)
+    block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len)
     block.step("fpdt", S // C, True)  # warm-up
     timeline = Timeline()
     block.step("fpdt", S // C, True, timeline)
@@ -174,7 +181,8 @@ def _record_timeline(args, dtype, device, stem: Path) -> None:
     except ImportError as exc:  # a bare GPU box may lack matplotlib; the CSV is the record
         print(f"timeline figure skipped: {exc}")
         return
-    title = f"FPDT block S={S} C={C} (u={S // C}), offload on, {device.type}"
+    docs = f", documents of {args.doc_len}" if args.doc_len else ""
+    title = f"FPDT block S={S} C={C} (u={S // C}), offload on{docs}, {device.type}"
     for path in plot_timeline(rows, stem, title=title):
         print(f"timeline: {path}")
 
