@@ -74,27 +74,46 @@ def test_precision_names_and_bytes_per_parameter():
         resolve_precision("fp8", cuda=True)
 
 
-def test_bf16_mixed_keeps_updates_bf16_would_round_away():
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group (FSDP needs one), torn down afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["autocast", "fsdp-policy"])
+def test_bf16_mixed_keeps_updates_bf16_would_round_away(fsdp, request):
     """One AdamW step of size ~1e-4 on weights of 1.0: below bf16's resolution there (2^-8)."""
     from experiments.training.loop import build_model, build_optimizer, clip_and_step, forward_backward
     from parallel import Mesh
 
-    point = dict(model="llama-tiny", n_layers=1, strategy="local", chunks=1, offload=False, fsdp=False, seed=0,
+    if fsdp:
+        request.getfixturevalue("one_rank_group")
+    point = dict(model="llama-tiny", n_layers=1, strategy="local", chunks=1, offload=False, fsdp=fsdp, seed=0,
                  lr=1e-4, weight_decay=0.0, activation_checkpointing=True)  # fmt: skip
     tokens = torch.randint(0, 96, (1, 65))
     moved = {}
     for name in ("bf16-mixed", "bf16-true"):
         precision = resolve_precision(name, cuda=False)
         model = build_model(point, Mesh.single(), torch.device("cpu"), precision)
+        w = dict(model.named_parameters())["blocks.0.mlp.w2"]
         with torch.no_grad():
-            dict(model.named_parameters())["blocks.0.mlp.w2"].fill_(1.0)  # bf16 resolution there: 2^-8
-        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+            w.fill_(1.0)  # bf16's resolution there: 2^-8
+        before = _full(w)
         opt = build_optimizer(model, point)
         forward_backward(model, point, Mesh.single(), precision, torch.device("cpu"), tokens[:, :-1], tokens[:, 1:])
         clip_and_step(model, opt, None)
-        w = dict(model.named_parameters())["blocks.0.mlp.w2"]
         assert w.dtype == precision.param_dtype
-        moved[name] = (w.detach() - before["blocks.0.mlp.w2"]).abs()
+        moved[name] = (_full(w) - before).abs()
     mixed, true = moved["bf16-mixed"], moved["bf16-true"]
     assert (mixed > 0).float().mean() > 0.99  # every weight took its ~lr-sized step
     assert (true == 0).all()  # bf16 weights did not move at all
