@@ -3,7 +3,10 @@
 Public API::
 
     from kernels import flash_attention, attention_chunk_forward, attention_chunk_backward
-    from kernels import merge_attention, naive, set_backend, use_backend
+    from kernels import flash_attention_varlen, merge_attention, naive, set_backend, use_backend
+
+Packed documents: ``flash_attention_varlen`` (flash-attn's ``flash_attn_varlen_func``) and the
+chunk ops' ``cu_seqlens=`` keyword; the Triton kernels skip tiles that share no document.
 
 Check that the Triton kernels compile for sm_90/sm_80 without spills, on a machine without a
 GPU: ``python -m kernels.compile_check --quick`` (the full matrix without ``--quick``). fp32
@@ -14,6 +17,7 @@ from .attention import (
     attention_chunk_backward,
     attention_chunk_forward,
     flash_attention,
+    flash_attention_varlen,
     merge_attention,
     naive,
 )
@@ -24,6 +28,7 @@ __all__ = [
     "attention_chunk_backward",
     "attention_chunk_forward",
     "flash_attention",
+    "flash_attention_varlen",
     "merge_attention",
     "naive",
     "resolve_backend",

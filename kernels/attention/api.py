@@ -2,6 +2,7 @@
 
 Every op takes the flash-attn layout ``[B, S, H, d]`` (``k, v`` may have ``Hkv`` heads with
 ``H % Hkv == 0``) and returns an LSE ``[B, H, Sq]`` in fp32 natural log where it returns one.
+The chunk ops take packed documents as ``cu_seqlens`` (``documents.py``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import resolve_backend
-from . import naive, torch_cpu
+from . import documents, naive, torch_cpu
 from .common import accumulator_dtype, default_scale
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,17 +62,38 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, accumulate):
-    """Write (accumulate=False) or merge (accumulate=True) one block into ``out``/``lse``."""
+def _spans(cu_seqlens, q, k, q_start, k_start, causal, keys=False):
+    """The Triton kernels' document spans of a block (rows, or rows and keys), or None."""
+    if cu_seqlens is None:
+        return None
+    (B, Sq), Sk = q.shape[:2], k.shape[1]
+    rows = documents.chunk_spans(cu_seqlens, B, q_start, Sq, k_start, Sk, causal, q.device)
+    return (rows, documents.key_spans(rows, Sk)) if keys else rows
+
+
+def _pieces(offsets, q, k, q_start, k_start):
+    (B, Sq), Sk = q.shape[:2], k.shape[1]
+    return documents.chunk_pieces(offsets, B, q_start, Sq, k_start, Sk)
+
+
+def _run_forward(
+    backend, q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, cu_seqlens=None, offsets=None
+):
+    """Write (accumulate=False) or merge (accumulate=True) one block into ``out``/``lse``.
+
+    ``cu_seqlens``: packed documents (``offsets``: their values, for the torch backend)."""
     if backend == "triton":
         from . import triton_fwd
 
-        triton_fwd.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate)
+        spans = _spans(cu_seqlens, q, k, q_start, k_start, causal)
+        triton_fwd.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, spans)
         return
     if not accumulate:
         out.zero_()
         lse.fill_(float("-inf"))
-    if backend == "torch":
+    if backend == "torch" and cu_seqlens is not None:
+        torch_cpu.pieces_forward(q, k, v, _pieces(offsets, q, k, q_start, k_start), causal, scale, out, lse)
+    elif backend == "torch":
         torch_cpu.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse)
     else:
         naive.attention_chunk_forward(
@@ -84,14 +106,21 @@ def _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, ac
             softmax_scale=scale,
             out=out,
             lse=lse,
+            cu_seqlens=cu_seqlens,
         )
 
 
-def _run_backward(backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
+def _run_backward(
+    backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, cu_seqlens=None, offsets=None
+):
     if backend == "triton":
         from . import triton_bwd
 
-        triton_bwd.chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv)
+        spans = _spans(cu_seqlens, q, k, q_start, k_start, causal, keys=True)
+        triton_bwd.chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans)
+    elif backend == "torch" and cu_seqlens is not None:
+        pieces = _pieces(offsets, q, k, q_start, k_start)
+        torch_cpu.pieces_backward(do, q, k, v, out, lse, pieces, causal, scale, dq, dk, dv)
     elif backend == "torch":
         torch_cpu.chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv)
     else:
@@ -110,6 +139,7 @@ def _run_backward(backend, do, q, k, v, out, lse, delta, q_start, k_start, causa
             dq=dq,
             dk=dk,
             dv=dv,
+            cu_seqlens=cu_seqlens,
         )
 
 
@@ -125,6 +155,7 @@ def attention_chunk_forward(
     softmax_scale: float | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend a query block to a key/value block at global offsets; merge into running state.
 
@@ -134,6 +165,11 @@ def attention_chunk_forward(
         causal: key ``k_start+n`` is visible to query ``q_start+m`` iff ``k_start+n <= q_start+m``.
         out, lse: optional running fp32 accumulators ``[B, Sq, H, d]`` and ``[B, H, Sq]``
             (start them at 0 and ``-inf``); merged into in place (online softmax) and returned.
+        cu_seqlens: packed documents: int32 offsets ``[n_docs + 1]`` over the flattened
+            ``[B * S]`` tokens of the whole batch (flash-attn's convention; ``S = cu[-1] / B`` is the
+            row the blocks sit in, every row boundary a document boundary). A key is then visible
+            only inside its query's document (and causally, when ``causal``); tiles that share no
+            document are skipped. Checked in full on the CPU; on q's GPU, trusted (no host sync).
 
     Returns:
         ``(out, lse)``, fp32. A row that has seen no key yet has ``out = 0, lse = -inf``.
@@ -156,9 +192,13 @@ def attention_chunk_forward(
         acc = accumulator_dtype(q.dtype)
         out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
         lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
+    q_start, k_start = int(q_start), int(k_start)
+    offsets = None
+    if cu_seqlens is not None:
+        offsets = documents.check_chunk(cu_seqlens, B, q_start, Sq, k_start, k.shape[1], q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_scale(q.shape[-1], softmax_scale)
-    _run_forward(backend, q, k, v, int(q_start), int(k_start), bool(causal), scale, out, lse, accumulate)
+    _run_forward(backend, q, k, v, q_start, k_start, bool(causal), scale, out, lse, accumulate, cu_seqlens, offsets)
     return out, lse
 
 
@@ -179,13 +219,15 @@ def attention_chunk_backward(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of one block, accumulating into fp32 ``dq [B,Sq,H,d]``, ``dk, dv [B,Sk,Hkv,d]``.
 
     ``out``/``lse`` are the MERGED output and LSE of the whole attention row (over every KV
     block), as the forward left them; ``delta = rowsum(do * out)`` (``[B, H, Sq]`` fp32) may be
     passed to skip recomputing it for each KV block. Missing gradient buffers are allocated as
-    zeros. GQA gradients are summed over the query heads that share a KV head.
+    zeros. GQA gradients are summed over the query heads that share a KV head. ``cu_seqlens``:
+    packed documents, as in ``attention_chunk_forward``.
     """
     backend = resolve_backend(q.device)
     _check_qkv(q, k, v, backend)
@@ -207,9 +249,15 @@ def attention_chunk_backward(
             _check_buffer(name, g, ref.shape, q.device)
         grads.append(g)
     dq, dk, dv = grads
+    q_start, k_start = int(q_start), int(k_start)
+    offsets = None
+    if cu_seqlens is not None:
+        offsets = documents.check_chunk(cu_seqlens, B, q_start, Sq, k_start, k.shape[1], q.device)
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
     scale = default_scale(q.shape[-1], softmax_scale)
-    _run_backward(backend, do, q, k, v, out, lse, delta, int(q_start), int(k_start), bool(causal), scale, dq, dk, dv)
+    _run_backward(
+        backend, do, q, k, v, out, lse, delta, q_start, k_start, bool(causal), scale, dq, dk, dv, cu_seqlens, offsets
+    )
     return dq, dk, dv
 
 

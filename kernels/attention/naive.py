@@ -16,7 +16,9 @@ from .common import accumulator_dtype, default_scale
 __all__ = [
     "attention_chunk_backward",
     "attention_chunk_forward",
+    "document_mask",
     "flash_attention",
+    "flash_attention_varlen",
     "merge_attention",
     "visibility_mask",
 ]
@@ -34,25 +36,40 @@ def visibility_mask(sq: int, sk: int, q_start: int, k_start: int, causal: bool, 
     return n <= m
 
 
+def document_mask(cu_seqlens: torch.Tensor, batch: int, sq: int, sk: int, q_start: int, k_start: int) -> torch.Tensor:
+    """``[B, Sq, Sk]`` bool, True where query ``q_start+m`` and key ``k_start+n`` of a row share a
+    document; ``cu_seqlens`` are offsets over the flattened ``[B * S]`` tokens, ``S = cu[-1] / B``."""
+    cu = cu_seqlens.long()
+    row0 = torch.arange(batch, device=cu.device)[:, None] * (cu[-1] // batch)
+
+    def doc(start, n):  # [B, n]: the document of each flattened position
+        return torch.searchsorted(cu, row0 + start + torch.arange(n, device=cu.device), right=True)
+
+    return doc(q_start, sq)[:, :, None] == doc(k_start, sk)[:, None, :]
+
+
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     # [B, S, Hkv, d] -> [B, S, Hkv*groups, d]; query head h uses KV head h // groups.
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
-def _scores(q, k, q_start, k_start, causal, scale):
+def _scores(q, k, q_start, k_start, causal, scale, cu_seqlens=None):
     """Masked scores ``[B, H, Sq, Sk]`` in the input dtype (masked entries are -inf)."""
     k = _repeat_kv(k, q.shape[2] // k.shape[2])
     s = torch.einsum("bmhd,bnhd->bhmn", q, k) * scale
     mask = visibility_mask(q.shape[1], k.shape[1], q_start, k_start, causal, q.device)
+    if cu_seqlens is not None:
+        docs = document_mask(cu_seqlens.to(q.device), q.shape[0], q.shape[1], k.shape[1], q_start, k_start)
+        mask = docs[:, None] if mask is None else docs[:, None] & mask
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return s
 
 
-def _block_forward(q, k, v, q_start, k_start, causal, scale):
+def _block_forward(q, k, v, q_start, k_start, causal, scale, cu_seqlens=None):
     """One block: (out fp32 ``[B, Sq, H, d]``, lse fp32 ``[B, H, Sq]``); unseen rows give (0, -inf)."""
     acc = accumulator_dtype(q.dtype)
-    s = _scores(q, k, q_start, k_start, causal, scale).to(acc)
+    s = _scores(q, k, q_start, k_start, causal, scale, cu_seqlens).to(acc)
     lse = torch.logsumexp(s, dim=-1)
     # exp(-inf - (-inf)) is NaN for rows that see no key: their probabilities are 0.
     p = torch.exp(s - lse[..., None]).nan_to_num(nan=0.0)
@@ -80,14 +97,17 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def attention_chunk_forward(q, k, v, *, q_start, k_start, causal, softmax_scale=None, out=None, lse=None):
+def attention_chunk_forward(
+    q, k, v, *, q_start, k_start, causal, softmax_scale=None, out=None, lse=None, cu_seqlens=None
+):
     """Attend ``q`` (global rows ``q_start..``) to ``k, v`` (global keys ``k_start..``).
 
     Returns fp32 ``(out [B, Sq, H, d], lse [B, H, Sq])``; when ``out``/``lse`` are given they are
-    running accumulators, merged into in place and returned.
+    running accumulators, merged into in place and returned. ``cu_seqlens``: packed documents
+    (see ``document_mask``); a key is then visible only inside its query's document.
     """
     scale = default_scale(q.shape[-1], softmax_scale)
-    blk_out, blk_lse = _block_forward(q, k, v, q_start, k_start, causal, scale)
+    blk_out, blk_lse = _block_forward(q, k, v, q_start, k_start, causal, scale, cu_seqlens)
     if out is None:
         return blk_out, blk_lse
     new_out, new_lse = merge_attention(out, lse, blk_out, blk_lse)
@@ -112,6 +132,7 @@ def attention_chunk_backward(
     dq=None,
     dk=None,
     dv=None,
+    cu_seqlens=None,
 ):
     """Gradient of one block given the MERGED ``out``/``lse`` of the full attention row.
 
@@ -127,7 +148,7 @@ def attention_chunk_backward(
     acc = accumulator_dtype(q.dtype)
     if delta is None:
         delta = (do.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Sq]
-    s = _scores(q.to(acc), k.to(acc), q_start, k_start, causal, scale)
+    s = _scores(q.to(acc), k.to(acc), q_start, k_start, causal, scale, cu_seqlens)
     # Rows that saw no key anywhere have lse = -inf: their probabilities are 0, not NaN.
     lse = lse.to(acc)
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
@@ -162,3 +183,20 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None):
     p = torch.softmax(s.to(accumulator_dtype(q.dtype)), dim=-1).nan_to_num(nan=0.0).to(v.dtype)
     v = _repeat_kv(v, q.shape[2] // v.shape[2])
     return torch.einsum("bhmn,bnhd->bmhd", p, v)
+
+
+def flash_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, softmax_scale=None
+):
+    """Differentiable reference for ``flash_attn_varlen_func``: ``flash_attention`` on each
+    document (``q [total_q, H, d]``, ``k, v [total_k, Hkv, d]``), outputs concatenated."""
+    scale = default_scale(q.shape[-1], softmax_scale)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for i in range(len(cq) - 1):
+        a, b, c, e = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if e == c:  # a document without keys: its rows see nothing
+            outs.append(q[a:b] * 0)
+        else:
+            outs.append(flash_attention(q[None, a:b], k[None, c:e], v[None, c:e], causal, scale)[0])
+    return torch.cat(outs)

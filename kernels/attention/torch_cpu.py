@@ -3,8 +3,9 @@
 ``aten._scaled_dot_product_flash_attention_for_cpu`` returns an LSE and its backward takes the
 (merged) output and LSE, which is exactly the chunk contract. It only knows "no mask" and
 "top-left causal", so a causal block at arbitrary global offsets is cut into at most two pieces
-it covers (see ``_pieces``); no ``[Sq, Sk]`` mask is ever built. CPU tensors only: for CUDA
-tensors ``kernels.backend.resolve_backend`` turns a forced ``torch`` into ``naive``.
+it covers (see ``_pieces``); no ``[Sq, Sk]`` mask is ever built. Packed documents: one call per
+document piece of the block (``pieces_forward``). CPU tensors only: for CUDA tensors
+``kernels.backend.resolve_backend`` turns a forced ``torch`` into ``naive``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,26 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
         # [B, H, n, d] -> [B, n, Hkv, groups, d]: sum the query heads that share a KV head.
         dk[:, keys] += dk_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
         dv[:, keys] += dv_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
+
+
+def pieces_forward(q, k, v, pieces, causal, scale, out, lse):
+    """``chunk_forward`` on each document's piece of the block (``documents.Piece``)."""
+    for p in pieces:
+        b = slice(p.b, p.b + 1)
+        chunk_forward(
+            q[b, p.rows], k[b, p.keys], v[b, p.keys], p.q_start, p.k_start, causal, scale, out[b, p.rows],
+            lse[b, :, p.rows],
+        )  # fmt: skip
+
+
+def pieces_backward(do, q, k, v, out, lse, pieces, causal, scale, dq, dk, dv):
+    """``chunk_backward`` on each document's piece of the block (``documents.Piece``)."""
+    for p in pieces:
+        b = slice(p.b, p.b + 1)
+        chunk_backward(
+            do[b, p.rows], q[b, p.rows], k[b, p.keys], v[b, p.keys], out[b, p.rows], lse[b, :, p.rows],
+            p.q_start, p.k_start, causal, scale, dq[b, p.rows], dk[b, p.keys], dv[b, p.keys],
+        )  # fmt: skip
 
 
 def covers_whole_block(sq: int, sk: int, q_start: int, causal: bool) -> bool:

@@ -9,6 +9,10 @@ Both recompute ``P = exp(S - lse)``; rows whose lse is -inf (saw no key) get P =
 their loop as the forward does: blocks every row/key sees in full run without masks; only the
 diagonal and the tail blocks pay for them. Head dims and strides as in ``triton_fwd``.
 
+Packed documents (``DOCS``, as in ``triton_fwd``): the dQ kernel walks the key tiles of its rows'
+spans, the dK/dV kernel the query tiles of its keys' spans (the rows ``[lo[n], hi[n])`` that see
+key ``n``, ``documents.key_spans``); tiles outside them are not visited.
+
 dK/dV parallelism for GQA/MQA: one program per (KV block, query head), a grid of
 ``Sk/BN x B*H`` as for MHA, so MQA launches as many programs as MHA; the query heads of a group
 add their parts into fp32 dK/dV buffers with atomics. Chosen over (a) one program walking its
@@ -38,6 +42,7 @@ from .triton_common import (
     head_dim_block,
     run,
     seq_bucket,
+    span_blocks,
     strides,
     tile,
     vector_elements,
@@ -151,15 +156,16 @@ DQ_TILES = Tiles(
     _DQ_CLEAN_16BIT | _DQ_CLEAN_32BIT,
 )
 
-_KEY = ["D", "GROUPS", "CAUSAL", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
+_KEY = ["D", "GROUPS", "CAUSAL", "DOCS", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
 
 
 @triton.jit
 def _dkdv_inner(
-    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
+    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds,
     Sq, DELTA, qk_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DP: tl.constexpr,
@@ -167,8 +173,9 @@ def _dkdv_inner(
     """One query block's contribution to the resident KV block's (dK, dV).
 
     ``MASKED=False``: every row is in bounds and sees every key of the block. ``MASKED=True``:
-    rows past ``Sq`` load as zeros with lse = +inf (so P = 0), and the causal mask applies. Keys
-    past ``Sk`` need no mask: they only touch their own dK/dV rows, which are never stored.
+    rows past ``Sq`` load as zeros with lse = +inf (so P = 0), and the causal mask applies (with
+    ``DOCS``: the keys' row spans ``b_lo <= m < b_hi``). Keys past ``Sk`` need no mask: they only
+    touch their own dK/dV rows, which are never stored.
     """
     m_d = o_d < DP  # folds away when DP == BD
     if MASKED:
@@ -192,7 +199,10 @@ def _dkdv_inner(
     b_lse = b_lse * LOG2E
     b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
     b_pt = tl.exp2(b_st - b_lse[None, :])
-    if MASKED and CAUSAL:
+    if MASKED and DOCS:
+        m_vis = ((m0 + o_m)[None, :] >= b_lo[:, None]) & ((m0 + o_m)[None, :] < b_hi[:, None])
+        b_pt = tl.where(m_vis, b_pt, 0.0)
+    elif MASKED and CAUSAL:
         m_vis = (n_start + o_n)[:, None] <= (m0 + o_m)[None, :] + DELTA
         b_pt = tl.where(m_vis, b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
@@ -210,7 +220,7 @@ def _dkdv_inner(
 )
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, dO, Lse, Delta, dK, dV,
+    Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -222,6 +232,7 @@ def _dkdv_kernel(
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -260,45 +271,80 @@ def _dkdv_kernel(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
 
-    # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
-    # the partial last block: one masked loop walks both. [m_mid, m_tail) see every key of this
-    # block: no masks. Rows before m_lo see none of these keys.
-    m_tail = Sq // BM * BM
-    if CAUSAL:
-        m_lo = tl.minimum(tl.maximum(n_start - DELTA, 0), Sq) // BM * BM
-        m_all = tl.minimum(n_start + BN, Sk) - 1 - DELTA  # the first row that sees every key
-        m_mid = tl.minimum(m_lo + tl.cdiv(tl.maximum(m_all - m_lo, 0), BM) * BM, tl.cdiv(Sq, BM) * BM)
+    if DOCS:
+        # Key spans [B, 2, Sk]: key n is seen by rows [lo[n], hi[n]); keys past Sk get [0, 0).
+        p_lo = KeySpans + i_b * 2 * Sk + n_start
+        p_hi = p_lo + Sk
+        n_last = tl.minimum(BN, Sk - n_start) - 1
+        b_lo = tl.load(p_lo + o_n, mask=m_n, other=0)
+        b_hi = tl.load(p_hi + o_n, mask=m_n, other=0)
+        # Spans never decrease (as the forward's row spans).
+        v_lo, f_hi, f_lo, v_hi = tl.load(p_lo), tl.load(p_hi), tl.load(p_lo + n_last), tl.load(p_hi + n_last)
+        m_first, f0, f1, n_head, n_masked = span_blocks(v_lo, v_hi, f_lo, f_hi, BM)
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+        p_q = Q + i_b * stride_qb + i_h * stride_qh
+        p_do = dO + i_b * stride_db + i_h * stride_dh
+        p_l = Lse + i_b * stride_lb + i_h * stride_lh
+        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+        p_qm = p_q + f0.to(tl.int64) * stride_qs
+        p_dom = p_do + f0.to(tl.int64) * stride_ds
+        for m0 in range(f0, f1, BM):
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d,
+                stride_qs, stride_ds, Sq, DELTA, qk_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_qm += BM * stride_qs
+            p_dom += BM * stride_ds
+        for j in range(0, n_masked):
+            m0 = tl.where(j < n_head, m_first + j * BM, f1 + (j - n_head) * BM)
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
+                p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds, Sq, DELTA, qk_scale,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
     else:
-        # A tensor, not the literal 0: compiled Triton turns literals into constexprs, which
-        # have no .to() for the 64-bit offsets below (the interpreter would not notice).
-        m_lo = n_start * 0
-        m_mid = m_lo
-    n_diag = (m_mid - m_lo) // BM
-    m_rest = tl.maximum(m_mid, m_tail)  # the masked tail starts here
-    n_masked = n_diag + tl.cdiv(Sq - m_rest, BM)
+        # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
+        # the partial last block: one masked loop walks both. [m_mid, m_tail) see every key of this
+        # block: no masks. Rows before m_lo see none of these keys.
+        m_tail = Sq // BM * BM
+        if CAUSAL:
+            m_lo = tl.minimum(tl.maximum(n_start - DELTA, 0), Sq) // BM * BM
+            m_all = tl.minimum(n_start + BN, Sk) - 1 - DELTA  # the first row that sees every key
+            m_mid = tl.minimum(m_lo + tl.cdiv(tl.maximum(m_all - m_lo, 0), BM) * BM, tl.cdiv(Sq, BM) * BM)
+        else:
+            # A tensor, not the literal 0: compiled Triton turns literals into constexprs, which
+            # have no .to() for the 64-bit offsets below (the interpreter would not notice).
+            m_lo = n_start * 0
+            m_mid = m_lo
+        n_diag = (m_mid - m_lo) // BM
+        m_rest = tl.maximum(m_mid, m_tail)  # the masked tail starts here
+        n_masked = n_diag + tl.cdiv(Sq - m_rest, BM)
 
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    p_q = Q + i_b * stride_qb + i_h * stride_qh
-    p_do = dO + i_b * stride_db + i_h * stride_dh
-    p_l = Lse + i_b * stride_lb + i_h * stride_lh
-    p_dl = Delta + i_b * stride_lb + i_h * stride_lh
-    p_qm = p_q + m_mid.to(tl.int64) * stride_qs
-    p_dom = p_do + m_mid.to(tl.int64) * stride_ds
-    for m0 in range(m_mid, m_tail, BM):
-        b_dk, b_dv = _dkdv_inner(
-            b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
-            Sq, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-        )  # fmt: skip
-        p_qm += BM * stride_qs
-        p_dom += BM * stride_ds
-    for j in range(0, n_masked):
-        m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
-        b_dk, b_dv = _dkdv_inner(
-            b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-            p_l, p_dl, m0, n_start, o_m, o_n, o_d, stride_qs, stride_ds,
-            Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-        )  # fmt: skip
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+        p_q = Q + i_b * stride_qb + i_h * stride_qh
+        p_do = dO + i_b * stride_db + i_h * stride_dh
+        p_l = Lse + i_b * stride_lb + i_h * stride_lh
+        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+        p_qm = p_q + m_mid.to(tl.int64) * stride_qs
+        p_dom = p_do + m_mid.to(tl.int64) * stride_ds
+        for m0 in range(m_mid, m_tail, BM):
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d,
+                stride_qs, stride_ds, Sq, DELTA, qk_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_qm += BM * stride_qs
+            p_dom += BM * stride_ds
+        for j in range(0, n_masked):
+            m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
+                p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds,
+                Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
 
     b_dk = b_dk * sm_scale
     p_dk = dK + i_b * stride_dkb + i_hk * stride_dkh + n_start.to(tl.int64) * stride_dks
@@ -317,10 +363,11 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, o_mg, o_n, o_d, stride_ks, stride_vs,
+    b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, o_mg, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs,
     Sk, DELTA, qk_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DP: tl.constexpr,
@@ -340,9 +387,12 @@ def _dq_inner(
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
     b_p = tl.exp2(b_s - b_lse[:, None])
     if MASKED:
-        m_vis = m_n[None, :]
-        if CAUSAL:
-            m_vis = m_vis & ((n0 + o_n)[None, :] <= o_mg[:, None] + DELTA)
+        if DOCS:
+            m_vis = ((n0 + o_n)[None, :] >= b_lo[:, None]) & ((n0 + o_n)[None, :] < b_hi[:, None])
+        else:
+            m_vis = m_n[None, :]
+            if CAUSAL:
+                m_vis = m_vis & ((n0 + o_n)[None, :] <= o_mg[:, None] + DELTA)
         b_p = tl.where(m_vis, b_p, 0.0)
     b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
@@ -358,7 +408,7 @@ def _dq_inner(
 )
 @triton.jit
 def _dq_kernel(
-    Q, K, V, dO, Lse, Delta, dQ,
+    Q, K, V, dO, Lse, Delta, dQ, Spans,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -369,6 +419,7 @@ def _dq_kernel(
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -414,31 +465,63 @@ def _dq_kernel(
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * LOG2E
     b_delta = tl.load(Delta + i_b * stride_lb + i_h * stride_lh + m_start + o_m, mask=m_m, other=0.0)
 
-    # Key ranges as in the forward: [0, n_full) unmasked, [n_full, n_end) masked.
-    if CAUSAL:
-        n_end = tl.minimum(Sk, tl.maximum(m_start + BM + DELTA, 0))
-        n_full = tl.minimum(tl.maximum(m_start + DELTA + 1, 0), Sk) // BN * BN
+    p_k = K + i_b * stride_kb + i_hk * stride_kh
+    p_v = V + i_b * stride_vb + i_hk * stride_vh
+    if DOCS:
+        # The key tiles of the rows' spans, as in the forward.
+        p_lo = Spans + i_b * 2 * Sq + m_start
+        p_hi = p_lo + Sq
+        m_last = tl.minimum(BM, Sq - m_start) - 1
+        b_lo = tl.load(p_lo + o_m, mask=m_m, other=0)
+        b_hi = tl.load(p_hi + o_m, mask=m_m, other=0)
+        v_lo, f_hi, f_lo, v_hi = tl.load(p_lo), tl.load(p_hi), tl.load(p_lo + m_last), tl.load(p_hi + m_last)
+        n_start, f0, f1, n_head, n_masked = span_blocks(v_lo, v_hi, f_lo, f_hi, BN)
+        b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+        p_kn = p_k + f0.to(tl.int64) * stride_ks
+        p_vn = p_v + f0.to(tl.int64) * stride_vs
+        for n0 in range(f0, f1, BN):
+            b_dq = _dq_inner(
+                b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks,
+                stride_vs, Sk, DELTA, qk_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_kn += BN * stride_ks
+            p_vn += BN * stride_vs
+        for j in range(0, n_masked):
+            n0 = tl.where(j < n_head, n_start + j * BN, f1 + (j - n_head) * BN)
+            b_dq = _dq_inner(
+                b_q, b_do, b_lse, b_delta, b_dq, p_k + n0.to(tl.int64) * stride_ks, p_v + n0.to(tl.int64) * stride_vs,
+                n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs, Sk, DELTA, qk_scale,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
     else:
-        n_end = Sk
-        n_full = Sk // BN * BN
+        # Key ranges as in the forward: [0, n_full) unmasked, [n_full, n_end) masked.
+        if CAUSAL:
+            n_end = tl.minimum(Sk, tl.maximum(m_start + BM + DELTA, 0))
+            n_full = tl.minimum(tl.maximum(m_start + DELTA + 1, 0), Sk) // BN * BN
+        else:
+            n_end = Sk
+            n_full = Sk // BN * BN
 
-    p_kn = K + i_b * stride_kb + i_hk * stride_kh
-    p_vn = V + i_b * stride_vb + i_hk * stride_vh
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    for n0 in range(0, n_full, BN):
-        b_dq = _dq_inner(
-            b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
-            Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-        )  # fmt: skip
-        p_kn += BN * stride_ks
-        p_vn += BN * stride_vs
-    for n0 in range(n_full, n_end, BN):
-        b_dq = _dq_inner(
-            b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
-            Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-        )  # fmt: skip
-        p_kn += BN * stride_ks
-        p_vn += BN * stride_vs
+        p_kn = K + i_b * stride_kb + i_hk * stride_kh
+        p_vn = V + i_b * stride_vb + i_hk * stride_vh
+        b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+        for n0 in range(0, n_full, BN):
+            b_dq = _dq_inner(
+                b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks,
+                stride_vs, Sk, DELTA, qk_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_kn += BN * stride_ks
+            p_vn += BN * stride_vs
+        for n0 in range(n_full, n_end, BN):
+            b_dq = _dq_inner(
+                b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks,
+                stride_vs, Sk, DELTA, qk_scale,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_kn += BN * stride_ks
+            p_vn += BN * stride_vs
 
     b_dq = b_dq * sm_scale
     p_dq = dQ + i_b * stride_dqb + i_h * stride_dqh + m_start.to(tl.int64) * stride_dqs
@@ -466,13 +549,16 @@ def delta_launch(out, do, delta) -> Launch:
     return Launch(_delta_kernel, (triton.cdiv(Sq, BM), B * H), args)
 
 
-def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate):
+def backward_launches(
+    do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate, spans=None
+):
     """The backward's launches in order: delta (when not given), dK/dV, dQ.
 
     ``q, k, v, do`` as ``triton_fwd.pad_inputs`` left them; ``out`` at the true head dim; the
     gradient buffers at the true head dim or at ``q``'s padded one (then every column is stored;
     the padding columns come out 0). ``accumulate=False`` overwrites ``dq, dk, dv`` (any float
-    dtype), except that GQA dK/dV (``H > Hkv``) are added into, so they must then be fp32 zeros."""
+    dtype), except that GQA dK/dV (``H > Hkv``) are added into, so they must then be fp32 zeros.
+    ``spans``: for packed documents, the rows' and the keys' spans ``([B, 2, Sq], [B, 2, Sk])``."""
     B, Sq, H, DP = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     D = dq.shape[-1]  # the columns stored: the true head dim, or DP for head-padded buffers
@@ -493,19 +579,20 @@ def backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, sc
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         Sq=Sq, Sk=Sk, DELTA=q_start - k_start, sm_scale=scale, qk_scale=scale * LOG2E.value,
         SQ_BUCKET=seq_bucket(Sq), SK_BUCKET=seq_bucket(Sk),
-        GROUPS=H // Hkv, CAUSAL=causal, ACCUMULATE=accumulate, UPCAST=INTERPRET,
+        GROUPS=H // Hkv, CAUSAL=causal, DOCS=spans is not None, ACCUMULATE=accumulate, UPCAST=INTERPRET,
         PRECISION=dot_precision(q.dtype), D=D, DP=DP, BD=head_dim_block(DP), IV=iv,
     )  # fmt: skip
+    rows, keys = (None, None) if spans is None else spans
     ov = vector_width(dk, dv)
     dkdv = dict(
-        common, dK=dk, dV=dv, H=H, OV=ov,
+        common, dK=dk, dV=dv, KeySpans=keys, H=H, OV=ov,
         **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
         **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
     )  # fmt: skip
     launches.append(Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]), B * H), dkdv))
     ov = vector_width(dq)
     dqa = dict(
-        common, dQ=dq, H=H, OV=ov,
+        common, dQ=dq, Spans=rows, H=H, OV=ov,
         **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, ov), strict=True)),
     )  # fmt: skip
     launches.append(Launch(_dq_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), dqa))
@@ -518,7 +605,7 @@ def _vector_aligned(g: torch.Tensor, dp: int) -> torch.Tensor:
     return g if vector_width(g) == vector_elements(g.dtype) else g.new_zeros(*g.shape[:-1], dp)
 
 
-def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv):
+def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans=None):
     """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``."""
     if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return
@@ -527,13 +614,13 @@ def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale
     q, k, v, do = pad_inputs(q, k, v, do)
     D = dq.shape[-1]
     work = [_vector_aligned(g, q.shape[-1]) for g in (dq, dk, dv)]
-    _run(backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True), q)
+    _run(backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True, spans), q)
     for g, w in zip((dq, dk, dv), work, strict=True):
         if w is not g:
             g.add_(w[..., :D])
 
 
-def flash_backward(do, q, k, v, out, lse, q_start, causal, scale):
+def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None):
     """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype, written directly (fp32
     dK/dV buffers only for GQA). ``q, k, v`` as ``pad_inputs`` left them; the gradients are
     written at that padded width and returned as views of the true one (per-element stores of
@@ -553,7 +640,7 @@ def flash_backward(do, q, k, v, out, lse, q_start, causal, scale):
     if B * Sq * Sk == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
-        _run(backward_launches(do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv, False), q)
+        _run(backward_launches(do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv, False, spans), q)
     return dq[..., :D], dk[..., :D].to(q.dtype), dv[..., :D].to(q.dtype)
 
 

@@ -1,5 +1,6 @@
-"""Launch-time helpers shared by the Triton forward and backward kernels: tiles, head-dim padding,
-vector widths, dot precision, autotune keys, and the ``Launch`` record the compile check reads."""
+"""Helpers shared by the Triton forward and backward kernels: tiles, head-dim padding, vector
+widths, dot precision, autotune keys, the ``Launch`` record the compile check reads, and the
+loop ranges of the document (span) variant."""
 
 from __future__ import annotations
 
@@ -26,6 +27,27 @@ FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 # Dynamic shared memory one block may use, in bytes (CUDA occupancy tables).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+
+@triton.jit
+def span_blocks(v_lo, v_hi, f_lo, f_hi, BLOCK: tl.constexpr):
+    """Tiles of ``BLOCK`` along a loop whose visible range is ``[v_lo, v_hi)`` (``0 <= v_lo <=
+    v_hi``), of which ``[f_lo, f_hi)`` is visible to every row (or key) of the resident block.
+
+    Returns ``(start, f0, f1, n_head, n_masked)``: unmasked tiles ``[f0, f1)``; masked tiles are
+    the ``n_head`` from ``start`` to ``f0``, then the ones from ``f1`` until ``v_hi``
+    (``n_masked`` in all). Tiles outside ``[v_lo, v_hi)`` are not visited at all.
+    """
+    start = v_lo // BLOCK * BLOCK
+    f0 = (f_lo + BLOCK - 1) // BLOCK * BLOCK
+    f1 = f_hi // BLOCK * BLOCK
+    full = f1 > f0
+    f0 = tl.where(full, f0, start)
+    f1 = tl.where(full, f1, start)
+    n_head = (f0 - start) // BLOCK
+    n_tail = tl.where(v_hi > f1, (v_hi - f1 + BLOCK - 1) // BLOCK, 0)
+    n_masked = tl.where(v_hi > v_lo, n_head + n_tail, 0)
+    return start, f0, f1, n_head, n_masked
 
 
 class Launch(NamedTuple):

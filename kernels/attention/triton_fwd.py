@@ -5,6 +5,11 @@ running fp32 ``(out, lse)`` accumulators in place (``ACCUMULATE``), so an FPDT p
 separate merge pass. Causal masking is at global offsets: key ``k_start+n`` is visible to query
 ``q_start+m`` iff ``n <= m + DELTA`` with ``DELTA = q_start - k_start``.
 
+Packed documents (``DOCS``, a constexpr: without it the kernel compiles as if it did not exist):
+row ``m`` sees the keys ``[lo[m], hi[m])`` of its span (``documents.py``: its document intersected
+with the causal bound), non-decreasing along the rows. A query block visits only the key tiles
+from its first row's ``lo`` to its last row's ``hi``; those inside every row's span run unmasked.
+
 Head dims: ``D`` is the true head dim (what ``out`` holds), ``DP >= D`` the width ``q, k, v``
 are laid out with (the launcher zero-pads odd dims to whole 16-byte vectors), ``BD`` the power
 of two the tiles use. Strides arrive divided by the vector widths ``IV`` (inputs) and ``OV``
@@ -31,6 +36,7 @@ from .triton_common import (
     padded_head_dim,
     run,
     seq_bucket,
+    span_blocks,
     strides,
     tile,
     vector_width,
@@ -91,10 +97,11 @@ TILES = Tiles(
 
 @triton.jit
 def _fwd_inner(
-    b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, o_mg, o_n, o_d, stride_ks, stride_vs,
+    b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, o_mg, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs,
     Sk, DELTA, qk_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DP: tl.constexpr,
@@ -102,7 +109,8 @@ def _fwd_inner(
     """One key block of the online softmax: returns the updated running (max, sum, acc).
 
     ``MASKED=False`` is the fast path for blocks every row sees in full; ``MASKED=True`` applies
-    the bounds (``n < Sk``) and causal (``n <= m + DELTA``) masks; ``o_mg`` are the rows' indices.
+    the bounds (``n < Sk``) and causal (``n <= m + DELTA``) masks, or with ``DOCS`` the rows'
+    spans ``b_lo <= n < b_hi`` (which lie inside ``[0, Sk]``); ``o_mg`` are the rows' indices.
     """
     m_d = o_d < DP  # folds away when DP == BD
     if MASKED:
@@ -119,9 +127,12 @@ def _fwd_inner(
         b_v = b_v.to(tl.float32)
     b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale
     if MASKED:
-        m_vis = m_n[None, :]
-        if CAUSAL:
-            m_vis = m_vis & ((n0 + o_n)[None, :] <= o_mg[:, None] + DELTA)
+        if DOCS:
+            m_vis = ((n0 + o_n)[None, :] >= b_lo[:, None]) & ((n0 + o_n)[None, :] < b_hi[:, None])
+        else:
+            m_vis = m_n[None, :]
+            if CAUSAL:
+                m_vis = m_vis & ((n0 + o_n)[None, :] <= o_mg[:, None] + DELTA)
         b_s = tl.where(m_vis, b_s, float("-inf"))
         b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
         # A row with no visible key so far keeps m = -inf; shift by 0 there to avoid inf - inf.
@@ -138,14 +149,14 @@ def _fwd_inner(
 
 @triton.autotune(
     configs=autotune_configs(TILES.configs),
-    key=["D", "GROUPS", "CAUSAL", "ACCUMULATE", "SQ_BUCKET", "SK_BUCKET", "PRECISION"],
+    key=["D", "GROUPS", "CAUSAL", "DOCS", "ACCUMULATE", "SQ_BUCKET", "SK_BUCKET", "PRECISION"],
     prune_configs_by={"early_config_prune": TILES.prune},
     # Autotuning runs the kernel several times; accumulators must not see every run.
     restore_value=["Out", "Lse"],
 )
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Spans,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -155,6 +166,7 @@ def _fwd_kernel(
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -193,37 +205,71 @@ def _fwd_kernel(
     p_k = K + i_b * stride_kb + i_hk * stride_kh
     p_v = V + i_b * stride_vb + i_hk * stride_vh
 
-    # Keys [0, n_full) are visible to every row of the block and in bounds: no masks there.
-    # Keys [n_full, n_end) need the bounds and (causal) diagonal masks. Beyond n_end: skipped.
-    if CAUSAL:
-        n_end = tl.minimum(Sk, tl.maximum(m_start + BM + DELTA, 0))
-        n_full = tl.minimum(tl.maximum(m_start + DELTA + 1, 0), Sk) // BN * BN
+    if DOCS:
+        b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_li = tl.zeros([BM], dtype=tl.float32)
+        b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+        # Spans [B, 2, Sq] hold lo then hi of every row; rows past Sq get the empty span [0, 0).
+        p_lo = Spans + i_b * 2 * Sq + m_start
+        p_hi = p_lo + Sq
+        m_last = tl.minimum(BM, Sq - m_start) - 1
+        b_lo = tl.load(p_lo + o_m, mask=m_m, other=0)
+        b_hi = tl.load(p_hi + o_m, mask=m_m, other=0)
+        # Spans never decrease: the first row's lo and the last row's hi bound every row's keys,
+        # and [last row's lo, first row's hi) is in every row's span.
+        v_lo, f_hi, f_lo, v_hi = tl.load(p_lo), tl.load(p_hi), tl.load(p_lo + m_last), tl.load(p_hi + m_last)
+        n_start, f0, f1, n_head, n_masked = span_blocks(v_lo, v_hi, f_lo, f_hi, BN)
+        p_kn = p_k + f0.to(tl.int64) * stride_ks
+        p_vn = p_v + f0.to(tl.int64) * stride_vs
+        for n0 in range(f0, f1, BN):
+            b_mi, b_li, b_acc = _fwd_inner(
+                b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs,
+                Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION,
+                DP=DP,
+            )  # fmt: skip
+            p_kn += BN * stride_ks
+            p_vn += BN * stride_vs
+        # The masked tiles, in one loop (one copy of the masked code): before f0, then from f1 on.
+        for j in range(0, n_masked):
+            n0 = tl.where(j < n_head, n_start + j * BN, f1 + (j - n_head) * BN)
+            b_mi, b_li, b_acc = _fwd_inner(
+                b_q, p_k + n0.to(tl.int64) * stride_ks, p_v + n0.to(tl.int64) * stride_vs, b_mi, b_li, b_acc,
+                n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs,
+                Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION,
+                DP=DP,
+            )  # fmt: skip
     else:
-        n_end = Sk
-        n_full = Sk // BN * BN
+        # Keys [0, n_full) are visible to every row of the block and in bounds: no masks there.
+        # Keys [n_full, n_end) need the bounds and (causal) diagonal masks. Beyond n_end: skipped.
+        if CAUSAL:
+            n_end = tl.minimum(Sk, tl.maximum(m_start + BM + DELTA, 0))
+            n_full = tl.minimum(tl.maximum(m_start + DELTA + 1, 0), Sk) // BN * BN
+        else:
+            n_end = Sk
+            n_full = Sk // BN * BN
 
-    b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_li = tl.zeros([BM], dtype=tl.float32)
-    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+        b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_li = tl.zeros([BM], dtype=tl.float32)
+        b_acc = tl.zeros([BM, BD], dtype=tl.float32)
 
-    # The K/V pointers advance by one block per step (64-bit pointer arithmetic, so offsets
-    # never overflow int32 at millions of tokens).
-    p_kn = p_k
-    p_vn = p_v
-    for n0 in range(0, n_full, BN):
-        b_mi, b_li, b_acc = _fwd_inner(
-            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
-            Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-        )  # fmt: skip
-        p_kn += BN * stride_ks
-        p_vn += BN * stride_vs
-    for n0 in range(n_full, n_end, BN):
-        b_mi, b_li, b_acc = _fwd_inner(
-            b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_n, o_d, stride_ks, stride_vs,
-            Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-        )  # fmt: skip
-        p_kn += BN * stride_ks
-        p_vn += BN * stride_vs
+        # The K/V pointers advance by one block per step (64-bit pointer arithmetic, so offsets
+        # never overflow int32 at millions of tokens).
+        p_kn = p_k
+        p_vn = p_v
+        for n0 in range(0, n_full, BN):
+            b_mi, b_li, b_acc = _fwd_inner(
+                b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks, stride_vs,
+                Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_kn += BN * stride_ks
+            p_vn += BN * stride_vs
+        for n0 in range(n_full, n_end, BN):
+            b_mi, b_li, b_acc = _fwd_inner(
+                b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks, stride_vs,
+                Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            )  # fmt: skip
+            p_kn += BN * stride_ks
+            p_vn += BN * stride_vs
 
     # Natural-log LSE of the block; rows that saw no key: out = 0, lse = -inf.
     m_seen = b_li > 0.0
@@ -257,13 +303,14 @@ def pad_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(pad_head_dim(t, dp) for t in tensors)
 
 
-def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate) -> Launch:
-    """The forward's launch; ``q, k, v`` as ``pad_inputs`` left them, ``out`` at the true head dim."""
+def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, spans=None) -> Launch:
+    """The forward's launch; ``q, k, v`` as ``pad_inputs`` left them, ``out`` at the true head dim;
+    ``spans``: the rows' key spans ``[B, 2, Sq]`` int32 for packed documents (``documents.py``)."""
     B, Sq, H, DP = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     iv, ov = vector_width(q, k, v), vector_width(out)
     args = dict(
-        Q=q, K=k, V=v, Out=out, Lse=lse,
+        Q=q, K=k, V=v, Out=out, Lse=lse, Spans=spans,
         **dict(zip(("stride_qb", "stride_qs", "stride_qh"), strides(q, iv), strict=True)),
         **dict(zip(("stride_kb", "stride_ks", "stride_kh"), strides(k, iv), strict=True)),
         **dict(zip(("stride_vb", "stride_vs", "stride_vh"), strides(v, iv), strict=True)),
@@ -271,17 +318,17 @@ def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulat
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         Sq=Sq, Sk=Sk, H=H, DELTA=q_start - k_start, qk_scale=scale * LOG2E.value,
         SQ_BUCKET=seq_bucket(Sq), SK_BUCKET=seq_bucket(Sk),
-        GROUPS=H // Hkv, CAUSAL=causal, ACCUMULATE=accumulate, UPCAST=INTERPRET,
+        GROUPS=H // Hkv, CAUSAL=causal, DOCS=spans is not None, ACCUMULATE=accumulate, UPCAST=INTERPRET,
         PRECISION=dot_precision(q.dtype), D=out.shape[-1], DP=DP, BD=head_dim_block(DP), IV=iv, OV=ov,
     )  # fmt: skip
     return Launch(_fwd_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), args)
 
 
-def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate):
+def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, spans=None):
     """Launch the forward: write (or merge, ``accumulate=True``) one block into ``out``/``lse``."""
     if q.shape[0] == 0 or q.shape[1] == 0:
         return
     q, k, v = pad_inputs(q, k, v)
     # Launch on q's GPU even when it is not the current device.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        run(forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate))
+        run(forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, spans))

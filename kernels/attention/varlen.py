@@ -1,0 +1,116 @@
+"""``flash_attention_varlen``: packed documents with flash-attn's ``flash_attn_varlen_func`` semantics.
+
+Triton runs one launch over the whole packed batch (one batch row of ``total`` tokens), with the
+document spans of ``documents.varlen_spans``, so tiles that share no document are never visited.
+torch runs PyTorch's CPU flash kernel on each document; naive is the per-document reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import resolve_backend
+from . import documents, naive, torch_cpu
+from .api import _check_qkv, _last_dim_contiguous
+from .common import accumulator_dtype, default_scale
+
+
+class _FlashAttentionVarlen(torch.autograd.Function):
+    """Forward and backward of ``flash_attention_varlen`` (triton or torch): gradients in the
+    input dtype. Tensors are handled as one batch row: ``[total, H, d] -> [1, total, H, d]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, pieces, causal, scale, backend):
+        (Tq, H, D), Tk = q.shape, k.shape[0]
+        ctx.causal, ctx.scale, ctx.backend, ctx.pieces = causal, scale, backend, pieces
+        if backend == "triton":
+            from . import triton_fwd
+
+            rows = documents.varlen_spans(cu_q, cu_k, Tq, Tk, causal, q.device)
+            q, k, v = triton_fwd.pad_inputs(q[None], k[None], v[None])
+            out = torch.empty(1, Tq, H, D, dtype=q.dtype, device=q.device)
+            lse = torch.empty(1, H, Tq, dtype=torch.float32, device=q.device)
+            triton_fwd.chunk_forward(q, k, v, 0, 0, causal, scale, out, lse, False, rows)
+            ctx.save_for_backward(q, k, v, out, lse, rows)
+            return out[0]
+        acc = accumulator_dtype(q.dtype)
+        q, k, v = q[None], k[None], v[None]
+        out = torch.zeros(1, Tq, H, D, dtype=acc, device=q.device)
+        lse = torch.full((1, H, Tq), float("-inf"), dtype=acc, device=q.device)
+        torch_cpu.pieces_forward(q, k, v, pieces, causal, scale, out, lse)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, do):
+        do = _last_dim_contiguous(do)[None]
+        if ctx.backend == "triton":
+            from . import triton_bwd
+
+            q, k, v, out, lse, rows = ctx.saved_tensors
+            spans = (rows, documents.key_spans(rows, k.shape[1]))
+            dq, dk, dv = triton_bwd.flash_backward(do, q, k, v, out, lse, 0, ctx.causal, ctx.scale, spans)
+        else:
+            q, k, v, out, lse = ctx.saved_tensors
+            acc = accumulator_dtype(q.dtype)
+            dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+            torch_cpu.pieces_backward(do, q, k, v, out, lse, ctx.pieces, ctx.causal, ctx.scale, dq, dk, dv)
+            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq[0], dk[0], dv[0], None, None, None, None, None, None
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention inside packed documents, with flash-attn's ``flash_attn_varlen_func``
+    semantics; differentiable.
+
+    Args:
+        q: ``[total_q, H, d]``; k, v: ``[total_k, Hkv, d]`` with ``H % Hkv == 0``; ``d <= 256``;
+            fp16, bf16 or fp32 (float64 too on the torch/naive backends).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[n_docs + 1]`` cumulative offsets from 0 to
+            ``total_q`` / ``total_k`` (never decreasing; a document may be empty on either side).
+            Document ``i`` is queries ``cu_seqlens_q[i]..cu_seqlens_q[i+1]`` and keys
+            ``cu_seqlens_k[i]..cu_seqlens_k[i+1]``. On the CPU or on q's device.
+        max_seqlen_q, max_seqlen_k: at least the longest document on each side.
+        causal: bottom-right aligned in each document (its query ``m`` sees its keys
+            ``n <= m + len_k - len_q``); a query row that sees no key outputs 0.
+        softmax_scale: defaults to ``1/sqrt(d)``.
+
+    Returns:
+        ``[total_q, H, d]`` in the input dtype.
+
+    Example::
+
+        cu = torch.tensor([0, 300, 1000], dtype=torch.int32, device="cuda")
+        q = torch.randn(1000, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = v = torch.randn(1000, 2, 64, device="cuda", dtype=torch.bfloat16)
+        flash_attention_varlen(q, k, v, cu, cu, 700, 700, causal=True).sum().backward()
+    """
+    backend = resolve_backend(q.device)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [total, H, d] (documents packed along dim 0), got {tuple(t.shape)}")
+    _check_qkv(q[None], k[None], v[None], backend)
+    offsets_q, offsets_k = documents.check_varlen(
+        cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
+    )
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    scale = default_scale(q.shape[-1], softmax_scale)
+    if backend == "naive":
+        return naive.flash_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+        )
+    pieces = documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
+    return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend)
