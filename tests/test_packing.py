@@ -131,3 +131,16 @@ def test_packed_sequence_equals_separate_documents(strategy, chunks):
     assert float(loss) == pytest.approx(want_loss, rel=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.distributed
+def test_packed_training_agrees_across_strategies(tmp_path):
+    """experiments.train on synthetic packed documents: one process and FPDT on 2 ranks (u=2)."""
+    from test_training import _losses, _train
+
+    docs = ["data.doc_len=40", "steps=3", "batch_size=2"]
+    local, _ = _train(tmp_path, "local", "parallel=local", "gpus=1", *docs)
+    fpdt, proc = _train(tmp_path, "fpdt", "parallel=fpdt", "chunks=2", "gpus=2", *docs)
+    torch.testing.assert_close(_losses(fpdt), _losses(local), rtol=1e-5, atol=0)
+    unpacked, _ = _train(tmp_path, "whole", "parallel=local", "gpus=1", "steps=3", "batch_size=2")
+    assert _losses(unpacked) != _losses(local)  # the documents made a difference
