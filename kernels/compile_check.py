@@ -12,9 +12,12 @@ Usage (the interpreter must be off: ``TRITON_INTERPRET`` unset or 0)::
 
     python -m kernels.compile_check                      # full matrix: sm_90, sm_80; bf16, fp16;
                                                          # d 64, 128, 256, 40, 59, 111; causal or not;
-                                                         # MHA, GQA, accumulate (the chunk API)
+                                                         # MHA, GQA, accumulate (the chunk API),
+                                                         # docs (varlen, GQA), docs-accumulate (the
+                                                         # chunk API with cu_seqlens)
     python -m kernels.compile_check --quick              # the CI subset (tests/test_compile_check.py)
     python -m kernels.compile_check --arch 90 --dtype bf16 --head-dim 128 --causal true --csv out.csv
+    python -m kernels.compile_check --variant docs docs-accumulate      # the packed-document kernels
     python -m kernels.compile_check --all-configs        # also the configs pruning drops (tuning)
 
 Runs on every core (``--jobs``); a compile takes 1-5 s per config on one core.
@@ -36,8 +39,10 @@ from dataclasses import asdict, dataclass
 ARCHS = (90, 80)
 DTYPES = ("bf16", "fp16")
 HEAD_DIMS = (64, 128, 256, 40, 59, 111)
-# What a launch may vary beyond dtype, head dim and causality: (name, kernels it applies to).
-VARIANTS = ("mha", "gqa", "accumulate")
+# What a launch may vary beyond dtype, head dim and causality. ``docs``: packed documents as
+# ``flash_attention_varlen`` runs them (GQA, written gradients); ``docs-accumulate``: as the chunk
+# API runs them with ``cu_seqlens`` (merged output, accumulated gradients).
+VARIANTS = ("mha", "gqa", "accumulate", "docs", "docs-accumulate")
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,12 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
 
     dt = _dtype(dtype)
     # GQA: 8 query heads on 2 KV heads (dK/dV adds the group's parts with atomics).
-    B, S, H, Hkv = 2, 1024, (8 if variant == "gqa" else 4), (2 if variant == "gqa" else 4)
-    accumulate = variant == "accumulate"
+    gqa = variant in ("gqa", "docs")
+    B, S, H, Hkv = 2, 1024, (8 if gqa else 4), (2 if gqa else 4)
+    accumulate = variant in ("accumulate", "docs-accumulate")
     meta = dict(device="meta")
+    # Document spans (int32 [B, 2, S], rows' and keys'), as documents.py builds them.
+    spans = (torch.empty(B, 2, S, dtype=torch.int32, **meta),) * 2 if variant.startswith("docs") else None
     q = torch.empty(B, S, H, d, dtype=dt, **meta)
     k = torch.empty(B, S, Hkv, d, dtype=dt, **meta)
     v = torch.empty(B, S, Hkv, d, dtype=dt, **meta)
@@ -105,7 +113,8 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
     acc = torch.float32 if accumulate else dt
     if kernel == "fwd":
         out = torch.empty(B, S, H, d, dtype=acc, **meta)
-        return [triton_fwd.forward_launch(q, k, v, 0, 0, causal, d**-0.5, out, lse, accumulate)]
+        rows = None if spans is None else spans[0]
+        return [triton_fwd.forward_launch(q, k, v, 0, 0, causal, d**-0.5, out, lse, accumulate, rows)]
     out = torch.empty(B, S, H, d, dtype=dt, **meta)
     (do,) = triton_fwd.pad_inputs(torch.empty(B, S, H, d, dtype=dt, **meta))
     dp = q.shape[-1]
@@ -119,7 +128,7 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
         gk = torch.float32 if H > Hkv else dt
         dk, dv = (torch.empty(B, S, Hkv, dp, dtype=gk, **meta) for _ in range(2))
     launches = triton_bwd.backward_launches(
-        do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate
+        do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate, spans
     )  # [delta, dkdv, dq]
     return [launches[{"delta": 0, "dkdv": 1, "dq": 2}[kernel]]]
 
@@ -139,7 +148,7 @@ def _tiles(kernel):
     return {"fwd": triton_fwd.TILES, "dkdv": triton_bwd.DKDV_TILES, "dq": triton_bwd.DQ_TILES}.get(kernel)
 
 
-def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs) -> list[Job]:
+def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs, limit=None) -> list[Job]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -156,9 +165,14 @@ def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs) -> list[Job]
             configs, usable = [triton.Config({})], None
         else:
             usable = tiles.usable(
-                tiles.configs, launch.args["BD"], _dtype(dtype).itemsize, arch, launch.args["ACCUMULATE"]
+                tiles.configs,
+                launch.args["BD"],
+                _dtype(dtype).itemsize,
+                arch,
+                launch.args["ACCUMULATE"],
+                launch.args["DOCS"],
             )
-            configs = tiles.configs if all_configs else usable
+            configs = tiles.configs if all_configs else usable[:limit]
         for config in configs:
             args = dict(launch.args, **config.kwargs)
             signature, constexprs, attrs = {}, {}, {}
@@ -256,7 +270,8 @@ def _compile(job: Job) -> Result:
     return res
 
 
-def build_jobs(archs, dtypes, head_dims, causals, variants, kernels, all_configs) -> list[Job]:
+def build_jobs(archs, dtypes, head_dims, causals, variants, kernels, all_configs, limit=None) -> list[Job]:
+    """The compiles of a selection; ``limit``: only the first usable configs of each launch."""
     jobs, seen = [], set()
     for arch in archs:
         for dtype in dtypes:
@@ -266,7 +281,7 @@ def build_jobs(archs, dtypes, head_dims, causals, variants, kernels, all_configs
                         for variant in variants:
                             if not _applies(kernel, variant):
                                 continue
-                            for job in _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs):
+                            for job in _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs, limit):
                                 # Identical compiles (e.g. delta is the same causal or not) run once.
                                 key = (
                                     job.module,
@@ -289,12 +304,17 @@ def _applies(kernel, variant):
     return True
 
 
-# The CI subset (~50 compiles, under 2 minutes on 2 cores): sm_90, bf16, causal, every kernel at
-# d=64 and 128, and the forward at the odd d=40 (16-byte loads through the head-dim mask).
+# The CI subset (~55 compiles, about a minute on 2 cores): sm_90, bf16, causal, every kernel at
+# d=64 and 128, the forward at the odd d=40 (16-byte loads through the head-dim mask), and the
+# packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64).
 QUICK = (
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha",),
          kernels=("fwd", "dkdv", "dq", "delta")),
     dict(archs=(90,), dtypes=("bf16",), head_dims=(40,), causals=(True,), variants=("mha",), kernels=("fwd",)),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(128,), causals=(True,), variants=("docs", "docs-accumulate"),
+         kernels=("fwd", "dkdv", "dq"), limit=1),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(64,), causals=(True,), variants=("docs-accumulate",),
+         kernels=("fwd", "dkdv", "dq"), limit=1),
 )  # fmt: skip
 
 _COLUMNS = ("arch", "kernel", "variant", "dtype", "d", "causal", "config", "regs", "spill", "smem", "mma", "cp_async",
@@ -306,7 +326,7 @@ def _row(r: Result) -> str:
     if r.status == "error":
         status += f": {r.error}"
     return (
-        f"sm_{r.arch} {r.kernel:5} {r.variant:10} {r.dtype:4} d={r.d:<3} {'causal' if r.causal else 'full  '} "
+        f"sm_{r.arch} {r.kernel:5} {r.variant:15} {r.dtype:4} d={r.d:<3} {'causal' if r.causal else 'full  '} "
         f"{r.config:13} regs={r.regs:<3} spill={r.spill:<5} smem={r.smem / 1024:6.1f}K {r.mma:5} "
         f"cp.async={r.cp_async:<3} vec16={r.vec16:<3} scalar={r.scalar:<4} {r.seconds:5.1f}s  {status}"
     )

@@ -134,6 +134,7 @@ DKDV_TILES = Tiles(
         tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT,
+    spill_docs={(80, 2, 64): ("32x32 w8 s2",)},  # 16 B with the keys' document spans (triton 3.9)
 )
 DQ_TILES = Tiles(
     [

@@ -102,24 +102,31 @@ class Tiles:
     kernels.compile_check --all-configs`` (triton 3.6 and 3.9); a head-dim block is looked up at
     the smallest measured one that holds it (64, 128 or 256). ``clean_accumulate``, where given,
     overrides it for launches with ``ACCUMULATE`` (the forward's merge epilogue holds a second
-    output tile). The last config is the fallback when nothing is listed, and the one the
+    output tile). ``spill_docs`` names, per key, the clean configs that spill once ``DOCS`` (packed
+    documents: each row's key span is loaded and tested) adds its registers; launches with
+    ``DOCS`` skip them. The last config is the fallback when nothing is listed, and the one the
     interpreter and ``FPDT_AUTOTUNE=0`` run.
     """
 
-    def __init__(self, configs: list[triton.Config], clean: dict, clean_accumulate: dict | None = None):
+    def __init__(
+        self, configs: list[triton.Config], clean: dict, clean_accumulate: dict | None = None, spill_docs=None
+    ):
         self.configs = configs
         self.clean = clean
         self.clean_accumulate = clean if clean_accumulate is None else clean_accumulate
+        self.spill_docs = spill_docs or {}
         names = {tile_name(c) for c in configs}
-        listed = {n for table in (clean, self.clean_accumulate) for kept in table.values() for n in kept}
+        tables = (clean, self.clean_accumulate, self.spill_docs)
+        listed = {n for table in tables for kept in table.values() for n in kept}
         if listed - names:
             raise ValueError(f"clean tiles {sorted(listed - names)} are not among the configs {sorted(names)}")
 
-    def usable(self, configs, bd: int, element_bytes: int, arch: int, accumulate: bool = False):
+    def usable(self, configs, bd: int, element_bytes: int, arch: int, accumulate: bool = False, docs: bool = False):
         """The configs of ``configs`` listed as clean for this launch (or the last one)."""
         table = self.clean_accumulate if accumulate else self.clean
         measured = next((b for b in (64, 128, 256) if bd <= b), 256)
-        names = table.get((arch_family(arch), element_bytes, measured), ())
+        key = (arch_family(arch), element_bytes, measured)
+        names = set(table.get(key, ())) - set(self.spill_docs.get(key, ()) if docs else ())
         kept = [c for c in configs if tile_name(c) in names]
         return kept or configs[-1:]
 
@@ -128,7 +135,9 @@ class Tiles:
         if INTERPRET:
             return configs
         get = lambda name: named_args.get(name, kwargs.get(name))
-        return self.usable(configs, get("BD"), get("Q").element_size(), current_arch(), bool(get("ACCUMULATE")))
+        return self.usable(
+            configs, get("BD"), get("Q").element_size(), current_arch(), bool(get("ACCUMULATE")), bool(get("DOCS"))
+        )
 
 
 def head_dim_block(d: int) -> int:
