@@ -138,6 +138,9 @@ def test_two_point_multirun_writes_rows_csv_and_figure(tmp_path):
             assert float(r[key]) > 0, key
         assert float(r["step_time_p20_s"]) <= float(r["step_time_s"]) <= float(r["step_time_p80_s"])
         assert float(r["mfu_full_attention"]) > float(r["mfu"])
+        # The full square counts the attention core twice: the difference is its causal share.
+        full_minus_causal = float(r["flops_per_step_full_attention"]) - float(r["flops_per_step"])
+        assert float(r["attention_flops_per_step"]) == pytest.approx(full_minus_causal, rel=1e-12)
         assert r["device_mem_simulated"] == "True" and r["git_commit"]
     assert all(r["n_layers"] == "2" for r in rows), "rows record the depth trained (llama-tiny: 2)"
     assert "(2/2 done, 0 to go)" in proc.stdout

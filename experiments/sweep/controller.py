@@ -177,6 +177,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
         peak_tflops=peak,
         flops_per_step=flops.causal,
         flops_per_step_full_attention=flops.full,
+        attention_flops_per_step=flops.attention_causal,  # inside documents when packed
         loss=s["loss"],
         device_mem_peak_gib=_gib(s["device_peak_bytes"]),
         device_mem_reserved_gib=_gib(s["device_reserved_bytes"]),

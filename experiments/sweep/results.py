@@ -32,7 +32,7 @@ ROW_FIELDS = [
     "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
     "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "device_alloc_retries",
     "peak_tflops_source",
-    "flops_per_step", "flops_per_step_full_attention", "flop_convention", "loss",
+    "flops_per_step", "flops_per_step_full_attention", "attention_flops_per_step", "flop_convention", "loss",
     "torch_version", "triton_version", "timestamp", "wall_s", "warning", "key", "job_dir",
 ]  # fmt: skip
 

@@ -155,6 +155,7 @@ DQ_TILES = Tiles(
         tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _DQ_CLEAN_16BIT | _DQ_CLEAN_32BIT,
+    spill_docs={(90, 2, 128): ("128x64 w8 s3",)},  # 8 B with the rows' document spans (triton 3.6)
 )
 
 _KEY = ["D", "GROUPS", "CAUSAL", "DOCS", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
