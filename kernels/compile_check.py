@@ -34,7 +34,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 ARCHS = (90, 80)
 DTYPES = ("bf16", "fp16")
@@ -45,8 +45,10 @@ HEAD_DIMS = (64, 128, 256, 40, 59, 111)
 VARIANTS = ("mha", "gqa", "accumulate", "docs", "docs-accumulate")
 
 
-@dataclass(frozen=True)
-class Job:
+@dataclass
+class Case:
+    """What one compile is: a kernel, variant, target, dtype, head dim, mask and tile config."""
+
     kernel: str  # fwd | dkdv | dq | delta
     variant: str
     arch: int
@@ -55,24 +57,24 @@ class Job:
     causal: bool
     config: str
     pruned: bool  # autotune would not pick it on this target (compiled only with --all-configs)
-    module: str
-    name: str
-    signature: tuple
-    constexprs: tuple
-    attrs: tuple
-    options: tuple
 
 
 @dataclass
-class Result:
-    kernel: str
-    variant: str
-    arch: int
-    dtype: str
-    d: int
-    causal: bool
-    config: str
-    pruned: bool
+class Job(Case):
+    """A case and what ``triton.compile`` needs for it."""
+
+    module: str = ""
+    name: str = ""
+    signature: tuple = ()
+    constexprs: tuple = ()
+    attrs: tuple = ()
+    options: tuple = ()
+
+
+@dataclass
+class Result(Case):
+    """A case and what its compile gave."""
+
     status: str = "ok"  # ok | spill | smem | error
     regs: int = -1
     spill: int = -1  # bytes of spill stores + loads
@@ -236,8 +238,7 @@ def _compile(job: Job) -> Result:
 
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # the ptxas log is printed only on a real compile
-    fields = {f: getattr(job, f) for f in ("kernel", "variant", "arch", "dtype", "d", "causal", "config", "pruned")}
-    res = Result(**fields)
+    res = Result(**{f.name: getattr(job, f.name) for f in fields(Case)})
     fn = _jit_function(getattr(importlib.import_module(job.module), job.name))
     src = triton.compiler.ASTSource(
         fn=fn,
