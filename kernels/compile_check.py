@@ -305,9 +305,10 @@ def _applies(kernel, variant):
     return True
 
 
-# The CI subset (~55 compiles, about a minute on 2 cores): sm_90, bf16, causal, every kernel at
-# d=64 and 128, the forward at the odd d=40 (16-byte loads through the head-dim mask), and the
-# packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64).
+# The CI subset (56 compiles, about a minute on 2 cores): sm_90, bf16, causal, every kernel at
+# d=64 and 128, the forward at the odd d=40 (16-byte loads through the head-dim mask), the
+# packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64), and
+# the split dK/dV at d=256.
 QUICK = (
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha",),
          kernels=("fwd", "dkdv", "dq", "delta")),
@@ -316,6 +317,8 @@ QUICK = (
          kernels=("fwd", "dkdv", "dq"), limit=1),
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64,), causals=(True,), variants=("docs-accumulate",),
          kernels=("fwd", "dkdv", "dq"), limit=1),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(256,), causals=(True,), variants=("gqa",), kernels=("dkdv",),
+         limit=1),  # the split dK/dV (wgmma at d=256)
 )  # fmt: skip
 
 _COLUMNS = ("arch", "kernel", "variant", "dtype", "d", "causal", "config", "regs", "spill", "smem", "mma", "cp_async",

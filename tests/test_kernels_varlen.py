@@ -163,6 +163,18 @@ def test_chunk_api_matches_reference(backend, causal):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_split_dkdv_with_documents(causal, monkeypatch):
+    """The dK/dV kernel's split variant (dV and dK by separate programs; sm_90 at d=256 only) over
+    document spans: a packed varlen batch and an accumulating block at offsets."""
+    from kernels.attention import triton_bwd
+    from kernels.attention.triton_common import tile
+
+    monkeypatch.setattr(triton_bwd._dkdv_kernel, "configs", [tile(16, 32, 4, 2, SPLIT=True)])
+    _check_varlen(VARLEN_CASES["odd-gqa"], causal, torch.float32, "triton")
+    test_chunk_api_matches_reference("triton", causal)
+
+
 def test_naive_chunk_documents_equal_separate_documents():
     """The reference's document mask against running each document on its own (flattened rows)."""
     q, k, v, do = _chunk_inputs(S, S, dtype=torch.float64)

@@ -22,6 +22,10 @@ which needs a ``[B, Sk, H, d]`` fp32 buffer (GROUPS times dK/dV) where atomics n
 price: GQA dK/dV sums are not bit-reproducible run to run (MHA ones are). Accumulating launches
 (the chunk API) add with atomics too: with one writer per element that is deterministic, and it
 needs no load of the old values, so no second tile in registers.
+
+Split dK/dV (configs with ``SPLIT``, listed for sm_90 at d=256): two programs per KV block, one
+for dV and one for dK, each holding one fp32 accumulator; the only way found to give d=256 a
+wgmma tile (``BN >= 64``) without register spills. Autotune weighs it against the fused tiles.
 """
 
 from __future__ import annotations
@@ -78,13 +82,15 @@ def _delta_kernel(
     tl.store(Delta + i_b * stride_lb + i_h * stride_lh + m_start + o_m, b_delta, mask=m_m)
 
 
-# dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no tile with
-# BN >= 64 (what wgmma needs) avoids spilling, so d=256 runs mma.sync tiles. 32x64 w4 s3 and
-# 32x128 w8 s3 at d=128 (sm_90): clean on triton 3.9, spill on 3.6.
+# dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no fused tile
+# with BN >= 64 (what wgmma needs) avoids spilling: there the fused kernel runs mma.sync tiles and
+# the split ones (one accumulator per program, see _dkdv_kernel) run wgmma; autotune picks.
+# 32x64 w4 s3 and 32x128 w8 s3 at d=128 (sm_90): clean on triton 3.9, spill on 3.6.
 _DKDV_CLEAN_16BIT = {
     (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x128 w8 s2", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
     (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
-    (90, 2, 256): ("16x32 w8 s2", "64x32 w8 s2", "32x32 w8 s2"),
+    (90, 2, 256): ("32x128 w8 s3 split", "16x128 w8 s3 split", "16x64 w8 s2 split", "16x32 w8 s2", "64x32 w8 s2",
+                   "32x32 w8 s2"),
     (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
     (80, 2, 128): ("32x64 w8 s3", "64x64 w8 s2", "32x32 w8 s2"),
     (80, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
@@ -119,22 +125,26 @@ _DQ_CLEAN_32BIT = {
 
 DKDV_TILES = Tiles(
     [
-        tile(32, 128, 8, 2),
-        tile(32, 128, 8, 3),
-        tile(64, 128, 8, 2),
-        tile(16, 128, 8, 3),
-        tile(64, 64, 8, 2),
-        tile(32, 64, 8, 3),
-        tile(32, 64, 4, 3),
-        tile(16, 32, 8, 2),
-        tile(64, 32, 8, 2),
-        tile(16, 32, 4, 2),
-        tile(16, 16, 8, 2),
-        tile(32, 16, 8, 2),
-        tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+        tile(32, 128, 8, 3, SPLIT=True),
+        tile(16, 128, 8, 3, SPLIT=True),
+        tile(16, 64, 8, 2, SPLIT=True),
+        tile(32, 128, 8, 2, SPLIT=False),
+        tile(32, 128, 8, 3, SPLIT=False),
+        tile(64, 128, 8, 2, SPLIT=False),
+        tile(16, 128, 8, 3, SPLIT=False),
+        tile(64, 64, 8, 2, SPLIT=False),
+        tile(32, 64, 8, 3, SPLIT=False),
+        tile(32, 64, 4, 3, SPLIT=False),
+        tile(16, 32, 8, 2, SPLIT=False),
+        tile(64, 32, 8, 2, SPLIT=False),
+        tile(16, 32, 4, 2, SPLIT=False),
+        tile(16, 16, 8, 2, SPLIT=False),
+        tile(32, 16, 8, 2, SPLIT=False),
+        tile(32, 32, 8, 2, SPLIT=False),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT,
-    spill_docs={(80, 2, 64): ("32x32 w8 s2",)},  # 16 B with the keys' document spans (triton 3.9)
+    # With the keys' document spans (triton 3.9): 16 B at sm_80 d=64, 24 B at sm_90 d=256.
+    spill_docs={(80, 2, 64): ("32x32 w8 s2",), (90, 2, 256): ("64x32 w8 s2",)},
 )
 DQ_TILES = Tiles(
     [
@@ -171,8 +181,10 @@ def _dkdv_inner(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DP: tl.constexpr,
+    PART: tl.constexpr,
 ):  # fmt: skip
-    """One query block's contribution to the resident KV block's (dK, dV).
+    """One query block's contribution to the resident KV block's (dK, dV) (``PART`` 0), its dV
+    only (1) or its dK only (2).
 
     ``MASKED=False``: every row is in bounds and sees every key of the block. ``MASKED=True``:
     rows past ``Sq`` load as zeros with lse = +inf (so P = 0), and the causal mask applies (with
@@ -207,11 +219,168 @@ def _dkdv_inner(
     elif MASKED and CAUSAL:
         m_vis = (n_start + o_n)[:, None] <= (m0 + o_m)[None, :] + DELTA
         b_pt = tl.where(m_vis, b_pt, 0.0)
-    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
+    if PART != 2:
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+    if PART != 1:
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
     return b_dk, b_dv
+
+
+@triton.jit
+def _dkdv_program(
+    Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    Sq, Sk, H, DELTA, sm_scale, qk_scale,
+    SQ_BUCKET, SK_BUCKET,
+    GROUPS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BD: tl.constexpr,
+    IV: tl.constexpr,
+    OV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    i_n,
+    PART: tl.constexpr,
+):  # fmt: skip
+    """``_dkdv_kernel``'s body: the dK/dV of KV block ``i_n`` (``PART`` 0), its dV (1) or its dK (2)."""
+    stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
+    stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
+    stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
+    stride_db, stride_ds, stride_dh = stride_db * IV, stride_ds * IV, stride_dh * IV
+    stride_dkb, stride_dks, stride_dkh = stride_dkb * OV, stride_dks * OV, stride_dkh * OV
+    stride_dvb, stride_dvs, stride_dvh = stride_dvb * OV, stride_dvs * OV, stride_dvh * OV
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_hk = i_h // GROUPS
+    n_start = i_n * BN
+
+    o_m = tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_n = (n_start + o_n) < Sk
+
+    p_k = K + i_b * stride_kb + i_hk * stride_kh + n_start.to(tl.int64) * stride_ks
+    p_v = V + i_b * stride_vb + i_hk * stride_vh + n_start.to(tl.int64) * stride_vs
+    m_in = m_n[:, None] & (o_d < DP)[None, :]
+    b_k = tl.load(p_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_in, other=0.0)
+    b_v = b_k
+    if PART != 1:  # dV alone needs no V
+        b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_in, other=0.0)
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+
+    if DOCS:
+        # Key spans [B, 2, Sk]: key n is seen by rows [lo[n], hi[n]); keys past Sk get [0, 0).
+        p_lo = KeySpans + i_b * 2 * Sk + n_start
+        p_hi = p_lo + Sk
+        n_last = tl.minimum(BN, Sk - n_start) - 1
+        b_lo = tl.load(p_lo + o_n, mask=m_n, other=0)
+        b_hi = tl.load(p_hi + o_n, mask=m_n, other=0)
+        # Spans never decrease (as the forward's row spans).
+        v_lo, f_hi, f_lo, v_hi = tl.load(p_lo), tl.load(p_hi), tl.load(p_lo + n_last), tl.load(p_hi + n_last)
+        m_first, f0, f1, n_head, n_masked = span_blocks(v_lo, v_hi, f_lo, f_hi, BM)
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+        p_q = Q + i_b * stride_qb + i_h * stride_qh
+        p_do = dO + i_b * stride_db + i_h * stride_dh
+        p_l = Lse + i_b * stride_lb + i_h * stride_lh
+        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+        p_qm = p_q + f0.to(tl.int64) * stride_qs
+        p_dom = p_do + f0.to(tl.int64) * stride_ds
+        for m0 in range(f0, f1, BM):
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d,
+                stride_qs, stride_ds, Sq, DELTA, qk_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                PART=PART,
+            )  # fmt: skip
+            p_qm += BM * stride_qs
+            p_dom += BM * stride_ds
+        for j in range(0, n_masked):
+            m0 = tl.where(j < n_head, m_first + j * BM, f1 + (j - n_head) * BM)
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
+                p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds, Sq, DELTA, qk_scale,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                PART=PART,
+            )  # fmt: skip
+    else:
+        # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
+        # the partial last block: one masked loop walks both. [m_mid, m_tail) see every key of this
+        # block: no masks. Rows before m_lo see none of these keys.
+        m_tail = Sq // BM * BM
+        if CAUSAL:
+            m_lo = tl.minimum(tl.maximum(n_start - DELTA, 0), Sq) // BM * BM
+            m_all = tl.minimum(n_start + BN, Sk) - 1 - DELTA  # the first row that sees every key
+            m_mid = tl.minimum(m_lo + tl.cdiv(tl.maximum(m_all - m_lo, 0), BM) * BM, tl.cdiv(Sq, BM) * BM)
+        else:
+            # A tensor, not the literal 0: compiled Triton turns literals into constexprs, which
+            # have no .to() for the 64-bit offsets below (the interpreter would not notice).
+            m_lo = n_start * 0
+            m_mid = m_lo
+        n_diag = (m_mid - m_lo) // BM
+        m_rest = tl.maximum(m_mid, m_tail)  # the masked tail starts here
+        n_masked = n_diag + tl.cdiv(Sq - m_rest, BM)
+
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+        p_q = Q + i_b * stride_qb + i_h * stride_qh
+        p_do = dO + i_b * stride_db + i_h * stride_dh
+        p_l = Lse + i_b * stride_lb + i_h * stride_lh
+        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+        p_qm = p_q + m_mid.to(tl.int64) * stride_qs
+        p_dom = p_do + m_mid.to(tl.int64) * stride_ds
+        for m0 in range(m_mid, m_tail, BM):
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d,
+                stride_qs, stride_ds, Sq, DELTA, qk_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                PART=PART,
+            )  # fmt: skip
+            p_qm += BM * stride_qs
+            p_dom += BM * stride_ds
+        for j in range(0, n_masked):
+            m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
+                p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds,
+                Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                PART=PART,
+            )  # fmt: skip
+
+    b_dk = b_dk * sm_scale
+    p_dk = dK + i_b * stride_dkb + i_hk * stride_dkh + n_start.to(tl.int64) * stride_dks
+    p_dk = p_dk + o_n[:, None] * stride_dks + o_d[None, :]
+    p_dv = dV + i_b * stride_dvb + i_hk * stride_dvh + n_start.to(tl.int64) * stride_dvs
+    p_dv = p_dv + o_n[:, None] * stride_dvs + o_d[None, :]
+    m_out = m_n[:, None] & (o_d < D)[None, :]
+    if ACCUMULATE or GROUPS > 1:
+        # Add into fp32 buffers that carry other blocks' or query heads' parts (module docstring).
+        if PART != 1:
+            tl.atomic_add(p_dk, b_dk, mask=m_out, sem="relaxed")
+        if PART != 2:
+            tl.atomic_add(p_dv, b_dv, mask=m_out, sem="relaxed")
+    else:
+        if PART != 1:
+            tl.store(p_dk, b_dk.to(dK.dtype.element_ty), mask=m_out)
+        if PART != 2:
+            tl.store(p_dv, b_dv.to(dV.dtype.element_ty), mask=m_out)
 
 
 @triton.autotune(
@@ -245,122 +414,40 @@ def _dkdv_kernel(
     OV: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
-    stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
-    stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
-    stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
-    stride_db, stride_ds, stride_dh = stride_db * IV, stride_ds * IV, stride_dh * IV
-    stride_dkb, stride_dks, stride_dkh = stride_dkb * OV, stride_dks * OV, stride_dkh * OV
-    stride_dvb, stride_dvs, stride_dvh = stride_dvb * OV, stride_dvs * OV, stride_dvh * OV
+    # SPLIT: programs 2i and 2i + 1 compute KV block i's dV and its dK, each holding one [BN, BD]
+    # fp32 accumulator instead of two, for computing P twice (5 matmuls instead of 4). At d=256
+    # on sm_90 the fused kernel spills in every tile wgmma can run (BN >= 64); split ones do not.
     i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    i_hk = i_h // GROUPS
-    n_start = i_n * BN
-
-    o_m = tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, BD)
-    m_n = (n_start + o_n) < Sk
-
-    p_k = K + i_b * stride_kb + i_hk * stride_kh + n_start.to(tl.int64) * stride_ks
-    p_v = V + i_b * stride_vb + i_hk * stride_vh + n_start.to(tl.int64) * stride_vs
-    m_in = m_n[:, None] & (o_d < DP)[None, :]
-    b_k = tl.load(p_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_in, other=0.0)
-    b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_in, other=0.0)
-    if UPCAST:
-        b_k = b_k.to(tl.float32)
-        b_v = b_v.to(tl.float32)
-
-    if DOCS:
-        # Key spans [B, 2, Sk]: key n is seen by rows [lo[n], hi[n]); keys past Sk get [0, 0).
-        p_lo = KeySpans + i_b * 2 * Sk + n_start
-        p_hi = p_lo + Sk
-        n_last = tl.minimum(BN, Sk - n_start) - 1
-        b_lo = tl.load(p_lo + o_n, mask=m_n, other=0)
-        b_hi = tl.load(p_hi + o_n, mask=m_n, other=0)
-        # Spans never decrease (as the forward's row spans).
-        v_lo, f_hi, f_lo, v_hi = tl.load(p_lo), tl.load(p_hi), tl.load(p_lo + n_last), tl.load(p_hi + n_last)
-        m_first, f0, f1, n_head, n_masked = span_blocks(v_lo, v_hi, f_lo, f_hi, BM)
-        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-        p_q = Q + i_b * stride_qb + i_h * stride_qh
-        p_do = dO + i_b * stride_db + i_h * stride_dh
-        p_l = Lse + i_b * stride_lb + i_h * stride_lh
-        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
-        p_qm = p_q + f0.to(tl.int64) * stride_qs
-        p_dom = p_do + f0.to(tl.int64) * stride_ds
-        for m0 in range(f0, f1, BM):
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d,
-                stride_qs, stride_ds, Sq, DELTA, qk_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+    if SPLIT:
+        if i_n % 2 == 0:
+            _dkdv_program(
+                Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_db, stride_ds, stride_dh, stride_lb, stride_lh, stride_dkb, stride_dks, stride_dkh,
+                stride_dvb, stride_dvs, stride_dvh, Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
+                GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
+                i_n // 2, PART=1,
             )  # fmt: skip
-            p_qm += BM * stride_qs
-            p_dom += BM * stride_ds
-        for j in range(0, n_masked):
-            m0 = tl.where(j < n_head, m_first + j * BM, f1 + (j - n_head) * BM)
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-                p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds, Sq, DELTA, qk_scale,
-                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-            )  # fmt: skip
-    else:
-        # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
-        # the partial last block: one masked loop walks both. [m_mid, m_tail) see every key of this
-        # block: no masks. Rows before m_lo see none of these keys.
-        m_tail = Sq // BM * BM
-        if CAUSAL:
-            m_lo = tl.minimum(tl.maximum(n_start - DELTA, 0), Sq) // BM * BM
-            m_all = tl.minimum(n_start + BN, Sk) - 1 - DELTA  # the first row that sees every key
-            m_mid = tl.minimum(m_lo + tl.cdiv(tl.maximum(m_all - m_lo, 0), BM) * BM, tl.cdiv(Sq, BM) * BM)
         else:
-            # A tensor, not the literal 0: compiled Triton turns literals into constexprs, which
-            # have no .to() for the 64-bit offsets below (the interpreter would not notice).
-            m_lo = n_start * 0
-            m_mid = m_lo
-        n_diag = (m_mid - m_lo) // BM
-        m_rest = tl.maximum(m_mid, m_tail)  # the masked tail starts here
-        n_masked = n_diag + tl.cdiv(Sq - m_rest, BM)
-
-        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-        p_q = Q + i_b * stride_qb + i_h * stride_qh
-        p_do = dO + i_b * stride_db + i_h * stride_dh
-        p_l = Lse + i_b * stride_lb + i_h * stride_lh
-        p_dl = Delta + i_b * stride_lb + i_h * stride_lh
-        p_qm = p_q + m_mid.to(tl.int64) * stride_qs
-        p_dom = p_do + m_mid.to(tl.int64) * stride_ds
-        for m0 in range(m_mid, m_tail, BM):
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d,
-                stride_qs, stride_ds, Sq, DELTA, qk_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+            _dkdv_program(
+                Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_db, stride_ds, stride_dh, stride_lb, stride_lh, stride_dkb, stride_dks, stride_dkh,
+                stride_dvb, stride_dvs, stride_dvh, Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
+                GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
+                i_n // 2, PART=2,
             )  # fmt: skip
-            p_qm += BM * stride_qs
-            p_dom += BM * stride_ds
-        for j in range(0, n_masked):
-            m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-                p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds,
-                Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-            )  # fmt: skip
-
-    b_dk = b_dk * sm_scale
-    p_dk = dK + i_b * stride_dkb + i_hk * stride_dkh + n_start.to(tl.int64) * stride_dks
-    p_dk = p_dk + o_n[:, None] * stride_dks + o_d[None, :]
-    p_dv = dV + i_b * stride_dvb + i_hk * stride_dvh + n_start.to(tl.int64) * stride_dvs
-    p_dv = p_dv + o_n[:, None] * stride_dvs + o_d[None, :]
-    m_out = m_n[:, None] & (o_d < D)[None, :]
-    if ACCUMULATE or GROUPS > 1:
-        # Add into fp32 buffers that carry other blocks' or query heads' parts (module docstring).
-        tl.atomic_add(p_dk, b_dk, mask=m_out, sem="relaxed")
-        tl.atomic_add(p_dv, b_dv, mask=m_out, sem="relaxed")
     else:
-        tl.store(p_dk, b_dk.to(dK.dtype.element_ty), mask=m_out)
-        tl.store(p_dv, b_dv.to(dV.dtype.element_ty), mask=m_out)
+        _dkdv_program(
+            Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+            stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_db, stride_ds, stride_dh, stride_lb, stride_lh, stride_dkb, stride_dks, stride_dkh,
+            stride_dvb, stride_dvs, stride_dvh, Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
+            GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
+            i_n, PART=0,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -591,7 +678,9 @@ def backward_launches(
         **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
         **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
     )  # fmt: skip
-    launches.append(Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]), B * H), dkdv))
+    launches.append(
+        Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]) * (2 if meta["SPLIT"] else 1), B * H), dkdv)
+    )
     ov = vector_width(dq)
     dqa = dict(
         common, dQ=dq, Spans=rows, H=H, OV=ov,

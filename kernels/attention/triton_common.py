@@ -62,13 +62,15 @@ def run(launch: Launch) -> None:
     launch.kernel[launch.grid](**launch.args)
 
 
-def tile(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
+def tile(bm: int, bn: int, warps: int, stages: int, **constexprs) -> triton.Config:
+    """A ``BM x BN`` tile on ``warps`` warps, ``stages`` pipeline stages; ``constexprs``: the
+    kernel's other config switches (the dK/dV kernel's ``SPLIT``)."""
+    return triton.Config({"BM": bm, "BN": bn, **constexprs}, num_warps=warps, num_stages=stages)
 
 
 def tile_name(config: triton.Config) -> str:
     kw = config.kwargs
-    return f"{kw['BM']}x{kw['BN']} w{config.num_warps} s{config.num_stages}"
+    return f"{kw['BM']}x{kw['BN']} w{config.num_warps} s{config.num_stages}" + (" split" if kw.get("SPLIT") else "")
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
