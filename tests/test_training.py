@@ -72,6 +72,8 @@ def test_precision_names_and_bytes_per_parameter():
         resolve_precision("bf16-mixed", cuda=True, dtype="fp32")
     with pytest.raises(ValueError, match="precision='fp8'"):
         resolve_precision("fp8", cuda=True)
+    with pytest.raises(ValueError, match="not offered .*use bf16-mixed"):
+        resolve_precision("fp16-mixed", cuda=True)
 
 
 @pytest.fixture

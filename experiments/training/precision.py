@@ -74,6 +74,9 @@ def resolve_precision(name: str, cuda: bool, dtype: str = "auto") -> Precision:
         name = from_dtype
     if name == "auto":
         name = "bf16-mixed" if cuda else "32-true"
+    if name == "fp16-mixed":
+        raise ValueError("precision='fp16-mixed' is not offered (fp16 needs a gradient scaler, bf16 does not); "
+                         "use bf16-mixed, which keeps the same fp32 master weights")  # fmt: skip
     if name not in _TABLE:
         raise ValueError(f"precision={name!r}; use one of {PRECISIONS} or auto")
     return Precision(name, *_TABLE[name])
