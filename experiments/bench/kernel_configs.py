@@ -1,0 +1,140 @@
+"""Every autotune config of each Triton attention kernel, timed alone: what autotune chooses
+from, and by how much the winner wins.
+
+For each head dim and causal flag it builds ``flash_attention``'s own launches (forward, dK/dV,
+dQ) at bf16, ``B*S`` tokens, ``H*d = 2048``, and times each config autotune may choose there
+(``--all``: every config) with ``triton.testing.do_bench`` (p50). A config that fails to compile
+or launch is a row with its error, not the end of the sweep. ``clean`` says whether the kernel's tile table lists the config
+as spill-free on this GPU's family (autotune only considers those).
+
+TFLOP/s per kernel under the flash-attn convention: the forward ``4*B*H*S^2*d`` (halved when
+causal); the dK/dV kernel is credited 4 of the backward's 5 matmuls, the dQ kernel 3 (it
+recomputes ``S`` and ``dP``), so the two add up to the 7 matmuls the split backward runs.
+
+    python -m experiments.bench.kernel_configs --out configs.csv            # d 128,64, causal and not
+    python -m experiments.bench.kernel_configs --compile-only --head-dims 64 --causal true
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+CSV_FIELDS = (
+    "device", "commit", "triton", "kernel", "config", "clean", "S", "B", "H", "d", "causal", "dtype",
+    "p50_ms", "tflops", "error",
+)  # fmt: skip
+# Matmuls of the kernel, in units of one forward matmul (2*B*H*S^2*d FLOPs, halved when causal).
+_MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3}
+
+
+def _launches(d: int, causal: bool, S: int, tokens: int, dtype: torch.dtype):
+    """``{kernel name: (Launch, Tiles)}`` for one shape, built by the kernels' own launch code."""
+    from kernels.attention import triton_bwd, triton_fwd
+    from kernels.attention.common import default_scale
+
+    H, B = 2048 // d, max(1, tokens // S)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, S, H, d, generator=gen, device="cuda", dtype=dtype) for _ in range(4))
+    scale = default_scale(d, None)
+    q, k, v, do = triton_fwd.pad_inputs(q, k, v, do)
+    out = torch.empty(B, S, H, d, device="cuda", dtype=dtype)
+    lse = torch.empty(B, H, S, device="cuda", dtype=torch.float32)
+    fwd = triton_fwd.forward_launch(q, k, v, 0, 0, causal, scale, out, lse, False)
+    triton_fwd.run(fwd)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    bwd = triton_bwd.backward_launches(do, q, k, v, out, lse, None, 0, 0, causal, scale, *grads, False)
+    for launch in bwd[:-2]:  # delta
+        triton_bwd.run(launch)
+    shape = dict(S=S, B=B, H=H, d=d, causal=causal)
+    return shape, {
+        "fwd": (fwd, triton_fwd.TILES),
+        "dkdv": (bwd[-2], triton_bwd.DKDV_TILES),
+        "dq": (bwd[-1], triton_bwd.DQ_TILES),
+    }
+
+
+def _grid(launch, config):
+    return launch.grid(config.kwargs) if callable(launch.grid) else launch.grid
+
+
+def _call(launch, config):
+    jit = launch.kernel.fn  # the autotuner's kernel: launch it with this config's meta-parameters
+    return lambda: jit[_grid(launch, config)](**launch.args, **config.all_kwargs())
+
+
+def sweep(args, writer=None, meta=None) -> list[dict]:
+    from triton.testing import do_bench
+
+    from kernels.attention.triton_common import current_arch, tile_name
+
+    rows = []
+    for d in args.head_dims:
+        for causal in args.causals:
+            shape, launches = _launches(d, causal, args.seq_len, args.tokens, torch.bfloat16)
+            for name, (launch, tiles) in launches.items():
+                usable = {tile_name(c) for c in tiles.usable(tiles.configs, launch.args["BD"], 2, current_arch())}
+                for config in tiles.configs:
+                    if not (args.all or tile_name(config) in usable):
+                        continue
+                    row = dict(meta or {}, kernel=name, config=tile_name(config), clean=tile_name(config) in usable)
+                    row.update(shape, dtype="bf16", p50_ms="", tflops="", error="")
+                    try:
+                        fn = _call(launch, config)
+                        fn()
+                        torch.cuda.synchronize()
+                        if not args.compile_only:
+                            ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                            flops = _MATMULS[name] * 2.0 * shape["B"] * shape["H"] * args.seq_len**2 * d
+                            flops *= 0.5 if causal else 1.0
+                            row.update(p50_ms=f"{ms:.4f}", tflops=f"{flops / ms / 1e9:.1f}")
+                    except Exception as e:  # a config that does not build is a row, not the end
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        torch.cuda.synchronize()
+                    rows.append(row)
+                    if writer:
+                        writer.writerow(row)
+                    print(
+                        f"{name:<5} d={d:<4} causal={causal!s:<6} {row['config']:<18} clean={row['clean']!s:<6}"
+                        f" {row['p50_ms']:>9} ms {row['tflops']:>7} TFLOP/s {row['error']}",
+                        flush=True,
+                    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    p.add_argument("--head-dims", type=ints, default=[128, 64])
+    p.add_argument("--causal", choices=("both", "true", "false"), default="both")
+    p.add_argument("--seq-len", type=int, default=16384)
+    p.add_argument("--tokens", type=int, default=16384, help="B*S")
+    p.add_argument("--all", action="store_true", help="also the configs the tile tables rule out here (spills)")
+    p.add_argument("--compile-only", action="store_true", help="run each config once (fills Triton's cache)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    args.causals = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
+    if not torch.cuda.is_available():
+        print("kernel_configs needs a CUDA GPU: it times compiled kernels", file=sys.stderr)
+        return 2
+    from ..core.provenance import device_name, git_commit, package_version
+
+    meta = dict(device=device_name(True), commit=git_commit(), triton=package_version("triton"))
+    if args.out is None:
+        sweep(args, meta=meta)
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        rows = sweep(args, writer, meta)
+    print(f"wrote {args.out}: {sum(1 for r in rows if not r['error'])} of {len(rows)} configs ran")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The kernel landscape in one GPU window (at most ~7 minutes, one GPU):
+#   1. smoke (as every prepared script);
+#   2. the GPU kernel and pipeline tests, each failure named as it happens (-v, -rf, junit XML),
+#      while four processes compile every autotune config of the benchmark's kernels into Triton's
+#      on-disk cache (so the timed steps below only run them);
+#   3. alone on the GPU: ours (split and fused backward where present), SDPA-FA2 and cuDNN
+#      side by side (bf16, S=16K, d 128 and 64, causal and not, fwd and bwd);
+#   4. alone on the GPU: every autotune config of each kernel (fwd, dK/dV, dQ) at d 128/64, S=16K;
+#   5. with what time is left: the FPDT attention block at S=64K (offload vs on-device, timeline).
+#
+#     OUT=/some/dir FPDT_COMMIT=$(git rev-parse --short=12 HEAD) bash experiments/gpu/landscape.sh
+#
+# $OUT ends with summary.txt, bench_attention_<gpu>.csv, kernel_configs_<gpu>.csv,
+# junit_gpu_<gpu>.xml, fpdt_block_<gpu>.csv and logs.tar.gz. Exit status 0 if every step passed.
+OUT_DEFAULT=experiments/results/gpu_landscape
+# shellcheck source=experiments/gpu/common.sh
+source "$(dirname "$0")/common.sh"
+
+environment >/dev/null
+gpu=$(gpu_slug)
+KEEP_FILES="bench_attention_$gpu.csv kernel_configs_$gpu.csv junit_gpu_$gpu.xml fpdt_block_$gpu.csv"
+smoke_or_exit
+
+mkdir -p "$OUT/warm"
+warmers=()
+for d in 128 64; do
+    for causal in true false; do
+        timeout 200 python3 -m experiments.bench.kernel_configs --compile-only --head-dims "$d" --causal "$causal" \
+            >"$OUT/warm/configs_d${d}_$causal.log" 2>&1 &
+        warmers+=($!)
+    done
+done
+
+# The selection the first H200 window ran, now naming every failure (-v prints each as it lands;
+# -rf repeats them at the end; the XML survives for the record).
+step pytest_gpu "${PYTEST_LIMIT_S:-200}" pytest_gpu.log 0 python3 -m pytest -v -rf -n 10 -p no:cacheprovider \
+    --timeout=120 --junitxml="$OUT/junit_gpu_$gpu.xml" \
+    tests/test_attention.py tests/test_kernels_varlen.py tests/test_gpu_pipeline.py \
+    -k "bf16 or fp32 or varlen or fpdt or gqa or chunked or docs"
+grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
+for pid in "${warmers[@]}"; do wait "$pid"; done
+note "=== config warm-up: $(grep -c Error "$OUT"/warm/*.log | tr '\n' ' ')"
+
+step bench 120 bench.log 0 python3 -m experiments.bench_attention --seq-lens 16384 --head-dims 128,64 \
+    --modes fwd,bwd --out "$OUT/bench_attention_$gpu.csv"
+step kernel_configs 120 kernel_configs.log 0 python3 -m experiments.bench.kernel_configs \
+    --out "$OUT/kernel_configs_$gpu.csv"
+step fpdt_block 90 fpdt_block.log 0 python3 -m experiments.bench_fpdt_block --seq-lens 65536 \
+    --chunk-tokens 16384 --reps 2 --no-timeline --out "$OUT/fpdt_block_$gpu.csv"
+
+note "=== done: status $status"
+pack_out
+exit "$status"
