@@ -4,8 +4,8 @@ from, and by how much the winner wins.
 For each head dim and causal flag it builds ``flash_attention``'s own launches (forward, dK/dV,
 dQ) at bf16, ``B*S`` tokens, ``H*d = 2048``, and times each config autotune may choose there
 (``--all``: every config) with ``triton.testing.do_bench`` (p50). A config that fails to compile
-or launch is a row with its error, not the end of the sweep. ``clean`` says whether the kernel's tile table lists the config
-as spill-free on this GPU's family (autotune only considers those).
+or launch is a row with its error, not the end of the sweep. ``clean`` says whether the kernel's
+tile table lists the config as spill-free on this GPU's family (autotune only considers those).
 
 TFLOP/s per kernel under the flash-attn convention: the forward ``4*B*H*S^2*d`` (halved when
 causal); the dK/dV kernel is credited 4 of the backward's 5 matmuls, the dQ kernel 3 (it
