@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import fpdt_kernels
 
 from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
 from .distributed import SPGroup
@@ -68,11 +68,11 @@ def _attend(q, k, v, causal: bool, softmax_scale: float | None, cu_seqlens: torc
     """Attention over the whole sequence ``[B, S, heads, d]``; with packed documents (offsets over
     the flattened ``[B * S]`` tokens) each token attends inside its own document only."""
     if cu_seqlens is None:
-        return kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return fpdt_kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     B, S = q.shape[:2]
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B * S, heads, d]
-    o = kernels.flash_attention_varlen(*flat, cu_seqlens, cu_seqlens, longest, longest, causal=causal,
+    o = fpdt_kernels.flash_attention_varlen(*flat, cu_seqlens, cu_seqlens, longest, longest, causal=causal,
                                        softmax_scale=softmax_scale)  # fmt: skip
     return o.view(B, S, *o.shape[1:])
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import fpdt_kernels
 
 from .all_to_all import (
     head_to_seq_into,
@@ -288,7 +288,7 @@ class _Runner:
         (q,) = self.env.read(f"q[{i}]")
         k, v = self.env.read(f"kv[{j}]")
         acc = self.env.read(f"o[{i}]") if f"o[{i}]" in op.reads else (None, None)
-        o, lse = kernels.attention_chunk_forward(
+        o, lse = fpdt_kernels.attention_chunk_forward(
             q,
             k,
             v,
@@ -329,7 +329,7 @@ class _Runner:
         (do,) = self.env.read(f"do[{j}]")
         dq = self.env.read(f"dq[{j}]")[0] if f"dq[{j}]" in op.reads else None
         dk, dv = self.env.read(f"dkv[{i}]") if f"dkv[{i}]" in op.reads else (None, None)
-        dq, dk, dv = kernels.attention_chunk_backward(
+        dq, dk, dv = fpdt_kernels.attention_chunk_backward(
             do,
             q,
             k,

@@ -5,12 +5,14 @@ the error of the same math done by PyTorch in the input dtype, plus a floor of t
 rounding error. Without CUDA the ``triton`` backend runs in the Triton interpreter.
 """
 
+import functools
+
 import pytest
 import torch
 
-import kernels
-from kernels import naive
-from kernels.attention import torch_cpu
+import fpdt_kernels
+from fpdt_kernels import naive
+from fpdt_kernels.attention import torch_cpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_BACKENDS = ["triton", "torch"]
@@ -57,31 +59,78 @@ def _rounding(dtype):
 
 
 _ABS_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Relative error of one tf32x3 product (three TF32 products; the dropped low x low term is about
+# 2^-22 of the product): what GPU fp32 dots add beyond fp32 rounding.
+TF32X3_EPS = 2.0**-22
 
 
-def assert_close_to_reference(q, k, v, do, causal, backend):
-    """Check output and (dq, dk, dv) of ``kernels.flash_attention`` against float64."""
+def gradient_magnitudes(q, k, v, do, causal, q_start=None, k_start=0):
+    """``(|out|, |dq|, |dk|, |dv|)`` as sums of the absolute values of the terms that make each
+    element, in float64: the scale of the rounding error of those sums. It is large where a
+    gradient is a small difference of large terms: with one key every ``P`` is 1 and
+    ``dS = dP - delta`` cancels, so ``dk = scale * sum(dS * q)`` is 0 made of terms of size ``|do||v|``.
+    Offsets as in the chunk ops; ``q_start=None`` aligns causal to the bottom right (``flash_attention``)."""
+    q, k, v, do = (t.double() for t in (q, k, v, do))
+    groups, scale = q.shape[2] // k.shape[2], q.shape[-1] ** -0.5
+    q_start = k.shape[1] - q.shape[1] if q_start is None else q_start
+    p = torch.softmax(naive._scores(q, k, q_start, k_start, causal, scale), -1).nan_to_num(0.0)
+    k, v = (naive._repeat_kv(t, groups) for t in (k, v))
+    out = torch.einsum("bhmn,bnhd->bmhd", p, v)
+    delta = torch.einsum("bmhd,bmhd->bhm", do, out)
+    ds = p * (torch.einsum("bmhd,bnhd->bhmn", do.abs(), v.abs()) + delta.abs()[..., None])
+
+    def per_kv_head(t):  # [B, N, H, d] -> [B, N, Hkv, d]: GQA gradients sum over the group
+        return t.unflatten(2, (-1, groups)).sum(3)
+
+    return (
+        torch.einsum("bhmn,bnhd->bmhd", p, v.abs()),
+        scale * torch.einsum("bhmn,bnhd->bmhd", ds, k.abs()),
+        per_kv_head(scale * torch.einsum("bhmn,bmhd->bnhd", ds, q.abs())),
+        per_kv_head(torch.einsum("bhmn,bmhd->bnhd", p, do.abs())),
+    )
+
+
+def assert_close_to_reference(q, k, v, do, causal, backend, deterministic=None):
+    """Check output and (dq, dk, dv) of ``fpdt_kernels.flash_attention`` against float64
+    (``deterministic``: which Triton backward, as ``flash_attention`` takes it)."""
     ref = _fwd_bwd(naive.flash_attention, *(t.double() for t in (q, k, v, do)), causal)
     torch_same_dtype = _fwd_bwd(naive.flash_attention, q, k, v, do, causal)
-    with kernels.use_backend(backend):
-        ours = _fwd_bwd(kernels.flash_attention, q, k, v, do, causal)
-    for name, o, p, r, factor in zip(("out", "dq", "dk", "dv"), ours, torch_same_dtype, ref, (2, 3, 3, 3), strict=True):
+    ours_fn = functools.partial(fpdt_kernels.flash_attention, deterministic=deterministic)
+    with fpdt_kernels.use_backend(backend):
+        ours = _fwd_bwd(ours_fn, q, k, v, do, causal)
+    tf32x3 = q.is_cuda and q.dtype == torch.float32 and backend == "triton"
+    magnitudes = gradient_magnitudes(q, k, v, do, causal) if tf32x3 else (0.0,) * 4
+    for name, o, p, r, factor, mag in zip(
+        ("out", "dq", "dk", "dv"), ours, torch_same_dtype, ref, (2, 3, 3, 3), magnitudes, strict=True
+    ):
         assert o.dtype == q.dtype and o.shape == r.shape, name
         assert torch.isfinite(o).all(), f"{name} has NaN/inf"
         # Floor: the dtype's rounding at the reference's magnitude, plus a tiny absolute term for
         # gradients that are exactly 0 analytically (e.g. a softmax over one key).
         floor = 2 * _rounding(q.dtype) * max(1.0, r.abs().max().item()) + _ABS_FLOOR[q.dtype]
-        if q.is_cuda and q.dtype == torch.float32 and name != "out":
+        if tf32x3 and name != "out":
             # The backward recomputes P = exp2(s - lse) with the GPU's approximate exp2/log2 (a
             # few ulp, growing with the logit) where the reference's P is exact; in fp32 that is
             # not hidden under input rounding. Seen on an H200: dv 2.8e-5 vs 1.2e-5 allowed with
             # Sk=1 (every P is 1, so each row's P error adds up): allow ~2e-6 of the largest value.
-            # fp32 products are tf32x3 on GPU (FPDT_FP32_PRECISION), ~2^-22 relative per product,
-            # which stays under this allowance and the 1e-5 floor at these magnitudes.
             floor += 64 * _rounding(q.dtype) * r.abs().max().item()
-        err = (o.double() - r).abs().max().item()
+        # GPU fp32 dots run tf32x3 (FPDT_FP32_PRECISION): each element may also be off by the
+        # products' rounding times the size of the terms it sums (seen on an H200 with Sk=1: dk
+        # off by 1.02e-5 where it is exactly 0; with FPDT_FP32_PRECISION=ieee it passed).
+        err = ((o.double() - r).abs() - TF32X3_EPS * mag).max().item()
         err_pt = (p.double() - r).abs().max().item()
         assert err <= factor * err_pt + floor, f"{name}: error {err:.3e} > {factor} x {err_pt:.3e} + {floor:.1e}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradient_magnitudes_bound_the_reference(causal):
+    """Each magnitude sums the absolute values of the terms of its element, so it bounds it."""
+    q, k, v, do = (t.double() for t in _make((17, 63, 40, 4, 2), torch.float32))
+    ref = _fwd_bwd(naive.flash_attention, q, k, v, do, causal)
+    for r, mag in zip(ref, gradient_magnitudes(q, k, v, do, causal), strict=True):
+        assert mag.shape == r.shape
+        assert (r.abs() <= mag + 1e-12).all()
+        assert mag.max() < 100 * r.abs().max()  # the same scale, not an arbitrary loosening
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -95,12 +144,64 @@ def test_flash_attention_matches_reference(shape, causal, dtype, backend):
     assert_close_to_reference(q, k, v, do, causal, backend)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(17, 63, 40, 4, 2), (113, 113, 64, 4, 4), (113, 1, 64, 4, 2)], ids=_ids)
+def test_deterministic_backward_matches_reference(shape, causal):
+    """The split backward (``deterministic=True``): a dK/dV kernel and a dQ kernel."""
+    q, k, v, do = _make(shape, torch.float32)
+    assert_close_to_reference(q, k, v, do, causal, "triton", deterministic=True)
+
+
+def test_deterministic_switch_selects_the_backward(monkeypatch):
+    """Fused unless asked: ``deterministic=True`` or ``torch.use_deterministic_algorithms(True)``
+    selects the split kernels, for ``flash_attention`` and the chunk backward alike."""
+    from fpdt_kernels.attention import triton_bwd
+
+    fused = []
+    real = triton_bwd.backward_launches
+    monkeypatch.setattr(
+        triton_bwd, "backward_launches", lambda *a, **kw: fused.append(kw["fused"]) or real(*a, **kw)
+    )
+    q, k, v, do = _make((17, 20, 16, 2, 1), torch.float32, batch=1)
+    kw = dict(q_start=0, k_start=0, causal=True)
+    with fpdt_kernels.use_backend("triton"):
+        for deterministic in (None, True, False):
+            _fwd_bwd(functools.partial(fpdt_kernels.flash_attention, deterministic=deterministic), q, k, v, do, True)
+            out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, **kw)
+            fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw, deterministic=deterministic)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            _fwd_bwd(fpdt_kernels.flash_attention, q, k, v, do, True)
+            fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    assert fused == [True, True, False, False, True, True, False, False]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "split"])
+def test_chunk_backward_accumulates_at_offsets(deterministic):
+    """Both backwards add into running fp32 buffers (as FPDT's pipeline calls them), GQA, at offsets."""
+    q, k, v, do = _make((45, 70, 40, 4, 2), torch.float32, batch=1)
+    kw = dict(q_start=30, k_start=3, causal=True)
+    ref_out, ref_lse = naive.attention_chunk_forward(q.double(), k.double(), v.double(), **kw)
+    ref = naive.attention_chunk_backward(do.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, **kw)
+    with fpdt_kernels.use_backend("triton"):
+        out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, **kw)
+        grads = [torch.full(t.shape, 0.5, device=t.device) for t in (q, k, v)]  # running sums
+        fpdt_kernels.attention_chunk_backward(
+            do, q, k, v, out, lse, **kw, dq=grads[0], dk=grads[1], dv=grads[2], deterministic=deterministic
+        )
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g.double(), r + 0.5, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def split_dkdv(monkeypatch):
     """The dK/dV kernel runs its split variant (dV and dK by separate programs) in one small tile:
     autotune picks it only on sm_90 at d=256, so the interpreter would never run it otherwise."""
-    from kernels.attention import triton_bwd
-    from kernels.attention.triton_common import tile
+    from fpdt_kernels.attention import triton_bwd
+    from fpdt_kernels.attention.triton_common import tile
 
     monkeypatch.setattr(triton_bwd._dkdv_kernel, "configs", [tile(16, 32, 4, 2, SPLIT=True)])
 
@@ -119,9 +220,9 @@ def test_split_dkdv_accumulates_at_offsets(split_dkdv):
     kw = dict(q_start=30, k_start=3, causal=True)
     ref_out, ref_lse = naive.attention_chunk_forward(q.double(), k.double(), v.double(), **kw)
     ref = naive.attention_chunk_backward(do.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, **kw)
-    with kernels.use_backend("triton"):
-        out, lse = kernels.attention_chunk_forward(q, k, v, **kw)
-        grads = kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
+    with fpdt_kernels.use_backend("triton"):
+        out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, **kw)
+        grads = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
     for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
 
@@ -147,31 +248,40 @@ def test_chunked_equals_unchunked(backend, causal, q_offset):
     sq, sk, d, h, hkv = 150, 187, 40, 4, 2
     q, k, v, do = _make((sq, sk, d, h, hkv), torch.float32, batch=1)
     q_cuts, k_cuts = _split_points(sq, [33, 64, 65, 149]), _split_points(sk, [1, 50, 128])
-    with kernels.use_backend(backend):
-        whole_out, whole_lse = kernels.attention_chunk_forward(q, k, v, q_start=q_offset, k_start=0, causal=causal)
-        whole = kernels.attention_chunk_backward(
+    with fpdt_kernels.use_backend(backend):
+        whole_out, whole_lse = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=q_offset, k_start=0, causal=causal)
+        whole = fpdt_kernels.attention_chunk_backward(
             do, q, k, v, whole_out, whole_lse, q_start=q_offset, k_start=0, causal=causal
         )
         out = torch.zeros(whole_out.shape, device=q.device)
         lse = torch.full(whole_lse.shape, float("-inf"), device=q.device)
         for a, b in q_cuts:
             for c, e in k_cuts:
-                kernels.attention_chunk_forward(
+                fpdt_kernels.attention_chunk_forward(
                     q[:, a:b], k[:, c:e], v[:, c:e], q_start=q_offset + a, k_start=c, causal=causal,
                     out=out[:, a:b], lse=lse[:, :, a:b],
                 )  # fmt: skip
         dq, dk, dv = (torch.zeros(t.shape, device=q.device) for t in (q, k, v))
         for c, e in k_cuts:
             for a, b in q_cuts:
-                kernels.attention_chunk_backward(
+                fpdt_kernels.attention_chunk_backward(
                     do[:, a:b], q[:, a:b], k[:, c:e], v[:, c:e], out[:, a:b], lse[:, :, a:b],
                     q_start=q_offset + a, k_start=c, causal=causal,
                     dq=dq[:, a:b], dk=dk[:, c:e], dv=dv[:, c:e],
                 )  # fmt: skip
     torch.testing.assert_close(out, whole_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, whole_lse, rtol=1e-5, atol=1e-5)
-    for got, want in zip((dq, dk, dv), whole, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # On a GPU both sides run tf32x3 dots, in other tiles and orders: each may be off by the
+    # products' rounding times the size of the terms an element sums (gradient_magnitudes).
+    tf32x3 = q.is_cuda and backend == "triton"
+    magnitudes = gradient_magnitudes(q, k, v, do, causal, q_offset)[1:] if tf32x3 else (0.0,) * 3
+    for name, got, want, mag in zip(("dq", "dk", "dv"), (dq, dk, dv), whole, magnitudes, strict=True):
+        excess = (got.double() - want).abs() - (1e-5 + 1e-4 * want.double().abs() + 2 * TF32X3_EPS * mag)
+        worst = excess.argmax()
+        assert excess.max() <= 0, (
+            f"{name}: chunked {got.flatten()[worst]:.6e} vs whole {want.flatten()[worst]:.6e} at flat index "
+            f"{worst.item()} of shape {tuple(got.shape)}: {excess.max():.3e} over the allowance"
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -181,9 +291,9 @@ def test_chunk_api_matches_reference_at_offsets(backend):
     kw = dict(q_start=1000, k_start=980, causal=True)
     ref_out, ref_lse = naive.attention_chunk_forward(q.double(), k.double(), v.double(), **kw)
     ref_grads = naive.attention_chunk_backward(do.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, **kw)
-    with kernels.use_backend(backend):
-        out, lse = kernels.attention_chunk_forward(q, k, v, **kw)
-        grads = kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
+    with fpdt_kernels.use_backend(backend):
+        out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, **kw)
+        grads = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
@@ -193,7 +303,7 @@ def test_chunk_api_matches_reference_at_offsets(backend):
 
 
 def test_triton_forward_overwrites_nan_poisoned_buffers(nan_buffer):
-    from kernels.attention import triton_fwd
+    from fpdt_kernels.attention import triton_fwd
 
     q, k, v, _ = _make((113, 63, 111, 4, 2), torch.float32)
     out = nan_buffer(q.shape, torch.float32, q.device)
@@ -217,8 +327,8 @@ def test_strided_views_never_read_outside(backend):
     v.copy_(torch.randn(v.shape))
     assert not q.is_contiguous() and not k.is_contiguous()
     do = torch.randn(q.shape, device=DEVICE)
-    with kernels.use_backend(backend):
-        got = _fwd_bwd(kernels.flash_attention, q, k, v, do, True)
+    with fpdt_kernels.use_backend(backend):
+        got = _fwd_bwd(fpdt_kernels.flash_attention, q, k, v, do, True)
     want = _fwd_bwd(naive.flash_attention, q.contiguous(), k.contiguous(), v.contiguous(), do, True)
     for g, w in zip(got, want, strict=True):
         assert torch.isfinite(g).all()
@@ -229,18 +339,18 @@ def test_strided_views_never_read_outside(backend):
 def test_rows_that_see_no_key_are_zero(backend):
     # Causal, Sq > Sk, bottom-right aligned: the first Sq - Sk query rows see no key.
     q, k, v, do = _make((90, 30, 64, 4, 2), torch.float32)
-    with kernels.use_backend(backend):
-        out, dq, dk, dv = _fwd_bwd(kernels.flash_attention, q, k, v, do, True)
-        blk_out, blk_lse = kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=60, causal=True)
-        grads = kernels.attention_chunk_backward(do, q, k, v, blk_out, blk_lse, q_start=0, k_start=60, causal=True)
+    with fpdt_kernels.use_backend(backend):
+        out, dq, dk, dv = _fwd_bwd(fpdt_kernels.flash_attention, q, k, v, do, True)
+        blk_out, blk_lse = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=60, causal=True)
+        grads = fpdt_kernels.attention_chunk_backward(do, q, k, v, blk_out, blk_lse, q_start=0, k_start=60, causal=True)
     for t in (out, dq, dk, dv, blk_out, *grads):
         assert not torch.isnan(t).any()
     assert (out[:, :60] == 0).all() and (dq[:, :60] == 0).all()
     assert (blk_out[:, :60] == 0).all() and (grads[0][:, :60] == 0).all()
     assert torch.isneginf(blk_lse[:, :, :60]).all() and torch.isfinite(blk_lse[:, :, 60:]).all()
     # A block entirely above the diagonal contributes nothing and leaves accumulators untouched.
-    with kernels.use_backend(backend):
-        o2, l2 = kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=500, causal=True)
+    with fpdt_kernels.use_backend(backend):
+        o2, l2 = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=500, causal=True)
     assert (o2 == 0).all() and torch.isneginf(l2).all()
 
 
@@ -249,13 +359,13 @@ def test_merge_attention_is_safe_with_minus_inf():
     whole = naive.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=False)
     a = naive.attention_chunk_forward(q, k[:, :25], v[:, :25], q_start=0, k_start=0, causal=False)
     b = naive.attention_chunk_forward(q, k[:, 25:], v[:, 25:], q_start=0, k_start=25, causal=False)
-    out, lse = kernels.merge_attention(*a, *b)
+    out, lse = fpdt_kernels.merge_attention(*a, *b)
     torch.testing.assert_close(out, whole[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, whole[1], rtol=1e-5, atol=1e-6)
     empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
-    out2, lse2 = kernels.merge_attention(empty_out, empty_lse, out, lse)
+    out2, lse2 = fpdt_kernels.merge_attention(empty_out, empty_lse, out, lse)
     torch.testing.assert_close(out2, out)
-    out3, lse3 = kernels.merge_attention(empty_out, empty_lse, empty_out, empty_lse)
+    out3, lse3 = fpdt_kernels.merge_attention(empty_out, empty_lse, empty_out, empty_lse)
     assert (out3 == 0).all() and torch.isneginf(lse3).all()
 
 
@@ -300,21 +410,21 @@ def _good():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bad_input_raises(make_bad, error, match, backend):
     q, k, v = make_bad(*_good())
-    with kernels.use_backend(backend), pytest.raises(error, match=match):
-        kernels.flash_attention(q, k, v)
+    with fpdt_kernels.use_backend(backend), pytest.raises(error, match=match):
+        fpdt_kernels.flash_attention(q, k, v)
 
 
 def test_bad_accumulators_raise():
     q, k, v = _good()
-    out, lse = kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True)
+    out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True)
     with pytest.raises(ValueError, match="both out and lse"):
-        kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True, out=out)
+        fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True, out=out)
     with pytest.raises(TypeError, match="float32 accumulator"):
-        kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True, out=out.half(), lse=lse)
+        fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True, out=out.half(), lse=lse)
     with pytest.raises(ValueError, match="must have shape"):
-        kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True, out=out, lse=lse[:, :, :3])
+        fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True, out=out, lse=lse[:, :, :3])
     with pytest.raises(ValueError, match="must have shape"):
-        kernels.attention_chunk_backward(
+        fpdt_kernels.attention_chunk_backward(
             q, q, k, v, out, lse, q_start=0, k_start=0, causal=True, dk=torch.zeros(1, 8, 4, 16)
         )
 
@@ -322,47 +432,47 @@ def test_bad_accumulators_raise():
 def test_backend_selection(monkeypatch):
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):
-        kernels.set_backend("cuda-magic")
+        fpdt_kernels.set_backend("cuda-magic")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert kernels.resolve_backend(cpu) == "torch"
-    with kernels.use_backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        kernels.resolve_backend(cpu)
+    assert fpdt_kernels.resolve_backend(cpu) == "torch"
+    with fpdt_kernels.use_backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fpdt_kernels.resolve_backend(cpu)
     monkeypatch.setenv("FPDT_ATTENTION_BACKEND", "naive")
-    assert kernels.resolve_backend(cpu) == "naive"
-    with kernels.use_backend("torch"):
-        assert kernels.resolve_backend(cpu) == "torch"
-        assert kernels.resolve_backend(torch.device("cuda")) == "naive"  # CPU kernel only
+    assert fpdt_kernels.resolve_backend(cpu) == "naive"
+    with fpdt_kernels.use_backend("torch"):
+        assert fpdt_kernels.resolve_backend(cpu) == "torch"
+        assert fpdt_kernels.resolve_backend(torch.device("cuda")) == "naive"  # CPU kernel only
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FPDT_ATTENTION_BACKEND")
-    assert kernels.resolve_backend(cpu) == "triton"
-    assert kernels.resolve_backend(torch.device("cuda")) == "triton"
+    assert fpdt_kernels.resolve_backend(cpu) == "triton"
+    assert fpdt_kernels.resolve_backend(torch.device("cuda")) == "triton"
 
 
 def test_resolve_backend_takes_a_tensor_or_a_device():
     t = torch.zeros(1)
     for where in (t, t.device, "cpu"):
-        with kernels.use_backend("torch"):
-            assert kernels.resolve_backend(where) == "torch"
+        with fpdt_kernels.use_backend("torch"):
+            assert fpdt_kernels.resolve_backend(where) == "torch"
     with pytest.raises(TypeError, match="tensor or a torch.device"):
-        kernels.resolve_backend(3)
+        fpdt_kernels.resolve_backend(3)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_softmax_scale_zero_is_not_the_default(backend):
     # Scale 0: every visible key gets the same weight, so the output is the mean of v.
     q, k, v, _ = _make((5, 7, 16, 4, 4), torch.float32, batch=1)
-    with kernels.use_backend(backend):
-        out = kernels.flash_attention(q, k, v, softmax_scale=0.0)
+    with fpdt_kernels.use_backend(backend):
+        out = fpdt_kernels.flash_attention(q, k, v, softmax_scale=0.0)
     torch.testing.assert_close(out, v.mean(1, keepdim=True).expand_as(out), rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_package_is_standalone():
-    """``kernels`` imports nothing from the rest of the codebase (users copy it alone)."""
+    """``fpdt_kernels`` imports nothing from the rest of the codebase (users copy it alone)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, kernels; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "import sys, fpdt_kernels; bad = [m for m in sys.modules if m.split('.')[0] in "
         "('parallel', 'models', 'experiments')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,10 +1,10 @@
-"""The kernels compile for real GPUs: ``python -m kernels.compile_check --quick`` in a subprocess.
+"""The kernels compile for real GPUs: ``python -m fpdt_kernels.compile_check --quick`` in a subprocess.
 
 Triton compiles for sm_90 on a machine without a GPU (ptxas ships in the wheel). This catches
 what the interpreter hides (a jit function reading a non-constexpr global, a literal without
 ``.to()``) and checks the tiles autotune may pick: no spills, shared memory within the target's
 limit, 16-byte loads and ``cp.async`` pipelining where expected. The full matrix (sm_80 and sm_90,
-bf16/fp16, d in 64/128/256/40/59/111, every variant) is ``python -m kernels.compile_check``.
+bf16/fp16, d in 64/128/256/40/59/111, every variant) is ``python -m fpdt_kernels.compile_check``.
 """
 
 import os
@@ -26,7 +26,7 @@ def quick_run():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns unless it is set; 1 is its default
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--quick"],
+        [sys.executable, "-m", "fpdt_kernels.compile_check", "--quick"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return proc

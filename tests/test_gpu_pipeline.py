@@ -22,7 +22,7 @@ import dataclasses
 import pytest
 import torch
 
-import kernels
+import fpdt_kernels
 import models
 import parallel.host_store as host_store
 from parallel import (
@@ -79,10 +79,21 @@ def _fpdt(rope, chunks, offload):
     return lambda x, w: fpdt_attention(x, w, rope, group=group, chunks=chunks, offload=offload, store=HostStore())
 
 
+@pytest.fixture
+def deterministic():
+    """Bit-identical results need a backward whose sums do not depend on timing: the split
+    kernels (``torch.use_deterministic_algorithms`` selects them) and MHA (GQA's dK/dV and the
+    fused backward's dQ add with atomics, in whatever order programs finish)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
 @pytest.mark.parametrize("chunks", [2, 8])
-def test_gpu_fpdt_offload_is_bit_identical(chunks, slow_copies):
-    w, rope, x, dy = _block(torch.bfloat16)
-    with kernels.use_backend("triton"):
+def test_gpu_fpdt_offload_is_bit_identical(chunks, slow_copies, deterministic):
+    w, rope, x, dy = _block(torch.bfloat16, Hkv=8)
+    with fpdt_kernels.use_backend("triton"):
         on_device = _run(_fpdt(rope, chunks, offload=False), x, w, dy)
         offloaded = _run(_fpdt(rope, chunks, offload=True), x, w, dy)
         again = _run(_fpdt(rope, chunks, offload=True), x, w, dy)
@@ -94,7 +105,7 @@ def test_gpu_fpdt_offload_is_bit_identical(chunks, slow_copies):
 
 def test_gpu_fpdt_matches_local_fp32():
     w, rope, x, dy = _block(torch.float32, S=768)
-    with kernels.use_backend("triton"):
+    with fpdt_kernels.use_backend("triton"):
         want = _run(lambda x, w: local_attention(x, w, rope), x, w, dy)
         got = _run(_fpdt(rope, 4, offload=True), x, w, dy)
     for g, r in zip(got, want, strict=True):
@@ -119,7 +130,7 @@ def test_gpu_fpdt_side_streams_allocate_nothing():
     fn = lambda x, w: fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=4, offload=True, store=store)  # noqa: E731
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    with kernels.use_backend("triton"):
+    with fpdt_kernels.use_backend("triton"):
         for _ in range(2):  # compiles, host buffers, allocator segments: the steady state from here
             _run(fn, x, w, dy)
         segments = torch.cuda.memory_stats()["segment.all.allocated"]
@@ -149,7 +160,7 @@ def test_gpu_fpdt_forward_does_not_wait_for_its_last_offload(monkeypatch):
         original(self, op)
 
     w, rope, x, dy = _block(torch.bfloat16)
-    with kernels.use_backend("triton"):
+    with fpdt_kernels.use_backend("triton"):
         want = _run(_fpdt(rope, chunks, offload=False), x, w, dy)
         monkeypatch.setattr(_Runner, "offload", slow_last)
         xg = x.detach().clone().requires_grad_(True)
@@ -185,7 +196,7 @@ def test_gpu_fpdt_host_checkpoints_with_delayed_copies(monkeypatch):
     tokens, labels = (torch.randint(0, cfg.vocab_size, (2, 64), generator=g).cuda() for _ in range(2))
     store = host_store.default_host_store()
     results, allocations = [], []
-    with kernels.use_backend("naive"):
+    with fpdt_kernels.use_backend("naive"):
         for on_host in (False, True, True):
             torch.manual_seed(0)
             model = models.Transformer(cfg.replace(checkpoint_on_host=on_host)).cuda()

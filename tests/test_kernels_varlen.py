@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 from test_attention import _ABS_FLOOR, _rounding
 
-import kernels
-from kernels import naive
-from kernels.attention import documents
-from kernels.attention.triton_common import span_blocks
+import fpdt_kernels
+from fpdt_kernels import naive
+from fpdt_kernels.attention import documents
+from fpdt_kernels.attention.triton_common import span_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_BACKENDS = ["triton", "torch"]
@@ -75,8 +75,8 @@ def _check_varlen(case, causal, dtype, backend, device=DEVICE):
     q, k, v, do, *docs = _varlen_inputs(case, dtype, device)
     ref = _varlen_fwd_bwd(naive.flash_attention_varlen, *(t.double() for t in (q, k, v, do)), *docs, causal)
     same_dtype = _varlen_fwd_bwd(naive.flash_attention_varlen, q, k, v, do, *docs, causal)
-    with kernels.use_backend(backend):
-        ours = _varlen_fwd_bwd(kernels.flash_attention_varlen, q, k, v, do, *docs, causal)
+    with fpdt_kernels.use_backend(backend):
+        ours = _varlen_fwd_bwd(fpdt_kernels.flash_attention_varlen, q, k, v, do, *docs, causal)
     _assert_rule(ours, same_dtype, ref, dtype, q.is_cuda)
     return ours
 
@@ -105,8 +105,8 @@ def test_varlen_bf16_through_interpreter_upcast(causal):
 
 def test_naive_backend_is_the_reference():
     q, k, v, do, *docs = _varlen_inputs(VARLEN_CASES["odd-gqa"], torch.float64)
-    with kernels.use_backend("naive"):
-        got = _varlen_fwd_bwd(kernels.flash_attention_varlen, q, k, v, do, *docs, True)
+    with fpdt_kernels.use_backend("naive"):
+        got = _varlen_fwd_bwd(fpdt_kernels.flash_attention_varlen, q, k, v, do, *docs, True)
     want = _varlen_fwd_bwd(naive.flash_attention_varlen, q, k, v, do, *docs, True)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -153,9 +153,9 @@ def test_chunk_api_matches_reference(backend, causal):
     kw = dict(q_start=30, k_start=3, causal=causal, cu_seqlens=CU)
     ref_out, ref_lse = naive.attention_chunk_forward(q.double(), k.double(), v.double(), **kw)
     ref = naive.attention_chunk_backward(do.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, **kw)
-    with kernels.use_backend(backend):
-        out, lse = kernels.attention_chunk_forward(q, k, v, **kw)
-        grads = kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
+    with fpdt_kernels.use_backend(backend):
+        out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, **kw)
+        grads = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref, strict=True):
@@ -167,8 +167,8 @@ def test_chunk_api_matches_reference(backend, causal):
 def test_split_dkdv_with_documents(causal, monkeypatch):
     """The dK/dV kernel's split variant (dV and dK by separate programs; sm_90 at d=256 only) over
     document spans: a packed varlen batch and an accumulating block at offsets."""
-    from kernels.attention import triton_bwd
-    from kernels.attention.triton_common import tile
+    from fpdt_kernels.attention import triton_bwd
+    from fpdt_kernels.attention.triton_common import tile
 
     monkeypatch.setattr(triton_bwd._dkdv_kernel, "configs", [tile(16, 32, 4, 2, SPLIT=True)])
     _check_varlen(VARLEN_CASES["odd-gqa"], causal, torch.float32, "triton")
@@ -197,15 +197,15 @@ def test_chunked_documents_equal_the_whole(backend, causal):
     q, k, v, do = _chunk_inputs(S, S, h=2, hkv=1, seed=1)
     cuts = [(0, 17), (17, 50), (50, 96)]  # 17: a document boundary in row 0; 50 cuts documents
     kw = dict(causal=causal, cu_seqlens=CU)
-    with kernels.use_backend(backend):
-        whole_out, whole_lse = kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, **kw)
-        whole = kernels.attention_chunk_backward(do, q, k, v, whole_out, whole_lse, q_start=0, k_start=0, **kw)
+    with fpdt_kernels.use_backend(backend):
+        whole_out, whole_lse = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, **kw)
+        whole = fpdt_kernels.attention_chunk_backward(do, q, k, v, whole_out, whole_lse, q_start=0, k_start=0, **kw)
         out = torch.zeros(whole_out.shape)
         lse = torch.full(whole_lse.shape, float("-inf"))
         for a, b in cuts:
             for c, e in cuts:
                 before = out[:, a:b].clone(), lse[:, :, a:b].clone()
-                kernels.attention_chunk_forward(q[:, a:b], k[:, c:e], v[:, c:e], q_start=a, k_start=c,
+                fpdt_kernels.attention_chunk_forward(q[:, a:b], k[:, c:e], v[:, c:e], q_start=a, k_start=c,
                                                 out=out[:, a:b], lse=lse[:, :, a:b], **kw)  # fmt: skip
                 # Rows that see no key of this block keep their running state bit for bit.
                 unseen = ~_visible(a, b - a, c, e - c, causal).any(-1)  # [B, rows]
@@ -214,21 +214,21 @@ def test_chunked_documents_equal_the_whole(backend, causal):
         dq, dk, dv = (torch.zeros(t.shape) for t in (q, k, v))
         for c, e in cuts:
             for a, b in cuts:
-                kernels.attention_chunk_backward(do[:, a:b], q[:, a:b], k[:, c:e], v[:, c:e], out[:, a:b],
+                fpdt_kernels.attention_chunk_backward(do[:, a:b], q[:, a:b], k[:, c:e], v[:, c:e], out[:, a:b],
                                                  lse[:, :, a:b], q_start=a, k_start=c, dq=dq[:, a:b],
                                                  dk=dk[:, c:e], dv=dv[:, c:e], **kw)  # fmt: skip
     torch.testing.assert_close(out, whole_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, whole_lse, rtol=1e-5, atol=1e-5)
     for got, want in zip((dq, dk, dv), whole, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    flat = kernels.flash_attention_varlen(*(t.flatten(0, 1) for t in (q, k, v)), CU, CU, 78, 78, causal=causal)
+    flat = fpdt_kernels.flash_attention_varlen(*(t.flatten(0, 1) for t in (q, k, v)), CU, CU, 78, 78, causal=causal)
     torch.testing.assert_close(whole_out.flatten(0, 1), flat, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_writes_nan_poisoned_buffers(nan_buffer):
     """Every element of the forward's output/LSE and of the backward's written gradients is
     written, rows that see no key included (out 0, lse -inf, dq 0) and keys no row sees (dk 0)."""
-    from kernels.attention import triton_bwd, triton_fwd
+    from fpdt_kernels.attention import triton_bwd, triton_fwd
 
     q, k, v, do = _chunk_inputs(45, 70)
     kw = dict(q_start=10, k_start=20, causal=True)  # rows 10-19 of row 0 see no key at or after 20
@@ -266,16 +266,18 @@ def test_tiles_outside_the_documents_are_never_read(backend):
     # Rows of document 1 against every key, keys of document 0 poisoned.
     kp, vp = k.clone(), v.clone()
     kp[:, :64], vp[:, :64] = float("nan"), float("nan")
-    with kernels.use_backend(backend):
-        out, lse = kernels.attention_chunk_forward(q[:, 64:], kp, vp, **dict(kw, q_start=64))
-        dq, _, _ = kernels.attention_chunk_backward(do[:, 64:], q[:, 64:], kp, vp, out, lse, **dict(kw, q_start=64))
+    with fpdt_kernels.use_backend(backend):
+        out, lse = fpdt_kernels.attention_chunk_forward(q[:, 64:], kp, vp, **dict(kw, q_start=64))
+        dq, _, _ = fpdt_kernels.attention_chunk_backward(
+            do[:, 64:], q[:, 64:], kp, vp, out, lse, **dict(kw, q_start=64)
+        )
     torch.testing.assert_close(out, want_out[:, 64:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dq, want[0][:, 64:], rtol=1e-4, atol=1e-5)
     # Keys of document 1 against every row, rows of document 0 poisoned.
     qp, dop = q.clone(), do.clone()
     qp[:, :64], dop[:, :64] = float("nan"), float("nan")
-    with kernels.use_backend(backend):
-        _, dk, dv = kernels.attention_chunk_backward(dop, qp, k[:, 64:], v[:, 64:], want_out, want_lse,
+    with fpdt_kernels.use_backend(backend):
+        _, dk, dv = fpdt_kernels.attention_chunk_backward(dop, qp, k[:, 64:], v[:, 64:], want_out, want_lse,
                                                      **dict(kw, k_start=64))  # fmt: skip
     torch.testing.assert_close(dk, want[1][:, 64:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dv, want[2][:, 64:], rtol=1e-4, atol=1e-5)
@@ -333,7 +335,7 @@ def _bad_varlen(**change):
 )  # fmt: skip
 def test_bad_varlen_input_raises(change, error, match):
     with pytest.raises(error, match=match):
-        kernels.flash_attention_varlen(**_bad_varlen(**change))
+        fpdt_kernels.flash_attention_varlen(**_bad_varlen(**change))
 
 
 @pytest.mark.parametrize(
@@ -352,12 +354,12 @@ def test_bad_varlen_input_raises(change, error, match):
 def test_bad_chunk_cu_seqlens_raises(cu, kw, error, match, backend):
     q, k, v, do = _chunk_inputs(40, 40)
     kw = dict(dict(q_start=0, k_start=0, causal=True), **kw)
-    with kernels.use_backend(backend):
+    with fpdt_kernels.use_backend(backend):
         with pytest.raises(error, match=match):
-            kernels.attention_chunk_forward(q, k, v, cu_seqlens=cu, **kw)
-        out, lse = kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True)
+            fpdt_kernels.attention_chunk_forward(q, k, v, cu_seqlens=cu, **kw)
+        out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=0, k_start=0, causal=True)
         with pytest.raises(error, match=match):
-            kernels.attention_chunk_backward(do, q, k, v, out, lse, cu_seqlens=cu, **kw)
+            fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, cu_seqlens=cu, **kw)
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -387,7 +389,7 @@ def test_gpu_chunk_api_with_cu_seqlens_on_the_device():
     """Offsets on the GPU are taken as they are (no host read) and give the CPU offsets' result."""
     q, k, v, do = (t.cuda() for t in _chunk_inputs(45, 70))
     kw = dict(q_start=30, k_start=3, causal=True)
-    a = kernels.attention_chunk_forward(q, k, v, cu_seqlens=CU, **kw)
-    b = kernels.attention_chunk_forward(q, k, v, cu_seqlens=CU.cuda(), **kw)
+    a = fpdt_kernels.attention_chunk_forward(q, k, v, cu_seqlens=CU, **kw)
+    b = fpdt_kernels.attention_chunk_forward(q, k, v, cu_seqlens=CU.cuda(), **kw)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
+import fpdt_kernels
 import models
 from models.chunked import cross_entropy_reference, mlp_reference
 from parallel.distributed import SPGroup
@@ -18,7 +18,7 @@ from parallel.parallelize import parallelize, shard_batch
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
-    with kernels.use_backend("torch"):
+    with fpdt_kernels.use_backend("torch"):
         yield
 
 
@@ -401,7 +401,8 @@ def test_bad_shard_batch_raises():
 
 
 def _hf_llama(**kw):
-    transformers = pytest.importorskip("transformers", reason="HF parity needs transformers (the `test` extra)")
+    import transformers  # the `test` extra: a missing transformers fails these tests, never skips them
+
     hf_cfg = transformers.LlamaConfig(
         vocab_size=101,
         hidden_size=48,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import fpdt_kernels
 from experiments.training import corpus
 from experiments.training.data import DataSpec, cu_seqlens_of, global_batch, replica_batch, square_tokens
 from parallel import SPGroup, check_cu_seqlens, document_positions, parallelize, shard_batch
@@ -119,7 +119,7 @@ def test_packed_sequence_equals_separate_documents(strategy, chunks):
     tokens = torch.randint(0, cfg.vocab_size, (B, S))
     labels = torch.randint(0, cfg.vocab_size, (B, S))
     cu = torch.tensor([0, 5, 17, 18, 48, 60, 96], dtype=torch.int32)  # row 1: documents of 12 and 36
-    with kernels.use_backend("torch"):
+    with fpdt_kernels.use_backend("torch"):
         reference = models.Transformer(cfg)
         want_loss, want_grads = _separate_documents(reference, tokens, labels, cu)
         model = models.Transformer(cfg)

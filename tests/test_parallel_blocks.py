@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import fpdt_kernels
 from parallel import (
     AttentionStrategy,
     AttentionWeights,
@@ -24,7 +24,7 @@ from parallel import (
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
-    with kernels.use_backend("torch"):
+    with fpdt_kernels.use_backend("torch"):
         yield
 
 

@@ -156,10 +156,10 @@ def _worker(rank: int, world: int, rdzv: str, result_dir: str) -> None:
     torch.set_num_threads(1)
     # The FPDT device ring is sized from the schedule: running dry would be a sizing bug.
     warnings.filterwarnings("error", message="no free device slot", category=RuntimeWarning)
-    import kernels
+    import fpdt_kernels
     from parallel import init_distributed
 
-    kernels.set_backend("torch")
+    fpdt_kernels.set_backend("torch")
     group = init_distributed(rank, world, backend="gloo", init_method=f"file://{rdzv}", timeout_s=120)
     failures = _check_all_to_all(group)
     for cfg in _configs(world):

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-import kernels
+import fpdt_kernels
 import parallel.executor as executor
 import parallel.fpdt as fpdt
 from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention, local_attention
@@ -14,7 +14,7 @@ from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
-    with kernels.use_backend("torch"):
+    with fpdt_kernels.use_backend("torch"):
         yield
 
 
@@ -100,7 +100,7 @@ def test_softmax_scale_zero_is_kept():
     w = AttentionWeights.random(16, 2, 2, 8)
     x = torch.randn(1, 8, 16)
     rope = RotaryEmbedding(8)
-    with kernels.use_backend("naive"):
+    with fpdt_kernels.use_backend("naive"):
         got = fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=2, softmax_scale=0.0, store=HostStore())
         want = local_attention(x, w, rope, softmax_scale=0.0)
         default = local_attention(x, w, rope)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-import kernels
+import fpdt_kernels
 from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention
 
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
-    with kernels.use_backend("torch"):
+    with fpdt_kernels.use_backend("torch"):
         yield
 
 

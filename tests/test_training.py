@@ -239,20 +239,22 @@ def test_a_dead_rank_is_reported_and_the_last_checkpoint_survives(tmp_path):
 
 @pytest.mark.parametrize("strategy,chunks", [("local", 1), ("ulysses", 1), ("fpdt", 2)])
 def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_gradients(strategy, chunks, monkeypatch):
-    import kernels
+    import fpdt_kernels
     from experiments.training.loop import build_model, forward_backward
     from parallel import Mesh
 
     seen = []
     for name in ("flash_attention", "attention_chunk_forward"):  # what local/ulysses and FPDT call
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda q, *a, _real=real, **k: seen.append(q.dtype) or _real(q, *a, **k))
+        real = getattr(fpdt_kernels, name)
+        monkeypatch.setattr(
+            fpdt_kernels, name, lambda q, *a, _real=real, **k: seen.append(q.dtype) or _real(q, *a, **k)
+        )
     point = dict(model="llama-tiny", n_layers=1, strategy=strategy, chunks=chunks, offload=True, fsdp=False, seed=0,
                  lr=1e-3, activation_checkpointing=True, checkpoint_on_host=True, chunked_mlp=True,
                  chunked_loss=True)  # fmt: skip
     tokens = torch.randint(0, 96, (2, 129), generator=torch.Generator().manual_seed(0))
     losses = {}
-    with kernels.use_backend("torch"):
+    with fpdt_kernels.use_backend("torch"):
         for name in ("32-true", "bf16-mixed"):
             seen.clear()
             precision = resolve_precision(name, cuda=False)

@@ -1,4 +1,4 @@
-"""Attention benchmark: our ``kernels.flash_attention`` against PyTorch SDPA's flash (FlashAttention-2)
+"""Attention benchmark: our ``fpdt_kernels.flash_attention`` against PyTorch SDPA's flash (FlashAttention-2)
 and, on CUDA, cuDNN backends.
 
 Both run in the same process on the same inputs, so each row's ratio is side by side. On CUDA the
@@ -66,12 +66,12 @@ def attention_flops(cfg: Config) -> float:
     return fwd * _MODE_FLOP_FACTOR[cfg.mode]
 
 
-def _ours(backend: str) -> Callable:
-    import kernels
+def _ours(backend: str, deterministic: bool = False) -> Callable:
+    import fpdt_kernels
 
     def attn(q, k, v, causal):  # [B, S, H, d]
-        with kernels.use_backend(backend):
-            return kernels.flash_attention(q, k, v, causal=causal)
+        with fpdt_kernels.use_backend(backend):
+            return fpdt_kernels.flash_attention(q, k, v, causal=causal, deterministic=deterministic)
 
     return attn
 
@@ -97,7 +97,8 @@ def _impls(cuda: bool) -> dict[str, tuple[Callable, bool]]:
     impls = {"sdpa_flash": (_sdpa, True)}
     if cuda:
         impls["sdpa_cudnn"] = (_sdpa_with("CUDNN_ATTENTION"), True)
-        impls["ours_triton"] = (_ours("triton"), False)
+        impls["ours_triton"] = (_ours("triton"), False)  # the fused backward (the default)
+        impls["ours_triton_split"] = (_ours("triton", deterministic=True), False)  # deterministic=True
     elif os.environ.get("TRITON_INTERPRET") == "1":
         impls["ours_triton_interp"] = (_ours("triton"), False)
     else:
@@ -176,13 +177,15 @@ def _bench_fn(attn: Callable, cfg: Config, qkv, do) -> Callable:
     return fn
 
 
-def _max_err_vs_sdpa(attn: Callable, cfg: Config, device: str) -> float:
-    """Forward max |ours - SDPA| on this config's inputs: a fast kernel that is wrong is no result."""
+def _max_err_vs_sdpa(attn: Callable, bhsd: bool, cfg: Config, device: str) -> float:
+    """Forward max |impl - SDPA flash| on this config's inputs: a fast kernel that is wrong is no
+    result. Both see the same ``[B, S, H, d]`` tensors, in the layout each takes."""
     (q, k, v), _ = _inputs(cfg, device, bhsd=False)
+    as_bhsd = lambda t: t.transpose(1, 2)
     with torch.no_grad():
-        ours = attn(q, k, v, cfg.causal).float()
-        ref = _sdpa(*(t.transpose(1, 2) for t in (q, k, v)), cfg.causal).transpose(1, 2).float()
-    return (ours - ref).abs().max().item()
+        got = attn(*map(as_bhsd, (q, k, v)), cfg.causal).transpose(1, 2) if bhsd else attn(q, k, v, cfg.causal)
+        ref = _sdpa(*map(as_bhsd, (q, k, v)), cfg.causal).transpose(1, 2)
+    return (got.float() - ref.float()).abs().max().item()
 
 
 def _slug(name: str) -> str:
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                     if impl != "sdpa_flash":
                         key = (impl, cfg.B, cfg.S, cfg.H, cfg.d, cfg.causal)  # per shape, not mode
                         if key not in errs:
-                            errs[key] = _max_err_vs_sdpa(attn, cfg, device)
+                            errs[key] = _max_err_vs_sdpa(attn, bhsd, cfg, device)
                         err = errs[key]
                     ms = _measure(attn, bhsd, cfg, device, cuda, args)
                 except Exception as e:  # one bad config (OOM, unsupported shape) must not end the sweep
@@ -374,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                 writer.writerow(_csv_row(meta, impl, cfg, ms, tflops, err))
                 f.flush()  # rows survive a timeout that cuts the sweep short
     if cuda:
-        print_targets(tflops_at, "ours_triton")
+        for impl in ("ours_triton", "ours_triton_split"):
+            print_targets(tflops_at, impl)
     print(f"wrote {out_path}" + (f"; {failures} measurement(s) FAILED" if failures else ""))
     return 1 if failures else 0
 

@@ -1,4 +1,4 @@
-"""Peak memory of one attention forward+backward: ``kernels.flash_attention`` next to PyTorch SDPA.
+"""Peak memory of one attention forward+backward: ``fpdt_kernels.flash_attention`` next to PyTorch SDPA.
 
 Both run the same work (``[B, S, H, d]`` inputs, causal by default, ``out.backward(do)``) in
 one process. On CPU the figure is the peak of live tensor bytes created during the step
@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-import kernels
+import fpdt_kernels
 
 from ..core.memory import MemoryTracker
 
@@ -27,8 +27,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _ours(q, k, v, causal):  # [B, S, H, d]; on CPU the torch backend, as SDPA runs the CPU kernel
-    with kernels.use_backend("torch" if q.device.type == "cpu" else None):
-        return kernels.flash_attention(q, k, v, causal=causal)
+    with fpdt_kernels.use_backend("torch" if q.device.type == "cpu" else None):
+        return fpdt_kernels.flash_attention(q, k, v, causal=causal)
 
 
 def _sdpa(q, k, v, causal):  # [B, H, S, d], SDPA's own layout

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import fpdt_kernels
 from parallel import Timeline
 
 from ..core.dtypes import dtype_name
@@ -115,7 +115,7 @@ def main(argv=None) -> list[dict]:
                              "blocks that share none")  # fmt: skip
     args = parser.parse_args(argv)
     if not cuda:
-        kernels.set_backend("torch")
+        fpdt_kernels.set_backend("torch")
         print("NO CUDA: toy size on the CPU (simulated device memory); GPU figures need CUDA")
     dtype = torch.bfloat16 if cuda else torch.float32
     device = torch.device("cuda" if cuda else "cpu")
@@ -154,7 +154,7 @@ def main(argv=None) -> list[dict]:
 def _tune_kernels(args, dtype, device) -> None:
     """Compile and autotune at a small length first: every length from ``SEQ_BUCKET_CAP`` up shares
     one autotune key, and tuning at the full length runs each config ~7 times there."""
-    from kernels.attention.triton_common import SEQ_BUCKET_CAP  # CUDA only: Triton is there
+    from fpdt_kernels.attention.triton_common import SEQ_BUCKET_CAP  # CUDA only: Triton is there
 
     S = 2 * SEQ_BUCKET_CAP
     t0 = time.perf_counter()

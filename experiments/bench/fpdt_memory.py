@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import fpdt_kernels
 
 from ..core.paths import RESULTS_DIR
 from ..core.tables import write_csv
@@ -62,7 +62,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fpdt_memory_cpu.csv")
     args = parser.parse_args(argv)
-    kernels.set_backend("torch")
+    fpdt_kernels.set_backend("torch")
     dims = (args.batch, args.seq_len, args.heads, args.head_dim)
     rows = [measure("ulysses", 1, *dims)] + [measure("fpdt", u, *dims) for u in args.chunks]
     rows.append(measure("fpdt", max(args.chunks), *dims, offload=False))

@@ -9,7 +9,8 @@ tile table lists the config as spill-free on this GPU's family (autotune only co
 
 TFLOP/s per kernel under the flash-attn convention: the forward ``4*B*H*S^2*d`` (halved when
 causal); the dK/dV kernel is credited 4 of the backward's 5 matmuls, the dQ kernel 3 (it
-recomputes ``S`` and ``dP``), so the two add up to the 7 matmuls the split backward runs.
+recomputes ``S`` and ``dP``), so the two add up to the 7 matmuls the split backward runs; the
+fused backward's one kernel is credited the 5 it runs (delta, a small pass, is not timed).
 
     python -m experiments.bench.kernel_configs --out configs.csv            # d 128,64, causal and not
     python -m experiments.bench.kernel_configs --compile-only --head-dims 64 --causal true
@@ -29,13 +30,13 @@ CSV_FIELDS = (
     "p50_ms", "tflops", "error",
 )  # fmt: skip
 # Matmuls of the kernel, in units of one forward matmul (2*B*H*S^2*d FLOPs, halved when causal).
-_MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3}
+_MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3, "fused": 5}
 
 
 def _launches(d: int, causal: bool, S: int, tokens: int, dtype: torch.dtype):
     """``{kernel name: (Launch, Tiles)}`` for one shape, built by the kernels' own launch code."""
-    from kernels.attention import triton_bwd, triton_fwd
-    from kernels.attention.common import default_scale
+    from fpdt_kernels.attention import triton_bwd, triton_fwd
+    from fpdt_kernels.attention.common import default_scale
 
     H, B = 2048 // d, max(1, tokens // S)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -48,13 +49,17 @@ def _launches(d: int, causal: bool, S: int, tokens: int, dtype: torch.dtype):
     triton_fwd.run(fwd)
     grads = [torch.empty_like(t) for t in (q, k, v)]
     bwd = triton_bwd.backward_launches(do, q, k, v, out, lse, None, 0, 0, causal, scale, *grads, False)
-    for launch in bwd[:-2]:  # delta
-        triton_bwd.run(launch)
+    triton_bwd.run(bwd[0])  # delta, which both backwards read
+    dq32 = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+    fused = triton_bwd.backward_launches(
+        do, q, k, v, out, lse, bwd[0].args["Delta"], 0, 0, causal, scale, dq32, *grads[1:], False, fused=True
+    )
     shape = dict(S=S, B=B, H=H, d=d, causal=causal)
     return shape, {
         "fwd": (fwd, triton_fwd.TILES),
         "dkdv": (bwd[-2], triton_bwd.DKDV_TILES),
         "dq": (bwd[-1], triton_bwd.DQ_TILES),
+        "fused": (fused[-1], triton_bwd.FUSED_TILES),
     }
 
 
@@ -70,13 +75,15 @@ def _call(launch, config):
 def sweep(args, writer=None, meta=None) -> list[dict]:
     from triton.testing import do_bench
 
-    from kernels.attention.triton_common import current_arch, tile_name
+    from fpdt_kernels.attention.triton_common import current_arch, tile_name
 
     rows = []
     for d in args.head_dims:
         for causal in args.causals:
             shape, launches = _launches(d, causal, args.seq_len, args.tokens, torch.bfloat16)
             for name, (launch, tiles) in launches.items():
+                if name not in args.kernels:
+                    continue
                 usable = {tile_name(c) for c in tiles.usable(tiles.configs, launch.args["BD"], 2, current_arch())}
                 for config in tiles.configs:
                     if not (args.all or tile_name(config) in usable):
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]
     p.add_argument("--head-dims", type=ints, default=[128, 64])
+    p.add_argument("--kernels", default="fwd,dkdv,dq,fused", help="comma list of fwd,dkdv,dq,fused")
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
     p.add_argument("--seq-len", type=int, default=16384)
     p.add_argument("--tokens", type=int, default=16384, help="B*S")
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.causals = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
+    args.kernels = [k for k in args.kernels.split(",") if k]
     if not torch.cuda.is_available():
         print("kernel_configs needs a CUDA GPU: it times compiled kernels", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ for d in 128 64; do
 done
 
 smoke_or_exit
-step compile_check 60 compile_check.log 0 python3 -m kernels.compile_check --quick --jobs 16
+step compile_check 60 compile_check.log 0 python3 -m fpdt_kernels.compile_check --quick --jobs 16
 
 (
     timeout 150 env TORCH_CUDA_SANITIZER=1 FPDT_ATTENTION_BACKEND=naive python3 -m pytest -q -p no:cacheprovider \

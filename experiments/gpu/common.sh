@@ -9,7 +9,7 @@ OUT="${OUT:-$OUT_DEFAULT}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 # Works without an install (the tree is importable from its root).
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # The whole script ends within GPU_BUDGET_S seconds (default 470, under an 8-minute lease call):
 # each step's timeout is cut to what is left, and a step with under 10 s left is skipped.

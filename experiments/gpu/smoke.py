@@ -1,8 +1,8 @@
 """GPU smoke test: seconds to find out whether a GPU box can run this package at all.
 
-Imports the package, then runs one small ``kernels.flash_attention`` forward and backward through
+Imports the package, then runs one small ``fpdt_kernels.flash_attention`` forward and backward through
 the Triton backend on CUDA (bf16, causal, GQA, an odd length and head dim) and compares output
-and gradients with the float64 reference of ``kernels.naive``. Run it first in every prepared GPU
+and gradients with the float64 reference of ``fpdt_kernels.naive``. Run it first in every prepared GPU
 script so a broken install fails fast instead of at a step's timeout::
 
     FPDT_AUTOTUNE=0 python3 -m experiments.gpu.smoke
@@ -33,8 +33,8 @@ def main() -> int:
         return 2
     import triton
 
-    import kernels
-    from kernels import naive
+    import fpdt_kernels
+    from fpdt_kernels import naive
 
     print(f"torch {torch.__version__} | triton {triton.__version__} | {torch.cuda.get_device_name()}")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -51,8 +51,8 @@ def main() -> int:
         return (out, *grads)
 
     ref = run(naive.flash_attention, torch.float64)
-    with kernels.use_backend("triton"):
-        ours = run(kernels.flash_attention, torch.bfloat16)
+    with fpdt_kernels.use_backend("triton"):
+        ours = run(fpdt_kernels.flash_attention, torch.bfloat16)
     torch.cuda.synchronize()
     ok = True
     for name, o, r in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from kernels.backend import BACKENDS
+from fpdt_kernels.backend import BACKENDS
 from parallel import STRATEGIES
 
 from ..core.dtypes import DTYPE_NAMES

@@ -7,7 +7,7 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import kernels
+import fpdt_kernels
 from models import get_config
 from parallel import check_mesh, check_setup
 
@@ -23,7 +23,7 @@ def auto_backend(cuda: bool) -> str:
     measure anything), so CPU points use the torch backend even if ``TRITON_INTERPRET`` is set."""
     if not cuda:
         return "torch"
-    return kernels.resolve_backend(torch.device("cuda"))
+    return fpdt_kernels.resolve_backend(torch.device("cuda"))
 
 
 def resolve_point(cfg: DictConfig) -> dict:

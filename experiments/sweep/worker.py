@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
+import fpdt_kernels
 from parallel import destroy_distributed
 from parallel.host_store import allocating_on_host, default_host_store
 
@@ -147,7 +147,7 @@ def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: st
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    os.environ[kernels.backend.ENV_VAR] = point["backend"]
+    os.environ[fpdt_kernels.backend.ENV_VAR] = point["backend"]
     run_rank(point, out_dir, body)
     # Everything is measured and written. Skip interpreter teardown: gloo's destructors
     # occasionally abort (SIGABRT, "terminate called without an active exception") while the

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import fpdt_kernels
 from models import Transformer, get_config
 from parallel import Mesh, init_distributed, init_mesh, parallelize, shard_batch
 
@@ -42,7 +42,7 @@ def setup_rank(point: dict) -> Rank:
     if not cuda:
         # Ranks share the cores: without this each would start a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // mesh.world.size))
-    kernels.set_backend(point["backend"])
+    fpdt_kernels.set_backend(point["backend"])
     return Rank(mesh, device, resolve_precision(point["precision"], cuda))
 
 

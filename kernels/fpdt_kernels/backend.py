@@ -78,6 +78,6 @@ def resolve_backend(where: torch.Tensor | torch.device | str) -> str:
         raise ValueError(
             f"the triton backend got {device.type} tensors; Triton runs on CUDA tensors, or on CPU "
             "tensors only with TRITON_INTERPRET=1 set before triton is imported. Move the tensors "
-            "to a GPU or use the torch backend (kernels.set_backend('torch'))."
+            "to a GPU or use the torch backend (fpdt_kernels.set_backend('torch'))."
         )
     return name

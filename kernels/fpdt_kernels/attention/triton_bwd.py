@@ -168,23 +168,31 @@ DQ_TILES = Tiles(
     spill_docs={(90, 2, 128): ("128x64 w8 s3",)},  # 8 B with the rows' document spans (triton 3.6)
 )
 
+# The fused backward's tiles: the dK/dV kernel's, whose programs now also hold a [BM, BD] fp32 dQ
+# part per query block (and issue its atomic adds): fewer of them stay free of spills.
+FUSED_TILES = Tiles(DKDV_TILES.configs, _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT)
+
 _KEY = ["D", "GROUPS", "CAUSAL", "DOCS", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
 
 
 @triton.jit
 def _dkdv_inner(
-    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds,
-    Sq, DELTA, qk_scale,
+    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, p_dq, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds,
+    stride_dqs, Sq, DELTA, qk_scale, sm_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    D: tl.constexpr,
     DP: tl.constexpr,
     PART: tl.constexpr,
+    FUSED: tl.constexpr,
 ):  # fmt: skip
     """One query block's contribution to the resident KV block's (dK, dV) (``PART`` 0), its dV
-    only (1) or its dK only (2).
+    only (1) or its dK only (2). ``FUSED``: where dK is computed, also add the block's part of
+    dQ, ``scale * dS @ K``, into the fp32 rows at ``p_dq`` (the fifth matmul; atomics, since
+    every KV block adds into the same rows).
 
     ``MASKED=False``: every row is in bounds and sees every key of the block. ``MASKED=True``:
     rows past ``Sq`` load as zeros with lse = +inf (so P = 0), and the causal mask applies (with
@@ -225,12 +233,18 @@ def _dkdv_inner(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
+        if FUSED:
+            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PRECISION) * sm_scale  # [BM, BD]
+            m_dq = (o_d < D)[None, :]
+            if MASKED:
+                m_dq = m_dq & ((m0 + o_m) < Sq)[:, None]
+            tl.atomic_add(p_dq + o_m[:, None] * stride_dqs + o_d[None, :], b_dq, mask=m_dq, sem="relaxed")
     return b_dk, b_dv
 
 
 @triton.jit
 def _dkdv_program(
-    Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+    Q, K, V, dO, Lse, Delta, dK, dV, dQ, KeySpans,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -238,6 +252,7 @@ def _dkdv_program(
     stride_lb, stride_lh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     Sq, Sk, H, DELTA, sm_scale, qk_scale,
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
@@ -255,14 +270,18 @@ def _dkdv_program(
     BN: tl.constexpr,
     i_n,
     PART: tl.constexpr,
+    FUSED: tl.constexpr,
+    QV: tl.constexpr,
 ):  # fmt: skip
-    """``_dkdv_kernel``'s body: the dK/dV of KV block ``i_n`` (``PART`` 0), its dV (1) or its dK (2)."""
+    """``_dkdv_kernel``'s body: the dK/dV of KV block ``i_n`` (``PART`` 0), its dV (1) or its dK (2);
+    with ``FUSED``, the dQ parts too (strides of fp32 ``dQ`` divided by ``QV``)."""
     stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
     stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
     stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
     stride_db, stride_ds, stride_dh = stride_db * IV, stride_ds * IV, stride_dh * IV
     stride_dkb, stride_dks, stride_dkh = stride_dkb * OV, stride_dks * OV, stride_dkh * OV
     stride_dvb, stride_dvs, stride_dvh = stride_dvb * OV, stride_dvs * OV, stride_dvh * OV
+    stride_dqb, stride_dqs, stride_dqh = stride_dqb * QV, stride_dqs * QV, stride_dqh * QV
     i_bh = tl.program_id(1)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -301,24 +320,30 @@ def _dkdv_program(
         p_do = dO + i_b * stride_db + i_h * stride_dh
         p_l = Lse + i_b * stride_lb + i_h * stride_lh
         p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+        p_dq = p_dl  # a placeholder of the same type (fp32 rows) where dQ is not FUSED's
+        if FUSED:
+            p_dq = dQ + i_b * stride_dqb + i_h * stride_dqh
         p_qm = p_q + f0.to(tl.int64) * stride_qs
         p_dom = p_do + f0.to(tl.int64) * stride_ds
+        p_dqm = p_dq + f0.to(tl.int64) * stride_dqs
         for m0 in range(f0, f1, BM):
             b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d,
-                stride_qs, stride_ds, Sq, DELTA, qk_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-                PART=PART,
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
+                b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                PART=PART, FUSED=FUSED,
             )  # fmt: skip
             p_qm += BM * stride_qs
             p_dom += BM * stride_ds
+            p_dqm += BM * stride_dqs
         for j in range(0, n_masked):
             m0 = tl.where(j < n_head, m_first + j * BM, f1 + (j - n_head) * BM)
             b_dk, b_dv = _dkdv_inner(
                 b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-                p_l, p_dl, m0, n_start, b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds, Sq, DELTA, qk_scale,
-                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-                PART=PART,
+                p_l, p_dl, p_dq + m0.to(tl.int64) * stride_dqs, m0, n_start, b_lo, b_hi, o_m, o_n, o_d,
+                stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                PART=PART, FUSED=FUSED,
             )  # fmt: skip
     else:
         # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
@@ -344,24 +369,30 @@ def _dkdv_program(
         p_do = dO + i_b * stride_db + i_h * stride_dh
         p_l = Lse + i_b * stride_lb + i_h * stride_lh
         p_dl = Delta + i_b * stride_lb + i_h * stride_lh
+        p_dq = p_dl  # a placeholder of the same type (fp32 rows) where dQ is not FUSED's
+        if FUSED:
+            p_dq = dQ + i_b * stride_dqb + i_h * stride_dqh
         p_qm = p_q + m_mid.to(tl.int64) * stride_qs
         p_dom = p_do + m_mid.to(tl.int64) * stride_ds
+        p_dqm = p_dq + m_mid.to(tl.int64) * stride_dqs
         for m0 in range(m_mid, m_tail, BM):
             b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d,
-                stride_qs, stride_ds, Sq, DELTA, qk_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-                PART=PART,
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
+                o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                PART=PART, FUSED=FUSED,
             )  # fmt: skip
             p_qm += BM * stride_qs
             p_dom += BM * stride_ds
+            p_dqm += BM * stride_dqs
         for j in range(0, n_masked):
             m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
             b_dk, b_dv = _dkdv_inner(
                 b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-                p_l, p_dl, m0, n_start, o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds,
-                Sq, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-                PART=PART,
+                p_l, p_dl, p_dq + m0.to(tl.int64) * stride_dqs, m0, n_start, o_n, o_n, o_m, o_n, o_d,
+                stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                PART=PART, FUSED=FUSED,
             )  # fmt: skip
 
     b_dk = b_dk * sm_scale
@@ -383,15 +414,9 @@ def _dkdv_program(
             tl.store(p_dv, b_dv.to(dV.dtype.element_ty), mask=m_out)
 
 
-@triton.autotune(
-    configs=autotune_configs(DKDV_TILES.configs),
-    key=_KEY + ["ACCUMULATE"],
-    prune_configs_by={"early_config_prune": DKDV_TILES.prune},
-    restore_value=["dK", "dV"],
-)
 @triton.jit
-def _dkdv_kernel(
-    Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+def _dkdv_body(
+    Q, K, V, dO, Lse, Delta, dK, dV, dQ, KeySpans,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -399,6 +424,7 @@ def _dkdv_kernel(
     stride_lb, stride_lh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     Sq, Sk, H, DELTA, sm_scale, qk_scale,
     SQ_BUCKET, SK_BUCKET,
     GROUPS: tl.constexpr,
@@ -412,6 +438,8 @@ def _dkdv_kernel(
     BD: tl.constexpr,
     IV: tl.constexpr,
     OV: tl.constexpr,
+    QV: tl.constexpr,
+    FUSED: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -419,35 +447,56 @@ def _dkdv_kernel(
     # SPLIT: programs 2i and 2i + 1 compute KV block i's dV and its dK, each holding one [BN, BD]
     # fp32 accumulator instead of two, for computing P twice (5 matmuls instead of 4). At d=256
     # on sm_90 the fused kernel spills in every tile wgmma can run (BN >= 64); split ones do not.
+    # FUSED: the program that computes dK also adds the dQ parts (``dQ`` is then an fp32 buffer).
     i_n = tl.program_id(0)
     if SPLIT:
         if i_n % 2 == 0:
             _dkdv_program(
-                Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+                Q, K, V, dO, Lse, Delta, dK, dV, dQ, KeySpans,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_db, stride_ds, stride_dh, stride_lb, stride_lh, stride_dkb, stride_dks, stride_dkh,
-                stride_dvb, stride_dvs, stride_dvh, Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
+                stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
+                Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
                 GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
-                i_n // 2, PART=1,
+                i_n // 2, PART=1, FUSED=FUSED, QV=QV,
             )  # fmt: skip
         else:
             _dkdv_program(
-                Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+                Q, K, V, dO, Lse, Delta, dK, dV, dQ, KeySpans,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_db, stride_ds, stride_dh, stride_lb, stride_lh, stride_dkb, stride_dks, stride_dkh,
-                stride_dvb, stride_dvs, stride_dvh, Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
+                stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
+                Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
                 GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
-                i_n // 2, PART=2,
+                i_n // 2, PART=2, FUSED=FUSED, QV=QV,
             )  # fmt: skip
     else:
         _dkdv_program(
-            Q, K, V, dO, Lse, Delta, dK, dV, KeySpans,
+            Q, K, V, dO, Lse, Delta, dK, dV, dQ, KeySpans,
             stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_db, stride_ds, stride_dh, stride_lb, stride_lh, stride_dkb, stride_dks, stride_dkh,
-            stride_dvb, stride_dvs, stride_dvh, Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
+            stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
+            Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
             GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
-            i_n, PART=0,
+            i_n, PART=0, FUSED=FUSED, QV=QV,
         )  # fmt: skip
+
+
+# One body, two autotuned kernels: the split backward's dK/dV kernel (deterministic with MHA) and
+# the fused backward (dK, dV and dQ in one pass over the scores; dQ by atomics). Each has its own
+# tile table, since the fused program holds a dQ tile too; autotune must restore what it adds into.
+_dkdv_kernel = triton.autotune(
+    configs=autotune_configs(DKDV_TILES.configs),
+    key=_KEY + ["ACCUMULATE"],
+    prune_configs_by={"early_config_prune": DKDV_TILES.prune},
+    restore_value=["dK", "dV"],
+)(_dkdv_body)
+_fused_kernel = triton.autotune(
+    configs=autotune_configs(FUSED_TILES.configs),
+    key=_KEY + ["ACCUMULATE"],
+    prune_configs_by={"early_config_prune": FUSED_TILES.prune},
+    restore_value=["dK", "dV", "dQ"],
+)(_dkdv_body)
 
 
 @triton.jit
@@ -639,9 +688,11 @@ def delta_launch(out, do, delta) -> Launch:
 
 
 def backward_launches(
-    do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate, spans=None
+    do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, accumulate, spans=None, fused=False
 ):
-    """The backward's launches in order: delta (when not given), dK/dV, dQ.
+    """The backward's launches in order: delta (when not given), dK/dV, dQ; with ``fused``,
+    delta and one kernel that adds dQ into ``dq``, which must then be fp32 (zeros, or running
+    sums with ``accumulate``).
 
     ``q, k, v, do`` as ``triton_fwd.pad_inputs`` left them; ``out`` at the true head dim; the
     gradient buffers at the true head dim or at ``q``'s padded one (then every column is stored;
@@ -673,14 +724,21 @@ def backward_launches(
     )  # fmt: skip
     rows, keys = (None, None) if spans is None else spans
     ov = vector_width(dk, dv)
+    if fused and dq.dtype != torch.float32:
+        raise TypeError(f"the fused backward adds dQ into an fp32 buffer, got {dq.dtype}")
+    qv = vector_width(dq) if fused else 1
     dkdv = dict(
-        common, dK=dk, dV=dv, KeySpans=keys, H=H, OV=ov,
+        common, dK=dk, dV=dv, KeySpans=keys, H=H, OV=ov, dQ=dq if fused else None, QV=qv, FUSED=fused,
         **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
         **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
+        **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, qv) if fused else (0, 0, 0), strict=True)),
     )  # fmt: skip
+    kernel = _fused_kernel if fused else _dkdv_kernel
     launches.append(
-        Launch(_dkdv_kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]) * (2 if meta["SPLIT"] else 1), B * H), dkdv)
+        Launch(kernel, lambda meta: (triton.cdiv(Sk, meta["BN"]) * (2 if meta["SPLIT"] else 1), B * H), dkdv)
     )
+    if fused:
+        return launches
     ov = vector_width(dq)
     dqa = dict(
         common, dQ=dq, Spans=rows, H=H, OV=ov,
@@ -696,8 +754,11 @@ def _vector_aligned(g: torch.Tensor, dp: int) -> torch.Tensor:
     return g if vector_width(g) == vector_elements(g.dtype) else g.new_zeros(*g.shape[:-1], dp)
 
 
-def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans=None):
-    """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``."""
+def chunk_backward(
+    do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans=None, deterministic=False
+):
+    """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``: by the fused
+    kernel, or with ``deterministic`` by the split ones (``flash_backward`` says which when)."""
     if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return
     from .triton_fwd import pad_inputs
@@ -705,23 +766,35 @@ def chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale
     q, k, v, do = pad_inputs(q, k, v, do)
     D = dq.shape[-1]
     work = [_vector_aligned(g, q.shape[-1]) for g in (dq, dk, dv)]
-    _run(backward_launches(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True, spans), q)
+    launches = backward_launches(
+        do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True, spans, fused=not deterministic
+    )
+    _run(launches, q)
     for g, w in zip((dq, dk, dv), work, strict=True):
         if w is not g:
             g.add_(w[..., :D])
 
 
-def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None):
-    """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype, written directly (fp32
-    dK/dV buffers only for GQA). ``q, k, v`` as ``pad_inputs`` left them; the gradients are
-    written at that padded width and returned as views of the true one (per-element stores of
-    a d=111 row spilled dK/dV by 0.3 KB on sm_90)."""
+def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None, deterministic=False):
+    """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype. ``q, k, v`` as
+    ``pad_inputs`` left them; the gradients are written at that padded width and returned as
+    views of the true one (per-element stores of a d=111 row spilled dK/dV by 0.3 KB on sm_90).
+
+    Default, the fused backward: one kernel per KV block computes the scores' five matmuls once
+    and adds each query block's dQ part into an fp32 buffer with atomics (FlashAttention-2's
+    scheme), converted to the input dtype at the end. Atomics add in whatever order the blocks
+    finish, so dQ is not bit-reproducible run to run. ``deterministic=True``: the split backward,
+    a dK/dV kernel and a dQ kernel that recomputes the scores (seven matmuls), each output written
+    by one program; bit-reproducible for MHA (GQA dK/dV still add the query heads of a group with
+    atomics, see the module docstring)."""
     from .triton_fwd import pad_inputs
 
     (do,) = pad_inputs(do)
     B, Sq, H, D = out.shape
     Sk, Hkv, DP = k.shape[1], k.shape[2], k.shape[3]
-    dq = torch.empty(B, Sq, H, DP, dtype=q.dtype, device=q.device)
+    fused = not deterministic
+    dq = torch.zeros(B, Sq, H, DP, dtype=torch.float32, device=q.device) if fused else None
+    dq = torch.empty(B, Sq, H, DP, dtype=q.dtype, device=q.device) if dq is None else dq
     if H > Hkv:
         dk = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
         dv = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
@@ -731,8 +804,11 @@ def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None):
     if B * Sq * Sk == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
-        _run(backward_launches(do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv, False, spans), q)
-    return dq[..., :D], dk[..., :D].to(q.dtype), dv[..., :D].to(q.dtype)
+        launches = backward_launches(
+            do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv, False, spans, fused=fused
+        )
+        _run(launches, q)
+    return dq[..., :D].to(q.dtype), dk[..., :D].to(q.dtype), dv[..., :D].to(q.dtype)
 
 
 def _run(launches, q):

@@ -11,7 +11,7 @@ import torch
 
 from ..backend import resolve_backend
 from . import documents, naive, torch_cpu
-from .api import _check_qkv, _last_dim_contiguous
+from .api import _check_qkv, _last_dim_contiguous, resolve_deterministic
 from .common import accumulator_dtype, default_scale
 
 
@@ -20,9 +20,10 @@ class _FlashAttentionVarlen(torch.autograd.Function):
     input dtype. Tensors are handled as one batch row: ``[total, H, d] -> [1, total, H, d]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, pieces, causal, scale, backend):
+    def forward(ctx, q, k, v, cu_q, cu_k, pieces, causal, scale, backend, deterministic):
         (Tq, H, D), Tk = q.shape, k.shape[0]
         ctx.causal, ctx.scale, ctx.backend, ctx.pieces = causal, scale, backend, pieces
+        ctx.deterministic = deterministic
         if backend == "triton":
             from . import triton_fwd
 
@@ -50,14 +51,16 @@ class _FlashAttentionVarlen(torch.autograd.Function):
 
             q, k, v, out, lse, rows = ctx.saved_tensors
             spans = (rows, documents.key_spans(rows, k.shape[1]))
-            dq, dk, dv = triton_bwd.flash_backward(do, q, k, v, out, lse, 0, ctx.causal, ctx.scale, spans)
+            dq, dk, dv = triton_bwd.flash_backward(
+                do, q, k, v, out, lse, 0, ctx.causal, ctx.scale, spans, deterministic=ctx.deterministic
+            )
         else:
             q, k, v, out, lse = ctx.saved_tensors
             acc = accumulator_dtype(q.dtype)
             dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
             torch_cpu.pieces_backward(do, q, k, v, out, lse, ctx.pieces, ctx.causal, ctx.scale, dq, dk, dv)
             dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-        return dq[0], dk[0], dv[0], None, None, None, None, None, None
+        return dq[0], dk[0], dv[0], None, None, None, None, None, None, None
 
 
 def flash_attention_varlen(
@@ -70,6 +73,7 @@ def flash_attention_varlen(
     max_seqlen_k: int,
     causal: bool = False,
     softmax_scale: float | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Exact attention inside packed documents, with flash-attn's ``flash_attn_varlen_func``
     semantics; differentiable.
@@ -85,6 +89,7 @@ def flash_attention_varlen(
         causal: bottom-right aligned in each document (its query ``m`` sees its keys
             ``n <= m + len_k - len_q``); a query row that sees no key outputs 0.
         softmax_scale: defaults to ``1/sqrt(d)``.
+        deterministic: which Triton backward, as in ``flash_attention``.
 
     Returns:
         ``[total_q, H, d]`` in the input dtype.
@@ -113,4 +118,6 @@ def flash_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
         )
     pieces = documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
-    return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend)
+    return _FlashAttentionVarlen.apply(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend, resolve_deterministic(deterministic)
+    )

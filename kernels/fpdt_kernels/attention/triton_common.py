@@ -101,7 +101,7 @@ class Tiles:
 
     ``clean[(family, element_bytes, head-dim block)]`` names the configs that compile without
     register spills and within shared memory there, as measured by ``python -m
-    kernels.compile_check --all-configs`` (triton 3.6 and 3.9); a head-dim block is looked up at
+    fpdt_kernels.compile_check --all-configs`` (triton 3.6 and 3.9); a head-dim block is looked up at
     the smallest measured one that holds it (64, 128 or 256). ``clean_accumulate``, where given,
     overrides it for launches with ``ACCUMULATE`` (the forward's merge epilogue holds a second
     output tile). ``spill_docs`` names, per key, the clean configs that spill once ``DOCS`` (packed

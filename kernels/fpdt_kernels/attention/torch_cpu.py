@@ -5,7 +5,7 @@
 "top-left causal", so a causal block at arbitrary global offsets is cut into at most two pieces
 it covers (see ``_pieces``); no ``[Sq, Sk]`` mask is ever built. Packed documents: one call per
 document piece of the block (``pieces_forward``). CPU tensors only: for CUDA tensors
-``kernels.backend.resolve_backend`` turns a forced ``torch`` into ``naive``.
+``fpdt_kernels.backend.resolve_backend`` turns a forced ``torch`` into ``naive``.
 """
 
 from __future__ import annotations

@@ -46,6 +46,13 @@ def _check_qkv(q, k, v, backend: str) -> None:
         )
 
 
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """``deterministic``, or where it is None PyTorch's global switch
+    (``torch.use_deterministic_algorithms``): True selects the Triton backward whose results are
+    bit-reproducible run to run (see ``triton_bwd.flash_backward``); other backends always are."""
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+
+
 def _check_buffer(name, t, shape, device) -> None:
     if t.dtype != torch.float32 and not (t.dtype == torch.float64 and device.type == "cpu"):
         raise TypeError(f"{name} must be a float32 accumulator, got {t.dtype}")
@@ -111,13 +118,16 @@ def _run_forward(
 
 
 def _run_backward(
-    backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, cu_seqlens=None, offsets=None
-):
+    backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, cu_seqlens=None, offsets=None,
+    deterministic=False,
+):  # fmt: skip
     if backend == "triton":
         from . import triton_bwd
 
         spans = _spans(cu_seqlens, q, k, q_start, k_start, causal, keys=True)
-        triton_bwd.chunk_backward(do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans)
+        triton_bwd.chunk_backward(
+            do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans, deterministic
+        )
     elif backend == "torch" and cu_seqlens is not None:
         pieces = _pieces(offsets, q, k, q_start, k_start)
         torch_cpu.pieces_backward(do, q, k, v, out, lse, pieces, causal, scale, dq, dk, dv)
@@ -220,6 +230,7 @@ def attention_chunk_backward(
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of one block, accumulating into fp32 ``dq [B,Sq,H,d]``, ``dk, dv [B,Sk,Hkv,d]``.
 
@@ -227,7 +238,8 @@ def attention_chunk_backward(
     block), as the forward left them; ``delta = rowsum(do * out)`` (``[B, H, Sq]`` fp32) may be
     passed to skip recomputing it for each KV block. Missing gradient buffers are allocated as
     zeros. GQA gradients are summed over the query heads that share a KV head. ``cu_seqlens``:
-    packed documents, as in ``attention_chunk_forward``.
+    packed documents, as in ``attention_chunk_forward``. ``deterministic``: as in
+    ``flash_attention`` (the fused Triton backward adds dQ with atomics unless it is set).
     """
     backend = resolve_backend(q.device)
     _check_qkv(q, k, v, backend)
@@ -256,8 +268,9 @@ def attention_chunk_backward(
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
     scale = default_scale(q.shape[-1], softmax_scale)
     _run_backward(
-        backend, do, q, k, v, out, lse, delta, q_start, k_start, bool(causal), scale, dq, dk, dv, cu_seqlens, offsets
-    )
+        backend, do, q, k, v, out, lse, delta, q_start, k_start, bool(causal), scale, dq, dk, dv, cu_seqlens, offsets,
+        resolve_deterministic(deterministic),
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -288,7 +301,7 @@ class _FlashAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend):
+    def forward(ctx, q, k, v, causal, scale, backend, deterministic):
         B, Sq, H, D = q.shape
         # Bottom-right causal alignment (flash-attn): query m sees keys n <= m + Sk - Sq.
         q_start = k.shape[1] - Sq
@@ -311,6 +324,7 @@ class _FlashAttention(torch.autograd.Function):
             out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.backend, ctx.q_start = causal, scale, backend, q_start
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
@@ -320,7 +334,9 @@ class _FlashAttention(torch.autograd.Function):
         if ctx.path == "triton":
             from . import triton_bwd
 
-            dq, dk, dv = triton_bwd.flash_backward(do, q, k, v, out, lse, ctx.q_start, ctx.causal, ctx.scale)
+            dq, dk, dv = triton_bwd.flash_backward(
+                do, q, k, v, out, lse, ctx.q_start, ctx.causal, ctx.scale, deterministic=ctx.deterministic
+            )
         elif ctx.path == "torch_whole":
             dq, dk, dv = torch_cpu.flash_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale)
         else:
@@ -328,7 +344,7 @@ class _FlashAttention(torch.autograd.Function):
             dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
             _run_backward(ctx.backend, do, q, k, v, out, lse, None, ctx.q_start, 0, ctx.causal, ctx.scale, dq, dk, dv)
             dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(
@@ -337,6 +353,7 @@ def flash_attention(
     v: torch.Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Exact attention with flash-attn's ``flash_attn_func`` semantics; differentiable.
 
@@ -346,6 +363,11 @@ def flash_attention(
         causal: bottom-right aligned when ``Sq != Sk`` (query ``m`` sees keys
             ``n <= m + Sk - Sq``); a query row that sees no key outputs 0.
         softmax_scale: defaults to ``1/sqrt(d)``.
+        deterministic: the Triton backward. False: fused (one kernel per KV block computes the
+            five matmuls once and adds dQ with fp32 atomics, so dQ is not bit-reproducible);
+            True: split (a dK/dV kernel and a dQ kernel, seven matmuls, bit-reproducible for
+            MHA). None (default): PyTorch's ``torch.are_deterministic_algorithms_enabled()``,
+            so fused unless ``torch.use_deterministic_algorithms(True)`` was called.
 
     Returns:
         ``[B, Sq, H, d]`` in the input dtype.
@@ -359,4 +381,5 @@ def flash_attention(
     backend = resolve_backend(q.device)
     _check_qkv(q, k, v, backend)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, bool(causal), default_scale(q.shape[-1], softmax_scale), backend)
+    scale = default_scale(q.shape[-1], softmax_scale)
+    return _FlashAttention.apply(q, k, v, bool(causal), scale, backend, resolve_deterministic(deterministic))

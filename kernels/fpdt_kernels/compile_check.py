@@ -4,21 +4,22 @@ Triton compiles for a target it is not running on: source -> ttir -> ttgir -> ll
 cubin, with the ``ptxas`` that ships in the triton wheel. For every kernel x every config
 autotune may choose there (after pruning by head dim, dtype and target), this prints registers,
 spill bytes, shared memory and what the PTX contains (``wgmma``/``mma.sync``, ``cp.async``
-pipelining, 16-byte loads), and exits non-zero on a compile error, a spill, or shared memory over
+pipelining, 16-byte loads, TMA copies, ``setmaxnreg`` for warp specialisation, wgmma groups left
+in flight, atomics), and exits non-zero on a compile error, a spill, or shared memory over
 the target's limit. The launches are built by the same functions the GPU path uses
 (``forward_launch``, ``backward_launches``) on meta tensors, so what is checked is what runs.
 
 Usage (the interpreter must be off: ``TRITON_INTERPRET`` unset or 0)::
 
-    python -m kernels.compile_check                      # full matrix: sm_90, sm_80; bf16, fp16;
+    python -m fpdt_kernels.compile_check                      # full matrix: sm_90, sm_80; bf16, fp16;
                                                          # d 64, 128, 256, 40, 59, 111; causal or not;
                                                          # MHA, GQA, accumulate (the chunk API),
                                                          # docs (varlen, GQA), docs-accumulate (the
                                                          # chunk API with cu_seqlens)
-    python -m kernels.compile_check --quick              # the CI subset (tests/test_compile_check.py)
-    python -m kernels.compile_check --arch 90 --dtype bf16 --head-dim 128 --causal true --csv out.csv
-    python -m kernels.compile_check --variant docs docs-accumulate      # the packed-document kernels
-    python -m kernels.compile_check --all-configs        # also the configs pruning drops (tuning)
+    python -m fpdt_kernels.compile_check --quick              # the CI subset (tests/test_compile_check.py)
+    python -m fpdt_kernels.compile_check --arch 90 --dtype bf16 --head-dim 128 --causal true --csv out.csv
+    python -m fpdt_kernels.compile_check --variant docs docs-accumulate      # the packed-document kernels
+    python -m fpdt_kernels.compile_check --all-configs        # also the configs pruning drops (tuning)
 
 Runs on every core (``--jobs``); a compile takes 1-5 s per config on one core.
 """
@@ -43,13 +44,14 @@ HEAD_DIMS = (64, 128, 256, 40, 59, 111)
 # ``flash_attention_varlen`` runs them (GQA, written gradients); ``docs-accumulate``: as the chunk
 # API runs them with ``cu_seqlens`` (merged output, accumulated gradients).
 VARIANTS = ("mha", "gqa", "accumulate", "docs", "docs-accumulate")
+KERNELS = ("fwd", "dkdv", "dq", "delta", "fused")
 
 
 @dataclass
 class Case:
     """What one compile is: a kernel, variant, target, dtype, head dim, mask and tile config."""
 
-    kernel: str  # fwd | dkdv | dq | delta
+    kernel: str  # fwd | dkdv | dq | delta (the split backward) | fused (the fused backward)
     variant: str
     arch: int
     dtype: str
@@ -83,6 +85,10 @@ class Result(Case):
     cp_async: int = 0  # cp.async instructions (software pipelining)
     vec16: int = 0  # 16-byte global loads and cp.async copies
     scalar: int = 0  # global loads narrower than 8 bytes
+    tma: int = 0  # tensor-memory-accelerator copies (cp.async.bulk.tensor)
+    setmaxnreg: int = 0  # register reallocation between warp groups (warp specialisation)
+    wgmma_pending: int = 0  # most wgmma groups left in flight at a wait (>0: asynchronous wgmma)
+    atomics: int = 0  # global reductions/atomics (red/atom), e.g. the fused backward's dQ adds
     seconds: float = 0.0
     error: str = ""
 
@@ -120,19 +126,20 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
     out = torch.empty(B, S, H, d, dtype=dt, **meta)
     (do,) = triton_fwd.pad_inputs(torch.empty(B, S, H, d, dtype=dt, **meta))
     dp = q.shape[-1]
+    fused = kernel == "fused"
     if accumulate:  # the chunk API: the caller's fp32 buffers, as chunk_backward aligns them
         dq, dk, dv = (
             triton_bwd._vector_aligned(torch.empty(t.shape[:-1] + (d,), dtype=torch.float32, **meta), dp)
             for t in (q, k, v)
         )
     else:  # flash_attention's buffers, as flash_backward allocates them
-        dq = torch.empty(B, S, H, dp, dtype=dt, **meta)
+        dq = torch.empty(B, S, H, dp, dtype=torch.float32 if fused else dt, **meta)
         gk = torch.float32 if H > Hkv else dt
         dk, dv = (torch.empty(B, S, Hkv, dp, dtype=gk, **meta) for _ in range(2))
     launches = triton_bwd.backward_launches(
-        do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate, spans
-    )  # [delta, dkdv, dq]
-    return [launches[{"delta": 0, "dkdv": 1, "dq": 2}[kernel]]]
+        do, q, k, v, out, lse, None, 0, 0, causal, d**-0.5, dq, dk, dv, accumulate, spans, fused=fused
+    )  # [delta, dkdv, dq] or [delta, fused]
+    return [launches[{"delta": 0, "dkdv": 1, "dq": 2, "fused": 1}[kernel]]]
 
 
 def _jit_function(kernel):
@@ -147,7 +154,8 @@ def _jit_function(kernel):
 def _tiles(kernel):
     from .attention import triton_bwd, triton_fwd
 
-    return {"fwd": triton_fwd.TILES, "dkdv": triton_bwd.DKDV_TILES, "dq": triton_bwd.DQ_TILES}.get(kernel)
+    tables = {"fwd": triton_fwd.TILES, "dkdv": triton_bwd.DKDV_TILES, "dq": triton_bwd.DQ_TILES}
+    return dict(tables, fused=triton_bwd.FUSED_TILES).get(kernel)
 
 
 def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs, limit=None) -> list[Job]:
@@ -225,7 +233,14 @@ def _ptx_features(ptx: str) -> dict:
     cp16 = len(re.findall(r"cp\.async\.c[ag]\.shared\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*0x10", ptx))
     vec16 = len(re.findall(r"ld\.global\S*\.v4\.b32|ld\.global\S*\.v2\.b64|ld\.global\S*\.v4\.f32", ptx)) + cp16
     scalar = len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b16|b32|u16|f32)\s", ptx))
-    return dict(mma=mma, cp_async=cp_async, vec16=vec16, scalar=scalar)
+    tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+    setmaxnreg = len(re.findall(r"setmaxnreg", ptx))
+    pending = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+    atomics = len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:red|atom)\.global", ptx, re.M))
+    return dict(
+        mma=mma, cp_async=cp_async, vec16=vec16, scalar=scalar, tma=tma, setmaxnreg=setmaxnreg,
+        wgmma_pending=max(pending, default=0), atomics=atomics,
+    )  # fmt: skip
 
 
 def _compile(job: Job) -> Result:
@@ -305,10 +320,10 @@ def _applies(kernel, variant):
     return True
 
 
-# The CI subset (56 compiles, about a minute on 2 cores): sm_90, bf16, causal, every kernel at
+# The CI subset (about a minute and a half on 2 cores): sm_90, bf16, causal, every kernel at
 # d=64 and 128, the forward at the odd d=40 (16-byte loads through the head-dim mask), the
-# packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64), and
-# the split dK/dV at d=256.
+# packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64), the
+# split dK/dV at d=256 and the fused backward's first two tiles (MHA, GQA, accumulating).
 QUICK = (
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha",),
          kernels=("fwd", "dkdv", "dq", "delta")),
@@ -319,10 +334,12 @@ QUICK = (
          kernels=("fwd", "dkdv", "dq"), limit=1),
     dict(archs=(90,), dtypes=("bf16",), head_dims=(256,), causals=(True,), variants=("gqa",), kernels=("dkdv",),
          limit=1),  # the split dK/dV (wgmma at d=256)
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha", "gqa", "accumulate"),
+         kernels=("fused",), limit=2),  # the fused backward's preferred tiles
 )  # fmt: skip
 
 _COLUMNS = ("arch", "kernel", "variant", "dtype", "d", "causal", "config", "regs", "spill", "smem", "mma", "cp_async",
-            "vec16", "scalar", "seconds", "status")  # fmt: skip
+            "vec16", "scalar", "tma", "setmaxnreg", "wgmma_pending", "atomics", "seconds", "status")  # fmt: skip
 
 
 def _row(r: Result) -> str:
@@ -332,7 +349,8 @@ def _row(r: Result) -> str:
     return (
         f"sm_{r.arch} {r.kernel:5} {r.variant:15} {r.dtype:4} d={r.d:<3} {'causal' if r.causal else 'full  '} "
         f"{r.config:13} regs={r.regs:<3} spill={r.spill:<5} smem={r.smem / 1024:6.1f}K {r.mma:5} "
-        f"cp.async={r.cp_async:<3} vec16={r.vec16:<3} scalar={r.scalar:<4} {r.seconds:5.1f}s  {status}"
+        f"cp.async={r.cp_async:<3} vec16={r.vec16:<3} scalar={r.scalar:<4} tma={r.tma:<3} setmaxnreg={r.setmaxnreg} "
+        f"wgmma-pending={r.wgmma_pending} atomics={r.atomics:<4} {r.seconds:5.1f}s  {status}"
     )
 
 
@@ -364,7 +382,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, nargs="+", help=f"default {HEAD_DIMS}")
     p.add_argument("--causal", choices=("true", "false", "both"), default="both")
     p.add_argument("--variant", nargs="+", choices=VARIANTS, help=f"default {VARIANTS}")
-    p.add_argument("--kernel", nargs="+", choices=("fwd", "dkdv", "dq", "delta"), help="default: all")
+    p.add_argument("--kernel", nargs="+", choices=KERNELS, help="default: all")
     p.add_argument(
         "--all-configs", action="store_true", help="also compile configs pruning drops (reported, not failed)"
     )
@@ -383,7 +401,7 @@ def main(argv=None) -> int:
         head_dims=a.head_dim or HEAD_DIMS,
         causals=causals,
         variants=a.variant or VARIANTS,
-        kernels=a.kernel or ("fwd", "dkdv", "dq", "delta"),
+        kernels=a.kernel or KERNELS,
     )
     jobs = []
     for sel in QUICK if a.quick else (full,):
