@@ -33,6 +33,9 @@ class ModelConfig:
     and ``C/(32P)`` tokens, i.e. ``S/P`` local tokens divided by ``2u`` and ``32u``);
     ``checkpoint`` recomputes every layer in the backward, keeping only its input, which
     ``checkpoint_on_host`` keeps in host memory (pinned on CUDA). ``init_std``: weight init.
+    ``residual_fp32``: under mixed precision (autocast), keep the residual stream (the embedding
+    output, every layer's input and output, and so the layer checkpoints) in fp32 instead of the
+    compute dtype; the default, the compute dtype, is Megatron's and halves those bytes.
     """
 
     name: str = "custom"
@@ -56,6 +59,7 @@ class ModelConfig:
     loss_tile: int | None = None
     checkpoint: bool = False
     checkpoint_on_host: bool = False
+    residual_fp32: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:

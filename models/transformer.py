@@ -50,9 +50,20 @@ from .chunked import chunked_cross_entropy, chunked_mlp, cross_entropy_reference
 from .config import ModelConfig
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` run in its input's dtype: under autocast the residual stream is bf16 while
+    the weight stays fp32, and PyTorch's fused kernel needs one dtype (it falls back to a slower
+    composite otherwise). The kernel accumulates the statistics in fp32 either way; the weight's
+    gradient flows back through the cast in fp32. (LayerNorm needs no such care: autocast runs
+    ``layer_norm`` in fp32.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        return RMSNorm(cfg.hidden, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
 
@@ -172,6 +183,16 @@ class Transformer(nn.Module):
                     s = out_std if name.endswith(("attn.wo", "mlp.w2")) else std
                     p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * s)
 
+    def residual_dtype(self, device: torch.device) -> torch.dtype:
+        """The residual stream's dtype: the compute dtype of autocast when it is on (a residual
+        ``x + f(x)`` in bf16 then stays bf16), fp32 with ``cfg.residual_fp32``, else the
+        embedding's (the parameters' dtype, as FSDP2's mixed precision casts them)."""
+        if self.cfg.residual_fp32:
+            return torch.float32
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.embed.weight.dtype
+
     def _tiles(self, local_tokens: int) -> tuple[int | None, int | None]:
         cfg, u = self.cfg, self.strategy.layout_chunks
         mlp_default, loss_default = default_tiles(local_tokens, u)
@@ -212,7 +233,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         self._check_inputs(tokens, labels, positions, cu_seqlens)
         mlp_tile, loss_tile = self._tiles(tokens.numel())
-        x = self.embed(tokens)  # [B, S/P, h]
+        x = self.embed(tokens).to(self.residual_dtype(tokens.device))  # [B, S/P, h]
         for block in self.blocks:
             x = block(x, mlp_tile, cu_seqlens)
         x = self.norm(x)

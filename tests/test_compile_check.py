@@ -36,7 +36,18 @@ def test_quick_compile_check_passes(quick_run):
     assert quick_run.returncode == 0, quick_run.stdout[-4000:] + quick_run.stderr[-4000:]
     rows = _rows(quick_run.stdout)
     kernels = {r[1] for r in rows}
-    assert kernels == {"fwd", "dkdv", "dq", "delta"}, kernels
+    assert kernels == {"fwd", "dkdv", "dq", "delta", "fused"}, kernels
+
+
+def test_compile_check_reports_hopper_features(quick_run):
+    """Each row says whether the kernel uses TMA, warp specialisation, asynchronous wgmma and
+    atomics; the fused backward adds dQ with atomics, the split dQ kernel writes it with stores."""
+    rows = _rows(quick_run.stdout)
+    for r in rows:
+        for name in ("tma", "setmaxnreg", "wgmma-pending", "atomics"):
+            assert int(_field(r, name)) >= 0, " ".join(r)
+    assert all(int(_field(r, "atomics")) > 0 for r in rows if r[1] == "fused")
+    assert all(int(_field(r, "atomics")) == 0 for r in rows if r[1] == "dq" and r[2] == "mha")
 
 
 def _field(row, name):

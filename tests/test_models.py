@@ -476,3 +476,47 @@ def test_hf_llama_state_dict_and_errors():
         models.from_hf_llama(hf.state_dict())
     with pytest.raises(ValueError, match="missing"):
         models.from_hf_llama({"model.embed_tokens.weight": torch.zeros(101, 48)}, cfg)
+
+
+@pytest.mark.parametrize("residual_fp32", [False, True])
+def test_residual_stream_dtype_under_autocast(residual_fp32):
+    """bf16-mixed keeps the residual stream (every block's input and output) in bf16 unless
+    ``residual_fp32``; the parameters stay fp32 either way, and the loss is fp32."""
+    cfg = models.get_config("llama-tiny", n_layers=2, residual_fp32=residual_fp32)
+    model = models.Transformer(cfg)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    tokens, labels = _batch(cfg, S=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, labels=labels)
+    loss.backward()
+    want = torch.float32 if residual_fp32 else torch.bfloat16
+    assert seen == [(want, want)] * cfg.n_layers
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    # Without autocast the residual follows the parameters (32-true, bf16-true, FSDP's bf16 copies).
+    seen.clear()
+    model(tokens, labels=labels)
+    assert seen[0] == (torch.float32, torch.float32)
+
+
+def test_residual_checkpoints_on_host_halve_in_bf16(monkeypatch):
+    """Host-kept layer checkpoints follow the residual dtype: 2 bytes per element under bf16-mixed."""
+    import parallel.host_store as host_store
+
+    packed = []
+    real = host_store._pack_to_host
+    monkeypatch.setattr(host_store, "_pack_to_host", lambda t: packed.append(t.nbytes) or real(t))
+    sizes = {}
+    for residual_fp32 in (False, True):
+        cfg = models.get_config("llama-tiny", n_layers=2, residual_fp32=residual_fp32, checkpoint=True,
+                                checkpoint_on_host=True)  # fmt: skip
+        model = models.Transformer(cfg)
+        tokens, labels = _batch(cfg, S=32)
+        packed.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens, labels=labels)
+        loss.backward()
+        sizes[residual_fp32] = sum(packed)
+    assert sizes[True] == 2 * sizes[False] == 2 * cfg.n_layers * 2 * 32 * cfg.hidden * 2

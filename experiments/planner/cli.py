@@ -54,6 +54,7 @@ class PlanConfig:
     precision: Precision = Precision.auto  # auto: bf16-mixed on GPUs, 32-true on hardware=cpu
     dtype: DType = DType.auto  # old name: bf16 = precision bf16-true, fp32 = 32-true
     offload_states: bool = False  # FSDP: model states in host memory (needs fsdp=true)
+    residual_fp32: bool = False  # bf16-mixed: the residual stream and its checkpoints in fp32
     doc_len: int | None = None  # packed documents of this many tokens (attention inside each)
     max_device_memory: float | None = None  # GiB per GPU (required for hardware=cpu)
     dense_efficiency: float = DENSE_EFFICIENCY
@@ -79,7 +80,7 @@ def plan_table(cfg: DictConfig) -> str:
     kw = {k: c[k] for k in ("chunk_tokens", "activation_checkpointing", "checkpoint_on_host", "fsdp", "offload",
                             "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
                             "dense_efficiency", "attention_efficiency", "precision", "sp",
-                            "offload_states", "doc_len")}  # fmt: skip
+                            "offload_states", "doc_len", "residual_fp32")}  # fmt: skip
     kw.update(n_layers=c["model"]["n_layers"], peak_tflops=c["hardware"]["peak_tflops"])
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]

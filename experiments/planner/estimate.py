@@ -185,6 +185,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         param_bytes=precision.param_dtype.itemsize,
         offload_states=offload_states,
         doc_len=doc_len,
+        residual_fp32=bool(switches.pop("residual_fp32", False)) and precision.mixed,
     )
     return st, hw
 
@@ -238,6 +239,7 @@ def estimate(
     sp: int | None = None,
     offload_states: bool = False,
     doc_len: int | None = None,
+    residual_fp32: bool = False,
 ) -> Estimate:
     """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
 
@@ -250,6 +252,7 @@ def estimate(
     ``offload_states`` (with ``fsdp``) keeps the sharded model states in host memory.
     ``doc_len``: packed documents of that many tokens (attention inside documents; FPDT's
     schedules keep only the chunk blocks that share one, as the runner's do).
+    ``residual_fp32``: under mixed precision, the residual stream and its checkpoints in fp32.
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
     ``ValueError`` on an unknown preset, head counts that do not split over ``sp``, or a chunk
     size that does not divide ``seq_len``. ``dtype`` (``bf16``: ``bf16-true``, ``fp32``:
@@ -275,6 +278,7 @@ def estimate(
         sp=sp,
         offload_states=offload_states,
         doc_len=doc_len,
+        residual_fp32=residual_fp32,
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
@@ -340,6 +344,7 @@ def estimate_row(row: dict, **overrides) -> Estimate:
         dtype=row.get("dtype") if not row.get("precision") and row.get("dtype") in ("fp32", "bf16") else "auto",
         sp=None if number("sp") is None else int(number("sp")),
         offload_states=flag("offload_states"),
+        residual_fp32=flag("residual_fp32"),
         n_layers=None if number("n_layers") is None else int(number("n_layers")),
         max_device_memory=number("max_device_memory") or (1.0 if hardware == "cpu" else None),
         peak_tflops=number("peak_tflops") or (1.0 if hardware == "cpu" else None),

@@ -68,6 +68,7 @@ class Setup:
     param_bytes: int = 0  # storage of parameters, gradients, AdamW moments (0: dtype_bytes)
     offload_states: bool = False  # FSDP's CPUOffloadPolicy: sharded model states in host memory
     doc_len: int | None = None  # packed documents of this many tokens each (None: one per sequence)
+    residual_fp32: bool = False  # mixed precision with an fp32 residual stream (and checkpoints)
 
     @property
     def ranks(self) -> int:
@@ -76,6 +77,11 @@ class Setup:
     @property
     def pb(self) -> int:
         return self.param_bytes or self.dtype_bytes
+
+    @property
+    def rb(self) -> int:
+        """Bytes per element of the residual stream: the compute dtype's, or 4 (``residual_fp32``)."""
+        return FP32 if self.residual_fp32 else self.dtype_bytes
 
     @property
     def s(self) -> int:
@@ -242,6 +248,7 @@ def memory(st: Setup) -> Memory:
     cfg, b, s, S, L = st.cfg, st.dtype_bytes, st.s, st.seq_len, st.cfg.n_layers
     h, f, d, H, V = cfg.hidden, cfg.ffn_hidden, cfg.head_dim, cfg.n_heads, cfg.vocab_size
     A = s * h * b  # one hidden-sized activation [s, h]
+    R = s * h * st.rb  # one layer input of the residual stream (what a checkpoint keeps)
     attn_out = s * H * d * b  # attention output before the projection [s, H, d]
     norms = 2 * s * FP32 * (2 if cfg.norm == "layernorm" else 1)  # mean/rstd of two norms
     states = model_state_bytes(st)
@@ -253,7 +260,7 @@ def memory(st: Setup) -> Memory:
     if st.activation_checkpointing:
         # Layer inputs kept by the checkpoints: L on device, or on the host with one device copy
         # of the input of the layer being recomputed.
-        ckpt = A if st.checkpoint_on_host else L * A
+        ckpt = R if st.checkpoint_on_host else L * R
     else:
         ckpt = 0
     hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
@@ -275,7 +282,7 @@ def memory(st: Setup) -> Memory:
         logits = LOSS_LIVE * st.loss_tile * V * FP32 + s * (FP32 + INT64 + 1)  # tile + lse/labels/mask
     else:
         logits = LOSS_LIVE * s * V * FP32 + (s * V * b if b != FP32 else 0)
-    loss_ckpt = (L + 1) * A if (st.activation_checkpointing and not st.checkpoint_on_host) else 0
+    loss_ckpt = (L + 1) * R if (st.activation_checkpointing and not st.checkpoint_on_host) else 0
     loss_phase = loss_ckpt + 3 * A + logits
 
     phases = {"mlp backward": mlp_phase, "attention backward": attn_phase, "loss": loss_phase}
@@ -350,7 +357,7 @@ def _host(st: Setup) -> dict[str, int]:
     if st.offload_states:
         host["model states"] = sum(_sharded_states(st).values())
     if st.activation_checkpointing and st.checkpoint_on_host:
-        host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * b
+        host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * st.rb
     if st.strategy == "fpdt" and st.offload:
         sz = chunk_bytes(st)
         C, hq = st.C, cfg.n_heads // P

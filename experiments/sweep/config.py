@@ -94,6 +94,7 @@ class JobConfig:
     batch_size: int = 1  # sequences per data-parallel replica (global batch: batch_size * dp)
     precision: Precision = Precision.auto  # auto: bf16-mixed on CUDA, 32-true on CPU
     dtype: DType = DType.auto  # old name: bf16 = precision bf16-true, fp32 = 32-true
+    residual_fp32: bool = False  # bf16-mixed: keep the residual stream (and checkpoints) in fp32
     seed: int = 0
     backend: Backend = Backend.auto
     lr: float = 1e-4

@@ -48,6 +48,8 @@ def resolve_point(cfg: DictConfig) -> dict:
         "warmup_steps": c.get("warmup_steps", 0),
         "precision": precision.name,
         "dtype": dtype_name(precision.compute_dtype),  # what the matmuls ran in
+        # Only mixed precision has a choice: otherwise the residual is the one training dtype.
+        "residual_fp32": bool(c.get("residual_fp32", False)) and precision.mixed,
         "seed": c["seed"],
         "backend": c["backend"] if c["backend"] != "auto" else auto_backend(torch.cuda.is_available()),
         "lr": c["lr"],
@@ -91,6 +93,9 @@ def check_point(point: dict) -> None:
     check_mesh(point["gpus"], point["sp"])
     cfg = model_config(point)
     check_setup(point["strategy"], point["seq_len"], point["sp"], point["chunks"], cfg.n_heads, cfg.n_kv_heads)
+    if point["residual_fp32"] and point["fsdp"]:
+        raise ValueError("residual_fp32=true needs parallel.fsdp=false: FSDP2's mixed precision casts every "
+                         "block's input to bf16, so the residual stream is bf16 there whatever this says")  # fmt: skip
     if point["offload_states"] and not point["fsdp"]:
         raise ValueError("parallel.offload_states=true keeps model states in host memory through FSDP; "
                          "set parallel.fsdp=true")  # fmt: skip

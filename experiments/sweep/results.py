@@ -28,7 +28,7 @@ ROW_FIELDS = [
     "device_name", "git_commit",
     "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
     "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
-    "precision", "sp", "dp", "offload_states",
+    "precision", "sp", "dp", "offload_states", "residual_fp32",
     "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
     "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "device_alloc_retries",
     "peak_tflops_source",
@@ -40,7 +40,7 @@ ROW_FIELDS = [
 KEY_FIELDS = [
     "model", "n_layers", "strategy", "seq_len", "chunks", "gpus", "sp", "batch_size", "precision", "backend",
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
-    "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "steps", "warmup_steps", "seed",
+    "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "residual_fp32", "steps", "warmup_steps", "seed",
     "max_device_memory", "data_path", "data_packing", "data_eos_id", "data_index", "data_doc_len",
 ]  # fmt: skip
 

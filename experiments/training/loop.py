@@ -56,6 +56,7 @@ def model_config(point: dict, **overrides):
         loss_tile=point.get("loss_tile"),
         checkpoint=point.get("activation_checkpointing", False),
         checkpoint_on_host=point.get("checkpoint_on_host", False),
+        residual_fp32=point.get("residual_fp32", False),
     )
     if point.get("n_layers"):
         switches["n_layers"] = point["n_layers"]

@@ -1,8 +1,9 @@
 """The one place that decides which implementation runs the attention ops.
 
 Backends: ``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` (PyTorch's
-memory-efficient CPU flash kernel; the fast choice for CPU runs) and ``naive`` (the
-materialising reference, for debugging). Automatic choice: ``triton`` for CUDA tensors,
+memory-efficient CPU flash kernel; the fast choice for CPU runs), ``cudnn`` (PyTorch's cuDNN
+attention ops, CUDA only: a comparator and fallback; ``attention/cudnn.py`` says what it cannot
+do) and ``naive`` (the materialising reference, for debugging). Automatic choice: ``triton`` for CUDA tensors,
 ``triton`` for CPU tensors when the interpreter is on, ``torch`` otherwise.
 
 Force one with ``set_backend("torch")``, the context manager ``use_backend("naive")``, or the
@@ -17,7 +18,7 @@ import os
 
 import torch
 
-BACKENDS = ("triton", "torch", "naive")
+BACKENDS = ("triton", "torch", "cudnn", "naive")
 ENV_VAR = "FPDT_ATTENTION_BACKEND"
 
 _forced: str | None = None
@@ -72,6 +73,11 @@ def resolve_backend(where: torch.Tensor | torch.device | str) -> str:
             name = "triton"
         else:
             name = "torch"
+    if name == "cudnn" and device.type != "cuda":
+        raise ValueError(
+            f"the cudnn backend runs PyTorch's cuDNN attention, which needs CUDA tensors; got {device.type} "
+            "tensors. Use the torch backend on CPU (fpdt_kernels.set_backend('torch')), or triton on a GPU."
+        )
     if name == "torch" and device.type != "cpu":
         return "naive"  # the torch backend is PyTorch's CPU flash kernel; elsewhere, plain math
     if name == "triton" and device.type != "cuda" and not triton_interpreter_on():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import resolve_backend
-from . import documents, naive, torch_cpu
+from . import cudnn, documents, naive, torch_cpu
 from .common import accumulator_dtype, default_scale
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,7 +25,7 @@ def _check_qkv(q, k, v, backend: str) -> None:
             raise ValueError(f"{name} must be 4-D [B, S, H, d], got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    allowed = _FLOAT_DTYPES if backend == "triton" else (*_FLOAT_DTYPES, torch.float64)
+    allowed = {"triton": _FLOAT_DTYPES, "cudnn": cudnn.DTYPES}.get(backend, (*_FLOAT_DTYPES, torch.float64))
     if q.dtype not in allowed:
         raise TypeError(f"dtype {q.dtype} is not supported by the {backend} backend; use one of {allowed}")
     if not (q.device == k.device == v.device):
@@ -95,6 +95,10 @@ def _run_forward(
         spans = _spans(cu_seqlens, q, k, q_start, k_start, causal)
         triton_fwd.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, spans)
         return
+    if backend == "cudnn":
+        cudnn.check_inputs(q, cu_seqlens)
+        cudnn.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate)
+        return
     if not accumulate:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -128,6 +132,9 @@ def _run_backward(
         triton_bwd.chunk_backward(
             do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans, deterministic
         )
+    elif backend == "cudnn":
+        cudnn.check_inputs(q, cu_seqlens)  # delta is recomputed inside cuDNN's backward
+        cudnn.chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv)
     elif backend == "torch" and cu_seqlens is not None:
         pieces = _pieces(offsets, q, k, q_start, k_start)
         torch_cpu.pieces_backward(do, q, k, v, out, lse, pieces, causal, scale, dq, dk, dv)
@@ -313,6 +320,9 @@ class _FlashAttention(torch.autograd.Function):
             out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
             lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
             triton_fwd.chunk_forward(q, k, v, q_start, 0, causal, scale, out, lse, False)
+        elif backend == "cudnn":
+            cudnn.check_inputs(q)
+            out, lse = cudnn.flash_forward(q, k, v, causal, scale)
         elif backend == "torch" and torch_cpu.covers_whole_block(Sq, k.shape[1], q_start, causal):
             ctx.path = "torch_whole"
             out, lse = torch_cpu.flash_forward(q, k, v, causal, scale)
@@ -337,6 +347,8 @@ class _FlashAttention(torch.autograd.Function):
             dq, dk, dv = triton_bwd.flash_backward(
                 do, q, k, v, out, lse, ctx.q_start, ctx.causal, ctx.scale, deterministic=ctx.deterministic
             )
+        elif ctx.path == "cudnn":
+            dq, dk, dv = cudnn.flash_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale)
         elif ctx.path == "torch_whole":
             dq, dk, dv = torch_cpu.flash_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale)
         else:

@@ -168,9 +168,32 @@ DQ_TILES = Tiles(
     spill_docs={(90, 2, 128): ("128x64 w8 s3",)},  # 8 B with the rows' document spans (triton 3.6)
 )
 
-# The fused backward's tiles: the dK/dV kernel's, whose programs now also hold a [BM, BD] fp32 dQ
-# part per query block (and issue its atomic adds): fewer of them stay free of spills.
-FUSED_TILES = Tiles(DKDV_TILES.configs, _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT)
+# The fused backward's tiles: the dK/dV kernel's, whose programs also hold a [BM, BD] fp32 dQ part
+# per query block and issue its atomic adds, so fewer stay free of spills. Clean on triton 3.6 and
+# 3.9 (compile_check --kernel fused): 64x128 at d=64 spills on 3.9 (8-28 B), every split config at
+# d=256 on one version or the other (smem or spills), so d=256 runs mma.sync tiles here.
+_FUSED_CLEAN = {
+    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x64 w8 s2", "32x64 w4 s3"),
+    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
+    (90, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
+    (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
+    (80, 2, 128): ("32x64 w8 s3", "32x32 w8 s2"),
+    (80, 2, 256): ("16x32 w8 s2",),
+    # fp32 (tf32x3): at d=256 no tile is spill-free; the one listed spills least (~2.4 KB).
+    (90, 4, 64): ("16x32 w8 s2", "16x32 w4 s2", "32x32 w8 s2"),
+    (90, 4, 128): ("16x16 w8 s2",),
+    (90, 4, 256): ("16x16 w8 s2",),
+    (80, 4, 64): ("16x32 w8 s2", "16x32 w4 s2", "32x32 w8 s2"),
+    (80, 4, 128): ("16x16 w8 s2",),
+    (80, 4, 256): ("16x16 w8 s2",),
+}  # fmt: skip
+FUSED_TILES = Tiles(
+    DKDV_TILES.configs,
+    _FUSED_CLEAN,
+    # With the keys' document spans: 32x128 at d=128 (sm_90) and 32x32 at d=256 (sm_90, 3.9),
+    # 32x64 w4 at d<=64 (sm_80, 3.9) spill.
+    spill_docs={(90, 2, 128): ("32x128 w8 s2",), (90, 2, 256): ("32x32 w8 s2",), (80, 2, 64): ("32x64 w4 s3",)},
+)
 
 _KEY = ["D", "GROUPS", "CAUSAL", "DOCS", "SQ_BUCKET", "SK_BUCKET", "PRECISION"]
 

@@ -107,6 +107,8 @@ def flash_attention_varlen(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D [total, H, d] (documents packed along dim 0), got {tuple(t.shape)}")
+    if backend == "cudnn":
+        raise ValueError("the cudnn backend does not take packed documents; use the triton backend (or torch on CPU)")
     _check_qkv(q[None], k[None], v[None], backend)
     offsets_q, offsets_k = documents.check_varlen(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
