@@ -159,9 +159,7 @@ def test_deterministic_switch_selects_the_backward(monkeypatch):
 
     fused = []
     real = triton_bwd.backward_launches
-    monkeypatch.setattr(
-        triton_bwd, "backward_launches", lambda *a, **kw: fused.append(kw["fused"]) or real(*a, **kw)
-    )
+    monkeypatch.setattr(triton_bwd, "backward_launches", lambda *a, **kw: fused.append(kw["fused"]) or real(*a, **kw))
     q, k, v, do = _make((17, 20, 16, 2, 1), torch.float32, batch=1)
     kw = dict(q_start=0, k_start=0, causal=True)
     with fpdt_kernels.use_backend("triton"):
