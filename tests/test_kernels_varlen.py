@@ -7,6 +7,8 @@ gradient error of PyTorch in the input dtype, plus the dtype's rounding floor). 
 their documents cross tile boundaries at odd places.
 """
 
+import functools
+
 import pytest
 import torch
 import triton
@@ -71,14 +73,22 @@ def _varlen_fwd_bwd(fn, q, k, v, do, cu_q, cu_k, max_q, max_k, causal):
     return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
-def _check_varlen(case, causal, dtype, backend, device=DEVICE):
+def _check_varlen(case, causal, dtype, backend, device=DEVICE, deterministic=None):
     q, k, v, do, *docs = _varlen_inputs(case, dtype, device)
     ref = _varlen_fwd_bwd(naive.flash_attention_varlen, *(t.double() for t in (q, k, v, do)), *docs, causal)
     same_dtype = _varlen_fwd_bwd(naive.flash_attention_varlen, q, k, v, do, *docs, causal)
+    ours_fn = functools.partial(fpdt_kernels.flash_attention_varlen, deterministic=deterministic)
     with fpdt_kernels.use_backend(backend):
-        ours = _varlen_fwd_bwd(fpdt_kernels.flash_attention_varlen, q, k, v, do, *docs, causal)
+        ours = _varlen_fwd_bwd(ours_fn, q, k, v, do, *docs, causal)
     _assert_rule(ours, same_dtype, ref, dtype, q.is_cuda)
     return ours
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", VARLEN_CASES.values(), ids=VARLEN_CASES.keys())
+def test_varlen_fused_backward_matches_reference(case, causal):
+    """Packed documents through the fused backward (the document spans bound its query loop)."""
+    _check_varlen(case, causal, torch.float32, "triton", deterministic=False)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -147,7 +157,7 @@ def test_spans_match_the_dense_mask():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_chunk_api_matches_reference(backend, causal):
+def test_chunk_api_matches_reference(backend, causal, deterministic=None):
     """A block cutting through documents of both rows, at global offsets, in float64 terms."""
     q, k, v, do = _chunk_inputs(45, 70)
     kw = dict(q_start=30, k_start=3, causal=causal, cu_seqlens=CU)
@@ -155,12 +165,18 @@ def test_chunk_api_matches_reference(backend, causal):
     ref = naive.attention_chunk_backward(do.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, **kw)
     with fpdt_kernels.use_backend(backend):
         out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, **kw)
-        grads = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw)
+        grads = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **kw, deterministic=deterministic)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fused_chunk_backward_with_documents(causal):
+    """The fused backward adding into running fp32 buffers over document spans, at offsets."""
+    test_chunk_api_matches_reference("triton", causal, deterministic=False)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -47,10 +47,11 @@ def _check_qkv(q, k, v, backend: str) -> None:
 
 
 def resolve_deterministic(deterministic: bool | None) -> bool:
-    """``deterministic``, or where it is None PyTorch's global switch
-    (``torch.use_deterministic_algorithms``): True selects the Triton backward whose results are
-    bit-reproducible run to run (see ``triton_bwd.flash_backward``); other backends always are."""
-    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+    """Which Triton backward runs: True (and None, the default) the split kernels, False the fused
+    one, whose dQ atomics are not bit-reproducible. The split kernels are the default because they
+    were the faster on an H200 (bf16, S=16K: 314-357 TFLOP/s against the fused 258-295); the fused
+    one stays selectable for tuning. Other backends ignore it (they are deterministic)."""
+    return True if deterministic is None else bool(deterministic)
 
 
 def _check_buffer(name, t, shape, device) -> None:
@@ -375,11 +376,11 @@ def flash_attention(
         causal: bottom-right aligned when ``Sq != Sk`` (query ``m`` sees keys
             ``n <= m + Sk - Sq``); a query row that sees no key outputs 0.
         softmax_scale: defaults to ``1/sqrt(d)``.
-        deterministic: the Triton backward. False: fused (one kernel per KV block computes the
-            five matmuls once and adds dQ with fp32 atomics, so dQ is not bit-reproducible);
-            True: split (a dK/dV kernel and a dQ kernel, seven matmuls, bit-reproducible for
-            MHA). None (default): PyTorch's ``torch.are_deterministic_algorithms_enabled()``,
-            so fused unless ``torch.use_deterministic_algorithms(True)`` was called.
+        deterministic: the Triton backward. None (default) or True: split (a dK/dV kernel and a
+            dQ kernel, seven matmuls, bit-reproducible for MHA), the faster one on an H200
+            today. False: fused (one kernel per KV block computes the five matmuls once and adds
+            dQ with fp32 atomics, so dQ is not bit-reproducible); measured slower so far
+            (``experiments/results/gpu_landscape_nvidia_h200``), kept for tuning.
 
     Returns:
         ``[B, Sq, H, d]`` in the input dtype.
