@@ -51,7 +51,7 @@ sanitizer=$!
 # Only these files carry GPU cases; collecting the rest would need hydra there. bf16 and the
 # pipeline first (the dtype models train in); fp16/fp32 at the end, with what time is left.
 # The kernel tests run on CUDA as they are (their device is CUDA when there is one), GPU-only cases included.
-step pytest_gpu_bf16 150 pytest_gpu_bf16.log 0 python3 -m pytest -v -n 12 -p no:cacheprovider \
+step pytest_gpu_bf16 150 pytest_gpu_bf16.log 0 python3 -m pytest -v -rf -n 12 -p no:cacheprovider --timeout=120 \
     tests/test_attention.py tests/test_kernels_varlen.py tests/test_gpu_pipeline.py \
     -k "bf16 or chunked or gqa or softmax_scale or fpdt or varlen"
 
@@ -67,7 +67,7 @@ step attention_memory 40 attention_memory.log 0 python3 -m experiments.bench.att
 step fpdt_block 100 fpdt_block.log 0 python3 -m experiments.bench_fpdt_block --seq-lens 131072 --reps 2 \
     --out "$OUT/fpdt_block_$gpu.csv"
 
-step pytest_gpu_fp16_fp32 150 pytest_gpu_fp16_fp32.log 0 python3 -m pytest -v -n 14 -p no:cacheprovider \
+step pytest_gpu_fp16_fp32 150 pytest_gpu_fp16_fp32.log 0 python3 -m pytest -v -rf -n 14 -p no:cacheprovider --timeout=120 \
     tests/test_attention.py tests/test_kernels_varlen.py -k "fp16 or fp32"
 
 note "=== done: status $status"

@@ -24,7 +24,7 @@ timeout 120 python3 -m experiments.bench_fpdt_block --seq-lens 8192 --chunk-toke
     --out "$OUT/warm_fpdt.csv" >"$OUT/warm_fpdt.log" 2>&1 &
 warm=$!
 # shellcheck disable=SC2086  # PYTEST_SELECT is a list of node ids or options
-step pytest_gpu "${PYTEST_LIMIT_S:-90}" pytest_gpu.log 0 python3 -m pytest -m gpu -v -n 12 -p no:cacheprovider \
+step pytest_gpu "${PYTEST_LIMIT_S:-90}" pytest_gpu.log 0 python3 -m pytest -m gpu -v -rf -n 12 -p no:cacheprovider --timeout=120 \
     ${PYTEST_SELECT:-tests/test_attention.py tests/test_gpu_pipeline.py} -k "${PYTEST_K:-fp32 or chunked or fpdt}"
 wait "$warm"
 note "=== FPDT compile warm-up: exit $?"
