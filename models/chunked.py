@@ -1,4 +1,4 @@
-"""Sequence-tiled MLP and LM-head loss, as autograd Functions.
+"""Sequence-tiled MLP, RMSNorm and LM-head loss, as autograd Functions.
 
 Both run over tiles of ``tile`` tokens (rows of the flattened ``[N, h]`` input, ``N = B*S/P``)
 and keep only their input and the weights for the backward, recomputing the per-tile
@@ -51,19 +51,32 @@ def _mlp_act(a, u, activation):
     return _gelu_and_grad(a.float())[0].to(a.dtype)
 
 
+def _normed(xt: torch.Tensor, norm_w: torch.Tensor | None, eps: float):
+    """A tile's MLP input: ``xt``, or with ``norm_w`` its RMSNorm (and the fp32 ``x/rms``, ``1/rms``)."""
+    if norm_w is None:
+        return xt, None, None
+    xhat, rstd = _rms_stats(xt, eps)
+    return (xhat * norm_w.float()).to(xt.dtype), xhat, rstd
+
+
 class _ChunkedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w3, w2, b2, activation, tile):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # [N, h]
-        y = x2.new_empty(x2.shape[0], w2.shape[0])  # [N, h]
+    def forward(ctx, x, w1, b1, w3, w2, b2, norm_w, eps, activation, tile, residual, donate_grad):
+        x2 = x.reshape(-1, x.shape[-1])  # [N, h]
+        # The output is a tensor of its own, not a view: a checkpoint may release its memory.
+        out = x.new_empty(*x.shape[:-1], w2.shape[0])
+        y = out.view(-1, w2.shape[0])  # [N, h]
         for t in _tiles(x2.shape[0], tile):
-            a, u = _mlp_inner(x2[t], w1, b1, w3, activation)  # [n, ffn]
+            xt = _normed(x2[t], norm_w, eps)[0]
+            a, u = _mlp_inner(xt, w1, b1, w3, activation)  # [n, ffn]
             y[t] = F.linear(_mlp_act(a, u, activation), w2, b2)
-        ctx.save_for_backward(x, w1, b1, w3, w2, b2)
-        ctx.activation, ctx.tile = activation, tile
+            if residual:
+                y[t] += x2[t]
+        ctx.save_for_backward(x, w1, b1, w3, w2, b2, norm_w)
+        ctx.activation, ctx.tile, ctx.eps, ctx.residual = activation, tile, eps, residual
+        ctx.donate_grad = donate_grad
         ctx.autocast = autocast_state(x.device)
-        return y.reshape(*shape[:-1], w2.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, dy):
@@ -72,7 +85,7 @@ class _ChunkedMLP(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
-        x, w1, b1, w3, w2, b2 = ctx.saved_tensors
+        x, w1, b1, w3, w2, b2, norm_w = ctx.saved_tensors
         activation, tile = ctx.activation, ctx.tile
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
@@ -81,10 +94,18 @@ class _ChunkedMLP(torch.autograd.Function):
         def acc_buf(w, i):
             return torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w is not None and need[i] else None
 
-        dw1, db1, dw3, dw2, db2 = (acc_buf(w, i) for w, i in ((w1, 1), (b1, 2), (w3, 3), (w2, 4), (b2, 5)))
-        dx = torch.empty_like(x2) if need[0] else None
+        dw1, db1, dw3, dw2, db2, dnw = (
+            acc_buf(w, i) for w, i in ((w1, 1), (b1, 2), (w3, 3), (w2, 4), (b2, 5), (norm_w, 6))
+        )
+        dx = None
+        if need[0]:
+            # A donated output gradient (nothing else reads it) becomes the input gradient: tile t
+            # of dy is read before tile t of dx is written.
+            donate = ctx.donate_grad and dy2.shape == x2.shape and dy2.dtype == x2.dtype and dy2.is_contiguous()
+            dx = dy2 if donate else torch.empty_like(x2)
         for t in _tiles(x2.shape[0], tile):
-            xt, dyt = x2[t], dy2[t]
+            xt, xhat, rstd = _normed(x2[t], norm_w, ctx.eps)
+            dyt = dy2[t]
             a, u = _mlp_inner(xt, w1, b1, w3, activation)  # recomputed [n, ffn]
             af = a.float()
             dhid = (dyt @ w2).float()  # [n, ffn]
@@ -108,11 +129,18 @@ class _ChunkedMLP(torch.autograd.Function):
                 db1 += da.float().sum(0)
             if dw3 is not None:
                 dw3 += du.t() @ xt
-            if dx is not None:
+            if dx is not None or dnw is not None:
                 dxt = da @ w1
                 if du is not None:
                     dxt = dxt + du @ w3
-                dx[t] = dxt
+                if norm_w is not None:  # through the norm: the gradient of its input
+                    g = dxt.float()
+                    if dnw is not None:
+                        dnw += (g * xhat).sum(0)
+                    gw = g * norm_w.float()
+                    dxt = (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
+                if dx is not None:
+                    dx[t] = dxt + dyt if ctx.residual else dxt
 
         def cast(g, w):
             return None if g is None else g.to(w.dtype)
@@ -124,6 +152,10 @@ class _ChunkedMLP(torch.autograd.Function):
             cast(dw3, w3),
             cast(dw2, w2),
             cast(db2, b2),
+            cast(dnw, norm_w),
+            None,
+            None,
+            None,
             None,
             None,
         )
@@ -146,11 +178,21 @@ def chunked_mlp(
     *,
     activation: str,
     tile: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    residual: bool = False,
+    donate_grad: bool = False,
 ) -> torch.Tensor:
     """MLP over tiles of ``tile`` tokens: ``x [..., h] -> [..., h]``, recomputing in the backward.
 
     ``gelu``: ``W2 gelu(W1 x + b1) + b2``; ``swiglu``: ``W2 (silu(W1 x + b1) * W3 x) + b2``.
     ``w1, w3 [ffn, h]``, ``w2 [h, ffn]``; biases optional; ``w3`` only for SwiGLU.
+    ``norm_weight``: apply RMSNorm (``norm_eps``) to each tile first, so the normalised input is
+    recomputed per tile in the backward instead of kept for the whole sequence. ``residual``:
+    return ``x + MLP(...)``, so the backward writes the input's whole gradient (the residual's
+    and the MLP's) into one buffer. The output is never read by the backward. ``donate_grad``:
+    the output's gradient is read by nothing else, so the backward may write the input's
+    gradient into its memory (one sequence-long buffer fewer at the backward's peak).
     """
     if activation not in ("gelu", "swiglu"):
         raise ValueError(f"activation={activation!r}; use 'gelu' or 'swiglu'")
@@ -158,7 +200,66 @@ def chunked_mlp(
         raise ValueError("w3 (the SwiGLU up projection) must be given for 'swiglu' and only for it")
     if tile < 1:
         raise ValueError(f"tile={tile} must be >= 1 tokens")
-    return _ChunkedMLP.apply(x, w1, b1, w3, w2, b2, activation, tile)
+    return _ChunkedMLP.apply(x, w1, b1, w3, w2, b2, norm_weight, norm_eps, activation, tile, residual, donate_grad)
+
+
+# --- RMSNorm ------------------------------------------------------------------------------------
+
+
+def _rms_stats(xt: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile's fp32 ``x / rms(x)`` and ``1 / rms(x)``."""
+    xf = xt.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * rstd, rstd
+
+
+class _TiledRMSNorm(torch.autograd.Function):
+    """RMSNorm that saves only its input: the backward recomputes the statistics per tile, so the
+    normalised input (which autograd's RMSNorm keeps) and the backward's fp32 temporaries exist
+    for one tile at a time instead of the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, tile):
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.tile = eps, tile
+        # Per tile in fp32, as the backward recomputes it (autocast would make fp32 copies of
+        # the whole input for PyTorch's own RMSNorm).
+        out = x.new_empty(x.shape)
+        x2, y = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+        wf = weight.float()
+        for t in _tiles(x2.shape[0], tile):
+            y[t] = _rms_stats(x2[t], eps)[0] * wf
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
+        dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        wf = weight.float()
+        for t in _tiles(x2.shape[0], ctx.tile):
+            xhat, rstd = _rms_stats(x2[t], ctx.eps)
+            g = dy2[t].float()
+            if dw is not None:
+                dw += (g * xhat).sum(0)
+            if dx is not None:
+                gw = g * wf
+                dx[t] = (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return (
+            None if dx is None else dx.reshape(x.shape),
+            None if dw is None else dw.to(weight.dtype),
+            None,
+            None,
+        )
+
+
+def tiled_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, tile: int) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim, in ``x``'s dtype (statistics in fp32); the
+    backward runs over tiles of ``tile`` tokens and keeps only ``x`` and ``weight``."""
+    if tile < 1:
+        raise ValueError(f"tile={tile} must be >= 1 tokens")
+    return _TiledRMSNorm.apply(x, weight, eps, tile)
 
 
 # --- LM head + cross entropy ---------------------------------------------------------------------

@@ -32,21 +32,22 @@ with ``loss.backward()`` (``torch.autograd.grad`` does not see the parameter gra
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
+from parallel.amp import autocast_state, restore_autocast
 from parallel.attention import AttentionStrategy
 from parallel.host_store import saved_tensors_on_host
 from parallel.layout import check_cu_seqlens, document_positions
 from parallel.rotary import RotaryEmbedding
 from parallel.weights import AttentionWeights
 
-from .chunked import chunked_cross_entropy, chunked_mlp, cross_entropy_reference, mlp_reference
+from .chunked import chunked_cross_entropy, chunked_mlp, cross_entropy_reference, mlp_reference, tiled_rms_norm
 from .config import ModelConfig
 
 
@@ -54,17 +55,30 @@ class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` run in its input's dtype: under autocast the residual stream is bf16 while
     the weight stays fp32, and PyTorch's fused kernel needs one dtype (it falls back to a slower
     composite otherwise). The kernel accumulates the statistics in fp32 either way; the weight's
-    gradient flows back through the cast in fp32. (LayerNorm needs no such care: autocast runs
-    ``layer_norm`` in fp32.)"""
+    gradient flows back through the cast in fp32. With a ``tile`` (the chunked recipe) the
+    backward runs per tile and only the input is saved (``models.chunked.tiled_rms_norm``):
+    autograd's RMSNorm keeps the normalised input too, and its backward makes five fp32
+    sequence-long temporaries."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        if tile is not None and torch.is_grad_enabled():
+            return tiled_rms_norm(x, self.weight, self.eps, tile=tile)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` taking (and ignoring) the tile the blocks pass: PyTorch's fused layer_norm
+    already saves only its input and statistics, and its backward makes no sequence-long
+    temporaries but the input gradient."""
+
+    def forward(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        return super().forward(x)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+    return LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
 
 def default_tiles(local_tokens: int, chunks: int) -> tuple[int, int]:
@@ -105,12 +119,20 @@ class MLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(h, f))
         self.b2 = nn.Parameter(torch.zeros(h)) if cfg.bias else None
 
-    def forward(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
-        """``tile``: tokens per tile for the chunked MLP, ``None`` for the plain one."""
-        args = (x, self.w1, self.b1, self.w3, self.w2, self.b2)
+    def forward(self, x: torch.Tensor, tile: int | None, norm: nn.Module | None = None) -> torch.Tensor:
+        """``x + MLP(norm(x))``, the block's second half. ``tile``: tokens per tile for the chunked
+        MLP, ``None`` for the plain one. With a tile and an RMSNorm, norm, MLP and residual run
+        inside the chunked MLP's tiles (what the backward keeps: ``x`` alone)."""
+        args = (self.w1, self.b1, self.w3, self.w2, self.b2)
         if tile is None:
-            return mlp_reference(*args, activation=self.activation)
-        return chunked_mlp(*args, activation=self.activation, tile=tile)
+            return x + mlp_reference(x if norm is None else norm(x), *args, activation=self.activation)
+        if isinstance(norm, RMSNorm):
+            # Donated: a block's output gradient is read by this MLP alone (the next block's
+            # input gradient, or the final norm's, each a buffer of its own).
+            return chunked_mlp(x, *args, activation=self.activation, tile=tile, norm_weight=norm.weight,
+                               norm_eps=norm.eps, residual=True, donate_grad=True)  # fmt: skip
+        h = x if norm is None else norm(x, tile)
+        return x + chunked_mlp(h, *args, activation=self.activation, tile=tile)
 
 
 class Block(nn.Module):
@@ -123,20 +145,55 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def _layer(self, x: torch.Tensor, mlp_tile: int | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens)
-        return x + self.mlp(self.norm2(x), mlp_tile)
+        # The chunked recipe's tile also tiles the norms' backward (None: the plain norms).
+        x = x + self.attn(self.norm1(x, mlp_tile), cu_seqlens)
+        return self.mlp(x, mlp_tile, self.norm2)  # x + MLP(norm2(x))
 
     def forward(self, x: torch.Tensor, mlp_tile: int | None = None, cu_seqlens: torch.Tensor | None = None):
         if not (self.cfg.checkpoint and torch.is_grad_enabled()):
             return self._layer(x, mlp_tile, cu_seqlens)
         # Reentrant checkpoint: its forward runs without grad (so the FPDT block saves nothing)
-        # and saves only the layer input through save_for_backward, which saved_tensors_on_host then
-        # moves to host memory. Parameter gradients are accumulated into ``.grad`` by the
-        # recompute's own backward, so use ``loss.backward()`` rather than ``torch.autograd.grad``.
+        # and saves only the layer input, which saved_tensors_on_host then moves to host memory.
+        # Parameter gradients are accumulated into ``.grad`` by the recompute's own backward, so
+        # use ``loss.backward()`` rather than ``torch.autograd.grad``.
         with saved_tensors_on_host() if self.cfg.checkpoint_on_host else nullcontext():
-            return torch.utils.checkpoint.checkpoint(
-                self._layer, x, mlp_tile, cu_seqlens, use_reentrant=True, preserve_rng_state=False
-            )
+            return _CheckpointedLayer.apply(functools.partial(self._layer, mlp_tile=mlp_tile, cu_seqlens=cu_seqlens), x)
+
+
+# Backward nodes that never read their forward's output (what a layer may end in).
+_OUTPUT_NOT_SAVED = ("AddBackward0", "_ChunkedMLPBackward")
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """A reentrant activation checkpoint of one layer (``torch.utils.checkpoint``'s reentrant
+    variant, with one difference): the forward runs ``run(x)`` without grad and saves only ``x``;
+    the backward recomputes with grad in the forward's autocast state and back-propagates. The
+    recomputed output is only the root of that backward: the layer ends in a residual add,
+    whose backward reads neither operand nor result, so the output's storage is released before
+    the backward runs instead of staying alive (one sequence-long tensor) until it ends; the
+    chunked MLP with its residual reads its output no more. (``torch.utils.checkpoint`` keeps it:
+    it cannot know what the last op saved.)"""
+
+    @staticmethod
+    def forward(ctx, run, x):
+        ctx.run = run
+        ctx.autocast = autocast_state(x.device)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        with torch.enable_grad(), restore_autocast(ctx.autocast, x.device):
+            y = ctx.run(x)
+        # Safe only when nothing saved y: a residual add's backward and the chunked MLP's read
+        # neither. y then points at dy's memory (same shape and dtype) and its own is freed.
+        if type(y.grad_fn).__name__ in _OUTPUT_NOT_SAVED and (y.shape, y.dtype) == (dy.shape, dy.dtype):
+            y.data = dy
+        torch.autograd.backward(y, dy)
+        return None, x.grad
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +293,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens).to(self.residual_dtype(tokens.device))  # [B, S/P, h]
         for block in self.blocks:
             x = block(x, mlp_tile, cu_seqlens)
-        x = self.norm(x)
+        x = self.norm(x, loss_tile)
         if labels is None:
             return F.linear(x, self.head_weight).float()  # [B, S/P, V]
         if loss_tile is None:

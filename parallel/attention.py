@@ -12,6 +12,7 @@ the strategy's layout (:meth:`AttentionStrategy.shard`): contiguous ``S/P`` slic
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
 from .distributed import SPGroup
 from .executor import Timeline
 from .fpdt import FPDTSpec, fpdt_attention_core
-from .host_store import HostStore, default_host_store
+from .host_store import HostStore, default_host_store, saved_tensors_on_host
 from .layout import check_cu_seqlens, check_layout, document_positions, local_positions, shard
 from .rotary import RotaryEmbedding, apply_rotary
 from .weights import AttentionWeights, project_out, project_qkv
@@ -167,7 +168,11 @@ def fpdt_attention(
         cu_seqlens=cu_seqlens,
     )
     o = fpdt_attention_core(x, w.wqkv, w.bqkv, spec)  # [B, S/P, H, d]
-    return project_out(o, w)
+    # With offload, what the output projection saves for its weight gradient (the sequence-long
+    # attention output) waits in host memory too, as the chunks do: the device keeps no
+    # sequence-long tensor of the block.
+    with saved_tensors_on_host(store) if offload else contextlib.nullcontext():
+        return project_out(o, w)
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,15 @@ def default_host_store() -> HostStore:
 
 
 # --- host-kept checkpoints -------------------------------------------------------------------
+def _is_parameter(t: torch.Tensor) -> bool:
+    """Model state rather than an activation: a leaf that requires grad. Saved tensors hooks see
+    the weights an op saves too; they stay where they are."""
+    return t.is_leaf and t.requires_grad
+
+
 def _pack_to_host(t: torch.Tensor):
+    if _is_parameter(t):
+        return t
     with host_allocation():
         return t.detach().clone()
 
@@ -215,7 +223,7 @@ class _HostCheckpoints:
         self._seq = itertools.count()
 
     def pack(self, t: torch.Tensor):
-        if t.device.type != self.device_type:
+        if t.device.type != self.device_type or _is_parameter(t):
             return t
         buf = self.store.acquire(t.shape, t.dtype)
         d2h = side_streams(t.device)[Stream.D2H]

@@ -10,15 +10,21 @@ out-of-memory handling and the maximum-sequence-length search work on a laptop.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import resource
 import sys
+import traceback
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .paths import REPO
 from .units import format_bytes
 
 
@@ -61,7 +67,7 @@ class MemoryTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, func)
         return out
 
     def track(self, tensors) -> None:
@@ -72,7 +78,7 @@ class MemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = dict(self.current)
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, func=None) -> None:
         if t.device.type != "cpu":
             return
         st = t.untyped_storage()
@@ -89,10 +95,13 @@ class MemoryTracker(TorchDispatchMode):
             return
         pool = "host" if (not self.simulate_device or self.on_host()) else "device"
         self._live[key] = (pool, nbytes)
+        self._allocated(key, t, nbytes, func)
         # PyTorch keeps one Python object per live storage, so this fires when it is freed.
         weakref.finalize(st, self._free, key)
         self.current[pool] += nbytes
-        self.peak[pool] = max(self.peak[pool], self.current[pool])
+        if self.current[pool] > self.peak[pool]:
+            self.peak[pool] = self.current[pool]
+            self._new_peak(pool)
         if pool == "device" and self.cap_bytes is not None and self.current[pool] > self.cap_bytes:
             raise SimulatedOutOfMemory(
                 f"simulated device out of memory: tried to hold {format_bytes(self.current[pool])} of live "
@@ -102,6 +111,87 @@ class MemoryTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         pool, nbytes = self._live.pop(key, ("device", 0))
         self.current[pool] -= nbytes
+
+    # Hooks for subclasses (RecordingMemoryTracker): a storage counted, a new peak of a pool.
+    def _allocated(self, key: int, t: torch.Tensor, nbytes: int, func) -> None:
+        pass
+
+    def _new_peak(self, pool: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One storage live at the peak: the op that made it, its first view's shape and dtype, its
+    bytes, where in this repository it was allocated (innermost frames first), and whether
+    autograd saved it for the backward."""
+
+    op: str
+    shape: tuple
+    dtype: str
+    nbytes: int
+    site: str
+    saved: bool = False
+
+
+def _site(depth: int = 3) -> str:
+    """The innermost ``depth`` frames of this repository's code on the stack (not this module)."""
+    frames = []
+    for f in reversed(traceback.extract_stack()):
+        path = Path(f.filename)
+        if path == Path(__file__) or not path.is_relative_to(REPO) or "tests" in path.parts:
+            continue
+        frames.append(f"{path.relative_to(REPO)}:{f.lineno} {f.name}")
+        if len(frames) == depth:
+            break
+    return " < ".join(frames) or "(outside the repository)"
+
+
+class RecordingMemoryTracker(MemoryTracker):
+    """A :class:`MemoryTracker` that also records where every storage was allocated and keeps the
+    device storages live at the device peak (``at_peak``: ``Allocation`` records). Storages autograd
+    saves for the backward are marked ``saved`` (through a ``saved_tensors_hooks`` pair that
+    passes tensors through; hooks installed inside, such as host checkpointing, take those they
+    see). Slower than the plain tracker (a stack walk per storage): for reports, not timings."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sites: dict[int, Allocation] = {}
+        self._saved: set[int] = set()
+        self.at_peak: list[Allocation] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._hooks.__exit__(*exc)
+        return out
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        with contextlib.suppress(RuntimeError):
+            self._saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    def _allocated(self, key, t, nbytes, func) -> None:
+        op = getattr(func, "__name__", str(func)) if func is not None else "(tracked)"
+        self._sites[key] = Allocation(op, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes, _site())
+
+    def _free(self, key: int) -> None:
+        super()._free(key)
+        self._sites.pop(key, None)
+        self._saved.discard(key)
+
+    def _new_peak(self, pool: str) -> None:
+        if pool != "device":
+            return
+        self.at_peak = [
+            dataclasses.replace(self._sites[k], saved=k in self._saved)
+            for k, (p, _) in self._live.items()
+            if p == "device" and k in self._sites
+        ]
 
 
 def peak_rss_bytes() -> int:
