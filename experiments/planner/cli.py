@@ -29,7 +29,7 @@ from ..core.paths import CONF_DIR
 from ..core.units import format_bytes
 from ..sweep.config import DType, HardwareConf, ModelSelect, Precision
 from ..training.precision import resolve_precision
-from .estimate import ATTENTION_EFFICIENCY, DENSE_EFFICIENCY, estimate
+from .estimate import estimate
 from .search import max_seq_len, recommend_chunk_tokens
 
 
@@ -57,8 +57,8 @@ class PlanConfig:
     residual_fp32: bool = False  # bf16-mixed: the residual stream and its checkpoints in fp32
     doc_len: int | None = None  # packed documents of this many tokens (attention inside each)
     max_device_memory: float | None = None  # GiB per GPU (required for hardware=cpu)
-    dense_efficiency: float = DENSE_EFFICIENCY
-    attention_efficiency: float = ATTENTION_EFFICIENCY
+    dense_efficiency: float | None = None  # None: the hardware preset's (fitted) value, else 0.70
+    attention_efficiency: float | None = None  # None: the preset's value, else 0.45
 
 
 hydra.core.config_store.ConfigStore.instance().store(name="plan_schema", node=PlanConfig)

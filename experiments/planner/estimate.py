@@ -34,10 +34,10 @@ from ..core.units import GIB
 from ..training.precision import resolve_precision
 from .model import Rates, Setup, attention_layer_seconds, memory, square_tokens, step_seconds
 
-# Achieved fraction of peak FLOP/s. Stated defaults, not measurements (no GPU run exists yet):
-# large bf16 GEMMs reach ~70% of the datasheet on A100/H100; FlashAttention-2 reaches ~40-50%
-# (~370 of 989 TFLOP/s forward on H100, less backward). On an H200 our Triton kernels measured
-# 316-453 TFLOP/s at S=16K, d=128 (experiments/results/bench_attention_nvidia_h200.csv).
+# Achieved fraction of peak FLOP/s where the hardware preset states none: large bf16 GEMMs reach
+# ~70% of the datasheet on A100/H100; FlashAttention-2 reaches ~40-50% (~370 of 989 TFLOP/s
+# forward on H100, less backward). Presets may carry fitted values (conf/hardware/h200.yaml:
+# fitted to the llama3.2-1b step times measured on an H200, see fit_efficiencies).
 DENSE_EFFICIENCY = 0.70
 ATTENTION_EFFICIENCY = 0.45
 # Fraction of link bandwidth an all-to-all or FSDP collective achieves (NCCL, large messages).
@@ -115,6 +115,8 @@ def _hardware(name: str, max_device_memory: float | None, peak_tflops: float | N
         "peak_tflops": peak_tflops or hw.get("peak_tflops") or cpu_peak_tflops()[0],
         "pcie_gbps": hw.get("pcie_gbps") or CPU_COPY_GBPS,
         "nvlink_gbps": hw.get("nvlink_gbps") or CPU_COPY_GBPS,
+        "dense_efficiency": hw.get("dense_efficiency") or DENSE_EFFICIENCY,
+        "attention_efficiency": hw.get("attention_efficiency") or ATTENTION_EFFICIENCY,
     }
 
 
@@ -232,8 +234,8 @@ def estimate(
     n_layers: int | None = None,
     max_device_memory: float | None = None,
     peak_tflops: float | None = None,
-    dense_efficiency: float = DENSE_EFFICIENCY,
-    attention_efficiency: float = ATTENTION_EFFICIENCY,
+    dense_efficiency: float | None = None,
+    attention_efficiency: float | None = None,
     checkpoint_offload: bool | None = None,
     precision: str = "auto",
     sp: int | None = None,
@@ -282,7 +284,7 @@ def estimate(
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
-    rates = _rates(st, hw, dense_efficiency, attention_efficiency)
+    rates = _rates(st, hw, dense_efficiency or hw["dense_efficiency"], attention_efficiency or hw["attention_efficiency"])
     time = step_seconds(st, rates)
     overhead = 0.0
     if st.strategy == "fpdt" and st.offload:
@@ -351,3 +353,31 @@ def estimate_row(row: dict, **overrides) -> Estimate:
     )
     kwargs.update(overrides)
     return estimate(row["model"], row["strategy"], int(row["gpus"]), hardware, int(row["seq_len"]), **kwargs)
+
+
+def fit_efficiencies(rows: list[dict]) -> tuple[float, float, list[float]]:
+    """The ``(dense, attention)`` efficiencies that best predict the step times of measured rows
+    (``results.csv`` rows with ``status=ok``), and each row's relative error with them.
+
+    A row's predicted time is ``compute / dense + attention / attn + exposed transfers``, the first
+    two at 100% efficiency; the fit minimises the squared relative errors (so long and short steps
+    weigh the same). What it fits is everything the model leaves out of the two rates: kernel
+    efficiency, launch and Python overheads, the FPDT pipeline's bubbles.
+    """
+    import numpy as np
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if len(ok) < 2:
+        raise ValueError(f"fitting two efficiencies needs at least 2 rows with status=ok, got {len(ok)}")
+    measured = np.array([float(r["step_time_s"]) for r in ok])
+    dense, attention = DENSE_EFFICIENCY, ATTENTION_EFFICIENCY
+    # The transfers the model exposes depend on how long the compute takes: refit at the fitted
+    # rates until they settle.
+    for _ in range(8):
+        parts = [estimate_row(r, dense_efficiency=dense, attention_efficiency=attention).step_parts for r in ok]
+        fixed = np.array([sum(v for k, v in p.items() if k not in ("compute", "attention")) for p in parts])
+        full = np.array([[p["compute"] * dense, p["attention"] * attention] for p in parts])  # at 100%
+        inv = np.linalg.lstsq(full / measured[:, None], 1.0 - fixed / measured, rcond=None)[0]
+        dense, attention = 1.0 / inv[0], 1.0 / inv[1]
+    predicted = full @ inv + fixed
+    return float(dense), float(attention), [float(e) for e in predicted / measured - 1.0]

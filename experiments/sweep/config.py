@@ -57,6 +57,8 @@ class HardwareConf:
     pcie_gbps: float | None = None  # effective host<->device GB/s per GPU
     nvlink_gbps: float | None = None  # per GPU per direction
     source: str = ""  # where the numbers come from
+    dense_efficiency: float | None = None  # planner: achieved fraction of peak for matmuls (fitted)
+    attention_efficiency: float | None = None  # planner: the same for attention
 
 
 @dataclass
