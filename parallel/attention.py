@@ -171,7 +171,7 @@ def fpdt_attention(
     # With offload, what the output projection saves for its weight gradient (the sequence-long
     # attention output) waits in host memory too, as the chunks do: the device keeps no
     # sequence-long tensor of the block.
-    with saved_tensors_on_host(store) if offload else contextlib.nullcontext():
+    with saved_tensors_on_host(store, only=o) if offload else contextlib.nullcontext():
         return project_out(o, w)
 
 

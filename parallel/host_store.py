@@ -174,17 +174,13 @@ def default_host_store() -> HostStore:
 
 
 # --- host-kept checkpoints -------------------------------------------------------------------
-def _is_parameter(t: torch.Tensor) -> bool:
-    """Model state rather than an activation: a leaf that requires grad. Saved tensors hooks see
-    the weights an op saves too; they stay where they are."""
-    return t.is_leaf and t.requires_grad
-
-
 def _pack_to_host(t: torch.Tensor):
-    if _is_parameter(t):
-        return t
     with host_allocation():
         return t.detach().clone()
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _unpack_from_host(t: torch.Tensor) -> torch.Tensor:
@@ -223,7 +219,7 @@ class _HostCheckpoints:
         self._seq = itertools.count()
 
     def pack(self, t: torch.Tensor):
-        if t.device.type != self.device_type or _is_parameter(t):
+        if t.device.type != self.device_type:
             return t
         buf = self.store.acquire(t.shape, t.dtype)
         d2h = side_streams(t.device)[Stream.D2H]
@@ -283,7 +279,7 @@ _hooks: weakref.WeakKeyDictionary[HostStore, _HostCheckpoints] = weakref.WeakKey
 
 
 @contextlib.contextmanager
-def saved_tensors_on_host(store: HostStore | None = None):
+def saved_tensors_on_host(store: HostStore | None = None, only: torch.Tensor | None = None):
     """Keep the tensors autograd saves inside this block in host memory until the backward.
 
     On CUDA they go to ``store`` (default: :func:`default_host_store`) through
@@ -291,15 +287,20 @@ def saved_tensors_on_host(store: HostStore | None = None):
     and the next checkpoint prefetched while the backward of the current one runs. On a CPU-only
     run the same data movement is simulated: each saved tensor is copied into a host-marked buffer
     (see :func:`host_allocation`) and copied back when the backward needs it, so memory
-    accounting sees what a GPU run would hold on the device and on the host.
+    accounting sees what a GPU run would hold on the device and on the host. ``only``: move just
+    the saved tensors that share its storage (e.g. an activation), leaving the rest (the weights
+    an op saves with it) where they are.
     """
     if not torch.cuda.is_available():
-        with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_from_host):
-            yield
-        return
-    store = store or default_host_store()
-    if store not in _hooks:
-        _hooks[store] = _HostCheckpoints(store)
-    hooks = _hooks[store]
-    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        pack, unpack = _pack_to_host, _unpack_from_host
+    else:
+        store = store or default_host_store()
+        if store not in _hooks:
+            _hooks[store] = _HostCheckpoints(store)
+        pack, unpack = _hooks[store].pack, _hooks[store].unpack
+    if only is not None:  # the others pass through both hooks untouched
+        target, moved_pack, moved_unpack = _storage(only), pack, unpack
+        pack = lambda t: (True, moved_pack(t)) if _storage(t) == target else (False, t)  # noqa: E731
+        unpack = lambda p: moved_unpack(p[1]) if p[0] else p[1]  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

@@ -91,3 +91,22 @@ def test_dropped_graph_returns_buffers():
     assert store.bytes_in_use > 0
     del y  # graph freed without a backward
     assert store.bytes_in_use == 0
+
+
+def test_saved_tensors_on_host_only_moves_the_named_activation(monkeypatch):
+    """``only=o``: the activation an op saves goes to the host, the weight it saves beside it does
+    not (it is model state, already on the device), and the gradients are unchanged."""
+    import parallel.host_store as hs
+
+    moved = []
+    real = hs._pack_to_host
+    monkeypatch.setattr(hs, "_pack_to_host", lambda t: moved.append(tuple(t.shape)) or real(t))
+    o = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(3, 4, requires_grad=True)
+    with hs.saved_tensors_on_host(only=o):
+        y = torch.nn.functional.linear(o, w)
+    y.square().sum().backward()
+    assert moved == [(6, 4)]
+    o2, w2 = o.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.nn.functional.linear(o2, w2).square().sum().backward()
+    assert torch.equal(o.grad, o2.grad) and torch.equal(w.grad, w2.grad)
