@@ -284,7 +284,8 @@ def estimate(
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
-    rates = _rates(st, hw, dense_efficiency or hw["dense_efficiency"], attention_efficiency or hw["attention_efficiency"])
+    dense, attention = dense_efficiency or hw["dense_efficiency"], attention_efficiency or hw["attention_efficiency"]
+    rates = _rates(st, hw, dense, attention)
     time = step_seconds(st, rates)
     overhead = 0.0
     if st.strategy == "fpdt" and st.offload:

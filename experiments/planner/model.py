@@ -43,6 +43,14 @@ LOSS_LIVE = 3
 # norm1's output (the attention input), the residual gradient and the layer-output gradient, plus
 # the attention output's gradient [s, H, d] and RMSNorm's saved normalised input of norm1.
 HIDDEN_LIVE_ATTENTION = 3
+# The chunked recipe with RMSNorm (models.chunked: tiled norms, norm2 + MLP + residual in the MLP's
+# tiles, the donated output gradient, the checkpoint's output released): 3 [s, h] tensors at the
+# MLP backward besides the checkpoint and 2 at the attention backward, plus 6 fp32 [tile, h]
+# temporaries of the norm inside each MLP tile. Fitted to the CPU calibration rows
+# (tests/fixtures/plan_calibration: every llama-tiny fpdt row within 5%), as the counts above were.
+TILED_HIDDEN_LIVE = 3
+TILED_HIDDEN_LIVE_ATTENTION = 2
+NORM_TILE_LIVE = 6
 
 
 @dataclass(frozen=True)
@@ -263,19 +271,27 @@ def memory(st: Setup) -> Memory:
         ckpt = R if st.checkpoint_on_host else L * R
     else:
         ckpt = 0
-    hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
+    tiled = st.chunked_mlp and cfg.norm == "rmsnorm"
+    if tiled:
+        hidden = TILED_HIDDEN_LIVE * A + attn_out + norms
+    else:
+        hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
     # Without checkpointing the other L-1 layers keep what their backward needs.
     layers_saved = 0 if st.activation_checkpointing else (L - 1) * (hidden + _mlp_saved(st) + _attn_kept(st))
 
     if st.chunked_mlp:
         mlp = MLP_TILE_LIVE[cfg.activation] * st.mlp_tile * f * FP32 + st.mlp_tile * h * b
+        mlp += NORM_TILE_LIVE * st.mlp_tile * h * FP32 if tiled else 0
     else:
         mlp = MLP_LIVE[cfg.activation] * s * f * b
     attn_saved = 0 if st.strategy == "fpdt" else _attn_saved(st)
     mlp_phase = ckpt + hidden + attn_saved + mlp
 
     attn_work = _attn_backward_working_set(st)
-    hidden_attn = (HIDDEN_LIVE_ATTENTION + (RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
+    if tiled:
+        hidden_attn = TILED_HIDDEN_LIVE_ATTENTION * A + attn_out + norms
+    else:
+        hidden_attn = (HIDDEN_LIVE_ATTENTION + (RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
     attn_phase = ckpt + hidden_attn + attn_work
 
     if st.chunked_loss:
@@ -365,8 +381,10 @@ def _host(st: Setup) -> dict[str, int]:
         per_chunk = (C // P) * cfg.hidden * b + sz["q"] + sz["kv"] + o
         grads = (u - 1) * (sz["do"] + sz["dq"]) + (sz["dq"] if u > 2 else 0)
         # With checkpointing one layer's chunks at a time; without, every layer's forward saves.
+        # The output projection's input (the attention output [s, H, d]) waits on the host too.
         layers = 1 if st.activation_checkpointing else cfg.n_layers
-        host["offload store"] = layers * u * per_chunk + grads
+        projection_input = st.s * cfg.n_heads * cfg.head_dim * b
+        host["offload store"] = layers * (u * per_chunk + projection_input) + grads
     return host
 
 
