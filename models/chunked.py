@@ -51,14 +51,6 @@ def _mlp_act(a, u, activation):
     return _gelu_and_grad(a.float())[0].to(a.dtype)
 
 
-def _normed(xt: torch.Tensor, norm_w: torch.Tensor | None, eps: float):
-    """A tile's MLP input: ``xt``, or with ``norm_w`` its RMSNorm (and the fp32 ``x/rms``, ``1/rms``)."""
-    if norm_w is None:
-        return xt, None, None
-    xhat, rstd = _rms_stats(xt, eps)
-    return (xhat * norm_w.float()).to(xt.dtype), xhat, rstd
-
-
 class _ChunkedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w3, w2, b2, norm_w, eps, activation, tile, residual, donate_grad):
@@ -134,11 +126,7 @@ class _ChunkedMLP(torch.autograd.Function):
                 if du is not None:
                     dxt = dxt + du @ w3
                 if norm_w is not None:  # through the norm: the gradient of its input
-                    g = dxt.float()
-                    if dnw is not None:
-                        dnw += (g * xhat).sum(0)
-                    gw = g * norm_w.float()
-                    dxt = (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
+                    dxt = _rms_backward(dxt, xhat, rstd, norm_w, dnw, x.dtype)
                 if dx is not None:
                     dx[t] = dxt + dyt if ctx.residual else dxt
 
@@ -213,6 +201,25 @@ def _rms_stats(xt: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     return xf * rstd, rstd
 
 
+def _normed(xt: torch.Tensor, norm_w: torch.Tensor | None, eps: float):
+    """A tile's RMSNorm in its dtype (statistics in fp32), with the fp32 ``x/rms`` and ``1/rms``
+    its backward needs; without ``norm_w``, the tile itself."""
+    if norm_w is None:
+        return xt, None, None
+    xhat, rstd = _rms_stats(xt, eps)
+    return (xhat * norm_w.float()).to(xt.dtype), xhat, rstd
+
+
+def _rms_backward(dy: torch.Tensor, xhat, rstd, norm_w: torch.Tensor, dw: torch.Tensor | None, dtype) -> torch.Tensor:
+    """One tile of RMSNorm's backward: the input gradient, in ``dtype``; adds the weight's gradient
+    into the fp32 ``dw`` when given."""
+    g = dy.float()
+    if dw is not None:
+        dw += (g * xhat).sum(0)
+    gw = g * norm_w.float()
+    return (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(dtype)
+
+
 class _TiledRMSNorm(torch.autograd.Function):
     """RMSNorm that saves only its input: the backward recomputes the statistics per tile, so the
     normalised input (which autograd's RMSNorm keeps) and the backward's fp32 temporaries exist
@@ -226,9 +233,8 @@ class _TiledRMSNorm(torch.autograd.Function):
         # the whole input for PyTorch's own RMSNorm).
         out = x.new_empty(x.shape)
         x2, y = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-        wf = weight.float()
         for t in _tiles(x2.shape[0], tile):
-            y[t] = _rms_stats(x2[t], eps)[0] * wf
+            y[t] = _normed(x2[t], weight, eps)[0]
         return out
 
     @staticmethod
@@ -237,15 +243,11 @@ class _TiledRMSNorm(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
         dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        wf = weight.float()
         for t in _tiles(x2.shape[0], ctx.tile):
             xhat, rstd = _rms_stats(x2[t], ctx.eps)
-            g = dy2[t].float()
-            if dw is not None:
-                dw += (g * xhat).sum(0)
+            dxt = _rms_backward(dy2[t], xhat, rstd, weight, dw, x.dtype)
             if dx is not None:
-                gw = g * wf
-                dx[t] = (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
+                dx[t] = dxt
         return (
             None if dx is None else dx.reshape(x.shape),
             None if dw is None else dw.to(weight.dtype),
