@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import accumulator_dtype
+from .naive import merge_attention
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -89,8 +89,6 @@ def block_forward(q, k, v, q_start, k_start, causal, scale):
 
 def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate) -> None:
     """Write (or with ``accumulate`` merge) one block into the fp32 ``out``/``lse``."""
-    from .naive import merge_attention
-
     res = block_forward(q, k, v, q_start, k_start, causal, scale)
     if res is None:
         if not accumulate:
@@ -115,7 +113,7 @@ def block_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale):
     groups = H // Hkv
     seed = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is 0: never read
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        _bhsd(do.contiguous() if do.stride(-1) != 1 else do),
+        _bhsd(do),  # the API made it contiguous along d, as cuDNN needs
         _bhsd(q),
         _bhsd(k, groups),
         _bhsd(v, groups),
@@ -157,6 +155,5 @@ def flash_backward(do, q, k, v, out, lse, causal, scale):
     """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype."""
     grads = block_backward(do, q, k, v, out, lse, k.shape[1] - q.shape[1], 0, causal, scale)
     if grads is None:
-        acc = accumulator_dtype(q.dtype)
-        return tuple(torch.zeros(t.shape, dtype=acc, device=t.device).to(t.dtype) for t in (q, k, v))
+        return tuple(torch.zeros_like(t) for t in (q, k, v))
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))

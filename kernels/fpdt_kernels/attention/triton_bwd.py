@@ -778,10 +778,10 @@ def _vector_aligned(g: torch.Tensor, dp: int) -> torch.Tensor:
 
 
 def chunk_backward(
-    do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans=None, deterministic=False
+    do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans=None, deterministic=True
 ):
-    """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``: by the fused
-    kernel, or with ``deterministic`` by the split ones (``flash_backward`` says which when)."""
+    """Accumulate one block's gradients into the fp32 buffers ``dq``, ``dk``, ``dv``: by the split
+    kernels, or without ``deterministic`` by the fused one (``flash_backward`` says which when)."""
     if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return
     from .triton_fwd import pad_inputs
@@ -798,7 +798,7 @@ def chunk_backward(
             g.add_(w[..., :D])
 
 
-def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None, deterministic=False):
+def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None, deterministic=True):
     """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype. ``q, k, v`` as
     ``pad_inputs`` left them; the gradients are written at that padded width and returned as
     views of the true one (per-element stores of a d=111 row spilled dK/dV by 0.3 KB on sm_90).
@@ -819,8 +819,10 @@ def flash_backward(do, q, k, v, out, lse, q_start, causal, scale, spans=None, de
     B, Sq, H, D = out.shape
     Sk, Hkv, DP = k.shape[1], k.shape[2], k.shape[3]
     fused = not deterministic
-    dq = torch.zeros(B, Sq, H, DP, dtype=torch.float32, device=q.device) if fused else None
-    dq = torch.empty(B, Sq, H, DP, dtype=q.dtype, device=q.device) if dq is None else dq
+    if fused:  # the atomics add into fp32 zeros
+        dq = torch.zeros(B, Sq, H, DP, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty(B, Sq, H, DP, dtype=q.dtype, device=q.device)
     if H > Hkv:
         dk = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
         dv = torch.zeros(B, Sk, Hkv, DP, dtype=torch.float32, device=q.device)
