@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models import get_config
+
 from ..core.memory import Allocation, RecordingMemoryTracker
 from ..core.units import format_bytes
 
@@ -119,7 +121,7 @@ def report(args) -> dict:
         totals[n], peaks[n] = peak_allocations(point)
         print(f"S={n}: chunks={point['chunks']}, device peak {format_bytes(totals[n])}", flush=True)
     lens = sorted(peaks)
-    hidden = __import__("models").get_config(args.model).hidden
+    hidden = get_config(args.model).hidden
     slope = (totals[lens[-1]] - totals[lens[0]]) / (lens[-1] - lens[0])
     bound = slope_bound(hidden)
     rows = growth(peaks)

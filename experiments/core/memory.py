@@ -158,7 +158,7 @@ class RecordingMemoryTracker(MemoryTracker):
         super().__init__(*args, **kwargs)
         self._sites: dict[int, Allocation] = {}
         self._saved: set[int] = set()
-        self.at_peak: list[Allocation] = []
+        self._peak: list[tuple[Allocation, bool]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def __enter__(self):
@@ -185,13 +185,14 @@ class RecordingMemoryTracker(MemoryTracker):
         self._saved.discard(key)
 
     def _new_peak(self, pool: str) -> None:
-        if pool != "device":
-            return
-        self.at_peak = [
-            dataclasses.replace(self._sites[k], saved=k in self._saved)
-            for k, (p, _) in self._live.items()
-            if p == "device" and k in self._sites
-        ]
+        # Every new peak replaces the last: keep references only, build the records once, at the end.
+        if pool == "device":
+            self._peak = [(self._sites[k], k in self._saved) for k, (p, _) in self._live.items() if p == "device"]
+
+    @property
+    def at_peak(self) -> list[Allocation]:
+        """The device storages live at the device peak."""
+        return [dataclasses.replace(a, saved=saved) for a, saved in self._peak]
 
 
 def peak_rss_bytes() -> int:
