@@ -271,11 +271,14 @@ def memory(st: Setup) -> Memory:
         ckpt = R if st.checkpoint_on_host else L * R
     else:
         ckpt = 0
+    # [s, h] tensors live at the MLP and at the attention backward, by recipe.
     tiled = st.chunked_mlp and cfg.norm == "rmsnorm"
     if tiled:
-        hidden = TILED_HIDDEN_LIVE * A + attn_out + norms
+        live, live_attention = TILED_HIDDEN_LIVE, TILED_HIDDEN_LIVE_ATTENTION
     else:
-        hidden = (HIDDEN_LIVE + (2 * RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
+        extra = RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0
+        live, live_attention = HIDDEN_LIVE + 2 * extra, HIDDEN_LIVE_ATTENTION + extra
+    hidden = live * A + attn_out + norms
     # Without checkpointing the other L-1 layers keep what their backward needs.
     layers_saved = 0 if st.activation_checkpointing else (L - 1) * (hidden + _mlp_saved(st) + _attn_kept(st))
 
@@ -288,10 +291,7 @@ def memory(st: Setup) -> Memory:
     mlp_phase = ckpt + hidden + attn_saved + mlp
 
     attn_work = _attn_backward_working_set(st)
-    if tiled:
-        hidden_attn = TILED_HIDDEN_LIVE_ATTENTION * A + attn_out + norms
-    else:
-        hidden_attn = (HIDDEN_LIVE_ATTENTION + (RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0)) * A + attn_out + norms
+    hidden_attn = live_attention * A + attn_out + norms
     attn_phase = ckpt + hidden_attn + attn_work
 
     if st.chunked_loss:
