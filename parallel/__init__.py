@@ -1,11 +1,13 @@
-"""Sequence parallelism: Ulysses all-to-alls and the FPDT chunk pipeline with host offload.
+"""Sequence parallelism: Ulysses all-to-alls, the FPDT chunk pipeline with host offload, ring
+attention and Ulysses x ring (USP), each a registered strategy (:mod:`parallel.strategies`).
 
 Public API::
 
     from parallel import (
         init_distributed, init_mesh, SPGroup, Mesh,                 # process groups
         AttentionWeights, RotaryEmbedding, AttentionStrategy,       # blocks
-        local_attention, ulysses_attention, fpdt_attention,
+        local_attention, ulysses_attention, fpdt_attention, ring_attention, usp_attention,
+        Strategy, register, get_strategy, strategy_names,           # the registry
         HostStore, Timeline, forward_schedule, backward_schedule, check_schedule,
         parallelize, shard_batch,                                   # apply to a model
     )
@@ -35,6 +37,7 @@ from .layout import (
     unshard,
 )
 from .parallelize import parallelize, shard_batch
+from .ring import ring_attention, ring_permutation, split_sp_group, usp_attention
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward
 from .schedule import (
     Kind,
@@ -47,11 +50,21 @@ from .schedule import (
     document_pairs,
     forward_schedule,
 )
+from .strategies import Strategy, get_strategy, register, strategy_names, unregister
 from .weights import AttentionWeights
 
 __all__ = [
     "STRATEGIES",
     "AttentionStrategy",
+    "Strategy",
+    "get_strategy",
+    "register",
+    "ring_attention",
+    "ring_permutation",
+    "split_sp_group",
+    "strategy_names",
+    "unregister",
+    "usp_attention",
     "AttentionWeights",
     "HostStore",
     "Kind",

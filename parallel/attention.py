@@ -1,10 +1,11 @@
-"""Attention blocks: ``local`` (the oracle), ``ulysses`` and ``fpdt``, over the same weights.
+"""How a model's attention runs: :class:`AttentionStrategy`, a registered strategy (see
+:mod:`parallel.strategies`) plus its settings and process groups.
 
-Each block maps this rank's hidden states ``[B, S/P, h]`` to ``[B, S/P, h]`` (``local``: the
-whole ``[B, S, h]``) using :class:`~parallel.weights.AttentionWeights` and an optional
-:class:`~parallel.rotary.RotaryEmbedding` applied at global positions ``0..S-1``. Tokens are in
-the strategy's layout (:meth:`AttentionStrategy.shard`): contiguous ``S/P`` slices for
-``ulysses``, the FPDT permutation for ``fpdt``.
+Each strategy's block maps this rank's hidden states ``[B, S/P, h]`` to ``[B, S/P, h]``
+(``local``: the whole ``[B, S, h]``) using :class:`~parallel.weights.AttentionWeights` and an
+optional :class:`~parallel.rotary.RotaryEmbedding` applied at global positions ``0..S-1``. Tokens
+are in the strategy's layout (:meth:`AttentionStrategy.shard`): contiguous ``S/P`` slices for
+``ulysses``, the FPDT permutation for ``fpdt``, the zigzag for ``ring`` and ``usp``.
 
     strategy = AttentionStrategy("fpdt", group, chunks=4, offload=True)
     y_local = strategy(strategy.shard(x_full), weights, rope)    # this rank's part
@@ -12,175 +13,58 @@ the strategy's layout (:meth:`AttentionStrategy.shard`): contiguous ``S/P`` slic
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-import fpdt_kernels
-
-from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
 from .distributed import SPGroup
-from .executor import Timeline
-from .fpdt import FPDTSpec, fpdt_attention_core
-from .host_store import HostStore, default_host_store, saved_tensors_on_host
-from .layout import check_cu_seqlens, check_layout, document_positions, local_positions, shard
-from .rotary import RotaryEmbedding, apply_rotary
-from .weights import AttentionWeights, project_out, project_qkv
+from .host_store import HostStore
+from .rotary import RotaryEmbedding
+from .strategies import fpdt_attention, get_strategy, local_attention, strategy_names, ulysses_attention
+from .strategies.base import Strategy
+from .weights import AttentionWeights
 
-STRATEGIES = ("local", "ulysses", "fpdt")
+# The strategies registered when the package was imported (``strategies.strategy_names()`` is live).
+STRATEGIES = strategy_names()
+
+__all__ = [
+    "STRATEGIES",
+    "AttentionStrategy",
+    "check_setup",
+    "check_strategy",
+    "fpdt_attention",
+    "local_attention",
+    "ulysses_attention",
+]
 
 
 def check_strategy(kind: str, world: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``kind`` names a strategy that runs on ``world`` ranks
-    (``None``: check the name only).
-
-    ``local`` is the single-process oracle: it runs on exactly one rank.
-    """
-    if kind not in STRATEGIES:
-        raise ValueError(f"unknown strategy {kind!r}; use one of {STRATEGIES}")
-    if kind == "local" and world not in (None, 1):
-        raise ValueError(f"strategy 'local' runs in one process; got {world} ranks (use ulysses or fpdt)")
+    """Raise ``ValueError`` unless ``kind`` names a registered strategy that runs on ``world``
+    ranks (``None``: check the name only). ``local`` is the single-process oracle."""
+    get_strategy(kind).check_ranks(world)
 
 
-def check_setup(kind: str, seq_len: int, world: int, chunks: int, n_heads: int, n_kv_heads: int) -> None:
+def check_setup(kind: str, seq_len: int, world: int, chunks: int, n_heads: int, n_kv_heads: int,
+                ulysses_degree: int | None = None) -> None:  # fmt: skip
     """Every check a strategy makes before it runs, in the order a user should fix them: the
-    strategy itself, the head split over ``world`` ranks, then the token layout (``seq_len`` in
-    ``world * chunks`` equal pieces; ``chunks`` counts only for ``fpdt``)."""
-    check_strategy(kind, world)
-    check_heads(n_heads, n_kv_heads, world)
-    check_layout(seq_len, world, chunks if kind == "fpdt" else 1)
-
-
-def _rotate(q, k, rope: RotaryEmbedding | None, cu_seqlens: torch.Tensor | None = None):
-    """RoPE on the whole sequence ``[B, S, heads, d]``: at positions ``0..S-1``, or, for packed
-    documents, at each token's position inside its document."""
-    if rope is None:
-        return q, k
-    B, S = q.shape[:2]
-    if cu_seqlens is None:
-        cos, sin = rope.span(0, S, device=q.device)
-    else:
-        cos, sin = rope.tables(document_positions(cu_seqlens, B, S))
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-
-def _attend(q, k, v, causal: bool, softmax_scale: float | None, cu_seqlens: torch.Tensor | None):
-    """Attention over the whole sequence ``[B, S, heads, d]``; with packed documents (offsets over
-    the flattened ``[B * S]`` tokens) each token attends inside its own document only."""
-    if cu_seqlens is None:
-        return fpdt_kernels.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    B, S = q.shape[:2]
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B * S, heads, d]
-    o = fpdt_kernels.flash_attention_varlen(*flat, cu_seqlens, cu_seqlens, longest, longest, causal=causal,
-                                       softmax_scale=softmax_scale)  # fmt: skip
-    return o.view(B, S, *o.shape[1:])
-
-
-def local_attention(
-    x: torch.Tensor,
-    w: AttentionWeights,
-    rope: RotaryEmbedding | None = None,
-    *,
-    causal: bool = True,
-    softmax_scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Single-process attention block over the whole sequence: ``[B, S, h] -> [B, S, h]``.
-
-    ``cu_seqlens``: packed documents (int32 offsets over the flattened ``[B * S]`` tokens, every
-    row boundary a document boundary): attention inside each document, RoPE restarting at each.
-    """
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
-    q, k, v = project_qkv(x, w)
-    q, k = _rotate(q, k, rope, cu_seqlens)
-    o = _attend(q, k, v, causal, softmax_scale, cu_seqlens)
-    return project_out(o, w)
-
-
-def ulysses_attention(
-    x: torch.Tensor,
-    w: AttentionWeights,
-    rope: RotaryEmbedding | None = None,
-    *,
-    group: SPGroup,
-    causal: bool = True,
-    softmax_scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """DeepSpeed-Ulysses block: ``[B, S/P, h]`` (contiguous slice ``rank``) -> ``[B, S/P, h]``.
-
-    ``cu_seqlens``: the packed documents of the whole ``[B, S]`` sequence (see :func:`local_attention`).
-    """
-    check_heads(w.n_heads, w.n_kv_heads, group.size)
-    check_layout(x.shape[1] * group.size, group.size, 1)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1] * group.size)
-    q, k, v = project_qkv(x, w)  # [B, S/P, H, d]
-    q = seq_to_head(q, group)  # -> [B, S, H/P, d]
-    k, v = kv_seq_to_head(k, group), kv_seq_to_head(v, group)  # -> [B, S, Hkv', d]
-    q, k = _rotate(q, k, rope, cu_seqlens)
-    o = _attend(q, k, v, causal, softmax_scale, cu_seqlens)
-    return project_out(head_to_seq(o, group), w)  # [B, S, H/P, d] -> [B, S/P, H, d] -> [B, S/P, h]
-
-
-def fpdt_attention(
-    x: torch.Tensor,
-    w: AttentionWeights,
-    rope: RotaryEmbedding | None = None,
-    *,
-    group: SPGroup,
-    chunks: int,
-    causal: bool = True,
-    offload: bool = True,
-    softmax_scale: float | None = None,
-    store: HostStore | None = None,
-    timeline: Timeline | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """FPDT block: ``[B, S/P, h]`` in the FPDT layout (``chunks`` chunks) -> ``[B, S/P, h]``.
-
-    ``offload``: keep saved chunks in the host store (``store``, default the process-wide one);
-    ``timeline``: record every op's start/end; ``cu_seqlens``: the packed documents of the whole
-    ``[B, S]`` sequence (see :func:`local_attention`): the schedules then omit every chunk block
-    whose chunks share no document.
-    """
-    check_heads(w.n_heads, w.n_kv_heads, group.size)
-    check_layout(x.shape[1] * group.size, group.size, chunks)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1] * group.size)
-    if offload and store is None:
-        store = default_host_store()
-    spec = FPDTSpec(
-        group=group,
-        chunks=chunks,
-        n_heads=w.n_heads,
-        n_kv_heads=w.n_kv_heads,
-        head_dim=w.head_dim,
-        causal=causal,
-        offload=offload,
-        rope=rope,
-        softmax_scale=softmax_scale,
-        store=store,
-        timeline=timeline,
-        cu_seqlens=cu_seqlens,
-    )
-    o = fpdt_attention_core(x, w.wqkv, w.bqkv, spec)  # [B, S/P, H, d]
-    # With offload, what the output projection saves for its weight gradient (the sequence-long
-    # attention output) waits in host memory too, as the chunks do: the device keeps no
-    # sequence-long tensor of the block.
-    with saved_tensors_on_host(store, only=o) if offload else contextlib.nullcontext():
-        return project_out(o, w)
+    strategy itself, the head split over its all-to-all ranks, then the token layout (``seq_len``
+    in equal pieces for every rank and, for a strategy that takes them, every chunk)."""
+    spec = get_strategy(kind)
+    spec.check(seq_len, world, chunks if spec.takes_chunks else 1, n_heads, n_kv_heads, ulysses_degree)
 
 
 @dataclass(frozen=True)
 class AttentionStrategy:
-    """How a model's attention runs: ``kind`` in ``local | ulysses | fpdt`` plus its settings.
+    """How a model's attention runs: ``kind`` (a registered strategy's name) plus its settings.
 
-    Call it as ``strategy(x, weights, rope)``; ``shard``/``positions`` give the token layout the
-    rest of the model (embeddings, labels, positions) must use.
+    ``chunks`` and ``offload`` count for a strategy that takes chunks (``fpdt``);
+    ``ulysses_degree`` for ``usp``. Call it as ``strategy(x, weights, rope)``; ``shard``/``positions``
+    give the token layout the rest of the model (embeddings, labels, positions) must use.
+
+    ``subgroups``: the process groups a strategy needs besides ``group`` (``usp``: its Ulysses and
+    ring groups), as :func:`parallel.parallelize` takes them from the mesh. Left empty, they are
+    created at the first call, on every rank of ``group``, which must then be the whole world
+    (``torch.distributed.new_group`` is collective over the world).
     """
 
     kind: str = "local"
@@ -190,27 +74,63 @@ class AttentionStrategy:
     causal: bool = True
     softmax_scale: float | None = None
     store: HostStore | None = None
+    ulysses_degree: int | None = None
+    subgroups: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
-        check_strategy(self.kind, self.group.size)
-        if self.chunks < 1 or (self.kind != "fpdt" and self.chunks != 1):
-            raise ValueError(f"chunks={self.chunks}: only 'fpdt' takes chunks > 1 (and chunks >= 1)")
+        spec = self.spec
+        spec.check_ranks(self.group.size)
+        if self.chunks < 1 or (not spec.takes_chunks and self.chunks != 1):
+            takers = " or ".join(repr(n) for n in strategy_names() if get_strategy(n).takes_chunks)
+            raise ValueError(f"chunks={self.chunks}: only {takers} takes chunks > 1 (and chunks >= 1)")
+        if self.ulysses_degree is not None and not spec.uses_ulysses_degree:
+            raise ValueError(f"ulysses_degree={self.ulysses_degree} is for usp, not {self.kind!r}")
+        if spec.uses_ulysses_degree:
+            if self.ulysses_degree is None:
+                raise ValueError(f"{self.kind!r} needs ulysses_degree (parallel.parallelize and shard_batch resolve "
+                                 "the default from the model's heads)")  # fmt: skip
+            spec.head_degree(self.group.size, self.ulysses_degree, 1, 1)  # U must divide the group
+
+    def process_groups(self) -> tuple:
+        """The strategy's own process groups (see ``subgroups``), created once when first needed."""
+        if not self.subgroups:
+            groups = self.spec.subgroups(self.group, self.ulysses_degree)
+            object.__setattr__(self, "subgroups", groups)  # a cache: frozen for the settings, not for this
+        return self.subgroups
+
+    @property
+    def spec(self) -> Strategy:
+        """The registered strategy."""
+        return get_strategy(self.kind)
 
     @property
     def layout_chunks(self) -> int:
-        return self.chunks if self.kind == "fpdt" else 1
+        return self.chunks if self.spec.takes_chunks else 1
 
     def check(self, seq_len: int, n_heads: int, n_kv_heads: int) -> None:
         """Raise the documented ``ValueError`` if this strategy cannot run this shape."""
-        check_setup(self.kind, seq_len, self.group.size, self.chunks, n_heads, n_kv_heads)
+        self.spec.check(seq_len, self.group.size, self.layout_chunks, n_heads, n_kv_heads, self.ulysses_degree)
+
+    def permutation(self, seq_len: int) -> torch.Tensor:
+        """Global token index of every position, rank-major (``[S]`` int64)."""
+        return self.spec.permutation(seq_len, self.group.size, self.layout_chunks, self.ulysses_degree)
 
     def positions(self, seq_len: int) -> torch.Tensor:
         """Global positions of this rank's tokens (``[S/P]``)."""
-        return local_positions(seq_len, self.group.size, self.layout_chunks, self.group.rank)
+        n = seq_len // self.group.size
+        return self.permutation(seq_len)[self.group.rank * n : (self.group.rank + 1) * n]
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's part of a full-length tensor (inputs, labels, ...)."""
-        return shard(x, self.group.size, self.layout_chunks, self.group.rank, dim)
+        return x.index_select(dim, self.positions(x.shape[dim]).to(x.device))
+
+    def unshard(self, shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """The full-length tensor from every rank's part (in rank order)."""
+        full = torch.cat(shards, dim=dim)
+        perm = self.permutation(full.shape[dim]).to(full.device)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return full.index_select(dim, inv)
 
     def __call__(
         self,
@@ -219,21 +139,4 @@ class AttentionStrategy:
         rope: RotaryEmbedding | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ):
-        if self.kind == "local":
-            return local_attention(x, w, rope, causal=self.causal, softmax_scale=self.softmax_scale,
-                                   cu_seqlens=cu_seqlens)  # fmt: skip
-        if self.kind == "ulysses":
-            return ulysses_attention(x, w, rope, group=self.group, causal=self.causal,
-                                     softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)  # fmt: skip
-        return fpdt_attention(
-            x,
-            w,
-            rope,
-            group=self.group,
-            chunks=self.chunks,
-            causal=self.causal,
-            offload=self.offload,
-            softmax_scale=self.softmax_scale,
-            store=self.store,
-            cu_seqlens=cu_seqlens,
-        )
+        return self.spec.attend(self, x, w, rope, cu_seqlens)

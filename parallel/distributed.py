@@ -68,13 +68,17 @@ class Mesh:
     when ``sp`` divides the GPUs per node. ``sp`` is this rank's sequence-parallel group, ``dp``
     the group of ranks with the same sequence rank (one per replica), ``world`` everyone.
     ``device_mesh`` is the ``(dp, sp)`` :class:`~torch.distributed.device_mesh.DeviceMesh`
-    (``None`` on one process).
+    (``None`` on one process); with a Ulysses degree ``U`` (``usp``) it is ``(dp, ring, ulysses)``,
+    sequence rank ``ring * U + ulysses``, and ``ulysses``/``ring`` are this rank's groups along the
+    two axes of ``sp`` (``None`` without).
     """
 
     sp: SPGroup
     dp: SPGroup
     world: SPGroup
     device_mesh: object | None = None
+    ulysses: SPGroup | None = None
+    ring: SPGroup | None = None
 
     @classmethod
     def single(cls) -> Mesh:
@@ -97,30 +101,43 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def init_mesh(sp: int | None = None) -> Mesh:
+def init_mesh(sp: int | None = None, ulysses: int | None = None) -> Mesh:
     """The ``(dp, sp)`` mesh over the initialised world (``sp`` defaults to the whole world: one
-    sequence-parallel group, ``dp = 1``). Every rank must call it. Without ``torch.distributed``
-    (one process) returns :meth:`Mesh.single`."""
+    sequence-parallel group, ``dp = 1``); with ``ulysses`` (``U``, dividing ``sp``) the ``sp`` axis
+    is itself split into ``(ring, ulysses)``: groups of ``U`` consecutive ranks. Every rank must
+    call it. Without ``torch.distributed`` (one process) returns :meth:`Mesh.single`."""
     if not dist.is_initialized():
-        if sp not in (None, 1):
+        if sp not in (None, 1) or ulysses not in (None, 1):
             raise ValueError(f"sp={sp} needs {sp} ranks; torch.distributed is not initialised (one process)")
-        return Mesh.single()
+        one = SPGroup.single()
+        return Mesh(one, one, one) if ulysses is None else Mesh(one, one, one, ulysses=one, ring=one)
     world = dist.get_world_size()
     sp = world if sp is None else sp
     check_mesh(world, sp)
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    if ulysses is None:
+        mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    else:
+        if ulysses < 1 or sp % ulysses:
+            raise ValueError(f"ulysses_degree={ulysses} must divide sp={sp}; use one of {_divisors(sp)}")
+        mesh = init_device_mesh(device_type, (world // sp, sp // ulysses, ulysses),
+                                mesh_dim_names=("dp", "ring", "ulysses"))  # fmt: skip
     rank = dist.get_rank()
 
-    def group(dim: str) -> SPGroup:
-        size = mesh[dim].size()
+    def group(sub) -> SPGroup:
+        size = sub.size()
         if size == 1:
             return SPGroup.single()
-        return SPGroup(mesh[dim].get_group(), mesh[dim].get_local_rank(), size)
+        return SPGroup(sub.get_group(), sub.get_local_rank(), size)
 
-    return Mesh(sp=group("sp"), dp=group("dp"), world=SPGroup(dist.group.WORLD, rank, world), device_mesh=mesh)
+    world_group = SPGroup(dist.group.WORLD, rank, world)
+    if ulysses is None:
+        return Mesh(sp=group(mesh["sp"]), dp=group(mesh["dp"]), world=world_group, device_mesh=mesh)
+    sp_group = group(mesh["ring", "ulysses"]._flatten("sp"))  # sequence rank ring * U + ulysses
+    return Mesh(sp=sp_group, dp=group(mesh["dp"]), world=world_group, device_mesh=mesh,
+                ulysses=group(mesh["ulysses"]), ring=group(mesh["ring"]))  # fmt: skip
 
 
 def _env_int(name: str) -> int | None:

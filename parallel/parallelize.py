@@ -48,9 +48,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .all_to_all import check_heads
-from .attention import AttentionStrategy, check_strategy
+from .attention import AttentionStrategy
 from .distributed import Mesh, SPGroup
 from .layout import document_positions
+from .strategies import get_strategy
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -78,14 +79,44 @@ class _SumAcrossRanks:
         return f"SumAcrossRanks(P={self.group.size})"
 
 
-def _make_strategy(strategy, group: SPGroup | None, chunks: int, offload: bool) -> AttentionStrategy:
+def _make_strategy(
+    strategy,
+    group: SPGroup | None,
+    chunks: int,
+    offload: bool,
+    ulysses_degree: int | None = None,
+    heads: tuple[int, int] | None = None,
+    mesh: Mesh | None = None,
+) -> AttentionStrategy:
+    """The :class:`AttentionStrategy` a name and its settings stand for. ``heads`` (``H, Hkv``) pick
+    the default Ulysses degree of a strategy that takes one; ``mesh`` gives its process groups."""
     if isinstance(strategy, AttentionStrategy):
         return strategy
-    check_strategy(strategy, None if group is None else group.size)
-    if strategy == "local":
-        return AttentionStrategy("local")
+    spec = get_strategy(strategy)
+    spec.check_ranks(None if group is None else group.size)
+    if spec.single_process:
+        return AttentionStrategy(spec.name)
     group = SPGroup.world() if group is None else group
-    return AttentionStrategy(strategy, group, chunks=chunks, offload=offload)
+    if not spec.takes_chunks:
+        chunks, offload = 1, False
+    subgroups = ()
+    if spec.uses_ulysses_degree:
+        if ulysses_degree is None:
+            if heads is None:
+                raise ValueError(f"strategy {spec.name!r} needs ulysses_degree= here (no model heads to pick it from)")
+            ulysses_degree = spec.head_degree(group.size, None, *heads)
+        if mesh is not None and mesh.ulysses is not None:
+            if mesh.ulysses.size != ulysses_degree:
+                raise ValueError(f"ulysses_degree={ulysses_degree} but the mesh's Ulysses axis has {mesh.ulysses.size} "
+                                 f"ranks; build it with init_mesh(sp, ulysses={ulysses_degree})")  # fmt: skip
+            subgroups = (mesh.ulysses, mesh.ring)
+        elif mesh is not None and mesh.dp.size > 1:
+            raise ValueError(f"{spec.name!r} with data parallelism needs its groups from the mesh: "
+                             f"init_mesh(sp, ulysses={ulysses_degree})")  # fmt: skip
+    elif ulysses_degree is not None:
+        raise ValueError(f"ulysses_degree={ulysses_degree} is for usp, not {spec.name!r}")
+    return AttentionStrategy(spec.name, group, chunks=chunks, offload=offload, ulysses_degree=ulysses_degree,
+                             subgroups=subgroups)  # fmt: skip
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -139,13 +170,17 @@ def parallelize(
     mesh: Mesh | None = None,
     mixed_precision: torch.dtype | None = None,
     offload_states: bool = False,
+    ulysses_degree: int | None = None,
 ) -> nn.Module:
-    """Run ``model``'s attention with ``strategy`` (``local | ulysses | fpdt``) over ``group``.
+    """Run ``model``'s attention with ``strategy`` (a registered name: ``local | ulysses | fpdt |
+    ring | usp``) over ``group``.
 
     ``group`` (the sequence-parallel group) defaults to the world group; with ``mesh`` (see
     :func:`~parallel.distributed.init_mesh`) the sequence-parallel group is ``mesh.sp`` and the
     loss and gradients are reduced over all ``dp * sp`` ranks. ``chunks`` (``u``) and ``offload``
-    apply to ``fpdt``; an :class:`AttentionStrategy` instance is used as it is. ``fsdp=True``
+    apply to ``fpdt``; ``ulysses_degree`` to ``usp`` (default: the largest degree up to 8 that
+    splits the query and K/V heads; with a mesh, ``init_mesh(sp, ulysses=...)`` gives its groups);
+    an :class:`AttentionStrategy` instance is used as it is. ``fsdp=True``
     shards parameters, gradients and optimizer state over all ranks (FSDP2; gloo on CPU), with
     ``mixed_precision`` (compute dtype over master weights in the parameters' dtype) and
     ``offload_states`` (model states in host memory). Modifies ``model`` in place and returns
@@ -169,10 +204,15 @@ def parallelize(
         )
     if fsdp and not dist.is_initialized():
         raise ValueError("fsdp=True needs torch.distributed initialised (a process group, even of one rank)")
-    strat = _make_strategy(strategy, mesh.sp if mesh is not None else group, chunks, offload)
+    heads = (attn[0].n_heads, attn[0].n_kv_heads)
+    strat = _make_strategy(strategy, mesh.sp if mesh is not None else group, chunks, offload, ulysses_degree,
+                           heads, mesh)  # fmt: skip
     world = mesh.world if mesh is not None else strat.group
+    spec = strat.spec
     for m in attn:
-        check_heads(m.n_heads, m.n_kv_heads, strat.group.size)
+        u, _ = spec.degrees(strat.group.size, strat.ulysses_degree, m.n_heads, m.n_kv_heads)
+        check_heads(m.n_heads, m.n_kv_heads, u)
+    strat.process_groups()  # now, on every rank together, not inside the first forward
     for m in attn:
         m.strategy = strat
     model._parallelized = True
@@ -196,21 +236,23 @@ def shard_batch(
     chunks: int = 1,
     group: SPGroup | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    ulysses_degree: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """This rank's share of a full batch ``tokens, labels [B, S]`` in the strategy's layout.
 
     Returns ``(tokens [B, S/P], labels [B, S/P] or None, positions)``: contiguous slices for
     ``ulysses``, the FPDT chunk permutation for ``fpdt`` (``chunks`` = ``u``), everything for
-    ``local``. ``positions`` are the global positions of the local tokens (``[S/P]``), or, for
-    packed documents (``cu_seqlens``: int32 offsets over the flattened ``[B * S]`` tokens, every
-    row boundary a document boundary), each local token's position inside its document
-    (``[B, S/P]``: RoPE restarts at every document).
+    ``local``, the zigzag for ``ring`` and ``usp`` (``ulysses_degree``: as given to
+    :func:`parallelize`, the model's ``strategy`` has it). ``positions`` are the global positions
+    of the local tokens (``[S/P]``), or, for packed documents (``cu_seqlens``: int32 offsets over
+    the flattened ``[B * S]`` tokens, every row boundary a document boundary), each local token's
+    position inside its document (``[B, S/P]``: RoPE restarts at every document).
     """
-    strat = _make_strategy(strategy, group, chunks, offload=False)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [B, S], got {tuple(tokens.shape)}")
     if labels is not None and labels.shape != tokens.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
+    strat = _make_strategy(strategy, group, chunks, offload=False, ulysses_degree=ulysses_degree)
     B, seq_len = tokens.shape
     local_labels = None if labels is None else strat.shard(labels, 1)
     if cu_seqlens is None:

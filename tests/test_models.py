@@ -347,8 +347,8 @@ def test_bad_model_inputs_raise():
         model(tokens, labels=labels, positions=torch.arange(24).flip(0))
     with pytest.raises(ValueError, match="positions do not match"):
         model(tokens, labels=labels, positions=torch.arange(12))
-    with pytest.raises(ValueError, match="unknown strategy 'ring'"):
-        parallelize(model, "ring")
+    with pytest.raises(ValueError, match="unknown strategy 'rings'"):
+        parallelize(model, "rings")
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
         parallelize(model, "fpdt", chunks=2, fsdp=True)
     parallelize(model, "local")

@@ -1,4 +1,4 @@
-"""``local`` vs ``ulysses`` vs ``fpdt`` (and FSDP) on gloo: same loss, same gradients.
+"""``local`` vs ``ulysses``, ``fpdt``, ``ring`` and ``usp`` (and FSDP) on gloo: same loss, same gradients.
 
 One launch of ``P`` worker processes per ``P`` in {2, 4} runs every case (model x strategy x
 chunks x FSDP x checkpointing) against the single-process model with the same weights, and
@@ -25,8 +25,8 @@ SEQ_LEN = 32  # divisible by P*u for P in {2, 4}, u in {1, 2, 4}
 REL = 1e-5
 
 
-def _case_id(preset, kind, chunks, fsdp=False, ckpt=False, accum=False):
-    parts = [preset, kind if kind != "fpdt" else f"fpdt-u{chunks}"]
+def _case_id(preset, kind, chunks, fsdp=False, ckpt=False, accum=False, ulysses=None):
+    parts = [preset, kind + (f"-u{chunks}" if chunks > 1 else "") + (f"-U{ulysses}" if ulysses else "")]
     parts += ["fsdp"] * fsdp + ["host-ckpt"] * ckpt + ["accum2"] * accum
     return "-".join(parts)
 
@@ -36,6 +36,12 @@ def _cases(P):
     for preset in ("gpt-tiny", "llama-tiny"):
         cases.append((preset, "ulysses", 1))
         cases += [(preset, "fpdt", u) for u in (1, 2, 4)]
+    # ring and usp (its default Ulysses degree, and each explicit split), with FSDP and host
+    # checkpoints on some.
+    cases += [("llama-tiny", "ring", 1), ("gpt-tiny", "ring", 1, True, True), ("llama-tiny", "usp", 1)]
+    cases += [("llama-tiny", "usp", 1, False, False, False, u) for u in (1, P)]
+    if P == 4:
+        cases.append(("gpt-tiny", "usp", 1, True, True, False, 2))
     if P == 2:
         cases += [
             ("gpt-tiny", "fpdt", 2, True),
@@ -95,11 +101,13 @@ def _run_case(case, group, ref):
     import models
     from parallel.parallelize import parallelize, shard_batch
 
-    preset, kind, chunks, fsdp, ckpt, accum = (*case, False, False, False)[:6]
+    preset, kind, chunks, fsdp, ckpt, accum, ulysses = (*case, *(False, False, False, None)[len(case) - 3 :])
     cfg = models.get_config(preset, checkpoint=ckpt, checkpoint_on_host=ckpt)
-    model = parallelize(_build(cfg), kind, group=group, chunks=chunks, offload=True, fsdp=fsdp)
+    model = parallelize(_build(cfg), kind, group=group, chunks=chunks, offload=True, fsdp=fsdp,
+                        ulysses_degree=ulysses)  # fmt: skip
     tokens, labels = _batch(cfg.vocab_size)
-    tokens, labels, positions = shard_batch(tokens, labels, kind, chunks=chunks, group=group)
+    strategy = model.strategy  # the resolved one (usp: its Ulysses degree)
+    tokens, labels, positions = shard_batch(tokens, labels, strategy, group=group)
     for _ in range(2 if accum else 1):
         loss = model(tokens, labels=labels, positions=positions)
         loss.backward()

@@ -153,8 +153,8 @@ def test_invalid_configurations_raise():
         fpdt_attention(x, w, None, group=SPGroup(None, 0, 4), chunks=1)
     with pytest.raises(ValueError, match="Hkv=3 KV heads cannot be split over P=2"):
         ulysses_attention(x, w, None, group=SPGroup(None, 0, 2))
-    with pytest.raises(ValueError, match="unknown strategy 'ring'"):
-        AttentionStrategy("ring")
+    with pytest.raises(ValueError, match=r"unknown strategy 'rings'; use one of \('local', 'ulysses', 'fpdt', 'ring'"):
+        AttentionStrategy("rings")
     with pytest.raises(ValueError, match="only 'fpdt' takes chunks > 1"):
         AttentionStrategy("ulysses", chunks=2)
     with pytest.raises(ValueError, match="'local' runs in one process"):

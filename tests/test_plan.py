@@ -172,7 +172,7 @@ def test_memory_replay_of_the_backward_schedule_is_o_of_one_chunk():
     [
         (dict(model="llama3-9b"), "unknown model preset"),
         (dict(hardware="tpu-v9"), "unknown hardware preset"),
-        (dict(strategy="ring"), "unknown strategy"),
+        (dict(strategy="rings"), "unknown strategy"),
         (dict(gpus=3), "not divisible by P=3"),
         (dict(seq_len=3 * 65536 + 4), "does not divide seq_len"),
         (dict(chunk_tokens=65537), "multiple of gpus"),

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, Timeline, fpdt_attention, ulysses_attention
+from parallel import (
+    AttentionStrategy,
+    AttentionWeights,
+    HostStore,
+    RotaryEmbedding,
+    SPGroup,
+    Timeline,
+    fpdt_attention,
+    get_strategy,
+)
 from parallel.host_store import allocating_on_host
 
 from ..core.memory import MemoryTracker
@@ -39,13 +48,15 @@ class Block:
         return self.store
 
     def step(self, strategy: str, chunks: int = 1, offload: bool = True, timeline: Timeline | None = None) -> None:
-        """One forward + backward; ``strategy`` is ``ulysses`` (at ``P = 1``: the whole-sequence
-        block) or ``fpdt``."""
-        if strategy == "ulysses":
-            y = ulysses_attention(self.x, self.w, self.rope, group=SPGroup.single(), cu_seqlens=self.cu_seqlens)
-        else:
+        """One forward + backward of a registered strategy's block on one rank (``ulysses``: the
+        whole-sequence block; ``fpdt``: its chunk pipeline, whose ops ``timeline`` records)."""
+        spec = get_strategy(strategy)
+        if spec.takes_chunks:
             y = fpdt_attention(self.x, self.w, self.rope, group=SPGroup.single(), chunks=chunks, offload=offload,
                                store=self.store, timeline=timeline, cu_seqlens=self.cu_seqlens)  # fmt: skip
+        else:
+            degree = 1 if spec.uses_ulysses_degree else None
+            y = AttentionStrategy(spec.name, ulysses_degree=degree)(self.x, self.w, self.rope, self.cu_seqlens)
         y.backward(self.dy)
         self.x.grad = None
         for p in self.w.parameters():

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import fpdt_kernels
-from parallel import Timeline
+from parallel import Timeline, get_strategy
 
 from ..core.dtypes import dtype_name
 from ..core.memory import is_out_of_memory
@@ -51,8 +51,9 @@ def _timed(fn, cuda: bool) -> float:
 
 
 def measure(block: Block, strategy: str, S: int, C: int, offload: bool, reps: int, cuda: bool) -> dict:
-    chunks = S // C if strategy == "fpdt" else 1
-    row = dict(strategy=strategy, S=S, C=C if strategy == "fpdt" else S, chunks=chunks, offload=offload)
+    takes_chunks = get_strategy(strategy).takes_chunks
+    chunks = S // C if takes_chunks else 1
+    row = dict(strategy=strategy, S=S, C=C if takes_chunks else S, chunks=chunks, offload=offload)
     run = lambda: block.step(strategy, chunks, offload)
     block.new_store()  # host bytes of this configuration only
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import fpdt_kernels
+from parallel import get_strategy
 
 from ..core.paths import RESULTS_DIR
 from ..core.tables import write_csv
@@ -38,7 +39,8 @@ WIDTHS = (9, 3, 8, 10, 10, 17, 10, 7)
 
 def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: bool = True) -> dict:
     block = Block(S, H, d, torch.float32, "cpu", batch=B)
-    if kind == "fpdt" and offload:
+    offload = offload and get_strategy(kind).offloads
+    if offload:
         block.step(kind, chunks, offload)  # warm-up: the host store allocates its buffers once
     t0 = time.perf_counter()
     with block.tracker() as tracker:
@@ -46,7 +48,7 @@ def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: boo
     seconds = time.perf_counter() - t0
     act, peak = B * S * H * d * 4, tracker.peak["device"]
     return dict(
-        strategy=kind, chunks=chunks, offload=offload and kind == "fpdt", B=B, S=S, H=H, d=d, dtype="fp32",
+        strategy=kind, chunks=chunks, offload=offload, B=B, S=S, H=H, d=d, dtype="fp32",
         peak_mib=peak / MIB, act_mib=act / MIB, peak_acts=peak / act, working_set_mib=(peak - 3 * act) / MIB,
         host_store_mib=block.store.peak_bytes_in_use / MIB,
         host_allocations=block.store.allocations, step_s=seconds,

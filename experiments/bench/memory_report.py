@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from models import get_config
+from parallel import get_strategy, strategy_names
 
 from ..core.memory import Allocation, RecordingMemoryTracker
 from ..core.units import format_bytes
@@ -53,7 +54,7 @@ def _point(args, seq_len: int) -> dict:
     from ..sweep import config as _schema  # noqa: F401  (registers the structured configs)
     from ..sweep.points import resolve_point
 
-    chunks = max(1, seq_len // args.chunk_tokens) if args.strategy == "fpdt" else 1
+    chunks = max(1, seq_len // args.chunk_tokens) if get_strategy(args.strategy).takes_chunks else 1
     overrides = [
         f"model={args.model}", f"parallel={args.strategy}", "gpus=1", f"seq_len={seq_len}", f"chunks={chunks}",
         f"precision={args.precision}", "steps=1", "warmup_steps=1", "hardware=auto",
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--n-layers", type=int, default=None)
-    p.add_argument("--strategy", choices=("fpdt", "local"), default="fpdt")
+    p.add_argument("--strategy", choices=strategy_names(), default="fpdt")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--chunk-tokens", type=int, default=1024, help="fpdt: the chunk size C kept fixed")
     p.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, bf16-true")

@@ -17,7 +17,15 @@ import argparse
 from pathlib import Path
 
 from ..core.tables import read_csv
-from .plots import chunks_figure, load_max_seqlen, load_results, max_seqlen_figure, summary_figure, training_figure
+from .plots import (
+    chunks_figure,
+    load_max_seqlen,
+    load_results,
+    max_seqlen_figure,
+    strategy_takes_chunks,
+    summary_figure,
+    training_figure,
+)
 
 
 def _split(paths):
@@ -61,7 +69,7 @@ def main(argv=None) -> list[Path]:
     if sweeps:
         rows = load_results(*sweeps)
         written += summary_figure(rows, out / "memory_mfu", args.device_memory, formats, args.both_conventions)
-        if any(r.get("strategy") == "fpdt" and r.get("status") == "ok" for r in rows):
+        if any(strategy_takes_chunks(r.get("strategy")) and r.get("status") == "ok" for r in rows):
             written += chunks_figure(rows, out / "chunks", formats=formats)
     if maxlens:
         written += max_seqlen_figure(load_max_seqlen(*maxlens), out / "max_seqlen", formats)

@@ -17,11 +17,38 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
 from matplotlib.ticker import FixedLocator, FuncFormatter, MultipleLocator
 
+from parallel import get_strategy, strategy_names
+
 from ..core.hardware import load_preset
 from ..core.units import GIB, byte_unit, format_tokens
 from ..sweep.results import load_points
 
-STRATEGY_COLORS = {"local": "#555555", "ulysses": "#1f77b4", "fpdt": "#d62728"}
+# Rows of a strategy no longer registered (an old sweep) are drawn in this colour.
+UNKNOWN_STRATEGY_COLOR = "#bcbd22"
+
+
+def _spec(strategy):
+    """The registered strategy a row names, or ``None`` for a name no longer registered."""
+    return get_strategy(strategy) if strategy in strategy_names() else None
+
+
+def strategy_color(strategy) -> str:
+    """A strategy's colour, from the registry (every figure colours a strategy the same)."""
+    spec = _spec(strategy)
+    return spec.color if spec is not None else UNKNOWN_STRATEGY_COLOR
+
+
+def strategy_takes_chunks(strategy) -> bool:
+    """Whether a row's strategy takes chunks (its rows make the chunk trade-off figure)."""
+    spec = _spec(strategy)
+    return spec is not None and spec.takes_chunks
+
+
+def _is_baseline(strategy) -> bool:
+    spec = _spec(strategy)
+    return spec is not None and spec.baseline
+
+
 CHUNK_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 GPU_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D", 16: "v", 32: "P"}
 _NUMERIC = {
@@ -132,7 +159,7 @@ def _series(rows, x_key):
 def _style(strategy, chunks, gpus, all_chunks):
     order = sorted(all_chunks)
     return dict(
-        color=STRATEGY_COLORS.get(strategy, "#2ca02c"),
+        color=strategy_color(strategy),
         linestyle=CHUNK_STYLES[order.index(chunks) % len(CHUNK_STYLES)] if chunks in order else "-",
         marker=GPU_MARKERS.get(gpus, "o"),
     )
@@ -140,7 +167,12 @@ def _style(strategy, chunks, gpus, all_chunks):
 
 def _label(key, multi_model):
     model, strategy, chunks, gpus = key
-    text = f"{strategy}" + (f" u={chunks}" if strategy == "fpdt" else "") + f", {gpus} GPU" + ("s" if gpus != 1 else "")
+    text = (
+        f"{strategy}"
+        + (f" u={chunks}" if strategy_takes_chunks(strategy) else "")
+        + f", {gpus} GPU"
+        + ("s" if gpus != 1 else "")
+    )
     return f"{model}: {text}" if multi_model else text
 
 
@@ -234,7 +266,7 @@ def plot_mfu(rows, ax, both_conventions=False):
             ok = [r for r in pts if r.get("status") == "ok" and r.get("mfu_full_pct") is not None]
             if ok:
                 ax.plot([r["seq_len"] for r in ok], [r["mfu_full_pct"] for r in ok], linestyle=":", alpha=0.5,
-                        color=STRATEGY_COLORS.get(key[1], "#2ca02c"))  # fmt: skip
+                        color=strategy_color(key[1]))  # fmt: skip
     ax.set_ylabel("MFU (%)\n(model FLOPs, causal attention = half square, no recompute)", fontsize=9)
     ax.set_title("model FLOPs utilisation" + (" (dotted: full-square attention)" if both_conventions else ""))
     ax.set_ylim(bottom=0)
@@ -243,8 +275,9 @@ def plot_mfu(rows, ax, both_conventions=False):
 
 def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
     """FPDT chunk trade-off at one ``seq_len`` (default: the longest with several ``ok`` chunk
-    counts): step time and device memory vs ``chunks``, one line per (model, gpus)."""
-    fpdt = [r for r in rows if r.get("strategy") == "fpdt" and r.get("status") == "ok"]
+    counts): step time and device memory vs ``chunks``, one line per (model, strategy, gpus) of
+    the strategies that take chunks."""
+    fpdt = [r for r in rows if strategy_takes_chunks(r.get("strategy")) and r.get("status") == "ok"]
     if seq_len is None:
         counts = defaultdict(set)
         for r in fpdt:
@@ -254,13 +287,13 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
     groups = defaultdict(list)
     for r in fpdt:
         if r["seq_len"] == seq_len:
-            groups[(r.get("model"), r.get("gpus"))].append(r)
+            groups[(r.get("model"), r.get("strategy"), r.get("gpus"))].append(r)
     _, unit, factor = _in_unit(fpdt, ["device_mem_peak_gib"])
-    for (model, gpus), pts in sorted(groups.items(), key=str):
+    for (model, strategy, gpus), pts in sorted(groups.items(), key=str):
         pts.sort(key=lambda r: r["chunks"])
         xs = [r["chunks"] for r in pts]
-        label = f"{model}, {gpus} GPU" + ("s" if gpus != 1 else "")
-        kw = dict(color=STRATEGY_COLORS["fpdt"], marker=GPU_MARKERS.get(gpus, "o"), label=label)
+        label = f"{model} {strategy}, {gpus} GPU" + ("s" if gpus != 1 else "")
+        kw = dict(color=strategy_color(strategy), marker=GPU_MARKERS.get(gpus, "o"), label=label)
         ax_time.plot(xs, [r["step_time_s"] for r in pts], **kw)
         ax_mem.plot(xs, [r["device_mem_peak_gib"] * factor for r in pts], **kw)
     ticks = sorted({r["chunks"] for pts in groups.values() for r in pts})
@@ -312,25 +345,25 @@ def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
 
 def plot_max_seqlen(rows, ax):
     """Longest trainable ``seq_len`` per strategy (bars), grouped by (model, gpus); each bar says
-    its ratio to the group's ``ulysses`` bar (or its shortest bar)."""
+    its ratio to the group's baseline bar (``ulysses``; else its shortest bar)."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r.get("model"), r.get("gpus"))].append(r)
     x, labels, centers = 0, [], []
     width = 0.8
     for (model, gpus), pts in sorted(groups.items(), key=str):
-        pts.sort(key=lambda r: (r["strategy"] != "ulysses", r.get("chunks") or 0, r.get("chunk_tokens") or 0))
-        base = next((r["max_seq_len"] for r in pts if r["strategy"] == "ulysses" and r["max_seq_len"]), None)
+        pts.sort(key=lambda r: (not _is_baseline(r["strategy"]), r.get("chunks") or 0, r.get("chunk_tokens") or 0))
+        base = next((r["max_seq_len"] for r in pts if _is_baseline(r["strategy"]) and r["max_seq_len"]), None)
         base = base or min((r["max_seq_len"] for r in pts if r["max_seq_len"]), default=None)
         start = x
         for r in pts:
             value = r["max_seq_len"] or 0
-            ax.bar(x, value, width=width, color=STRATEGY_COLORS.get(r["strategy"], "#2ca02c"), edgecolor="black")
+            ax.bar(x, value, width=width, color=strategy_color(r["strategy"]), edgecolor="black")
             text = f"{format_tokens(value)}" + (f"\n{value / base:.1f}x" if base and value else "")
             ax.annotate(
                 text, (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
             )
-            suffix = f" u={r['chunks']}" if r["strategy"] == "fpdt" and r.get("chunks") else ""
+            suffix = f" u={r['chunks']}" if strategy_takes_chunks(r["strategy"]) and r.get("chunks") else ""
             suffix += f" C={format_tokens(r['chunk_tokens'])}" if r.get("chunk_tokens") else ""
             labels.append((x, f"{r['strategy']}{suffix}"))
             x += 1
@@ -445,7 +478,7 @@ def training_figure(runs, path, formats=("png",)):
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     cmap = plt.get_cmap("tab10")
     for i, (label, rows) in enumerate(runs.items()):
-        color = STRATEGY_COLORS.get(label, cmap(i % 10)) if label else STRATEGY_COLORS["fpdt"]
+        color = strategy_color(label) if _spec(label) is not None else cmap(i % 10)
         # Wide solid line first, then thinner dashed ones: runs that agree stay visible on top of each other.
         style = dict(linewidth=2.5, linestyle="-") if i == 0 else dict(linewidth=1.2, linestyle="--")
         plot_training(rows, ax_loss, ax_lr if i == 0 else None, label=label, color=color, **style)

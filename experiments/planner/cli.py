@@ -23,7 +23,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from parallel import STRATEGIES
+from parallel import get_strategy, strategy_names
 
 from ..core.paths import CONF_DIR
 from ..core.units import format_bytes
@@ -39,7 +39,8 @@ class PlanConfig:
     hardware: HardwareConf = MISSING
     gpus: int = 4  # ranks in all
     sp: int | None = None  # sequence-parallel degree (default: gpus); dp = gpus / sp replicas
-    strategies: list[str] | None = None  # default: ulysses and fpdt (and local when gpus=1)
+    strategies: list[str] | None = None  # default: every registered one that runs on gpus ranks
+    ulysses_degree: int | None = None  # usp: ranks per Ulysses group (None: its default)
     chunk_tokens: int = 65536  # FPDT global chunk C in tokens
     min_seq_len: int = 8192  # first row of the table
     max_seq_len: int | None = None  # last row (default: twice the longest that fits)
@@ -76,17 +77,18 @@ def plan_table(cfg: DictConfig) -> str:
     """The planning table for a composed ``conf/plan.yaml``."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model, gpus, hardware = c["model"]["name"], c["gpus"], c["hardware"]["name"]
-    strategies = c["strategies"] or [s for s in STRATEGIES if s != "local" or gpus == 1]
+    strategies = c["strategies"] or [s for s in strategy_names() if not get_strategy(s).single_process or gpus == 1]
     kw = {k: c[k] for k in ("chunk_tokens", "activation_checkpointing", "checkpoint_on_host", "fsdp", "offload",
                             "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
                             "dense_efficiency", "attention_efficiency", "precision", "sp",
-                            "offload_states", "doc_len", "residual_fp32")}  # fmt: skip
+                            "offload_states", "doc_len", "residual_fp32", "ulysses_degree")}  # fmt: skip
     kw.update(n_layers=c["model"]["n_layers"], peak_tflops=c["hardware"]["peak_tflops"])
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]
     hi = c["max_seq_len"] or max(2 * (1 << math.ceil(math.log2(max(maxima.values()) or 1))), lo)
     where = "on host" if kw["checkpoint_on_host"] else "on device"
-    chunk = f", fpdt chunk {kw['chunk_tokens']} tokens" if "fpdt" in strategies else ""
+    chunked = [s for s in strategies if get_strategy(s).takes_chunks]
+    chunk = f", {'/'.join(chunked)} chunk {kw['chunk_tokens']} tokens" if chunked else ""
     layout = f" (sp={kw['sp']}, dp={gpus // kw['sp']})" if kw["sp"] and kw["sp"] != gpus else ""
     states = ", model states on host" if kw["offload_states"] else ""
     states += f", documents of {kw['doc_len']} tokens" if kw["doc_len"] else ""
@@ -114,10 +116,12 @@ def plan_table(cfg: DictConfig) -> str:
     lines.append("")
     for s in strategies:
         lines.append(f"max seq_len {s:<8} {maxima[s]:>12,} tokens")
-    if "fpdt" in strategies and maxima["fpdt"]:
-        best = recommend_chunk_tokens(model, gpus, hardware, maxima["fpdt"], **kw)
+    for s in chunked:
+        if not maxima[s]:
+            continue
+        best = recommend_chunk_tokens(model, gpus, hardware, maxima[s], strategy=s, **kw)
         note = "" if best == kw["chunk_tokens"] else f" (the table uses chunk_tokens={kw['chunk_tokens']})"
-        lines.append(f"recommended fpdt chunk at seq_len {maxima['fpdt']:,}: {best} tokens{note}")
+        lines.append(f"recommended {s} chunk at seq_len {maxima[s]:,}: {best} tokens{note}")
     return "\n".join(lines)
 
 

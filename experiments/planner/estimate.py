@@ -1,8 +1,8 @@
 """The planner's answer for one configuration: memory by part, step time, MFU (:func:`estimate`).
 
 A first-principles model (:mod:`experiments.planner.model`, formulas in
-``experiments/planner/PLANNER.md``) for a model preset, strategy (``local | ulysses | fpdt``),
-``gpus`` and hardware preset::
+``experiments/planner/PLANNER.md``) for a model preset, strategy (any registered one:
+``local | ulysses | fpdt | ring | usp``), ``gpus`` and hardware preset::
 
     from experiments.plan import estimate
     e = estimate("llama3-8b", "fpdt", 4, "a100-80g", seq_len=1 << 20)
@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from models import get_config
 from models.transformer import default_tiles
-from parallel import check_heads, check_mesh, check_setup, check_strategy
+from parallel import check_mesh, get_strategy
 
 from ..core.flops import step_flops
 from ..core.hardware import cpu_peak_tflops, load_preset
@@ -93,7 +93,11 @@ class Estimate:
 
 @functools.cache
 def _strategy_preset(strategy: str) -> dict:
-    conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "parallel" / f"{strategy}.yaml"))
+    path = CONF_DIR / "parallel" / f"{strategy}.yaml"
+    if not path.exists():
+        raise ValueError(f"strategy {strategy!r} has no preset {path}: a strategy is its module under "
+                         "parallel/strategies/ plus conf/parallel/<name>.yaml")  # fmt: skip
+    conf = OmegaConf.to_container(OmegaConf.load(path))
     return {k: bool(conf.get(k, False)) for k in ("offload", "chunked_mlp", "chunked_loss")}
 
 
@@ -121,7 +125,7 @@ def _hardware(name: str, max_device_memory: float | None, peak_tflops: float | N
 
 
 def _chunks(strategy: str, seq_len: int, gpus: int, chunks: int | None, chunk_tokens: int) -> int:
-    if strategy != "fpdt":
+    if not get_strategy(strategy).takes_chunks:
         return 1
     if chunks is not None:
         if chunks < 1:
@@ -150,11 +154,12 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     n_layers = switches.pop("n_layers", None)
     cfg = get_config(model, **({"n_layers": n_layers} if n_layers else {}))
     # The strategy and the head split first: they are the cause whatever the chunk size says.
-    check_strategy(strategy, sp)
-    check_heads(cfg.n_heads, cfg.n_kv_heads, sp)
+    spec = get_strategy(strategy)
+    ulysses_degree = switches.pop("ulysses_degree", None)
+    spec.check(spec.granule(sp, 1, ulysses_degree), sp, 1, cfg.n_heads, cfg.n_kv_heads, ulysses_degree)
     hw = _hardware(hardware, switches.pop("max_device_memory", None), switches.pop("peak_tflops", None))
     u = _chunks(strategy, seq_len, sp, chunks, chunk_tokens)
-    check_setup(strategy, seq_len, sp, u, cfg.n_heads, cfg.n_kv_heads)
+    spec.check(seq_len, sp, u, cfg.n_heads, cfg.n_kv_heads, ulysses_degree)
     offload_states = bool(switches.pop("offload_states", False))
     doc_len = switches.pop("doc_len", None)
     if doc_len is not None and doc_len < 1:
@@ -176,7 +181,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         dtype_bytes=precision.compute_dtype.itemsize,
         activation_checkpointing=switches["activation_checkpointing"],
         checkpoint_on_host=switches["checkpoint_on_host"] and switches["activation_checkpointing"],
-        offload=strategy == "fpdt" and _pick(switches.get("offload"), preset["offload"]),
+        offload=spec.offloads and _pick(switches.get("offload"), preset["offload"]),
         fsdp=switches["fsdp"],
         chunked_mlp=_pick(switches.get("chunked_mlp"), preset["chunked_mlp"]),
         chunked_loss=_pick(switches.get("chunked_loss"), preset["chunked_loss"]),
@@ -188,6 +193,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         offload_states=offload_states,
         doc_len=doc_len,
         residual_fp32=bool(switches.pop("residual_fp32", False)) and precision.mixed,
+        ulysses_degree=ulysses_degree,
     )
     return st, hw
 
@@ -207,8 +213,9 @@ def _rates(st: Setup, hw: dict, dense_efficiency: float, attention_efficiency: f
         dense_flops=peak * dense_efficiency,
         attention_flops=peak * attention_efficiency,
         pcie_bytes=hw["pcie_gbps"] * 1e9,
-        a2a_bytes=link(st.gpus),
+        a2a_bytes=link(st.U),  # Ulysses groups are consecutive ranks
         fsdp_bytes=link(st.ranks),
+        p2p_bytes=link(st.gpus),  # a ring over all sp ranks leaves the node once sp does
         host_adam_params=HOST_ADAM_PARAMS_PER_S,
     )
 
@@ -242,6 +249,7 @@ def estimate(
     offload_states: bool = False,
     doc_len: int | None = None,
     residual_fp32: bool = False,
+    ulysses_degree: int | None = None,
 ) -> Estimate:
     """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
 
@@ -255,6 +263,7 @@ def estimate(
     ``doc_len``: packed documents of that many tokens (attention inside documents; FPDT's
     schedules keep only the chunk blocks that share one, as the runner's do).
     ``residual_fp32``: under mixed precision, the residual stream and its checkpoints in fp32.
+    ``ulysses_degree``: ``usp``'s ranks per Ulysses group (``None``: its default).
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
     ``ValueError`` on an unknown preset, head counts that do not split over ``sp``, or a chunk
     size that does not divide ``seq_len``. ``dtype`` (``bf16``: ``bf16-true``, ``fp32``:
@@ -281,6 +290,7 @@ def estimate(
         offload_states=offload_states,
         doc_len=doc_len,
         residual_fp32=residual_fp32,
+        ulysses_degree=ulysses_degree,
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
@@ -288,7 +298,7 @@ def estimate(
     rates = _rates(st, hw, dense, attention)
     time = step_seconds(st, rates)
     overhead = 0.0
-    if st.strategy == "fpdt" and st.offload:
+    if st.pipelined and st.offload:
         ideal = attention_layer_seconds(st, rates, copies=False)
         overhead = time.parts["attention"] / (st.cfg.n_layers * ideal) - 1.0
     flops = step_flops(st.cfg, seq_len, square_tokens=square_tokens(st)).causal
@@ -349,6 +359,7 @@ def estimate_row(row: dict, **overrides) -> Estimate:
         offload_states=flag("offload_states"),
         residual_fp32=flag("residual_fp32"),
         n_layers=None if number("n_layers") is None else int(number("n_layers")),
+        ulysses_degree=None if number("ulysses_degree") is None else int(number("ulysses_degree")),
         max_device_memory=number("max_device_memory") or (1.0 if hardware == "cpu" else None),
         peak_tflops=number("peak_tflops") or (1.0 if hardware == "cpu" else None),
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from parallel.all_to_all import kv_heads_per_rank
 from parallel.schedule import HOST, Kind, Schedule, Stream, backward_schedule, document_pairs, forward_schedule
+from parallel.strategies import get_strategy
 
 FP32 = 4
 INT64 = 8
@@ -58,7 +59,7 @@ class Setup:
     """One resolved configuration (see :func:`experiments.plan.estimate` for the switches)."""
 
     cfg: object  # models.ModelConfig
-    strategy: str
+    strategy: str  # a registered strategy (parallel.strategies): its degrees and traits are modelled
     gpus: int  # the sequence-parallel degree P (sp): the ranks that share one sequence
     seq_len: int
     chunks: int
@@ -77,6 +78,29 @@ class Setup:
     offload_states: bool = False  # FSDP's CPUOffloadPolicy: sharded model states in host memory
     doc_len: int | None = None  # packed documents of this many tokens each (None: one per sequence)
     residual_fp32: bool = False  # mixed precision with an fp32 residual stream (and checkpoints)
+    ulysses_degree: int | None = None  # usp: ranks per Ulysses group (None: the strategy's default)
+
+    @property
+    def spec(self):
+        return get_strategy(self.strategy)
+
+    @property
+    def degrees(self) -> tuple[int, int]:
+        """``(U, R)``: the ranks whose all-to-all splits the heads, and the ring's length."""
+        return self.spec.degrees(self.gpus, self.ulysses_degree, self.cfg.n_heads, self.cfg.n_kv_heads)
+
+    @property
+    def U(self) -> int:
+        return self.degrees[0]
+
+    @property
+    def R(self) -> int:
+        return self.degrees[1]
+
+    @property
+    def pipelined(self) -> bool:
+        """The FPDT chunk pipeline: attention state by schedule replay, not whole-sequence tensors."""
+        return self.spec.takes_chunks
 
     @property
     def ranks(self) -> int:
@@ -101,8 +125,8 @@ class Setup:
 
     @property
     def kv_heads(self) -> int:
-        """KV heads per rank after the all-to-all (replicated when ``P % Hkv == 0``)."""
-        return kv_heads_per_rank(self.cfg.n_kv_heads, self.gpus)
+        """KV heads per rank after the all-to-all (replicated when ``U % Hkv == 0``)."""
+        return kv_heads_per_rank(self.cfg.n_kv_heads, self.U)
 
 
 @functools.lru_cache(maxsize=64)
@@ -287,7 +311,7 @@ def memory(st: Setup) -> Memory:
         mlp += NORM_TILE_LIVE * st.mlp_tile * h * FP32 if tiled else 0
     else:
         mlp = MLP_LIVE[cfg.activation] * s * f * b
-    attn_saved = 0 if st.strategy == "fpdt" else _attn_saved(st)
+    attn_saved = 0 if st.pipelined else _attn_saved(st)
     mlp_phase = ckpt + hidden + attn_saved + mlp
 
     attn_work = _attn_backward_working_set(st)
@@ -317,19 +341,26 @@ def memory(st: Setup) -> Memory:
     return Memory(parts, fixed + tokens + act, phase, phases, _host(st))
 
 
+def _whole_qkv(st: Setup) -> tuple[int, int, int]:
+    """Bytes of one rank's attention q (and o) and of its k (and v) when the attention is not
+    chunked: ``S/R`` tokens (the whole sequence, or one ring position's share) of ``H/U`` query
+    heads, and of the K/V heads each rank holds; and those tokens."""
+    cfg, b = st.cfg, st.dtype_bytes
+    tokens = st.seq_len // st.R
+    return tokens * (cfg.n_heads // st.U) * cfg.head_dim * b, tokens * st.kv_heads * cfg.head_dim * b, tokens
+
+
 def _attn_saved(st: Setup) -> int:
-    """Ulysses (and local): flash attention saves the gathered q, k, v, o [S, H/P, d] and the fp32
-    lse; RoPE saves its fp32 cos/sin tables [S, d]."""
-    cfg, b, S, P = st.cfg, st.dtype_bytes, st.seq_len, st.gpus
-    Q = S * (cfg.n_heads // P) * cfg.head_dim * b
-    KV = S * st.kv_heads * cfg.head_dim * b
-    return 2 * Q + 2 * KV + S * (cfg.n_heads // P) * FP32 + 2 * S * cfg.head_dim * FP32
+    """Ulysses, ring, usp (and local): the attention saves q, k, v, o of the tokens it attends for
+    (``S/R`` of them, ``H/U`` heads) and the fp32 lse; RoPE saves its fp32 cos/sin tables."""
+    Q, KV, tokens = _whole_qkv(st)
+    return 2 * Q + 2 * KV + tokens * (st.cfg.n_heads // st.U) * FP32 + 2 * tokens * st.cfg.head_dim * FP32
 
 
 def _attn_kept(st: Setup) -> int:
     """What one layer's attention keeps on the device for the backward: FPDT keeps its chunks in
     the host store with offload, else all ``u`` chunks' q, k, v, o, lse; Ulysses its saved tensors."""
-    if st.strategy != "fpdt":
+    if not st.pipelined:
         return _attn_saved(st)
     if st.offload:
         return 0
@@ -346,12 +377,15 @@ def _mlp_saved(st: Setup) -> int:
 
 
 def _attn_backward_working_set(st: Setup) -> int:
-    cfg, b, S, P = st.cfg, st.dtype_bytes, st.seq_len, st.gpus
-    if st.strategy != "fpdt":
+    cfg, b, P = st.cfg, st.dtype_bytes, st.gpus
+    if not st.pipelined:
         # saved q, k, v, o, lse, rope + gradients dq, dk, dv and the gathered output gradient
-        Q = S * (cfg.n_heads // P) * cfg.head_dim * b
-        KV = S * st.kv_heads * cfg.head_dim * b
-        return _attn_saved(st) + 2 * Q + 2 * KV
+        Q, KV, _ = _whole_qkv(st)
+        ring = 0
+        if st.R > 1:
+            # the K/V block in use and the one arriving, and their fp32 dK/dV travelling the ring
+            ring = 2 * 2 * KV + 2 * 2 * KV * FP32 // b
+        return _attn_saved(st) + 2 * Q + 2 * KV + ring
     sizes = chunk_bytes(st)
     x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
     sched = _backward(st.chunks, st.offload, pairs(st))
@@ -374,7 +408,7 @@ def _host(st: Setup) -> dict[str, int]:
         host["model states"] = sum(_sharded_states(st).values())
     if st.activation_checkpointing and st.checkpoint_on_host:
         host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * st.rb
-    if st.strategy == "fpdt" and st.offload:
+    if st.pipelined and st.offload:
         sz = chunk_bytes(st)
         C, hq = st.C, cfg.n_heads // P
         o = C * hq * cfg.head_dim * b + C * hq * FP32
@@ -400,6 +434,7 @@ class Rates:
     pcie_bytes: float
     a2a_bytes: float
     fsdp_bytes: float
+    p2p_bytes: float = 0.0  # one direction of a ring link (ring, usp); 0: a2a_bytes
     host_adam_params: float = 1.0  # parameters/s AdamW steps on the host (offload_states)
 
 
@@ -410,8 +445,19 @@ class StepTime:
 
 
 def _a2a_seconds(payload: int, st: Setup, rates: Rates) -> float:
-    """An all-to-all of ``payload`` bytes per rank sends ``(P-1)/P`` of it."""
-    return payload * (st.gpus - 1) / st.gpus / rates.a2a_bytes
+    """An all-to-all of ``payload`` bytes per rank over the ``U`` head-splitting ranks sends
+    ``(U-1)/U`` of it."""
+    return payload * (st.U - 1) / st.U / rates.a2a_bytes
+
+
+def _ring_pass_seconds(compute: float, payload: int, st: Setup, rates: Rates) -> float:
+    """One pass of ``R`` ring steps: step ``t``'s compute (``compute / R``) overlaps the transfer of
+    the next block (``payload`` bytes to the neighbour); the last step sends nothing."""
+    R = st.R
+    if R == 1:
+        return compute
+    step, comm = compute / R, payload / (rates.p2p_bytes or rates.a2a_bytes)
+    return (R - 1) * max(step, comm) + step
 
 
 def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
@@ -463,22 +509,28 @@ def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = T
 def attention_layer_seconds(st: Setup, rates: Rates, *, copies: bool = True) -> float:
     """One layer's attention core (QKV projection, all-to-alls, blocks, projection backward) for
     a training step: the no-grad forward of checkpointing, the recompute forward, the backward."""
-    if st.strategy == "fpdt":
+    if st.pipelined:
         passes = [_forward(st.chunks, st.offload, True, pairs(st)), _backward(st.chunks, st.offload, pairs(st))]
         if st.activation_checkpointing:
             passes.append(_forward(st.chunks, st.offload, False, pairs(st)))
         return sum(replay_seconds(p, st, rates, copies=copies) for p in passes)
-    # Ulysses/local: one whole-sequence "chunk", its all-to-alls blocking (not overlapped).
-    cfg, P, s = st.cfg, st.gpus, st.s
-    hq, d = cfg.n_heads // P, cfg.head_dim
-    fwd_attn = 2 * square_tokens(st) * hq * d / rates.attention_flops  # causal: half the pairs
+    # Ulysses/ring/usp/local: the whole sequence's (or one ring position's) attention; the
+    # all-to-alls block, the ring's transfers overlap its steps (the zigzag balances them).
+    cfg, s = st.cfg, st.s
+    hq, d = cfg.n_heads // st.U, cfg.head_dim
+    fwd_attn = 2 * square_tokens(st) / st.R * hq * d / rates.attention_flops  # causal: half the pairs
     qkv = s * (cfg.n_heads + 2 * cfg.n_kv_heads) * d * st.dtype_bytes
     o = s * cfg.n_heads * d * st.dtype_bytes
-    a2a = _a2a_seconds(qkv + o, st, rates) if P > 1 else 0.0
+    a2a = _a2a_seconds(qkv + o, st, rates) if st.U > 1 else 0.0
     proj = 2 * s * cfg.hidden * (cfg.n_heads + 2 * cfg.n_kv_heads) * d / rates.dense_flops
-    fwd = fwd_attn + a2a + proj
+    _, KV, _ = _whole_qkv(st)
+    kv_block, dkv_block = 2 * KV, 2 * KV * FP32 // st.dtype_bytes
+    fwd = _ring_pass_seconds(fwd_attn, kv_block, st, rates) + a2a + proj
+    bwd_attn = _ring_pass_seconds(2.5 * fwd_attn, kv_block + dkv_block, st, rates)
+    if st.R > 1:  # the last hop takes each block's finished dK/dV home
+        bwd_attn += dkv_block / (rates.p2p_bytes or rates.a2a_bytes)
     n_fwd = 2 if st.activation_checkpointing else 1
-    return n_fwd * fwd + 2.5 * fwd_attn + a2a + 2 * proj
+    return n_fwd * fwd + bwd_attn + a2a + 2 * proj
 
 
 def step_seconds(st: Setup, rates: Rates) -> StepTime:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from parallel import get_strategy
+
 from .estimate import estimate
 
 # max_seq_len stops bisecting when the gap is within 1/RESOLUTION of the answer (or one granule).
@@ -19,9 +21,10 @@ HIDE_TOLERANCE = 0.05
 
 
 def _granularity(strategy: str, gpus: int, seq_len: int, chunk_tokens: int) -> int:
-    if strategy == "fpdt" and seq_len > chunk_tokens:
+    spec = get_strategy(strategy)
+    if spec.takes_chunks and seq_len > chunk_tokens:
         return chunk_tokens
-    return gpus
+    return spec.granule(gpus, 1, 1 if spec.uses_ulysses_degree else None)
 
 
 def max_seq_len(
@@ -44,7 +47,8 @@ def max_seq_len(
     does not fit is one granule or ``1/RESOLUTION`` of the answer. ``switches``: the other keywords of
     :func:`estimate` (``max_device_memory`` for ``hardware=cpu``, ``offload``, ``dtype``, ...).
     """
-    if strategy == "fpdt" and (chunk_tokens < 1 or chunk_tokens % gpus):
+    takes_chunks = get_strategy(strategy).takes_chunks
+    if takes_chunks and (chunk_tokens < 1 or chunk_tokens % gpus):
         raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive multiple of gpus={gpus}")
     kw = dict(
         chunk_tokens=chunk_tokens,
@@ -57,9 +61,9 @@ def max_seq_len(
     def fits(n: int) -> bool:
         return estimate(model, strategy, gpus, hardware, n, **kw).fits
 
-    fixed = switches.get("chunks") if strategy == "fpdt" else None  # a fixed u instead of a chunk size
+    fixed = switches.get("chunks") if takes_chunks else None  # a fixed u instead of a chunk size
     lo = 0
-    n = gpus * (fixed or 1)
+    n = _granularity(strategy, gpus, 0, chunk_tokens) * (fixed or 1)
     while n <= limit and fits(n):
         lo, n = n, n * 2
     if lo == 0 or n > limit:
@@ -78,11 +82,15 @@ def max_seq_len(
     return lo
 
 
-def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, **switches) -> int | None:
-    """The smallest power-of-two FPDT chunk (tokens) that divides ``seq_len``, fits, and hides
+def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, *, strategy: str = "fpdt",
+                           **switches) -> int | None:  # fmt: skip
+    """The smallest power-of-two chunk (tokens) of ``strategy`` (one that takes chunks; FPDT by
+    default) that divides ``seq_len``, fits, and hides
     the host-device traffic behind compute (replayed pipeline within ``HIDE_TOLERANCE`` of the
     same pipeline with free copies); if none hides it, the fitting one with the shortest step.
     ``None`` if no chunk size fits."""
+    if not get_strategy(strategy).takes_chunks:
+        raise ValueError(f"strategy {strategy!r} takes no chunks; recommend a chunk for one that does")
     switches.pop("chunk_tokens", None)
     switches.pop("chunks", None)
     c, candidates = gpus, []
@@ -92,7 +100,7 @@ def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, *
         c *= 2
     fitting = []
     for c in candidates:
-        e = estimate(model, "fpdt", gpus, hardware, seq_len, chunks=seq_len // c, **switches)
+        e = estimate(model, strategy, gpus, hardware, seq_len, chunks=seq_len // c, **switches)
         if not e.fits:
             continue
         if e.copy_overhead <= HIDE_TOLERANCE:

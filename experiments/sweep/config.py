@@ -14,13 +14,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fpdt_kernels.backend import BACKENDS
-from parallel import STRATEGIES
+from parallel import strategy_names
 
 from ..core.dtypes import DTYPE_NAMES
 from ..training.precision import PRECISIONS
 
 # Enums built from the names the library defines, so a config can only name what exists.
-Strategy = enum.Enum("Strategy", {name: name for name in STRATEGIES}, type=str)
 DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)  # the old key; see precision
 Precision = enum.Enum("Precision", {name: name for name in ("auto", *PRECISIONS)}, type=str)
 
@@ -36,8 +35,9 @@ class ModelSelect:
 
 @dataclass
 class ParallelConf:
-    strategy: Strategy = MISSING
+    strategy: Strategy = MISSING  # a registered strategy: local, ulysses, fpdt, ring, usp
     offload: bool = False  # fpdt: keep saved attention chunks in host memory
+    ulysses_degree: int | None = None  # usp: ranks per Ulysses group (None: largest <= 8 splitting the KV heads)
     activation_checkpointing: bool = True  # recompute each layer in the backward
     checkpoint_on_host: bool = False  # keep the layer checkpoints in host memory
     chunked_mlp: bool = False  # sequence-tiled MLP with recompute
@@ -134,10 +134,18 @@ class TrainConfig(JobConfig):
     timeout_s: float | None = None
 
 
+def strategy_enum() -> type[enum.Enum]:
+    """The strategies registered now (``parallel.strategies``), as the schema's enum."""
+    return enum.Enum("Strategy", {name: name for name in strategy_names()}, type=str)
+
+
 def register_configs() -> None:
     """The schema is the primary config's base; the groups ``model``, ``parallel`` and ``hardware``
     are typed through its fields, so their presets need no schema of their own (and ``--help``
-    lists only real presets)."""
+    lists only real presets). ``parallel.strategy`` takes the strategies registered when this
+    runs: it runs at import, and again after a strategy is registered at run time."""
+    global Strategy
+    Strategy = strategy_enum()  # the field's annotation names this global; it is read when stored
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 

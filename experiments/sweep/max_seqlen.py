@@ -24,6 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from parallel import get_strategy
+
 from ..core.paths import CONF_DIR
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
@@ -56,7 +58,7 @@ class _Prober:
 
     def __call__(self, seq_len: int) -> dict:
         point = dict(self.base, seq_len=seq_len)
-        if self.chunk_tokens and point["strategy"] == "fpdt":
+        if self.chunk_tokens and get_strategy(point["strategy"]).takes_chunks:
             point["chunks"] = seq_len // self.chunk_tokens
         probe_dir = self.job_dir / "probes" / point_key(point)
         row = measure(point, probe_dir)
@@ -122,7 +124,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     base = resolve_point(cfg)
-    chunk_tokens = cfg.search.chunk_tokens if base["strategy"] == "fpdt" else None
+    chunk_tokens = cfg.search.chunk_tokens if get_strategy(base["strategy"]).takes_chunks else None
     granularity = _granularity(base, chunk_tokens)
     label = f"{base['model']} {base['strategy']} gpus={base['gpus']} " + (
         f"chunk_tokens={chunk_tokens}" if chunk_tokens else f"chunks={base['chunks']}"

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import fpdt_kernels
 from models import get_config
-from parallel import check_mesh, check_setup
+from parallel import check_mesh, get_strategy
 
 from ..core.dtypes import dtype_name
 from ..core.hardware import resolve_hardware
@@ -30,16 +30,16 @@ def resolve_point(cfg: DictConfig) -> dict:
     """The effective configuration of a point as a flat dict (what the key and the row echo)."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     par, hw = c["parallel"], resolve_hardware(c["hardware"])
-    strategy = par["strategy"]
+    strategy = get_strategy(par["strategy"])  # an unknown name fails here, naming the registered ones
     precision = resolve_precision(c["precision"], torch.cuda.is_available(), c["dtype"])
     point = {
         "model": c["model"]["name"],
         "n_layers": c["model"]["n_layers"],
-        "strategy": strategy,
+        "strategy": strategy.name,
         "seq_len": c["seq_len"],
-        # chunks only means something to fpdt: other strategies record 1, so a sweep that
-        # crosses strategies and chunk counts runs each of their points once.
-        "chunks": c["chunks"] if strategy == "fpdt" else 1,
+        # chunks only mean something to a strategy that takes them: the others record 1, so a
+        # sweep that crosses strategies and chunk counts runs each of their points once.
+        "chunks": c["chunks"] if strategy.takes_chunks else 1,
         "requested_chunks": c["chunks"],
         "gpus": c["gpus"],
         "sp": c["gpus"] if c["sp"] is None else c["sp"],
@@ -55,7 +55,8 @@ def resolve_point(cfg: DictConfig) -> dict:
         "lr": c["lr"],
         "max_device_memory": c["max_device_memory"],
         "timeout_s": c["timeout_s"],
-        "offload": par["offload"] and strategy == "fpdt",
+        "offload": par["offload"] and strategy.offloads,
+        "ulysses_degree": par.get("ulysses_degree") if strategy.uses_ulysses_degree else None,
         "activation_checkpointing": par["activation_checkpointing"],
         "checkpoint_on_host": par["checkpoint_on_host"] and par["activation_checkpointing"],
         "chunked_mlp": par["chunked_mlp"],
@@ -78,6 +79,9 @@ def resolve_point(cfg: DictConfig) -> dict:
     point["dp"] = point["gpus"] // point["sp"] if point["sp"] >= 1 and point["gpus"] % point["sp"] == 0 else None
     if point["n_layers"] is None:  # record the depth trained, not the (empty) override
         point["n_layers"] = get_config(point["model"]).n_layers
+    if strategy.uses_ulysses_degree and point["ulysses_degree"] is None and point["dp"]:
+        cfg = get_config(point["model"])  # record the degree that runs, not the (empty) default
+        point["ulysses_degree"] = strategy.head_degree(point["sp"], None, cfg.n_heads, cfg.n_kv_heads)
     return point
 
 
@@ -92,7 +96,8 @@ def check_point(point: dict) -> None:
         raise ValueError(f"warmup_steps={point['warmup_steps']} must be >= 0")
     check_mesh(point["gpus"], point["sp"])
     cfg = model_config(point)
-    check_setup(point["strategy"], point["seq_len"], point["sp"], point["chunks"], cfg.n_heads, cfg.n_kv_heads)
+    get_strategy(point["strategy"]).check(point["seq_len"], point["sp"], point["chunks"], cfg.n_heads, cfg.n_kv_heads,
+                                          point.get("ulysses_degree"))  # fmt: skip
     if point["residual_fp32"] and point["fsdp"]:
         raise ValueError("residual_fp32=true needs parallel.fsdp=false: FSDP2's mixed precision casts every "
                          "block's input to bf16, so the residual stream is bf16 there whatever this says")  # fmt: skip

@@ -28,7 +28,7 @@ ROW_FIELDS = [
     "device_name", "git_commit",
     "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
     "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
-    "precision", "sp", "dp", "offload_states", "residual_fp32",
+    "precision", "sp", "dp", "offload_states", "residual_fp32", "ulysses_degree",
     "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
     "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "device_alloc_retries",
     "peak_tflops_source",
@@ -42,12 +42,17 @@ KEY_FIELDS = [
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
     "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "residual_fp32", "steps", "warmup_steps", "seed",
     "max_device_memory", "data_path", "data_packing", "data_eos_id", "data_index", "data_doc_len",
+    "ulysses_degree",
 ]  # fmt: skip
+# Key fields added later enter a point's key only when set, so the points of older sweeps keep
+# their keys (and are not run again).
+_KEY_FIELDS_WHEN_SET = {"ulysses_degree"}
 
 
 def point_key(point: dict) -> str:
     """Readable, unique file name for an effective configuration."""
-    blob = json.dumps({k: point.get(k) for k in KEY_FIELDS}, sort_keys=True, default=str)
+    fields = {k: point.get(k) for k in KEY_FIELDS if k not in _KEY_FIELDS_WHEN_SET or point.get(k) is not None}
+    blob = json.dumps(fields, sort_keys=True, default=str)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
     return f"{point['model']}_{point['strategy']}_s{point['seq_len']}_u{point['chunks']}_g{point['gpus']}_{digest}"
 

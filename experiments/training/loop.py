@@ -36,7 +36,7 @@ def setup_rank(point: dict) -> Rank:
     """Join the job's process group and ``(dp, sp)`` mesh, pick the device, the attention backend
     and the precision (every rank of ``run`` and ``train`` starts here)."""
     init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
-    mesh = init_mesh(point["sp"])
+    mesh = init_mesh(point["sp"], ulysses=point.get("ulysses_degree"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda:
@@ -80,6 +80,7 @@ def build_model(point: dict, mesh: Mesh, device: torch.device, precision: Precis
         fsdp=fsdp,
         mixed_precision=precision.fsdp_mixed_precision() if fsdp else None,
         offload_states=point.get("offload_states", False),
+        ulysses_degree=point.get("ulysses_degree"),
     )
 
 
@@ -95,8 +96,15 @@ def forward_backward(model, point: dict, mesh: Mesh, precision: Precision, devic
     """Shard this replica's ``[B, S]`` batch (and its documents' ``cu_seqlens``, if packed) over the
     sequence-parallel group, run forward and backward; returns the detached loss (the mean over
     every token of the global batch)."""
-    tokens, labels, positions = shard_batch(tokens, labels, point["strategy"], chunks=point["chunks"], group=mesh.sp,
-                                            cu_seqlens=cu_seqlens)  # fmt: skip
+    tokens, labels, positions = shard_batch(
+        tokens,
+        labels,
+        point["strategy"],
+        chunks=point["chunks"],
+        group=mesh.sp,
+        cu_seqlens=cu_seqlens,
+        ulysses_degree=point.get("ulysses_degree"),
+    )
     tokens, labels, positions = (t.to(device) for t in (tokens, labels, positions))
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.to(device)}
     with precision.autocast(device, point["fsdp"]):
