@@ -1,9 +1,102 @@
-"""``python -m experiments.train``: real training with checkpoints (the body is
-:mod:`experiments.training.job`)."""
+"""``python -m experiments.train``: train a model for real, with checkpoints and resume.
 
-from .training.job import main
+The same config groups and keys as ``experiments.run`` (``model=``, ``parallel=``, ``hardware=``,
+``seq_len``, ``chunks``, ``gpus``, ``sp``, ``precision``, ``data.*``), plus the schedule and the
+checkpoints (``conf/train.yaml``)::
 
-__all__ = ["main"]
+    python -m experiments.train model=llama-tiny parallel=fpdt seq_len=4096 chunks=4 gpus=2 steps=200
+    python -m experiments.train model=llama3-8b parallel=fpdt seq_len=262144 chunks=4 gpus=8 sp=4 \\
+        steps=1000 checkpoint.dir=/shared/ckpt checkpoint.every=100
+    python -m experiments.train ... checkpoint.dir=/shared/ckpt resume=true     # continue
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m experiments.train gpus=16 sp=8 ...
+
+Writes ``train.csv`` (one row per step) and ``train_loss.png`` in the run directory. A rank that
+dies stops the run; the last complete checkpoint stays, and the message says which rank died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .core.paths import CONF_DIR
+from .core.tables import read_csv, write_json
+from .sweep import config as _schema  # noqa: F401  (registers the structured configs)
+from .sweep.controller import launch
+from .sweep.points import check_point, resolve_point
+from .sweep.worker import run_rank
+from .training import checkpoint
+from .training.trainer import train_rank
+
+TRAIN_KEYS = ("stop_after", "lr_warmup_steps", "lr_min_ratio", "grad_clip", "weight_decay", "log_every", "resume")
+
+
+def resolve_training(cfg: DictConfig, run_dir: Path) -> dict:
+    """The run's point (as ``experiments.run`` resolves it) plus the training keys, checked."""
+    point = resolve_point(cfg)
+    c = OmegaConf.to_container(cfg, resolve=True)
+    point.update({k: c[k] for k in TRAIN_KEYS})
+    ckpt = c["checkpoint"]
+    point["checkpoint_dir"] = str((Path(ckpt["dir"]) if ckpt["dir"] else run_dir / "checkpoints").resolve())
+    point["checkpoint_every"] = ckpt["every"]
+    check_point(point)
+    if point["stop_after"] is not None and not 1 <= point["stop_after"] <= point["steps"]:
+        raise ValueError(f"stop_after={point['stop_after']} must be in [1, steps={point['steps']}]")
+    if point["resume"] and not ckpt["dir"]:
+        raise ValueError("resume=true needs checkpoint.dir=<the earlier run's checkpoint directory>")
+    if point["log_every"] < 1 or point["checkpoint_every"] < 0 or point["lr_warmup_steps"] < 0:
+        raise ValueError("log_every must be >= 1, checkpoint.every >= 0 (0: only at the end), lr_warmup_steps >= 0")
+    return point
+
+
+def _loss_figure(run_dir: Path) -> Path | None:
+    csv_path = run_dir / "train.csv"
+    if not csv_path.exists():
+        return None
+    try:
+        from .figures.plots import training_figure
+    except ImportError as exc:  # matplotlib missing: the CSV is the record
+        print(f"loss curve skipped: {exc}", flush=True)
+        return None
+    return training_figure(read_csv(csv_path), run_dir / "train_loss")[0]
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        point = resolve_training(cfg, run_dir)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"train: {point['model']} {point['strategy']} seq_len={point['seq_len']} chunks={point['chunks']} "
+          f"gpus={point['gpus']} (sp={point['sp']}, dp={point['dp']}) precision={point['precision']} "
+          f"steps={point['steps']}; run directory {run_dir}", flush=True)  # fmt: skip
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun started this rank
+        if point["gpus"] != int(os.environ["WORLD_SIZE"]):
+            sys.exit(f"error: gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
+        run_rank(point, str(run_dir), train_rank)
+        outcome = {"status": "ok"}
+    else:
+        outcome = launch(point, run_dir, train_rank)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+        return
+    write_json(run_dir / "train_result.json", {**outcome, "point": point})
+    figure = _loss_figure(run_dir)
+    if figure is not None:
+        print(f"loss curve: {figure}", flush=True)
+    print(f"train.csv: {run_dir / 'train.csv'}", flush=True)
+    if outcome["status"] != "ok":
+        last = checkpoint.latest(point["checkpoint_dir"])
+        sys.exit(f"{outcome['status']}: {outcome.get('error')}; last complete checkpoint: {last}")
+    print(json.dumps({k: outcome.get("metrics", {}).get(k) for k in ("start_step", "end_step", "loss")}), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -167,9 +167,11 @@ class DeviceBuffers:
     first fetches then wait for the forward's last uses of them, not for the caller's stream at
     the backward's start (as slots fresh from the caller's pool must).
 
-    Scratch regions: ``scratch`` maps a name to a byte count; :meth:`scratch` views the region as
-    any shape and dtype that fits. A region serves one stream (the communication stream), whose
-    ops run in order, so consecutive ops reuse it without events.
+    Scratch regions: ``scratch`` maps a name to a byte count; :meth:`scratch` views the bytes of a
+    region from an offset as any shape and dtype that fits. A region serves one stream (the
+    communication stream), whose ops run in order, so consecutive ops reuse it without events,
+    and one op may lay out several things in it (the caller keeps the views it uses at once
+    disjoint).
 
     On CPU the same bookkeeping runs without events.
     """
@@ -235,12 +237,16 @@ class DeviceBuffers:
             self._free[key].append((t, events))
         self._pending.clear()
 
-    def scratch(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        """Region ``name`` viewed as ``shape``/``dtype``, for the current stream."""
+    def scratch(self, name: str, shape, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        """Region ``name`` from byte ``offset`` on, viewed as ``shape``/``dtype``, for the current
+        stream. ``offset`` must be a multiple of ``dtype``'s size."""
         region = self._regions[name]
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > region.numel():
-            raise ValueError(f"scratch region {name!r} holds {region.numel()} bytes, {nbytes} asked")
+        if offset % dtype.itemsize:
+            raise ValueError(f"scratch offset {offset} is not a multiple of {dtype}'s {dtype.itemsize} bytes")
+        if offset + nbytes > region.numel():
+            asked = f"{nbytes} asked" + (f" from byte {offset}" if offset else "")
+            raise ValueError(f"scratch region {name!r} holds {region.numel()} bytes, {asked}")
         if self.cuda:
             stream = current_stream(self.device)
             if stream not in self._region_streams:
@@ -248,7 +254,7 @@ class DeviceBuffers:
                 wait_events(stream, self._ready)
                 for r in self._regions.values():
                     r.record_stream(stream)  # freed after the run: reuse waits for this stream
-        return region[:nbytes].view(dtype).view(shape)
+        return region[offset : offset + nbytes].view(dtype).view(shape)
 
 
 class Timeline:

@@ -33,6 +33,8 @@ from .layout import document_positions, shard
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward, apply_rotary_into
 from .schedule import Kind, Op, Schedule, backward_schedule, document_pairs, forward_schedule
 
+_A2A = (Kind.A2A_QKV, Kind.A2A_OUT, Kind.A2A_DO, Kind.A2A_DQ, Kind.A2A_DKV)
+
 
 @dataclass(frozen=True)
 class FPDTSpec:
@@ -66,12 +68,12 @@ class _Runner:
     """One rank's state for one FPDT block call: device buffers (``env``) and host copies.
 
     Each run (forward, backward) takes the device memory its side-stream ops write, fetch
-    destinations and all-to-all/RoPE outputs and temporaries, from one :class:`DeviceBuffers`
-    made on the caller's stream when the run starts: a ring of slots sized from the schedule
-    (:meth:`_slot_counts`) and scratch regions for the communication stream
-    (:meth:`_scratch_bytes`). Side streams allocate nothing. A saving forward hands its free
-    slots to the next run (:meth:`DeviceBuffers.park`), the backward, so its first fetches need
-    not wait for the caller's stream.
+    destinations and all-to-all/RoPE outputs and temporaries, and the backward's fp32 gradient
+    accumulators, from one :class:`DeviceBuffers` made on the caller's stream when the run
+    starts: a ring of slots sized from the schedule (:meth:`_slot_counts`) and one scratch region
+    for the communication stream (:meth:`_scratch_bytes`). Side streams allocate nothing. A
+    saving forward hands its free slots to the next run (:meth:`DeviceBuffers.park`), the
+    backward, so its first fetches need not wait for the caller's stream.
     """
 
     def __init__(self, spec: FPDTSpec, x: torch.Tensor, wqkv, bqkv):
@@ -140,6 +142,12 @@ class _Runner:
             return {op.writes[0]: [(n, dt)]}  # [B, c, H, d]: as many elements as [B, C, H/P, d]
         if op.kind == Kind.A2A_DKV:
             return {op.writes[0]: [(loc_kv, dt)] * 2}
+        if op.kind == Kind.ATTN_BWD:  # a block that starts an accumulator (mirrors attn_bwd)
+            dq, dkv = op.writes
+            made = {dq: [(n, self.acc)]} if dq not in op.reads else {}
+            if dkv not in op.reads:
+                made[dkv] = [(kv, self.acc)] * 2
+            return made
         return {}
 
     def _slot_counts(self, schedule: Schedule) -> Counter:
@@ -165,36 +173,75 @@ class _Runner:
         return peak
 
     def _scratch_bytes(self, schedule: Schedule) -> dict[str, int]:
-        """Scratch regions of the communication stream's ops, in bytes: ``send``/``recv`` for the
-        all-to-all (the largest it moves: a ``[B, C, H/P, d]`` chunk), ``work`` (fp32 RoPE math
-        on such a chunk, or the KV replicas before their sum), ``tables`` (fp32 cos/sin ``[C, d]``)
-        and ``angles`` (float64, to build them)."""
+        """The communication stream's scratch, in bytes: one region, ``comm``, that each of its ops
+        lays out in turn (they run in order on that stream, so one op's layout is dead when the
+        next starts):
+
+        * an all-to-all: ``send`` at byte 0 and ``recv`` after it, each the largest chunk moved
+          (``[B, C, H/P, d]``); the KV replicas before their sum land at byte 0 once ``send`` has
+          gone out;
+        * RoPE: fp32 cos/sin ``[C, d]`` at byte 0, then the float64 angles that build them, then,
+          once they are built, the fp32 work of the rotation, a few heads at a time
+          (:meth:`_rope_heads`).
+
+        An op that does both does them one after the other: ``a2a_qkv`` moves q, k, v into their
+        slots and then rotates them there; ``a2a_dq``/``a2a_dkv`` rotate the gradient in its fp32
+        accumulator (freed after the op) and then move it. So the region is the larger of the two
+        layouts, not their sum.
+        """
         kinds = schedule.counts()
-        P, n, C, d = self.spec.group.size, math.prod(self.q_shape), self.C, self.spec.head_dim
-        rope = self._rope_in_a2a() and (kinds[Kind.A2A_QKV] or kinds[Kind.A2A_DQ] or kinds[Kind.A2A_DKV])
-        replicas = self.spec.n_kv_heads % P != 0 and kinds[Kind.A2A_DKV]
-        sizes = {}
-        if P > 1:
-            sizes["send"] = sizes["recv"] = n * self.dtype.itemsize
-        if rope or replicas:
-            sizes["work"] = 2 * n * 4
+        moves = self.spec.group.size > 1 and any(kinds[k] for k in _A2A)
+        rope = self._rope_in_a2a() and any(kinds[k] for k in (Kind.A2A_QKV, Kind.A2A_DQ, Kind.A2A_DKV))
+        size = 2 * self._chunk_bytes() if moves else 0
         if rope:
-            sizes["tables"] = 2 * C * d * 4
-            sizes["angles"] = self.spec.rope.span_work(C) * 8
-        return sizes
+            work = self._rope_heads() * self._head_work_bytes()
+            size = max(size, self._tables_bytes() + max(self.spec.rope.span_work(self.C) * 8, work))
+        return {"comm": size} if size else {}
+
+    def _chunk_bytes(self) -> int:
+        """Bytes of the largest chunk an all-to-all moves: ``[B, C, H/P, d]`` in the input dtype."""
+        return math.prod(self.q_shape) * self.dtype.itemsize
+
+    def _tables_bytes(self) -> int:
+        return 2 * self.C * self.spec.head_dim * 4
+
+    def _head_work_bytes(self) -> int:
+        """fp32 work of rotating one head of a ``[B, C, heads, d]`` chunk (``apply_rotary_into``:
+        a copy of the input and the result)."""
+        B, C, _, d = self.q_shape
+        return 2 * B * C * d * 4
+
+    def _rope_heads(self) -> int:
+        """Heads rotated at once: as many as fit beside the tables in the bytes the all-to-all
+        takes anyway, and at least a quarter of this rank's query heads (at most four passes)."""
+        heads = self.q_shape[2]
+        spare = (2 * self._chunk_bytes() if self.spec.group.size > 1 else 0) - self._tables_bytes()
+        return min(heads, max(1, spare // self._head_work_bytes(), -(-heads // 4)))
 
     def _send_recv(self):
         if self.spec.group.size == 1:
             return None, None
-        n = math.prod(self.q_shape)
-        return self.bufs.scratch("send", (n,), self.dtype), self.bufs.scratch("recv", (n,), self.dtype)
+        n, size = math.prod(self.q_shape), self._chunk_bytes()
+        return self.bufs.scratch("comm", (n,), self.dtype), self.bufs.scratch("comm", (n,), self.dtype, offset=size)
 
     def _tables(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         C, d = self.C, self.spec.head_dim
-        cos, sin = self.bufs.scratch("tables", (2, C, d), torch.float32)
+        cos, sin = self.bufs.scratch("comm", (2, C, d), torch.float32)
         rope = self.spec.rope
-        rope.span_into(i * C, cos, sin, self.bufs.scratch("angles", (rope.span_work(C),), torch.float64))
+        angles = self.bufs.scratch("comm", (rope.span_work(C),), torch.float64, offset=self._tables_bytes())
+        rope.span_into(i * C, cos, sin, angles)
         return cos, sin
+
+    def _rotate(self, x: torch.Tensor, tables, *, inverse: bool = False, out: torch.Tensor | None = None) -> None:
+        """RoPE of ``x [B, C, heads, d]`` into ``out`` (default: in place), :meth:`_rope_heads`
+        heads at a time through the work after the tables: elementwise, so the bits are those of
+        one pass over the whole chunk."""
+        out = x if out is None else out
+        step = self._rope_heads()
+        for h in range(0, x.shape[2], step):
+            part = x[:, :, h : h + step]
+            work = self.bufs.scratch("comm", (2 * part.numel(),), torch.float32, offset=self._tables_bytes())
+            apply_rotary_into(part, *tables, work, inverse=inverse, out=out[:, :, h : h + step])
 
     def _documents(self) -> dict:
         """The chunk kernels' document argument, given only for packed documents."""
@@ -209,9 +256,6 @@ class _Runner:
         """Rotate local chunk ``i`` (``[B, c, heads, d]``) at its tokens' document positions."""
         cos, sin = self.spec.rope.tables(self._local(self.positions, i).to(t.device))
         return apply_rotary_backward(t, cos, sin) if inverse else apply_rotary(t, cos, sin)
-
-    def _work(self, t: torch.Tensor) -> torch.Tensor:
-        return self.bufs.scratch("work", (2 * t.numel(),), torch.float32)
 
     # --- ops shared by both directions -------------------------------------------------------
     def offload(self, op: Op) -> None:
@@ -268,18 +312,22 @@ class _Runner:
         (i,) = op.chunk
         g, rope = self.spec.group, self._rope_in_a2a()
         q, k, v = self.env.read(f"qkv[{i}]")
-        send, recv = self._send_recv()
         qo = self.bufs.take(self.q_shape, self.dtype)  # [B, c, H, d] -> [B, C, H/P, d]
         ko, vo = (self.bufs.take(self.kv_shape, self.dtype) for _ in range(2))  # -> [B, C, Hkv', d]
-        tables = self._tables(i) if rope else None
-        for src, out, move in ((q, qo, seq_to_head_into), (k, ko, kv_seq_to_head_into), (v, vo, kv_seq_to_head_into)):
-            rotate = rope and out is not vo
-            if rotate and g.size == 1:  # nothing to move: rotate straight into the slot
-                apply_rotary_into(src, *tables, self._work(src), out=out)
-                continue
-            move(src, out, g, send, recv)
-            if rotate:
-                apply_rotary_into(out, *tables, self._work(out), out=out)
+        if rope and g.size == 1:  # nothing to move: rotate straight into the slots
+            tables = self._tables(i)
+            self._rotate(q, tables, out=qo)
+            self._rotate(k, tables, out=ko)
+            vo.copy_(v)
+        else:
+            send, recv = self._send_recv()
+            seq_to_head_into(q, qo, g, send, recv)
+            kv_seq_to_head_into(k, ko, g, send, recv)
+            kv_seq_to_head_into(v, vo, g, send, recv)
+            if rope:  # in the slots, with the region the moves are done with
+                tables = self._tables(i)
+                self._rotate(qo, tables)
+                self._rotate(ko, tables)
         self.env.write(f"q[{i}]", (qo,))
         self.env.write(f"kv[{i}]", (ko, vo))
 
@@ -327,8 +375,15 @@ class _Runner:
         k, v = self.env.read(f"kv[{i}]")
         o, lse = self.env.read(f"o[{j}]")
         (do,) = self.env.read(f"do[{j}]")
-        dq = self.env.read(f"dq[{j}]")[0] if f"dq[{j}]" in op.reads else None
-        dk, dv = self.env.read(f"dkv[{i}]") if f"dkv[{i}]" in op.reads else (None, None)
+        # A block that starts an accumulator takes it from the ring (counted by _slot_writes).
+        if f"dq[{j}]" in op.reads:
+            (dq,) = self.env.read(f"dq[{j}]")
+        else:
+            dq = self.bufs.take(q.shape, self.acc).zero_()
+        if f"dkv[{i}]" in op.reads:
+            dk, dv = self.env.read(f"dkv[{i}]")
+        else:
+            dk, dv = (self.bufs.take(k.shape, self.acc).zero_() for _ in range(2))
         dq, dk, dv = fpdt_kernels.attention_chunk_backward(
             do,
             q,
@@ -351,8 +406,8 @@ class _Runner:
     def a2a_dq(self, op: Op) -> None:
         (j,) = op.chunk
         (dq,) = self.env.read(f"dq[{j}]")
-        if self._rope_in_a2a():
-            dq = apply_rotary_into(dq, *self._tables(j), self._work(dq), inverse=True)
+        if self._rope_in_a2a():  # in the fp32 accumulator, which nothing reads after this op
+            self._rotate(dq, self._tables(j), inverse=True)
         out = self.bufs.take(self.q_shape[:1] + (self.c, self.spec.n_heads, self.spec.head_dim), self.dtype)
         head_to_seq_into(dq, out, self.spec.group, *self._send_recv())  # cast to the input dtype on the way
         self.env.write(f"dqloc[{j}]", (out,))
@@ -361,42 +416,53 @@ class _Runner:
         (i,) = op.chunk
         g, n_kv = self.spec.group, self.spec.n_kv_heads
         dk, dv = self.env.read(f"dkv[{i}]")
-        if self._rope_in_a2a():
-            dk = apply_rotary_into(dk, *self._tables(i), self._work(dk), inverse=True)
+        if self._rope_in_a2a():  # in the fp32 accumulator, which nothing reads after this op
+            self._rotate(dk, self._tables(i), inverse=True)
         send, recv = self._send_recv()
         outs = []
         for grad in (dk, dv):
             out = self.bufs.take((self.q_shape[0], self.c, n_kv, self.spec.head_dim), self.dtype)
-            # The replicas land in the work region after the rotated dk there was sent: in order.
-            gathered = self.bufs.scratch("work", (grad.numel(),), self.dtype) if n_kv % g.size else None
+            # The replicas land where send was, once it has gone out; recv lies after it.
+            gathered = self.bufs.scratch("comm", (grad.numel(),), self.dtype) if n_kv % g.size else None
             kv_head_to_seq_grad_into(grad, out, g, n_kv, send, recv, gathered)
             outs.append(out)
         self.env.write(f"dkvloc[{i}]", tuple(outs))
 
-    def _proj_bwd(self, i: int, grads, rows: slice) -> None:
+    def _proj_bwd(self, i: int, grads, start: int) -> None:
+        """The QKV projection's backward for chunk ``i``: ``grads`` are the gradients of the parts
+        (q; or k and v) whose weight rows follow ``start``. One part at a time, accumulated in
+        place: no concatenated gradient and no product the size of ``dx``'s chunk (fp32 ``dw``
+        takes its products in place too)."""
         (x,) = self.env.read(f"x[{i}]")
-        g = torch.cat([t.flatten(2) for t in grads], dim=-1)  # [B, c, n*d]
-        dx = self._local(self.dx, i)
-        dx += torch.matmul(g, self.wqkv[rows])
-        g2 = g.reshape(-1, g.shape[-1])
-        self.dw[rows] += (g2.t() @ x.reshape(-1, x.shape[-1])).float()
-        if self.db is not None:
-            self.db[rows] += g2.float().sum(0)
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = self._local(self.dx, i)  # [B, c, h]
+        for t in grads:
+            g = t.reshape(t.shape[0], t.shape[1], -1)  # [B, c, n*d]
+            rows = slice(start, start + g.shape[-1])
+            start = rows.stop
+            w = self.wqkv[rows]
+            dx.baddbmm_(g, w.expand(g.shape[0], *w.shape))
+            g2 = g.reshape(-1, g.shape[-1])
+            if self.dw.dtype == g2.dtype:
+                self.dw[rows].addmm_(g2.t(), x2)
+            else:
+                self.dw[rows] += (g2.t() @ x2).float()
+            if self.db is not None:
+                self.db[rows] += g2.float().sum(0)
 
     def proj_bwd_q(self, op: Op) -> None:
         (j,) = op.chunk
         (dq,) = self.env.read(f"dqloc[{j}]")
         if self.spec.rope is not None and self.positions is not None:
             dq = self._doc_rope(dq, j, inverse=True)
-        self._proj_bwd(j, (dq,), slice(0, self.spec.n_heads * self.spec.head_dim))
+        self._proj_bwd(j, (dq,), 0)
 
     def proj_bwd_kv(self, op: Op) -> None:
         (i,) = op.chunk
         dk, dv = self.env.read(f"dkvloc[{i}]")
         if self.spec.rope is not None and self.positions is not None:
             dk = self._doc_rope(dk, i, inverse=True)
-        start = self.spec.n_heads * self.spec.head_dim
-        self._proj_bwd(i, (dk, dv), slice(start, start + 2 * self.spec.n_kv_heads * self.spec.head_dim))
+        self._proj_bwd(i, (dk, dv), self.spec.n_heads * self.spec.head_dim)
 
     def _handlers(self):
         return {kind: getattr(self, kind.value) for kind in Kind}

@@ -1,9 +1,13 @@
-"""Host store: bit-identical round trips and a buffer count that does not grow with steps."""
+"""Host store: bit-identical round trips, a buffer count that does not grow with steps, and a
+pinned reservation that tracks what its buffers hold (compaction)."""
+
+import math
 
 import pytest
 import torch
 
 import fpdt_kernels
+import parallel.host_store as hs
 from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention
 
 
@@ -80,7 +84,10 @@ def test_allocations_do_not_grow_with_steps():
         assert store.bytes_in_use == 0
     assert counts[0] > 0
     assert counts == [counts[0]] * 4, counts
-    assert store.bytes_allocated == peaks[-1]  # one layer's worth per layer, no more
+    # One layer's worth per layer, no more: what is in use at the peak (the end of the forward),
+    # and the buffer of one output projection's input, which the last layer gives back before its
+    # attention backward takes its gradient buffers (a pool per shape holds each shape's most).
+    assert store.bytes_allocated == peaks[-1] + x.numel() * x.element_size()
 
 
 def test_dropped_graph_returns_buffers():
@@ -110,3 +117,94 @@ def test_saved_tensors_on_host_only_moves_the_named_activation(monkeypatch):
     o2, w2 = o.detach().requires_grad_(), w.detach().requires_grad_()
     torch.nn.functional.linear(o2, w2).square().sum().backward()
     assert torch.equal(o.grad, o2.grad) and torch.equal(w.grad, w2.grad)
+
+
+def _aliased(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views share any byte."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if sa.data_ptr() != sb.data_ptr():
+        return False
+    ea, eb = a.element_size(), b.element_size()
+    lo_a, lo_b = a.storage_offset() * ea, b.storage_offset() * eb
+    return lo_a < lo_b + b.numel() * eb and lo_b < lo_a + a.numel() * ea
+
+
+def test_compaction_carves_exact_views_when_idle():
+    # Buffers of 5 * 2^k bytes: one allocation each reserves 1.6x pinned. Once all are back, the
+    # next acquire lays them out in shared allocations that reserve within a few percent.
+    store = HostStore()
+    shapes = [((5, 1024), torch.float32)] * 3 + [((5, 512), torch.bfloat16)] * 2 + [((3, 7), torch.int64)]
+    bufs = [store.acquire(shape, dt) for shape, dt in shapes]
+    asked = sum(math.prod(s) * dt.itemsize for s, dt in shapes)
+    assert store.buffer_bytes == asked and store.compactions == 0
+    assert store.pinned_bytes == sum(hs.pinned_reserved_bytes(b.tensor.nbytes) for b in bufs) > 1.5 * asked
+    old = [b.tensor for b in bufs]
+    for b in bufs:
+        store.release(b)
+    again = store.acquire(*shapes[0])  # idle, with loose buffers: compacts first
+    assert store.compactions == 1 and store.allocations == len(shapes)
+    assert asked <= store.pinned_bytes <= 1.25 * asked
+    assert not any(store.owns(t) for t in old) and all(store.owns(b.tensor) for b in bufs)
+    for b, (shape, dt) in zip(bufs, shapes, strict=True):  # the same buffers, as exact-size views
+        assert b.tensor.shape == shape and b.tensor.dtype == dt
+    assert len({b.tensor.untyped_storage().data_ptr() for b in bufs}) < len(bufs)  # of shared allocations
+    assert not any(_aliased(a.tensor, b.tensor) for k, a in enumerate(bufs) for b in bufs[k + 1 :])
+    src = torch.randn(5, 1024)
+    again.tensor.copy_(src)
+    assert torch.equal(torch.empty_like(src).copy_(again.tensor), src)
+    store.release(again)
+    assert not store.compact()  # nothing loose: the layout stays
+    store.clear()
+    assert store.bytes_allocated == store.pinned_bytes == store.buffer_bytes == 0
+
+
+def test_compact_refuses_while_buffers_are_in_use():
+    store = HostStore()
+    buf = store.acquire((5, 100), torch.float32)
+    with pytest.raises(RuntimeError, match="in use"):
+        store.compact()
+    store.release(buf)
+
+
+def test_host_reservation_of_a_checkpointed_fpdt_model(monkeypatch):
+    """Host bytes a GPU run reserves (PyTorch's pinned allocator: a power of two per allocation)
+    for host-kept layer checkpoints and FPDT offload, within 1.25x of what the design keeps there:
+    every layer's input, and one layer's offloaded chunks (the recompute of one layer at a time).
+    S = 5 * 256 tokens, so every buffer is 5 * 2^k bytes: 1.6x if each were its own allocation.
+    The design's bytes come from the shapes alone."""
+    from models import Transformer, get_config
+    from parallel import AttentionStrategy
+
+    store = HostStore()
+    monkeypatch.setattr(hs, "_default", store)  # checkpoints and chunks both go to the default store
+    B, S, u = 1, 1280, 4
+    cfg = get_config("llama-tiny", checkpoint=True, checkpoint_on_host=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for block in model.blocks:
+        block.attn.strategy = AttentionStrategy("fpdt", SPGroup.single(), chunks=u, offload=True)
+    tokens, labels = (torch.randint(0, cfg.vocab_size, (B, S)) for _ in range(2))
+    reserved, allocations = [], []
+    for _step in range(3):
+        model(tokens, labels=labels).backward()
+        assert store.bytes_in_use == 0
+        reserved.append(store.pinned_bytes)
+        allocations.append(store.allocations)
+
+    f32, c = 4, S // u  # fp32 model; one rank: a chunk is c tokens
+    h, H, Hkv, d = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    checkpoints = cfg.n_layers * B * S * h * f32
+    q = B * c * H * d * f32  # also o, the output gradient and the fp32 dq of a chunk
+    chunk = {"x": B * c * h * f32, "q": q, "k": B * c * Hkv * d * f32, "v": B * c * Hkv * d * f32, "o": q,
+             "lse": B * H * c * f32}  # fmt: skip
+    # The output projection's input; u - 1 output gradients and dq round trips (each acquires its
+    # new buffer before it gives the old one back: u dq at once).
+    layer = u * sum(chunk.values()) + B * S * H * d * f32 + (u - 1) * q + u * q
+    design = checkpoints + layer
+    one_each = cfg.n_layers * hs.pinned_reserved_bytes(B * S * h * f32) + u * sum(
+        hs.pinned_reserved_bytes(n) for n in chunk.values()
+    )
+    assert one_each > 1.5 * (checkpoints + u * sum(chunk.values()))  # what loose buffers would reserve
+    assert allocations == [allocations[0]] * 3 and reserved[1] == reserved[2]  # settled after a step
+    assert reserved[-1] <= 1.25 * design, (reserved, design)
+    assert store.buffer_bytes == design  # and the store holds what the design says, no more

@@ -186,6 +186,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
         device_mem_total_gib=_gib(s["device_total_bytes"]),
         host_mem_gib=_gib(s["host_peak_bytes"]),
         host_mem_node_gib=_gib(s["host_node_bytes"]),
+        host_pinned_gib=_gib(s["host_pinned_bytes"]),
         rss_peak_gib=_gib(s["rss_peak_bytes"]),
         device_name=s["device_name"],
     )

@@ -25,7 +25,7 @@ ROW_FIELDS = [
     "step_time_s", "step_time_p20_s", "step_time_p80_s", "tokens_per_s", "tflops_per_gpu",
     "mfu", "mfu_full_attention", "peak_tflops",
     "device_mem_peak_gib", "device_mem_reserved_gib", "host_mem_gib", "rss_peak_gib",
-    "device_name", "git_commit",
+    "device_name", "git_commit", "host_pinned_gib",
     "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
     "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
     "precision", "sp", "dp", "offload_states", "residual_fp32", "ulysses_degree",

@@ -85,6 +85,9 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
         "rss_peak_bytes": peak_rss_bytes(),
         "host_peak_bytes": tracker.peak["host"],
         "host_store_bytes": default_host_store().bytes_allocated,
+        # What the pinned allocator reserves for the store (power-of-two rounding): on a CPU run,
+        # what a GPU run would reserve for the same buffers.
+        "host_pinned_bytes": default_host_store().pinned_bytes,
     }
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
@@ -180,6 +183,7 @@ def summarize(result: dict) -> dict:
         "device_total_bytes": biggest("device_total_bytes"),
         "host_peak_bytes": biggest("host_peak_bytes"),
         "host_node_bytes": sum(r["host_peak_bytes"] for r in ranks),
+        "host_pinned_bytes": biggest("host_pinned_bytes"),
         "rss_peak_bytes": biggest("rss_peak_bytes"),
         "device_name": ranks[0]["device_name"],
     }

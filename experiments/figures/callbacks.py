@@ -39,7 +39,7 @@ class SweepTable(Callback):
         if not csv_path.exists():
             return
         try:
-            from ..figures.plots import load_results, summary_figure
+            from .plots import load_results, summary_figure
         except ImportError as exc:  # matplotlib missing: the table is the record
             print(f"sweep table: {csv_path} (figure skipped: {exc})", flush=True)
             return
