@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .core.paths import CONF_DIR
+from .core.point import TrainPoint
 from .core.tables import read_csv, write_json
 from .sweep import config as _schema  # noqa: F401  (registers the structured configs)
 from .sweep.controller import launch
@@ -37,20 +38,21 @@ from .training.trainer import train_rank
 TRAIN_KEYS = ("stop_after", "lr_warmup_steps", "lr_min_ratio", "grad_clip", "weight_decay", "log_every", "resume")
 
 
-def resolve_training(cfg: DictConfig, run_dir: Path) -> dict:
+def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
     """The run's point (as ``experiments.run`` resolves it) plus the training keys, checked."""
-    point = resolve_point(cfg)
     c = OmegaConf.to_container(cfg, resolve=True)
-    point.update({k: c[k] for k in TRAIN_KEYS})
     ckpt = c["checkpoint"]
-    point["checkpoint_dir"] = str((Path(ckpt["dir"]) if ckpt["dir"] else run_dir / "checkpoints").resolve())
-    point["checkpoint_every"] = ckpt["every"]
+    point = TrainPoint(
+        **{**resolve_point(cfg).as_dict(), **{k: c[k] for k in TRAIN_KEYS}},  # the schedule's weight decay wins
+        checkpoint_dir=str((Path(ckpt["dir"]) if ckpt["dir"] else run_dir / "checkpoints").resolve()),
+        checkpoint_every=ckpt["every"],
+    )
     check_point(point)
-    if point["stop_after"] is not None and not 1 <= point["stop_after"] <= point["steps"]:
-        raise ValueError(f"stop_after={point['stop_after']} must be in [1, steps={point['steps']}]")
-    if point["resume"] and not ckpt["dir"]:
+    if point.stop_after is not None and not 1 <= point.stop_after <= point.steps:
+        raise ValueError(f"stop_after={point.stop_after} must be in [1, steps={point.steps}]")
+    if point.resume and not ckpt["dir"]:
         raise ValueError("resume=true needs checkpoint.dir=<the earlier run's checkpoint directory>")
-    if point["log_every"] < 1 or point["checkpoint_every"] < 0 or point["lr_warmup_steps"] < 0:
+    if point.log_every < 1 or point.checkpoint_every < 0 or point.lr_warmup_steps < 0:
         raise ValueError("log_every must be >= 1, checkpoint.every >= 0 (0: only at the end), lr_warmup_steps >= 0")
     return point
 
@@ -75,25 +77,25 @@ def main(cfg: DictConfig) -> None:
         point = resolve_training(cfg, run_dir)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    print(f"train: {point['model']} {point['strategy']} seq_len={point['seq_len']} chunks={point['chunks']} "
-          f"gpus={point['gpus']} (sp={point['sp']}, dp={point['dp']}) precision={point['precision']} "
-          f"steps={point['steps']}; run directory {run_dir}", flush=True)  # fmt: skip
+    print(f"train: {point.model} {point.strategy} seq_len={point.seq_len} chunks={point.chunks} "
+          f"gpus={point.gpus} (sp={point.sp}, dp={point.dp}) precision={point.precision} "
+          f"steps={point.steps}; run directory {run_dir}", flush=True)  # fmt: skip
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun started this rank
-        if point["gpus"] != int(os.environ["WORLD_SIZE"]):
-            sys.exit(f"error: gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
+        if point.gpus != int(os.environ["WORLD_SIZE"]):
+            sys.exit(f"error: gpus={point.gpus} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
         run_rank(point, str(run_dir), train_rank)
         outcome = {"status": "ok"}
     else:
         outcome = launch(point, run_dir, train_rank)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
         return
-    write_json(run_dir / "train_result.json", {**outcome, "point": point})
+    write_json(run_dir / "train_result.json", {**outcome, "point": point.as_dict()})
     figure = _loss_figure(run_dir)
     if figure is not None:
         print(f"loss curve: {figure}", flush=True)
     print(f"train.csv: {run_dir / 'train.csv'}", flush=True)
     if outcome["status"] != "ok":
-        last = checkpoint.latest(point["checkpoint_dir"])
+        last = checkpoint.latest(point.checkpoint_dir)
         sys.exit(f"{outcome['status']}: {outcome.get('error')}; last complete checkpoint: {last}")
     print(json.dumps({k: outcome.get("metrics", {}).get(k) for k in ("start_step", "end_step", "loss")}), flush=True)
 

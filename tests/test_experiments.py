@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import experiments.sweep.config  # noqa: F401  (registers the schema)
+from experiments.core.point import Point
 from experiments.figures.plots import load_results
 from experiments.sweep.max_seqlen import search
 from experiments.sweep.results import ROW_FIELDS, read_csv
@@ -279,9 +280,9 @@ def test_unreadable_point_is_skipped_with_a_warning_and_rerun(tmp_path):
 def test_skip_reason_names_the_collapsed_point():
     from experiments.sweep.controller import _skip_reason
 
-    point = {"strategy": "ulysses", "chunks": 1, "requested_chunks": 4}
+    point = Point(model="llama-tiny", strategy="ulysses", seq_len=64, chunks=1, requested_chunks=4)
     assert _skip_reason(point, Path("s")) == "same point as chunks=1 (ulysses ignores chunks)"
-    assert _skip_reason(dict(point, requested_chunks=1), Path("s")) == "already in s"
+    assert _skip_reason(point.replace(requested_chunks=1), Path("s")) == "already in s"
 
 
 def test_readable_units():

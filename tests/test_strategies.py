@@ -82,7 +82,7 @@ def test_a_registered_strategy_reaches_schema_sweep_planner_and_plots(toy):
         OmegaConf.to_object(cfg)  # the schema accepts the new name
         point = resolve_point(cfg)
         check_point(point)
-        assert point["strategy"] == "toy" and point["chunks"] == 1
+        assert point.strategy == "toy" and point.chunks == 1
         with pytest.raises(Exception, match="parallel.strategy=toys"):  # a typo still fails at composition
             compose("config", overrides=["model=llama-tiny", "parallel=toy", "parallel.strategy=toys"])
         plan = compose("plan", overrides=["model=llama3-8b", "hardware=h100-sxm", "gpus=2", "strategies=[toy]"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.core.point import Point
 from experiments.core.tables import read_csv
 from experiments.training import checkpoint
 from experiments.training.precision import resolve_precision
@@ -100,8 +101,8 @@ def test_bf16_mixed_keeps_updates_bf16_would_round_away(fsdp, request):
 
     if fsdp:
         request.getfixturevalue("one_rank_group")
-    point = dict(model="llama-tiny", n_layers=1, strategy="local", chunks=1, offload=False, fsdp=fsdp, seed=0,
-                 lr=1e-4, weight_decay=0.0, activation_checkpointing=True)  # fmt: skip
+    point = Point(model="llama-tiny", seq_len=64, n_layers=1, strategy="local", chunks=1, offload=False, fsdp=fsdp,
+                  seed=0, lr=1e-4, weight_decay=0.0, activation_checkpointing=True)  # fmt: skip
     tokens = torch.randint(0, 96, (1, 65))
     moved = {}
     for name in ("bf16-mixed", "bf16-true"):
@@ -249,9 +250,9 @@ def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_gradients(strategy, chunks, 
         monkeypatch.setattr(
             fpdt_kernels, name, lambda q, *a, _real=real, **k: seen.append(q.dtype) or _real(q, *a, **k)
         )
-    point = dict(model="llama-tiny", n_layers=1, strategy=strategy, chunks=chunks, offload=True, fsdp=False, seed=0,
-                 lr=1e-3, activation_checkpointing=True, checkpoint_on_host=True, chunked_mlp=True,
-                 chunked_loss=True)  # fmt: skip
+    point = Point(model="llama-tiny", seq_len=128, n_layers=1, strategy=strategy, chunks=chunks, offload=True,
+                  fsdp=False, seed=0, lr=1e-3, activation_checkpointing=True, checkpoint_on_host=True,
+                  chunked_mlp=True, chunked_loss=True)  # fmt: skip
     tokens = torch.randint(0, 96, (2, 129), generator=torch.Generator().manual_seed(0))
     losses = {}
     with fpdt_kernels.use_backend("torch"):

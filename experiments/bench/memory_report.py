@@ -31,6 +31,7 @@ from models import get_config
 from parallel import get_strategy, strategy_names
 
 from ..core.memory import Allocation, RecordingMemoryTracker
+from ..core.point import Point
 from ..core.units import format_bytes
 
 
@@ -47,7 +48,7 @@ class SiteGrowth:
     per_token: float  # bytes per token between the shortest and the longest length
 
 
-def _point(args, seq_len: int) -> dict:
+def _point(args, seq_len: int) -> Point:
     from hydra import compose, initialize_config_dir
 
     from ..core.paths import CONF_DIR
@@ -66,7 +67,7 @@ def _point(args, seq_len: int) -> dict:
         return resolve_point(compose("config", overrides=overrides))
 
 
-def peak_allocations(point: dict) -> tuple[int, list[Allocation]]:
+def peak_allocations(point: Point) -> tuple[int, list[Allocation]]:
     """The device peak of one training step (after one warm-up step) and what was live there."""
     from parallel.host_store import allocating_on_host, default_host_store
 
@@ -120,7 +121,7 @@ def report(args) -> dict:
     for n in args.seq_lens:
         point = _point(args, n)
         totals[n], peaks[n] = peak_allocations(point)
-        print(f"S={n}: chunks={point['chunks']}, device peak {format_bytes(totals[n])}", flush=True)
+        print(f"S={n}: chunks={point.chunks}, device peak {format_bytes(totals[n])}", flush=True)
     lens = sorted(peaks)
     hidden = get_config(args.model).hidden
     slope = (totals[lens[-1]] - totals[lens[0]]) / (lens[-1] - lens[0])

@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from ..core.flops import FLOP_CONVENTION, step_flops
 from ..core.hardware import cpu_peak_tflops
 from ..core.paths import CONF_DIR
+from ..core.point import Point
 from ..core.provenance import git_commit, versions
 from ..core.units import GIB, format_bytes
 from ..training.loop import model_config
@@ -89,16 +90,16 @@ def _death(exc: BaseException, ctx, job_dir: Path) -> str | None:
     return None
 
 
-def launch(point: dict, job_dir: Path, body=None) -> dict:
+def launch(point: Point, job_dir: Path, body=None) -> dict:
     """Spawn the ranks (each runs ``body``, default the sweep's measured steps), wait under the
     point's ``timeout_s`` (``None``: no limit), and return the raw outcome."""
     job_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*job_dir.glob("rank*_error.json"), job_dir / "worker_metrics.json"]:
         stale.unlink(missing_ok=True)
     port = _free_port()
-    args = (point, point["gpus"], port, str(job_dir)) + (() if body is None else (body,))
-    ctx = mp.start_processes(spawn_entry, args=args, nprocs=point["gpus"], join=False, start_method="spawn")
-    deadline = None if point["timeout_s"] is None else time.monotonic() + point["timeout_s"]
+    args = (point, point.gpus, port, str(job_dir)) + (() if body is None else (body,))
+    ctx = mp.start_processes(spawn_entry, args=args, nprocs=point.gpus, join=False, start_method="spawn")
+    deadline = None if point.timeout_s is None else time.monotonic() + point.timeout_s
     try:
         while not ctx.join(timeout=1.0):
             if deadline is not None and time.monotonic() > deadline:
@@ -107,7 +108,7 @@ def launch(point: dict, job_dir: Path, body=None) -> dict:
                         p.kill()
                 for p in ctx.processes:
                     p.join(10)
-                message = f"no result after timeout_s={point['timeout_s']:.0f} s; ranks killed"
+                message = f"no result after timeout_s={point.timeout_s:.0f} s; ranks killed"
                 return {"status": "timeout", "error": message}
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         time.sleep(1.0)  # let the other ranks fail on their own (their error files say how)
@@ -136,8 +137,8 @@ def _gib(x):
     return None if x is None else x / GIB
 
 
-def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float) -> dict:
-    row = {k: v for k, v in point.items() if k not in _NOT_IN_ROW}
+def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float) -> dict:
+    row = {k: v for k, v in point.as_dict().items() if k not in _NOT_IN_ROW}
     row.update(
         status=outcome["status"],
         error=outcome.get("error"),
@@ -157,23 +158,23 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
     if outcome["status"] != "ok":
         return row
     s = summarize(outcome["metrics"])
-    sequences = point["batch_size"] * point["dp"]  # the global batch: every replica's sequences
-    flops = step_flops(model_config(point), point["seq_len"], sequences, s["attention_square_tokens"])
-    peak = point["peak_tflops"]
+    sequences = point.batch_size * point.dp  # the global batch: every replica's sequences
+    flops = step_flops(model_config(point), point.seq_len, sequences, s["attention_square_tokens"])
+    peak = point.peak_tflops
     if peak is None:  # CPU: the machine's measured peak, shared by the ranks that run on it
         machine_peak, how = cpu_peak_tflops()
-        peak = machine_peak / point["gpus"]
-        row["peak_tflops_source"] = f"{how}; divided by gpus={point['gpus']} ranks sharing the cores"
+        peak = machine_peak / point.gpus
+        row["peak_tflops_source"] = f"{how}; divided by gpus={point.gpus} ranks sharing the cores"
     step = s["step_time_s"]
-    tflops_per_gpu = flops.causal / step / point["gpus"] / 1e12
+    tflops_per_gpu = flops.causal / step / point.gpus / 1e12
     row.update(
         step_time_s=step,
         step_time_p20_s=s["step_time_p20_s"],
         step_time_p80_s=s["step_time_p80_s"],
-        tokens_per_s=sequences * point["seq_len"] / step,
+        tokens_per_s=sequences * point.seq_len / step,
         tflops_per_gpu=tflops_per_gpu,
         mfu=tflops_per_gpu / peak,
-        mfu_full_attention=flops.full / step / point["gpus"] / 1e12 / peak,
+        mfu_full_attention=flops.full / step / point.gpus / 1e12 / peak,
         peak_tflops=peak,
         flops_per_step=flops.causal,
         flops_per_step_full_attention=flops.full,
@@ -193,7 +194,7 @@ def make_row(point: dict, outcome: dict, key: str, job_dir: Path, wall_s: float)
     return row
 
 
-def measure(point: dict, job_dir: Path) -> dict:
+def measure(point: Point, job_dir: Path) -> dict:
     """Check the point, run it in fresh processes and return its row (a bad point is a row too)."""
     start = time.monotonic()
     try:
@@ -230,9 +231,9 @@ def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def _skip_reason(point: dict, sweep_dir: Path) -> str:
-    if point["requested_chunks"] != point["chunks"]:
-        return f"same point as chunks={point['chunks']} ({point['strategy']} ignores chunks)"
+def _skip_reason(point: Point, sweep_dir: Path) -> str:
+    if point.requested_chunks != point.chunks:
+        return f"same point as chunks={point.chunks} ({point.strategy} ignores chunks)"
     return f"already in {sweep_dir}"
 
 
@@ -246,9 +247,9 @@ def run_point(cfg: DictConfig) -> dict:
     try:
         point = resolve_point(cfg)
     except ValueError as exc:  # e.g. an undetectable GPU
-        point = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "seq_len": cfg.seq_len,
-                 "chunks": cfg.chunks, "gpus": cfg.gpus, "n_layers": cfg.model.n_layers}  # fmt: skip
-        row = {**point, "status": "error", "error": str(exc), "key": point_key(point)}
+        what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "seq_len": cfg.seq_len,
+                "chunks": cfg.chunks, "gpus": cfg.gpus, "n_layers": cfg.model.n_layers}  # fmt: skip
+        row = {**what, "status": "error", "error": str(exc), "key": point_key(what)}
         record_point(sweep_dir, job_dir, row, cfg.results_csv)
         print(_progress(row, sweep_dir, job_num), flush=True)
         return row
@@ -259,7 +260,7 @@ def run_point(cfg: DictConfig) -> dict:
         print(_progress(existing, sweep_dir, job_num, _skip_reason(point, sweep_dir)), flush=True)
         return existing
     row = measure(point, job_dir)
-    csv_path = record_point(sweep_dir, job_dir, row, point["results_csv"])
+    csv_path = record_point(sweep_dir, job_dir, row, point.results_csv)
     print(_progress(row, sweep_dir, job_num), flush=True)
     if not multirun:
         print(f"row: {csv_path} (and {job_dir / 'result.json'})", flush=True)
@@ -269,8 +270,8 @@ def run_point(cfg: DictConfig) -> dict:
 def run_under_torchrun(cfg: DictConfig) -> None:
     """This process is one rank started by torchrun: train, and rank 0 records the row."""
     point = resolve_point(cfg)
-    if point["gpus"] != int(os.environ["WORLD_SIZE"]):
-        raise ValueError(f"gpus={point['gpus']} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
+    if point.gpus != int(os.environ["WORLD_SIZE"]):
+        raise ValueError(f"gpus={point.gpus} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
     check_point(point)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -282,13 +283,13 @@ def run_under_torchrun(cfg: DictConfig) -> None:
         if rank0:  # the row says what happened here; torchrun reports the other ranks
             err = _read_errors(job_dir) or {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
             row = make_row(point, err, key, job_dir, time.monotonic() - start)
-            record_point(job_dir, job_dir, row, point["results_csv"])
+            record_point(job_dir, job_dir, row, point.results_csv)
             print(_progress(row, job_dir, None), flush=True)
         raise
     if rank0:
         metrics = json.loads((job_dir / "worker_metrics.json").read_text())
         row = make_row(point, {"status": "ok", "metrics": metrics}, key, job_dir, time.monotonic() - start)
-        csv_path = record_point(job_dir, job_dir, row, point["results_csv"])
+        csv_path = record_point(job_dir, job_dir, row, point.results_csv)
         print(_progress(row, job_dir, None), flush=True)
         print(f"row: {csv_path} (rank 0 of this torchrun job wrote it: keep the output directory on a "
               "filesystem every node shares)", flush=True)  # fmt: skip

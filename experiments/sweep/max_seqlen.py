@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from parallel import get_strategy
 
 from ..core.paths import CONF_DIR
+from ..core.point import Point
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from .controller import measure
@@ -39,12 +40,12 @@ SUMMARY_FIELDS = [
 ]  # fmt: skip
 
 
-def _granularity(point: dict, chunk_tokens: int | None) -> int:
+def _granularity(point: Point, chunk_tokens: int | None) -> int:
     if chunk_tokens:
-        if chunk_tokens % point["gpus"]:
-            raise ValueError(f"search.chunk_tokens={chunk_tokens} must be a multiple of gpus={point['gpus']}")
+        if chunk_tokens % point.gpus:
+            raise ValueError(f"search.chunk_tokens={chunk_tokens} must be a multiple of gpus={point.gpus}")
         return chunk_tokens
-    return point["gpus"] * point["chunks"]
+    return get_strategy(point.strategy).granule(point.sp, point.chunks, point.ulysses_degree)
 
 
 def _round_down(n: int, g: int) -> int:
@@ -52,14 +53,14 @@ def _round_down(n: int, g: int) -> int:
 
 
 class _Prober:
-    def __init__(self, base: dict, chunk_tokens: int | None, job_dir: Path):
+    def __init__(self, base: Point, chunk_tokens: int | None, job_dir: Path):
         self.base, self.chunk_tokens, self.job_dir = base, chunk_tokens, job_dir
         self.rows: list[dict] = []
 
     def __call__(self, seq_len: int) -> dict:
-        point = dict(self.base, seq_len=seq_len)
-        if self.chunk_tokens and get_strategy(point["strategy"]).takes_chunks:
-            point["chunks"] = seq_len // self.chunk_tokens
+        point = self.base.replace(seq_len=seq_len)
+        if self.chunk_tokens and get_strategy(point.strategy).takes_chunks:
+            point = point.replace(chunks=seq_len // self.chunk_tokens)
         probe_dir = self.job_dir / "probes" / point_key(point)
         row = measure(point, probe_dir)
         record_point(self.job_dir, probe_dir, row)
@@ -124,18 +125,18 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     base = resolve_point(cfg)
-    chunk_tokens = cfg.search.chunk_tokens if get_strategy(base["strategy"]).takes_chunks else None
+    chunk_tokens = cfg.search.chunk_tokens if get_strategy(base.strategy).takes_chunks else None
     granularity = _granularity(base, chunk_tokens)
-    label = f"{base['model']} {base['strategy']} gpus={base['gpus']} " + (
-        f"chunk_tokens={chunk_tokens}" if chunk_tokens else f"chunks={base['chunks']}"
+    label = f"{base.model} {base.strategy} gpus={base.gpus} " + (
+        f"chunk_tokens={chunk_tokens}" if chunk_tokens else f"chunks={base.chunks}"
     )
     print(f"max_seqlen search: {label}", flush=True)
     prober = _Prober(base, chunk_tokens, job_dir)
     result = search(base, prober, cfg.search.start, cfg.search.limit, cfg.search.resolution, granularity)
     ok_rows = [r for r in prober.rows if r["status"] == "ok"]
     summary = {
-        **{k: base.get(k) for k in ("model", "strategy", "gpus", "hardware", "max_device_memory")},
-        "chunks": None if chunk_tokens else base["chunks"],
+        **{k: getattr(base, k) for k in ("model", "strategy", "gpus", "hardware", "max_device_memory")},
+        "chunks": None if chunk_tokens else base.chunks,
         "chunk_tokens": chunk_tokens,
         "probes": len(prober.rows),
         "device_name": ok_rows[-1].get("device_name") if ok_rows else None,

@@ -1,4 +1,5 @@
-"""A sweep point: the effective configuration of one Hydra job, checked before any rank starts."""
+"""A sweep point (:class:`~experiments.core.point.Point`): the effective configuration of one Hydra
+job, resolved from its config and checked before any rank starts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from parallel import check_mesh, get_strategy
 
 from ..core.dtypes import dtype_name
 from ..core.hardware import resolve_hardware
+from ..core.point import Point
 from ..training.loop import model_config
 from ..training.precision import resolve_precision
 
@@ -26,8 +28,8 @@ def auto_backend(cuda: bool) -> str:
     return fpdt_kernels.resolve_backend(torch.device("cuda"))
 
 
-def resolve_point(cfg: DictConfig) -> dict:
-    """The effective configuration of a point as a flat dict (what the key and the row echo)."""
+def resolve_point(cfg: DictConfig) -> Point:
+    """The effective configuration of a point (what the key and the row echo)."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     par, hw = c["parallel"], resolve_hardware(c["hardware"])
     strategy = get_strategy(par["strategy"])  # an unknown name fails here, naming the registered ones
@@ -56,7 +58,6 @@ def resolve_point(cfg: DictConfig) -> dict:
         "max_device_memory": c["max_device_memory"],
         "timeout_s": c["timeout_s"],
         "offload": par["offload"] and strategy.offloads,
-        "ulysses_degree": par.get("ulysses_degree") if strategy.uses_ulysses_degree else None,
         "activation_checkpointing": par["activation_checkpointing"],
         "checkpoint_on_host": par["checkpoint_on_host"] and par["activation_checkpointing"],
         "chunked_mlp": par["chunked_mlp"],
@@ -75,6 +76,7 @@ def resolve_point(cfg: DictConfig) -> dict:
         "data_index": c["data"]["index"],
         "data_doc_len": c["data"]["doc_len"],
         "results_csv": c.get("results_csv", "results.csv"),
+        "ulysses_degree": par.get("ulysses_degree") if strategy.uses_ulysses_degree else None,
     }
     point["dp"] = point["gpus"] // point["sp"] if point["sp"] >= 1 and point["gpus"] % point["sp"] == 0 else None
     if point["n_layers"] is None:  # record the depth trained, not the (empty) override
@@ -82,35 +84,35 @@ def resolve_point(cfg: DictConfig) -> dict:
     if strategy.uses_ulysses_degree and point["ulysses_degree"] is None and point["dp"]:
         cfg = get_config(point["model"])  # record the degree that runs, not the (empty) default
         point["ulysses_degree"] = strategy.head_degree(point["sp"], None, cfg.n_heads, cfg.n_kv_heads)
-    return point
+    return Point(**point)
 
 
-def check_point(point: dict) -> None:
+def check_point(point: Point) -> None:
     """Raise ``ValueError`` with what was wrong and what would be right (the library's own checks
     for the rank layout, the strategy, the head split and the token layout, so every entry point
     says the same)."""
     for key in ("seq_len", "chunks", "gpus", "batch_size", "steps"):
-        if point[key] < 1:
-            raise ValueError(f"{key}={point[key]} must be >= 1")
-    if point["warmup_steps"] < 0:
-        raise ValueError(f"warmup_steps={point['warmup_steps']} must be >= 0")
-    check_mesh(point["gpus"], point["sp"])
+        if getattr(point, key) < 1:
+            raise ValueError(f"{key}={getattr(point, key)} must be >= 1")
+    if point.warmup_steps < 0:
+        raise ValueError(f"warmup_steps={point.warmup_steps} must be >= 0")
+    check_mesh(point.gpus, point.sp)
     cfg = model_config(point)
-    get_strategy(point["strategy"]).check(point["seq_len"], point["sp"], point["chunks"], cfg.n_heads, cfg.n_kv_heads,
-                                          point.get("ulysses_degree"))  # fmt: skip
-    if point["residual_fp32"] and point["fsdp"]:
+    get_strategy(point.strategy).check(point.seq_len, point.sp, point.chunks, cfg.n_heads, cfg.n_kv_heads,
+                                          point.ulysses_degree)  # fmt: skip
+    if point.residual_fp32 and point.fsdp:
         raise ValueError("residual_fp32=true needs parallel.fsdp=false: FSDP2's mixed precision casts every "
                          "block's input to bf16, so the residual stream is bf16 there whatever this says")  # fmt: skip
-    if point["offload_states"] and not point["fsdp"]:
+    if point.offload_states and not point.fsdp:
         raise ValueError("parallel.offload_states=true keeps model states in host memory through FSDP; "
                          "set parallel.fsdp=true")  # fmt: skip
-    if point["offload_states"] and not torch.cuda.is_available():
+    if point.offload_states and not torch.cuda.is_available():
         raise ValueError(
             "parallel.offload_states moves model states between host and GPU memory, so it needs CUDA; the "
             "planner predicts it anywhere: python -m experiments.plan offload_states=true"
         )
-    if torch.cuda.is_available() and point["gpus"] > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+    if torch.cuda.is_available() and point.gpus > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
         raise ValueError(
-            f"gpus={point['gpus']} but this machine has {torch.cuda.device_count()} visible GPUs; "
+            f"gpus={point.gpus} but this machine has {torch.cuda.device_count()} visible GPUs; "
             "use fewer, or torchrun across nodes"
         )

@@ -13,6 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
+from ..core.point import Point
 from ..core.tables import read_csv, write_csv, write_json
 
 __all__ = ["ROW_FIELDS", "KEY_FIELDS", "find_point", "load_points", "point_key", "read_csv", "record_point",
@@ -49,8 +50,10 @@ KEY_FIELDS = [
 _KEY_FIELDS_WHEN_SET = {"ulysses_degree"}
 
 
-def point_key(point: dict) -> str:
-    """Readable, unique file name for an effective configuration."""
+def point_key(point: Point | dict) -> str:
+    """Readable, unique file name for an effective configuration (a point, or a row)."""
+    if isinstance(point, Point):
+        point = point.as_dict()
     fields = {k: point.get(k) for k in KEY_FIELDS if k not in _KEY_FIELDS_WHEN_SET or point.get(k) is not None}
     blob = json.dumps(fields, sort_keys=True, default=str)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:10]

@@ -23,6 +23,7 @@ from parallel import destroy_distributed
 from parallel.host_store import allocating_on_host, default_host_store
 
 from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
+from ..core.point import Point
 from ..core.tables import write_json
 from ..core.units import GIB
 from ..training.data import data_spec, replica_batch, square_tokens
@@ -45,13 +46,13 @@ def _sync(device: torch.device, world: int) -> None:
         dist.barrier()
 
 
-def measure_steps(point: dict, out_dir: Path) -> dict:
+def measure_steps(point: Point, out_dir: Path) -> dict:
     """Run ``warmup_steps + steps`` training steps on this rank; return its measurements."""
     me = setup_rank(point)
     mesh, device, precision, cuda = me.mesh, me.device, me.precision, me.cuda
     rank, world = mesh.world.rank, mesh.world.size
 
-    cap = None if point["max_device_memory"] is None else int(point["max_device_memory"] * GIB)
+    cap = None if point.max_device_memory is None else int(point.max_device_memory * GIB)
     global _active_tracker
     tracker = _active_tracker = MemoryTracker(simulate_device=not cuda, cap_bytes=cap, on_host=allocating_on_host)
     if cuda:
@@ -64,14 +65,14 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
     with tracker:
         model = build_model(point, mesh, device, precision)
         optimizer = build_optimizer(model, point)
-        for step in range(point["warmup_steps"] + point["steps"]):
+        for step in range(point.warmup_steps + point.steps):
             tokens, labels, cu_seqlens = replica_batch(data, step, mesh.dp.size, mesh.replica)
             _sync(device, world)
             start = time.perf_counter()
             out = forward_backward(model, point, mesh, precision, device, tokens, labels, cu_seqlens)
             clip_and_step(model, optimizer, None)
             _sync(device, world)
-            if step >= point["warmup_steps"]:
+            if step >= point.warmup_steps:
                 step_times.append(time.perf_counter() - start)
                 if cu_seqlens is not None:  # the attention work of packed documents: sum of length^2
                     squares.append(square_tokens(data, step, mesh.dp.size))
@@ -116,7 +117,7 @@ def measure_steps(point: dict, out_dir: Path) -> dict:
     return {"ranks": [metrics]}
 
 
-def run_rank(point: dict, out_dir: str, body: Callable[[dict, Path], dict] = measure_steps) -> None:
+def run_rank(point: Point, out_dir: str, body: Callable[[dict, Path], dict] = measure_steps) -> None:
     """Run ``body`` (default: :func:`measure_steps`) on this rank; rank 0 writes what it returns
     to ``worker_metrics.json``, a failing rank writes ``rank<r>_error.json``."""
     out = Path(out_dir)
@@ -139,7 +140,7 @@ def run_rank(point: dict, out_dir: str, body: Callable[[dict, Path], dict] = mea
         destroy_distributed()
 
 
-def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: str,
+def spawn_entry(local_rank: int, point: Point, world: int, port: int, out_dir: str,
                 body: Callable[[dict, Path], dict] = measure_steps) -> None:  # fmt: skip
     """``torch.multiprocessing`` target: one fresh process per rank on this machine."""
     os.environ.update(
@@ -150,7 +151,7 @@ def spawn_entry(local_rank: int, point: dict, world: int, port: int, out_dir: st
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    os.environ[fpdt_kernels.backend.ENV_VAR] = point["backend"]
+    os.environ[fpdt_kernels.backend.ENV_VAR] = point.backend
     run_rank(point, out_dir, body)
     # Everything is measured and written. Skip interpreter teardown: gloo's destructors
     # occasionally abort (SIGABRT, "terminate called without an active exception") while the

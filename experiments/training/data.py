@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.point import Point
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -117,19 +119,19 @@ def replica_batch(spec: DataSpec, step: int, dp: int, replica: int):
     return windows[rows, :-1], windows[rows, 1:], cu
 
 
-def data_spec(point: dict, vocab_size: int) -> DataSpec:
+def data_spec(point: Point, vocab_size: int) -> DataSpec:
     """The batches a resolved point trains on (``data.*`` keys, see ``experiments.sweep.points``)."""
     spec = DataSpec(
-        seq_len=point["seq_len"],
-        batch_size=point["batch_size"],
+        seq_len=point.seq_len,
+        batch_size=point.batch_size,
         vocab_size=vocab_size,
-        seed=point["seed"],
-        path=point.get("data_path"),
-        file_dtype=point.get("data_dtype", "uint16"),
-        packing=point.get("data_packing", True),
-        eos_id=point.get("data_eos_id"),
-        index=point.get("data_index"),
-        doc_len=point.get("data_doc_len"),
+        seed=point.seed,
+        path=point.data_path,
+        file_dtype=point.data_dtype,
+        packing=point.data_packing,
+        eos_id=point.data_eos_id,
+        index=point.data_index,
+        doc_len=point.data_doc_len,
     )
     spec.check()
     return spec

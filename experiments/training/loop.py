@@ -13,6 +13,7 @@ import fpdt_kernels
 from models import Transformer, get_config
 from parallel import Mesh, init_distributed, init_mesh, parallelize, shard_batch
 
+from ..core.point import Point
 from .precision import Precision, resolve_precision
 
 # How long a collective may wait when the job has no timeout of its own (timeout_s=None).
@@ -32,65 +33,65 @@ class Rank:
         return self.device.type == "cuda"
 
 
-def setup_rank(point: dict) -> Rank:
+def setup_rank(point: Point) -> Rank:
     """Join the job's process group and ``(dp, sp)`` mesh, pick the device, the attention backend
     and the precision (every rank of ``run`` and ``train`` starts here)."""
-    init_distributed(timeout_s=point["timeout_s"] or COLLECTIVE_TIMEOUT_S)
-    mesh = init_mesh(point["sp"], ulysses=point.get("ulysses_degree"))
+    init_distributed(timeout_s=point.timeout_s or COLLECTIVE_TIMEOUT_S)
+    mesh = init_mesh(point.sp, ulysses=point.ulysses_degree)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda:
         # Ranks share the cores: without this each would start a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // mesh.world.size))
-    fpdt_kernels.set_backend(point["backend"])
-    return Rank(mesh, device, resolve_precision(point["precision"], cuda))
+    fpdt_kernels.set_backend(point.backend)
+    return Rank(mesh, device, resolve_precision(point.precision, cuda))
 
 
-def model_config(point: dict, **overrides):
+def model_config(point: Point, **overrides):
     """The model a point trains: its preset at the point's depth, with its switches (tiles,
     checkpointing) and ``overrides``."""
     switches = dict(
-        chunked_mlp=point.get("chunked_mlp", False),
-        chunked_loss=point.get("chunked_loss", False),
-        mlp_tile=point.get("mlp_tile"),
-        loss_tile=point.get("loss_tile"),
-        checkpoint=point.get("activation_checkpointing", False),
-        checkpoint_on_host=point.get("checkpoint_on_host", False),
-        residual_fp32=point.get("residual_fp32", False),
+        chunked_mlp=point.chunked_mlp,
+        chunked_loss=point.chunked_loss,
+        mlp_tile=point.mlp_tile,
+        loss_tile=point.loss_tile,
+        checkpoint=point.activation_checkpointing,
+        checkpoint_on_host=point.checkpoint_on_host,
+        residual_fp32=point.residual_fp32,
     )
-    if point.get("n_layers"):
-        switches["n_layers"] = point["n_layers"]
-    return get_config(point["model"], **{**switches, **overrides})
+    if point.n_layers:
+        switches["n_layers"] = point.n_layers
+    return get_config(point.model, **{**switches, **overrides})
 
 
-def build_model(point: dict, mesh: Mesh, device: torch.device, precision: Precision) -> torch.nn.Module:
+def build_model(point: Point, mesh: Mesh, device: torch.device, precision: Precision) -> torch.nn.Module:
     """The parallelized model, its parameters in the precision's storage dtype, on ``device``.
 
     Every rank builds the same initial weights (``parallelize`` also broadcasts them from rank 0).
     """
-    torch.manual_seed(point["seed"])
+    torch.manual_seed(point.seed)
     model = Transformer(model_config(point)).to(device=device, dtype=precision.param_dtype)
-    fsdp = point["fsdp"]
+    fsdp = point.fsdp
     return parallelize(
         model,
-        point["strategy"],
+        point.strategy,
         mesh=mesh,
-        chunks=point["chunks"],
-        offload=point["offload"],
+        chunks=point.chunks,
+        offload=point.offload,
         fsdp=fsdp,
         mixed_precision=precision.fsdp_mixed_precision() if fsdp else None,
-        offload_states=point.get("offload_states", False),
-        ulysses_degree=point.get("ulysses_degree"),
+        offload_states=point.offload_states,
+        ulysses_degree=point.ulysses_degree,
     )
 
 
-def build_optimizer(model: torch.nn.Module, point: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, point: Point) -> torch.optim.Optimizer:
     """AdamW over the parameters (fp32 master weights under mixed precision); moments in their dtype.
     ``weight_decay`` defaults to AdamW's own 0.01 (``experiments.run`` points do not set it)."""
-    return torch.optim.AdamW(model.parameters(), lr=point["lr"], weight_decay=point.get("weight_decay", 0.01))
+    return torch.optim.AdamW(model.parameters(), lr=point.lr, weight_decay=point.weight_decay)
 
 
-def forward_backward(model, point: dict, mesh: Mesh, precision: Precision, device: torch.device,
+def forward_backward(model, point: Point, mesh: Mesh, precision: Precision, device: torch.device,
                      tokens: torch.Tensor, labels: torch.Tensor,
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Shard this replica's ``[B, S]`` batch (and its documents' ``cu_seqlens``, if packed) over the
@@ -99,15 +100,15 @@ def forward_backward(model, point: dict, mesh: Mesh, precision: Precision, devic
     tokens, labels, positions = shard_batch(
         tokens,
         labels,
-        point["strategy"],
-        chunks=point["chunks"],
+        point.strategy,
+        chunks=point.chunks,
         group=mesh.sp,
         cu_seqlens=cu_seqlens,
-        ulysses_degree=point.get("ulysses_degree"),
+        ulysses_degree=point.ulysses_degree,
     )
     tokens, labels, positions = (t.to(device) for t in (tokens, labels, positions))
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.to(device)}
-    with precision.autocast(device, point["fsdp"]):
+    with precision.autocast(device, point.fsdp):
         loss = model(tokens, labels=labels, positions=positions, **packed)
     loss.backward()
     return loss.detach()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from parallel.host_store import default_host_store
 
+from ..core.point import Point
 from ..core.units import GIB
 from . import checkpoint
 from .data import data_spec, replica_batch
@@ -56,27 +57,27 @@ class _Log:
             self._file.close()
 
 
-def train_rank(point: dict, run_dir: Path) -> dict:
+def train_rank(point: Point, run_dir: Path) -> dict:
     """Train this rank from step 0 or from the newest checkpoint; returns a summary for rank 0."""
     me = setup_rank(point)
     mesh, device, precision, cuda = me.mesh, me.device, me.precision, me.cuda
     rank = mesh.world.rank
     model = build_model(point, mesh, device, precision)
     optimizer = build_optimizer(model, point)
-    horizon = point["steps"]
-    scheduler = make_scheduler(optimizer, point["lr_warmup_steps"], horizon, point["lr_min_ratio"])
-    ckpt_root = Path(point["checkpoint_dir"])
+    horizon = point.steps
+    scheduler = make_scheduler(optimizer, point.lr_warmup_steps, horizon, point.lr_min_ratio)
+    ckpt_root = Path(point.checkpoint_dir)
     start = 0
-    if point["resume"]:
+    if point.resume:
         found = checkpoint.latest(ckpt_root)
         if found is None:
             raise ValueError(f"resume=true but {ckpt_root} holds no complete checkpoint; run without resume first")
         start = checkpoint.load(found, model, optimizer, scheduler)
         if rank == 0:
             print(f"resumed from {found} (step {start} of {horizon})", flush=True)
-    stop = min(horizon, point["stop_after"] or horizon)
+    stop = min(horizon, point.stop_after or horizon)
     data = data_spec(point, model_config(point).vocab_size)
-    tokens_per_step = point["batch_size"] * mesh.dp.size * point["seq_len"]
+    tokens_per_step = point.batch_size * mesh.dp.size * point.seq_len
     log = _Log(Path(run_dir) / "train.csv", enabled=rank == 0)
     t_start, loss = time.perf_counter(), float("nan")
     try:
@@ -85,7 +86,7 @@ def train_rank(point: dict, run_dir: Path) -> dict:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             loss = float(forward_backward(model, point, mesh, precision, device, tokens, labels, cu_seqlens))
-            grad_norm = clip_and_step(model, optimizer, point["grad_clip"])
+            grad_norm = clip_and_step(model, optimizer, point.grad_clip)
             scheduler.step()
             if cuda:
                 torch.cuda.synchronize(device)
@@ -96,14 +97,14 @@ def train_rank(point: dict, run_dir: Path) -> dict:
                        host_store_gib=default_host_store().bytes_allocated / GIB,
                        tokens_seen=(step + 1) * tokens_per_step, wall_s=time.perf_counter() - t_start)  # fmt: skip
             log.write(row)
-            if rank == 0 and (step % point["log_every"] == 0 or step == stop - 1):
+            if rank == 0 and (step % point.log_every == 0 or step == stop - 1):
                 mem = "" if peak is None else f"  device peak {peak:.2f} GiB"
                 print(f"step {step + 1}/{horizon}  loss {loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
                       f"{row['tokens_per_s']:.0f} tok/s  {seconds:.2f} s{mem}", flush=True)  # fmt: skip
             done = step + 1
-            if point["checkpoint_every"] and done % point["checkpoint_every"] == 0 and done < stop:
+            if point.checkpoint_every and done % point.checkpoint_every == 0 and done < stop:
                 checkpoint.save(ckpt_root, done, model, optimizer, scheduler)
-        if stop > start or not point["resume"]:
+        if stop > start or not point.resume:
             path = checkpoint.save(ckpt_root, stop, model, optimizer, scheduler)
             if rank == 0:
                 print(f"checkpoint: {path}", flush=True)
