@@ -4,9 +4,10 @@ Ring attention keeps every rank's queries in place and passes the key/value bloc
 ring of ``R`` ranks: after ``R`` steps each rank has attended to every block. Unlike Ulysses the
 head count does not bound ``R``, and no rank ever holds the whole sequence: at any time a rank
 holds its own ``S/R`` tokens plus two received K/V blocks (the one it computes on and the one
-arriving; one when ``R == 2``), and in the backward also three fp32 dK/dV blocks (the one being
-accumulated, the one leaving, the one arriving). Sending the next block is posted before the
-current block's compute, so communication overlaps compute.
+arriving; one when ``R == 2``), and in the backward also one fp32 dK/dV block (two while it
+hops to the next rank). Sending the next K/V block is posted before the current block's
+compute, so that communication overlaps compute; the dK/dV hop does not (see
+:class:`_RingAttention`).
 
 Zigzag layout (:func:`ring_permutation`): the sequence is cut into ``2R`` pieces of
 ``c = S/(2R)`` tokens and ring position ``j`` holds pieces ``j`` and ``2R-1-j``, its "ring-local
@@ -98,18 +99,19 @@ def ring_shard(x: torch.Tensor, ring: int, ulysses: int, rank: int, dim: int = 1
 # Ring attention core
 
 
-def _step_blocks(rank: int, src: int, R: int, c: int, causal: bool, pairs):
+def _step_blocks(rank: int, src: int, R: int, c: int, causal: bool, pairs, fold: bool = True):
     """The kernel calls of one ring step: this rank's query pieces against ring rank ``src``'s
     K/V pieces, as ``(query rows, q_start, key rows, k_start, causal)`` on the local tensors.
 
-    Without packed documents, the blocks of a step with another rank's K/V are wholly visible
-    or wholly hidden under a causal mask, so they fold into one non-causal call: with
-    ``src < rank`` both query pieces see key piece ``src`` (and not ``2R-1-src``), with
+    With ``fold`` and without packed documents, the blocks of a step with another rank's K/V are
+    wholly visible or wholly hidden under a causal mask, so they fold into one non-causal call:
+    with ``src < rank`` both query pieces see key piece ``src`` (and not ``2R-1-src``), with
     ``src > rank`` query piece ``2R-1-rank`` sees both key pieces (and piece ``rank`` sees
-    neither). Otherwise each of the 2 x 2 piece pairs is a call at its global starts.
+    neither). Otherwise each visible one of the 2 x 2 piece pairs is a call at its global starts
+    (what a kernel allocates per call is then bounded by one pair of pieces).
     """
     halves, whole = (slice(0, c), slice(c, 2 * c)), slice(0, 2 * c)
-    if pairs is None:
+    if pairs is None and fold:
         if not causal:
             return [(whole, 0, whole, 0, False)]
         if src < rank:
@@ -147,9 +149,12 @@ class _Ring:
         return dist.batch_isend_irecv(ops)
 
 
-def _wait(works) -> None:
+def _wait(works: list) -> None:
+    """Wait for posted shifts and empty ``works``: a finished work still holds its tensors, so
+    a buffer dropped after the wait would otherwise stay allocated."""
     for w in works:
         w.wait()
+    works.clear()
 
 
 _K, _V, _DKV = 0, 1, 2  # message tags
@@ -162,6 +167,9 @@ class _RingAttention(torch.autograd.Function):
     very tensor returned, so saving it costs no memory; the backward's ``delta = rowsum(do*out)``
     then uses the output the loss saw, as flash-attn does) and the fp32 LSE. Received K/V blocks
     are never saved: the backward passes them around the ring again.
+
+    Beside those and the incoming dO, the backward holds dQ (fp32), at most two K/V blocks (the
+    one computed on and the one arriving) and one fp32 dK/dV block, two while it hops.
     """
 
     @staticmethod
@@ -211,41 +219,38 @@ class _RingAttention(torch.autograd.Function):
             delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, n], once for all steps
             dq = torch.zeros(q.shape, **f32)
             ring = _Ring(group) if R > 1 else None
-            kv, kv_spare = (k, v), []
-            # dK/dV of the held block travel with it: `acc` takes this rank's part, then the
-            # partial sums that arrived from the previous rank (`incoming`) are added and the
-            # total is sent on. Three fp32 buffers rotate: one accumulating, one being sent,
-            # one being received into.
-            acc_spare, incoming, sent, dkv_works = [], None, None, []
+            # dK/dV of the held block travel with it: the partial sums of the ranks that held it
+            # before arrive in `dkv`, this rank's kernels add its part in place, and the total is
+            # sent on; after step R-1 that hop brings each block's finished dK/dV home. The hop is
+            # awaited before the step's kernels run, so it is not overlapped with compute: that
+            # would take a third fp32 block (one accumulating while one leaves and one arrives).
+            # Buffers are allocated when needed and dropped when done, so a received K/V block
+            # is gone before the last hop's buffer exists (a caching allocator reuses the bytes).
+            kv, dkv, sent, dkv_works = (k, v), torch.zeros(2, *k.shape, **f32), None, []
             for t in range(R):
                 src = (rank - t) % R
+                _wait(dkv_works)  # the held block's partial dK/dV is in `dkv`; `sent` has left
+                sent = None  # freed before the next K/V block's buffers are allocated
                 kv_works, kv_next = [], None
-                if t < R - 1:
-                    kv_next = kv_spare.pop() if kv_spare else (torch.empty_like(k), torch.empty_like(v))
+                if t < R - 1:  # post the shift before the compute: it runs while this block is computed
+                    kv_next = (torch.empty_like(k), torch.empty_like(v))
                     kv_works = ring.shift(kv, kv_next, (_K, _V))
-                acc = acc_spare.pop().zero_() if acc_spare else torch.zeros(2, *k.shape, **f32)
-                for qs, q0, ks, k0, blk_causal in _step_blocks(rank, src, R, c, causal, pairs):
+                # One call per pair of pieces: a backend that returns a call's dQ/dK/dV before adding
+                # them (the CPU one) then holds one pair's, not a whole block's, beside `dkv`.
+                for qs, q0, ks, k0, blk_causal in _step_blocks(rank, src, R, c, causal, pairs, fold=False):
                     fpdt_kernels.attention_chunk_backward(
                         do[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], o[:, qs], lse[:, :, qs], q_start=q0,
                         k_start=k0, causal=blk_causal, softmax_scale=scale, delta=delta[:, :, qs], dq=dq[:, qs],
-                        dk=acc[0][:, ks], dv=acc[1][:, ks], cu_seqlens=cu,
+                        dk=dkv[0][:, ks], dv=dkv[1][:, ks], cu_seqlens=cu,
                     )  # fmt: skip
-                if t > 0:
-                    _wait(dkv_works)  # the held block's partial dK/dV arrived; last step's send is done
-                    acc += incoming
-                    acc_spare.append(sent)
-                _wait(kv_works)
-                if kv_next is not None:
-                    if kv[0] is not k:
-                        kv_spare.append(kv)
-                    kv = kv_next
-                if R > 1:  # after step R-1 this hop returns each block's finished dK/dV to its owner
-                    incoming = torch.empty_like(acc) if incoming is None else incoming
-                    dkv_works, sent = ring.shift((acc,), (incoming,), (_DKV,)), acc
-                else:
-                    incoming = acc
-            _wait(dkv_works)
-        return dq.to(q.dtype), incoming[0].to(k.dtype), incoming[1].to(v.dtype), None, None, None, None, None
+                _wait(kv_works)  # the send of `kv` is done too: dropping it below frees a received block
+                kv = kv_next
+                if R > 1:
+                    sent, dkv = dkv, torch.empty_like(dkv)
+                    dkv_works = ring.shift((sent,), (dkv,), (_DKV,))
+            _wait(dkv_works)  # this rank's finished dK/dV arrived
+            sent = None  # freed before a low-precision cast below allocates
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention_core(
@@ -321,8 +326,11 @@ def ring_attention(
     check_ring_layout(S, R)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, S)
-    q, k, v = project_qkv(x, w)  # [B, S/R, H, d], [B, S/R, Hkv, d]
+    q, k, v = project_qkv(x, w)  # [B, S/R, H, d], [B, S/R, Hkv, d]: views of the fused projection
     q, k = _rotate_at(q, k, rope, ring_positions(S, R, 1, group.rank), cu_seqlens, B, S)
+    # The core's contiguous copies, made here: a view left in this frame would keep the whole
+    # fused projection ([B, S/R, (H + 2Hkv) d]) alive while the ring runs.
+    q, k, v = (t.contiguous() for t in (q, k, v))
     o = ring_attention_core(q, k, v, group, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                             seq_len=S)  # fmt: skip
     return project_out(o, w)

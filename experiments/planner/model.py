@@ -383,7 +383,8 @@ def _attn_backward_working_set(st: Setup) -> int:
         Q, KV, _ = _whole_qkv(st)
         ring = 0
         if st.R > 1:
-            # the K/V block in use and the one arriving, and their fp32 dK/dV travelling the ring
+            # the K/V block in use and the one arriving, and the fp32 dK/dV accumulating and the
+            # one moving on (parallel/ring.py)
             ring = 2 * 2 * KV + 2 * 2 * KV * FP32 // b
         return _attn_saved(st) + 2 * Q + 2 * KV + ring
     sizes = chunk_bytes(st)
@@ -526,9 +527,11 @@ def attention_layer_seconds(st: Setup, rates: Rates, *, copies: bool = True) -> 
     _, KV, _ = _whole_qkv(st)
     kv_block, dkv_block = 2 * KV, 2 * KV * FP32 // st.dtype_bytes
     fwd = _ring_pass_seconds(fwd_attn, kv_block, st, rates) + a2a + proj
-    bwd_attn = _ring_pass_seconds(2.5 * fwd_attn, kv_block + dkv_block, st, rates)
-    if st.R > 1:  # the last hop takes each block's finished dK/dV home
-        bwd_attn += dkv_block / (rates.p2p_bytes or rates.a2a_bytes)
+    bwd_attn = _ring_pass_seconds(2.5 * fwd_attn, kv_block, st, rates)
+    if st.R > 1:
+        # Each step's partial dK/dV moves on after the step (one fp32 block, not overlapped: a
+        # second one in flight would cost another block of device memory), the last hop home.
+        bwd_attn += st.R * dkv_block / (rates.p2p_bytes or rates.a2a_bytes)
     n_fwd = 2 if st.activation_checkpointing else 1
     return n_fwd * fwd + bwd_attn + a2a + 2 * proj
 
