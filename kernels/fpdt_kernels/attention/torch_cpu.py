@@ -68,9 +68,8 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
 
 def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv):
     """Accumulate the block's gradients into fp32 ``dq, dk, dv`` (``out``/``lse`` are merged)."""
-    B, Sq, H, D = q.shape
-    Hkv = k.shape[2]
-    groups = H // Hkv
+    Sq, H = q.shape[1], q.shape[2]
+    groups = H // k.shape[2]
     out = out.to(q.dtype)
     do = do.to(q.dtype)
     for rows, keys, top_left in _pieces(Sq, k.shape[1], q_start, k_start, causal):
@@ -85,11 +84,9 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
             top_left,
             scale=scale,
         )
-        n = dk_p.shape[2]
         dq[:, rows] += dq_p.transpose(1, 2)
-        # [B, H, n, d] -> [B, n, Hkv, groups, d]: sum the query heads that share a KV head.
-        dk[:, keys] += dk_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
-        dv[:, keys] += dv_p.transpose(1, 2).reshape(B, n, Hkv, groups, D).sum(3)
+        dk[:, keys] += _sum_query_heads(dk_p.transpose(1, 2), groups)
+        dv[:, keys] += _sum_query_heads(dv_p.transpose(1, 2), groups)
 
 
 def pieces_forward(q, k, v, pieces, causal, scale, out, lse):
@@ -130,17 +127,22 @@ def flash_forward(q, k, v, causal, scale):
 
 def flash_backward(do, q, k, v, out, lse, causal, scale):
     """The backward of ``flash_forward``: ``(dq, dk, dv)`` in the input dtype, no fp32 copies."""
-    B, Sq, H, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    groups = H // Hkv
+    Sq, Sk = q.shape[1], k.shape[1]
+    groups = q.shape[2] // k.shape[2]
     _, _, top_left = _pieces(Sq, Sk, Sk - Sq, 0, causal)[0]
     dq, dk, dv = _flash_bwd(
         _heads_first(do), _heads_first(q), _heads_first(k, groups), _heads_first(v, groups), _heads_first(out),
         lse, 0.0, top_left, scale=scale,
     )  # fmt: skip
     dq, dk, dv = (g.transpose(1, 2) for g in (dq, dk, dv))  # [B, H, S, d] -> [B, S, H, d]
-    if groups > 1:
-        # [B, Sk, H, d] -> [B, Sk, Hkv, groups, d]: sum the query heads that share a KV head.
-        dk = dk.reshape(B, Sk, Hkv, groups, D).sum(3)
-        dv = dv.reshape(B, Sk, Hkv, groups, D).sum(3)
-    return dq, dk, dv
+    return dq, _sum_query_heads(dk, groups), _sum_query_heads(dv, groups)
+
+
+def _sum_query_heads(g: torch.Tensor, groups: int) -> torch.Tensor:
+    """A K/V gradient per query head ``[B, n, H, d]`` summed over the ``groups`` query heads that
+    share each K/V head: ``[B, n, H / groups, d]``. Without sharing (MHA) it is ``g`` itself, not a
+    copy: at long chunks a copy is one more dK-sized temporary at the backward's peak."""
+    if groups == 1:
+        return g
+    B, n, H, D = g.shape
+    return g.reshape(B, n, H // groups, groups, D).sum(3)
