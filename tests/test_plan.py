@@ -132,6 +132,26 @@ def test_host_memory_limits_the_sequence_too():
     assert e.fits_device and not e.fits_host and not e.fits
 
 
+def test_one_million_tokens_of_llama3_2_1b_fit_one_h200_box():
+    # The measured H200 box: 141 GB of device memory and 128 GiB of host RAM (not the preset's
+    # DGX host); the host-kept checkpoints are what binds first.
+    box = {"name": "h200", "host_memory_gib": 128}
+    longest = max_seq_len("llama3.2-1b", "fpdt", 1, box, chunk_tokens=32768)
+    assert 1 << 20 <= longest < 2 << 20
+    assert max_seq_len("llama3.2-1b", "fpdt", 1, "h200", chunk_tokens=32768) > 2 * longest
+    e = estimate("llama3.2-1b", "fpdt", 1, box, 2 << 20, chunk_tokens=32768)
+    assert e.fits_device and not e.fits_host
+
+
+def test_cli_applies_hardware_overrides(capsys):
+    text = plan.main(["model=llama3.2-1b", "gpus=1", "hardware=h200", "hardware.host_memory_gib=128",
+                      "strategies=[fpdt]", "chunk_tokens=32768"])  # fmt: skip
+    assert "128 GiB host per node" in text
+    longest = int(text.split("max seq_len fpdt")[1].split("tokens")[0].replace(",", ""))
+    assert longest == max_seq_len("llama3.2-1b", "fpdt", 1, {"name": "h200", "host_memory_gib": 128},
+                                  chunk_tokens=32768)  # fmt: skip
+
+
 def test_step_time_and_mfu_are_sane():
     e = estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20)
     assert 0.2 < e.mfu < DENSE_EFFICIENCY

@@ -76,7 +76,8 @@ def _size(n: int) -> str:
 def plan_table(cfg: DictConfig) -> str:
     """The planning table for a composed ``conf/plan.yaml``."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    model, gpus, hardware = c["model"]["name"], c["gpus"], c["hardware"]["name"]
+    # The composed preset, command-line overrides included (hardware.host_memory_gib=128).
+    model, gpus, hardware, hw_name = c["model"]["name"], c["gpus"], c["hardware"], c["hardware"]["name"]
     strategies = c["strategies"] or [s for s in strategy_names() if not get_strategy(s).single_process or gpus == 1]
     kw = {k: c[k] for k in ("chunk_tokens", "activation_checkpointing", "checkpoint_on_host", "fsdp", "offload",
                             "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
@@ -92,9 +93,12 @@ def plan_table(cfg: DictConfig) -> str:
     layout = f" (sp={kw['sp']}, dp={gpus // kw['sp']})" if kw["sp"] and kw["sp"] != gpus else ""
     states = ", model states on host" if kw["offload_states"] else ""
     states += f", documents of {kw['doc_len']} tokens" if kw["doc_len"] else ""
-    precision = resolve_precision(kw["precision"], cuda=hardware != "cpu", dtype=kw["dtype"]).name
+    precision = resolve_precision(kw["precision"], cuda=hw_name != "cpu", dtype=kw["dtype"]).name
+    sizes = [(kw["max_device_memory"] or hardware.get("device_memory_gib"), "device")]
+    sizes += [(hardware.get("host_memory_gib"), "host per node")] if hw_name != "cpu" else []
+    memory = " (" + ", ".join(f"{gib:g} GiB {what}" for gib, what in sizes if gib) + ")"
     lines = [
-        f"plan: {model} on {gpus} x {hardware}{layout}, precision {precision}; checkpoints {where}, "
+        f"plan: {model} on {gpus} x {hw_name}{memory}{layout}, precision {precision}; checkpoints {where}, "
         f"fsdp={kw['fsdp']}{states}{chunk}",
         "per strategy: device peak per GPU | host memory per node | step s | MFU;  x = does not fit",
     ]

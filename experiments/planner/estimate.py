@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from omegaconf import OmegaConf
@@ -101,8 +102,15 @@ def _strategy_preset(strategy: str) -> dict:
     return {k: bool(conf.get(k, False)) for k in ("offload", "chunked_mlp", "chunked_loss")}
 
 
-def _hardware(name: str, max_device_memory: float | None, peak_tflops: float | None) -> dict:
-    hw = load_preset(name)
+def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tflops: float | None) -> dict:
+    """The machine to plan for: a preset's name, or a preset as Hydra composed it (``name`` plus
+    its fields, some overridden on the command line, e.g. ``hardware.host_memory_gib=128``):
+    every field given there replaces the preset's."""
+    if isinstance(hardware, Mapping):
+        given = {k: v for k, v in hardware.items() if v is not None and v != ""}
+        hw = {**load_preset(hardware["name"]), **given}
+    else:
+        hw = load_preset(hardware)
     if hw["name"] == "auto":
         raise ValueError("hardware=auto detects the machine at run time; name a preset to plan for, e.g. a100-80g")
     cpu = hw["name"] == "cpu"
@@ -224,7 +232,7 @@ def estimate(
     model: str,
     strategy: str,
     gpus: int,
-    hardware: str,
+    hardware: str | Mapping,
     seq_len: int,
     *,
     chunks: int | None = None,
@@ -265,6 +273,8 @@ def estimate(
     ``residual_fp32``: under mixed precision, the residual stream and its checkpoints in fp32.
     ``ulysses_degree``: ``usp``'s ranks per Ulysses group (``None``: its default).
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
+    ``hardware``: a preset's name (``conf/hardware/``), or a mapping with ``name`` whose other
+    fields replace the preset's (``{"name": "h200", "host_memory_gib": 128}``).
     ``ValueError`` on an unknown preset, head counts that do not split over ``sp``, or a chunk
     size that does not divide ``seq_len``. ``dtype`` (``bf16``: ``bf16-true``, ``fp32``:
     ``32-true``) and ``checkpoint_offload`` (``checkpoint_on_host``) are old names.

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from parallel import get_strategy
 
 from .estimate import estimate
@@ -31,7 +33,7 @@ def max_seq_len(
     model: str,
     strategy: str,
     gpus: int,
-    hardware: str,
+    hardware: str | Mapping,
     *,
     chunk_tokens: int = 65536,
     activation_checkpointing: bool = True,
@@ -82,7 +84,7 @@ def max_seq_len(
     return lo
 
 
-def recommend_chunk_tokens(model: str, gpus: int, hardware: str, seq_len: int, *, strategy: str = "fpdt",
+def recommend_chunk_tokens(model: str, gpus: int, hardware: str | Mapping, seq_len: int, *, strategy: str = "fpdt",
                            **switches) -> int | None:  # fmt: skip
     """The smallest power-of-two chunk (tokens) of ``strategy`` (one that takes chunks; FPDT by
     default) that divides ``seq_len``, fits, and hides
