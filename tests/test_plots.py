@@ -69,8 +69,20 @@ def test_plot_cli_writes_png_and_pdf(tmp_path):
     assert all(p.stat().st_size > 5_000 for p in written)
 
 
+def test_plot_cli_reads_renamed_tables_by_their_columns(tmp_path):
+    # Combined copies as they are committed under experiments/results/ keep no canonical name.
+    sweep = tmp_path / "strategies_cpu.csv"
+    sweep.write_text(next(SWEEP.rglob("results.csv")).read_text())
+    maxlen = tmp_path / "max_seqlen_strategies_cpu.csv"
+    maxlen.write_text(next(MAX_SEQLEN.rglob("max_seqlen.csv")).read_text())
+    written = plot.main([str(sweep), str(maxlen), "--out", str(tmp_path / "figs")])
+    assert {p.stem for p in written} >= {"memory_mfu", "max_seqlen"}
+
+
 def test_plot_cli_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
-    for path in (tmp_path, tmp_path / "no-such-dir"):
+    stray = tmp_path / "notes.csv"
+    stray.write_text("a,b\n1,2\n")
+    for path in (tmp_path, tmp_path / "no-such-dir", stray):
         with pytest.raises(SystemExit) as exc:
             plot.main([str(path)])
         assert exc.value.code == 2

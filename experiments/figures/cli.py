@@ -14,6 +14,7 @@ PNG, plus PDF with ``--pdf``::
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 from ..core.tables import read_csv
@@ -28,6 +29,22 @@ from .plots import (
 )
 
 
+def _table_kind(path: Path) -> str:
+    """``sweep``, ``max_seqlen`` or ``train``: what a CSV holds, told by its columns (so renamed or
+    combined copies, e.g. under ``experiments/results/``, plot like the originals)."""
+    with path.open(newline="") as f:
+        header = set(next(csv.reader(f), []))
+    if "max_seq_len" in header:
+        return "max_seqlen"
+    if "seq_len" in header:
+        return "sweep"
+    if {"step", "loss"} <= header:
+        return "train"
+    raise FileNotFoundError(
+        f"{path} is not a results.csv (no seq_len column), max_seqlen.csv (max_seq_len) or train.csv (step, loss)"
+    )
+
+
 def _split(paths):
     """Separate sweep results, max-length results and training runs (``train.csv``)."""
     sweeps, maxlens, trains = [], [], []
@@ -35,7 +52,7 @@ def _split(paths):
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist")
         if p.is_file():
-            {"max_seqlen.csv": maxlens, "train.csv": trains}.get(p.name, sweeps).append(p)
+            {"max_seqlen": maxlens, "train": trains, "sweep": sweeps}[_table_kind(p)].append(p)
             continue
         if (p / "train.csv").exists():
             trains.append(p / "train.csv")
@@ -74,7 +91,7 @@ def main(argv=None) -> list[Path]:
     if maxlens:
         written += max_seqlen_figure(load_max_seqlen(*maxlens), out / "max_seqlen", formats)
     if trains:  # each run's loss curve on one figure, labelled by its directory
-        runs = {path.parent.name: read_csv(path) for path in trains}
+        runs = {(path.parent.name if path.name == "train.csv" else path.stem): read_csv(path) for path in trains}
         written += training_figure(runs, out / "train_loss", formats)
     for path in written:
         print(path)
