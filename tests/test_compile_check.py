@@ -56,11 +56,17 @@ def _field(row, name):
 
 def test_main_loops_are_pipelined_with_vector_loads(quick_run):
     """Every multi-stage tile of the attention kernels (odd d=40 included) pipelines its loop
-    (cp.async) with 16-byte loads, and every kernel has wgmma tiles on sm_90 at every head dim."""
+    (cp.async) with 16-byte loads, or, the forward's TMA tiles, with tensor-memory copies (and the
+    warp-specialised ones reallocate registers between warp groups); every kernel has wgmma tiles
+    on sm_90 at every head dim."""
     rows = [r for r in _rows(quick_run.stdout) if r[1] != "delta"]
     assert rows, quick_run.stdout[-2000:]
+    assert any("tma" in r for r in rows) and any("ws" in r for r in rows)
     for r in rows:
-        if r[8] != "s1":
+        if "tma" in r:
+            assert int(_field(r, "tma")) > 0, " ".join(r)
+            assert (int(_field(r, "setmaxnreg")) > 0) == ("ws" in r), " ".join(r)
+        elif r[8] != "s1":
             assert int(_field(r, "cp.async")) > 0 and int(_field(r, "vec16")) > 0, " ".join(r)
     for kernel, d in {(r[1], r[4]) for r in rows}:
         assert any("wgmma" in r for r in rows if (r[1], r[4]) == (kernel, d)), (kernel, d)

@@ -8,6 +8,8 @@ pipelining, 16-byte loads, TMA copies, ``setmaxnreg`` for warp specialisation, w
 in flight, atomics), and exits non-zero on a compile error, a spill, or shared memory over
 the target's limit. The launches are built by the same functions the GPU path uses
 (``forward_launch``, ``backward_launches``) on meta tensors, so what is checked is what runs.
+The forward's tensor-descriptor tiles (``tma``, ``tma ws``) are checked on sm_90 wherever the
+launch allows them (``TMA_OK``), whether or not ``FPDT_TMA`` lets autotune pick them.
 
 Usage (the interpreter must be off: ``TRITON_INTERPRET`` unset or 0)::
 
@@ -181,6 +183,7 @@ def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs, limit=None) 
                 arch,
                 launch.args["ACCUMULATE"],
                 launch.args["DOCS"],
+                bool(launch.args.get("TMA_OK")),
             )
             configs = tiles.configs if all_configs else usable[:limit]
         for config in configs:
@@ -321,7 +324,8 @@ def _applies(kernel, variant):
 
 
 # The CI subset (about a minute and a half on 2 cores): sm_90, bf16, causal, every kernel at
-# d=64 and 128, the forward at the odd d=40 (16-byte loads through the head-dim mask), the
+# d=64 and 128 (the forward's TMA tiles too), the forward at the odd d=40 (16-byte loads through
+# the head-dim mask, a TMA box wider than the rows), the
 # packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64), the
 # split dK/dV at d=256 and the fused backward's first two tiles (MHA, GQA, accumulating).
 QUICK = (

@@ -1,6 +1,10 @@
 """Helpers shared by the Triton forward and backward kernels: tiles, head-dim padding, vector
 widths, dot precision, autotune keys, the ``Launch`` record the compile check reads, and the
-loop ranges of the document (span) variant."""
+loop ranges of the document (span) variant.
+
+Environment (read at import): ``FPDT_AUTOTUNE=0`` autotunes nothing (one small tile per kernel);
+``FPDT_TMA=1`` lets autotune also pick the forward's tensor-descriptor (TMA) tiles on sm_90, off
+by default until GPU timings show they pay."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 INTERPRET = triton_interpreter_on()
 
 AUTOTUNE_ENV_VAR = "FPDT_AUTOTUNE"
+TMA_ENV_VAR = "FPDT_TMA"
 FP32_PRECISION_ENV_VAR = "FPDT_FP32_PRECISION"
 FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -59,30 +64,64 @@ class Launch(NamedTuple):
 
 
 def run(launch: Launch) -> None:
+    # Autotune may pick a TMA tile for this launch exactly when its config list (fixed at import
+    # by FPDT_TMA) holds one and the launch allows them: only then does it need the scratch.
+    if launch.args.get("TMA_OK") and any(uses_tma(c) for c in getattr(launch.kernel, "configs", ())):
+        set_tma_allocator()
     launch.kernel[launch.grid](**launch.args)
 
 
 def tile(bm: int, bn: int, warps: int, stages: int, **constexprs) -> triton.Config:
     """A ``BM x BN`` tile on ``warps`` warps, ``stages`` pipeline stages; ``constexprs``: the
-    kernel's other config switches (the dK/dV kernel's ``SPLIT``)."""
+    kernel's other config switches (the dK/dV kernel's ``SPLIT``, the forward's ``TMA`` and ``WS``)."""
     return triton.Config({"BM": bm, "BN": bn, **constexprs}, num_warps=warps, num_stages=stages)
+
+
+# The config switches a tile's name shows, in this order.
+_SWITCH_NAMES = {"SPLIT": "split", "TMA": "tma", "WS": "ws"}
 
 
 def tile_name(config: triton.Config) -> str:
     kw = config.kwargs
-    return f"{kw['BM']}x{kw['BN']} w{config.num_warps} s{config.num_stages}" + (" split" if kw.get("SPLIT") else "")
+    switches = "".join(f" {name}" for key, name in _SWITCH_NAMES.items() if kw.get(key))
+    return f"{kw['BM']}x{kw['BN']} w{config.num_warps} s{config.num_stages}" + switches
+
+
+def uses_tma(config: triton.Config) -> bool:
+    """Whether a config loads and stores through tensor descriptors (sm_90's TMA)."""
+    return bool(config.kwargs.get("TMA"))
+
+
+def tma_opted_in() -> bool:
+    """``FPDT_TMA=1``: autotune also considers the tensor-descriptor (TMA) tiles where a launch
+    supports them (its config list is fixed when the kernel module is imported). Off by default
+    until GPU timings show they pay."""
+    return os.environ.get(TMA_ENV_VAR, "0") == "1"
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The configs autotune may choose from: all of them, or only the last (the small tile that
-    fits every head dim) under the interpreter or with ``FPDT_AUTOTUNE=0``.
+    """The configs autotune may choose from: all of them (the TMA ones only with ``FPDT_TMA=1``),
+    or only the last (the small tile that fits every head dim) under the interpreter or with
+    ``FPDT_AUTOTUNE=0``.
 
     ``FPDT_AUTOTUNE=0`` (read at import) trades kernel speed for start-up time: one compile per
     kernel variant instead of one per config, for smoke tests and debugging, never for timings.
     """
     if INTERPRET or os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0":
         return configs[-1:]
-    return configs
+    return [c for c in configs if tma_opted_in() or not uses_tma(c)]
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The caching allocator's blocks are 512-byte aligned: more than the 128 bytes TMA needs.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def set_tma_allocator() -> None:
+    """Give Triton the global scratch in which kernels build their tensor descriptors (128 bytes
+    per descriptor per program). Triton keeps it in a context variable, which a new thread does not
+    inherit: call it on the launching thread, before the launch."""
+    triton.set_allocator(_tma_scratch)
 
 
 def arch_family(arch: int) -> int:
@@ -123,13 +162,16 @@ class Tiles:
         if listed - names:
             raise ValueError(f"clean tiles {sorted(listed - names)} are not among the configs {sorted(names)}")
 
-    def usable(self, configs, bd: int, element_bytes: int, arch: int, accumulate: bool = False, docs: bool = False):
-        """The configs of ``configs`` listed as clean for this launch (or the last one)."""
+    def usable(
+        self, configs, bd: int, element_bytes: int, arch: int, accumulate=False, docs=False, tma=False
+    ) -> list[triton.Config]:
+        """The configs of ``configs`` listed as clean for this launch (or the last one); ``tma``:
+        the launch supports tensor descriptors (its ``TMA_OK``; sm_90 is the table's key)."""
         table = self.clean_accumulate if accumulate else self.clean
         measured = next((b for b in (64, 128, 256) if bd <= b), 256)
         key = (arch_family(arch), element_bytes, measured)
         names = set(table.get(key, ())) - set(self.spill_docs.get(key, ()) if docs else ())
-        kept = [c for c in configs if tile_name(c) in names]
+        kept = [c for c in configs if tile_name(c) in names and (tma or not uses_tma(c))]
         return kept or configs[-1:]
 
     def prune(self, configs, named_args, **kwargs):
@@ -138,7 +180,13 @@ class Tiles:
             return configs
         get = lambda name: named_args.get(name, kwargs.get(name))
         return self.usable(
-            configs, get("BD"), get("Q").element_size(), current_arch(), bool(get("ACCUMULATE")), bool(get("DOCS"))
+            configs,
+            get("BD"),
+            get("Q").element_size(),
+            current_arch(),
+            bool(get("ACCUMULATE")),
+            bool(get("DOCS")),
+            bool(get("TMA_OK")),
         )
 
 

@@ -14,11 +14,19 @@ Head dims: ``D`` is the true head dim (what ``out`` holds), ``DP >= D`` the widt
 are laid out with (the launcher zero-pads odd dims to whole 16-byte vectors), ``BD`` the power
 of two the tiles use. Strides arrive divided by the vector widths ``IV`` (inputs) and ``OV``
 (output); multiplying them back by the constexprs tells Triton rows start on vector boundaries.
+
+Tensor descriptors (``TMA``, a config switch; sm_90's copy engine): Q, K, V are loaded and the
+output stored through per-head 2-D descriptors built in the kernel, whose bounds replace the
+masks of the loads. Only for launches with ``TMA_OK`` (16-bit inputs, 16-byte aligned rows and
+bases, no ``DOCS``); autotune considers these tiles only with ``FPDT_TMA=1`` (``triton_common``),
+and then ``run`` gives Triton the global scratch the descriptors are built in. ``WS`` (with
+``TMA`` only) warp-specialises the key loop: one loop over every visible tile, all masked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -42,13 +50,25 @@ from .triton_common import (
     vector_width,
 )
 
+# The TMA tiles clean at d <= 128 (also merging, ACCUMULATE); at d <= 64 two more fit (triton 3.6
+# and 3.9). TMA_OK launches only: 16-bit, 16-byte aligned rows, no document spans.
+_TMA_CLEAN = (
+    "128x128 w8 s3 tma",
+    "128x128 w8 s2 tma",
+    "128x64 w8 s3 tma",
+    "64x64 w4 s3 tma",
+    "128x64 w4 s3 tma ws",
+    "128x64 w4 s2 tma ws",
+    "128x128 w4 s2 tma ws",
+)
 # The forward's tiles; autotune picks among the clean ones. 128x64 w8 s3 was 1.30x SDPA's flash
 # kernel at d=128, S=16K, bf16 on an H200; 128x64 w4 s3 spills at d=128 on both targets, and
 # 128x32 w4 s4 at d=111 on sm_90, 64x32 w4 s4 and 64x64 w4 s3 at d=40 on sm_80 (triton 3.6).
 _CLEAN_16BIT = {
     (90, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x64 w4 s3", "128x32 w4 s4", "64x64 w4 s3", "64x32 w4 s4",
-                  "32x32 w4 s2"),
-    (90, 2, 128): ("128x64 w8 s3", "128x128 w8 s3", "64x64 w4 s3", "64x32 w4 s4", "128x32 w8 s3", "32x32 w4 s2"),
+                  "32x32 w4 s2", *_TMA_CLEAN, "128x64 w4 s3 tma", "128x128 w4 s3 tma ws"),
+    (90, 2, 128): ("128x64 w8 s3", "128x128 w8 s3", "64x64 w4 s3", "64x32 w4 s4", "128x32 w8 s3", "32x32 w4 s2",
+                   *_TMA_CLEAN),
     (90, 2, 256): ("128x32 w8 s3", "64x64 w8 s2", "64x32 w8 s2", "128x32 w8 s2", "32x32 w4 s2"),
     (80, 2, 64): ("128x64 w8 s3", "128x128 w8 s3", "128x32 w4 s4", "32x32 w4 s2"),
     (80, 2, 128): ("128x64 w8 s3", "64x32 w4 s4", "128x32 w8 s3", "64x64 w8 s2", "32x32 w4 s2"),
@@ -71,24 +91,41 @@ _CLEAN_32BIT = {
     (80, 4, 256): ("16x16 w4 s2",),
 }  # fmt: skip
 
+_tile = functools.partial(tile, TMA=False, WS=False)
+
 TILES = Tiles(
     [
-        tile(128, 64, 8, 3),
-        tile(128, 128, 8, 3),
-        tile(128, 64, 4, 3),
-        tile(128, 32, 4, 4),
-        tile(64, 64, 4, 3),
-        tile(64, 32, 4, 4),
-        tile(128, 32, 8, 3),
-        tile(64, 64, 8, 2),
-        tile(128, 32, 8, 2),
-        tile(64, 32, 8, 2),
-        tile(64, 32, 4, 2),
-        tile(64, 16, 4, 2),
-        tile(32, 32, 8, 2),
-        tile(16, 32, 4, 2),
-        tile(16, 16, 4, 2),
-        tile(32, 32, 4, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+        _tile(128, 64, 8, 3),
+        # Tensor-descriptor (TMA) tiles, sm_90, opt-in (FPDT_TMA=1). 128x128 is FlashAttention-3's
+        # d=128 causal tile; its 128x176 (d=128) and 192x128 (d=64) cannot be built: Triton's
+        # blocks and descriptor boxes are powers of two.
+        _tile(128, 128, 8, 3, TMA=True),
+        _tile(128, 128, 8, 2, TMA=True),
+        _tile(128, 64, 8, 3, TMA=True),
+        _tile(128, 64, 4, 3, TMA=True),
+        _tile(64, 64, 4, 3, TMA=True),
+        # Warp-specialised: num_warps=4 is the consumer group's size; triton 3.6 adds a producer
+        # group and a second consumer group (12 warps, setmaxnreg). At num_warps=8 it silently
+        # does not specialise, and without TMA neither.
+        _tile(128, 64, 4, 3, TMA=True, WS=True),
+        _tile(128, 64, 4, 2, TMA=True, WS=True),
+        _tile(128, 128, 4, 2, TMA=True, WS=True),
+        _tile(128, 128, 4, 3, TMA=True, WS=True),
+        _tile(128, 128, 8, 3),
+        _tile(128, 64, 4, 3),
+        _tile(128, 32, 4, 4),
+        _tile(64, 64, 4, 3),
+        _tile(64, 32, 4, 4),
+        _tile(128, 32, 8, 3),
+        _tile(64, 64, 8, 2),
+        _tile(128, 32, 8, 2),
+        _tile(64, 32, 8, 2),
+        _tile(64, 32, 4, 2),
+        _tile(64, 16, 4, 2),
+        _tile(32, 32, 8, 2),
+        _tile(16, 32, 4, 2),
+        _tile(16, 16, 4, 2),
+        _tile(32, 32, 4, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _CLEAN_16BIT | _CLEAN_32BIT,
     _CLEAN_16BIT_ACCUMULATE | _CLEAN_32BIT,
@@ -108,12 +145,14 @@ def _fwd_inner(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DP: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax: returns the updated running (max, sum, acc).
 
     ``MASKED=False`` is the fast path for blocks every row sees in full; ``MASKED=True`` applies
     the bounds (``n < Sk``) and causal (``n <= m + DELTA``) masks, or with ``DOCS`` the rows'
     spans ``b_lo <= n < b_hi`` (which lie inside ``[0, Sk]``); ``o_mg`` are the rows' indices.
+    With ``TMA``, ``p_kn, p_vn`` are the head's K/V descriptors, read at row ``n0``.
     """
     m_d = o_d < DP  # folds away when DP == BD
     if MASKED:
@@ -123,8 +162,13 @@ def _fwd_inner(
     else:
         m_k = m_d[:, None]
         m_v = m_d[None, :]
-    b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_k, other=0.0)
-    b_v = tl.load(p_vn + o_n[:, None] * stride_vs + o_d[None, :], mask=m_v, other=0.0)
+    if TMA:
+        # The copy engine zero-fills rows past Sk and columns past DP: no masks on the loads.
+        b_kt = tl.trans(p_kn.load([n0, 0]))
+        b_v = p_vn.load([n0, 0])
+    else:
+        b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_k, other=0.0)
+        b_v = tl.load(p_vn + o_n[:, None] * stride_vs + o_d[None, :], mask=m_v, other=0.0)
     if UPCAST:
         b_kt = b_kt.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -178,8 +222,11 @@ def _fwd_kernel(
     BD: tl.constexpr,
     IV: tl.constexpr,
     OV: tl.constexpr,
+    TMA_OK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):  # fmt: skip
     stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
     stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
@@ -201,12 +248,28 @@ def _fwd_kernel(
     o_d = tl.arange(0, BD)
     m_m = (m_start + o_m) < Sq
 
-    p_q = Q + i_b * stride_qb + i_h * stride_qh + m_start.to(tl.int64) * stride_qs
-    b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_m[:, None] & (o_d < DP)[None, :], other=0.0)
+    tl.static_assert(TMA or not WS, "warp specialisation needs the TMA loads")
+    if TMA:
+        tl.static_assert(TMA_OK and not DOCS, "TMA tiles need 16-byte aligned rows and no document spans")
+        # One 2-D descriptor per head, built in the kernel (in the scratch set_tma_allocator
+        # provides): the copy engine bounds it, so rows past Sq/Sk and columns past DP read as 0.
+        q_desc = tl.make_tensor_descriptor(
+            Q + i_b * stride_qb + i_h * stride_qh, shape=[Sq, DP], strides=[stride_qs, 1], block_shape=[BM, BD]
+        )
+        b_q = q_desc.load([m_start, 0])
+        p_k = tl.make_tensor_descriptor(
+            K + i_b * stride_kb + i_hk * stride_kh, shape=[Sk, DP], strides=[stride_ks, 1], block_shape=[BN, BD]
+        )
+        p_v = tl.make_tensor_descriptor(
+            V + i_b * stride_vb + i_hk * stride_vh, shape=[Sk, DP], strides=[stride_vs, 1], block_shape=[BN, BD]
+        )
+    else:
+        p_q = Q + i_b * stride_qb + i_h * stride_qh + m_start.to(tl.int64) * stride_qs
+        b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_m[:, None] & (o_d < DP)[None, :], other=0.0)
+        p_k = K + i_b * stride_kb + i_hk * stride_kh
+        p_v = V + i_b * stride_vb + i_hk * stride_vh
     if UPCAST:
         b_q = b_q.to(tl.float32)
-    p_k = K + i_b * stride_kb + i_hk * stride_kh
-    p_v = V + i_b * stride_vb + i_hk * stride_vh
 
     b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_li = tl.zeros([BM], dtype=tl.float32)
@@ -228,7 +291,7 @@ def _fwd_kernel(
             b_mi, b_li, b_acc = _fwd_inner(
                 b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs,
                 Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION,
-                DP=DP,
+                DP=DP, TMA=False,
             )  # fmt: skip
             p_kn += BN * stride_ks
             p_vn += BN * stride_vs
@@ -239,7 +302,7 @@ def _fwd_kernel(
                 b_q, p_k + n0.to(tl.int64) * stride_ks, p_v + n0.to(tl.int64) * stride_vs, b_mi, b_li, b_acc,
                 n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs,
                 Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION,
-                DP=DP,
+                DP=DP, TMA=False,
             )  # fmt: skip
     else:
         # Keys [0, n_full) are visible to every row of the block and in bounds: no masks there.
@@ -252,37 +315,56 @@ def _fwd_kernel(
             n_full = Sk // BN * BN
 
         # The K/V pointers advance by one block per step (64-bit pointer arithmetic, so offsets
-        # never overflow int32 at millions of tokens).
+        # never overflow int32 at millions of tokens); descriptors are read at n0 instead.
         p_kn = p_k
         p_vn = p_v
-        for n0 in range(0, n_full, BN):
-            b_mi, b_li, b_acc = _fwd_inner(
-                b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks, stride_vs,
-                Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-            )  # fmt: skip
-            p_kn += BN * stride_ks
-            p_vn += BN * stride_vs
-        for n0 in range(n_full, n_end, BN):
+        if WS:
+            # Triton 3.6 warp-specialises a loop (producer warps issue the TMA copies, two consumer
+            # warp groups the wgmma) only when no loop follows it (a second loop fails its pass on
+            # sm_90): one loop over every visible tile, all masked.
+            n_full = 0
+        else:
+            for n0 in range(0, n_full, BN):
+                b_mi, b_li, b_acc = _fwd_inner(
+                    b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks, stride_vs,
+                    Sk, DELTA, qk_scale, MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION,
+                    DP=DP, TMA=TMA,
+                )  # fmt: skip
+                if not TMA:
+                    p_kn += BN * stride_ks
+                    p_vn += BN * stride_vs
+        for n0 in tl.range(n_full, n_end, BN, warp_specialize=WS):
             b_mi, b_li, b_acc = _fwd_inner(
                 b_q, p_kn, p_vn, b_mi, b_li, b_acc, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks, stride_vs,
                 Sk, DELTA, qk_scale, MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                TMA=TMA,
             )  # fmt: skip
-            p_kn += BN * stride_ks
-            p_vn += BN * stride_vs
+            if not TMA:
+                p_kn += BN * stride_ks
+                p_vn += BN * stride_vs
 
     # Natural-log LSE of the block; rows that saw no key: out = 0, lse = -inf.
     m_seen = b_li > 0.0
     b_lse = tl.where(m_seen, (b_mi + tl.log2(tl.where(m_seen, b_li, 1.0))) / LOG2E, float("-inf"))
     b_out = b_acc / tl.where(m_seen, b_li, 1.0)[:, None]
 
-    p_o = Out + i_b * stride_ob + i_h * stride_oh + m_start.to(tl.int64) * stride_os
-    p_o = p_o + o_m[:, None] * stride_os + o_d[None, :]
     p_l = Lse + i_b * stride_lb + i_h * stride_lh + m_start + o_m
     m_o = m_m[:, None] & (o_d < D)[None, :]
+    if TMA:
+        # Stores through the descriptor are clipped to its [Sq, D] bounds.
+        o_desc = tl.make_tensor_descriptor(
+            Out + i_b * stride_ob + i_h * stride_oh, shape=[Sq, D], strides=[stride_os, 1], block_shape=[BM, BD]
+        )
+    else:
+        p_o = Out + i_b * stride_ob + i_h * stride_oh + m_start.to(tl.int64) * stride_os
+        p_o = p_o + o_m[:, None] * stride_os + o_d[None, :]
     if ACCUMULATE:
         # Online-softmax merge with the running state; safe when either side is -inf.
         b_lprev = tl.load(p_l, mask=m_m, other=float("-inf"))
-        b_oprev = tl.load(p_o, mask=m_o, other=0.0).to(tl.float32)
+        if TMA:
+            b_oprev = o_desc.load([m_start, 0]).to(tl.float32)
+        else:
+            b_oprev = tl.load(p_o, mask=m_o, other=0.0).to(tl.float32)
         b_mx = tl.maximum(b_lprev, b_lse)
         b_mx = tl.where(b_mx == float("-inf"), 0.0, b_mx)
         b_wa = tl.exp(b_lprev - b_mx)
@@ -292,7 +374,10 @@ def _fwd_kernel(
         b_wsafe = tl.where(m_any, b_w, 1.0)
         b_out = (b_oprev * (b_wa / b_wsafe)[:, None]) + (b_out * (b_wb / b_wsafe)[:, None])
         b_lse = tl.where(m_any, b_mx + tl.log(b_wsafe), float("-inf"))
-    tl.store(p_o, b_out.to(Out.dtype.element_ty), mask=m_o)
+    if TMA:
+        o_desc.store([m_start, 0], b_out.to(Out.dtype.element_ty))
+    else:
+        tl.store(p_o, b_out.to(Out.dtype.element_ty), mask=m_o)
     tl.store(p_l, b_lse, mask=m_m)
 
 
@@ -308,6 +393,9 @@ def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulat
     B, Sq, H, DP = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     iv, ov = vector_width(q, k, v), vector_width(out)
+    # Tensor descriptors need 16-byte aligned bases and rows (one whole vector of 16-bit elements)
+    # and apply to the dense path only; the tiles with TMA are pruned elsewhere.
+    tma_ok = spans is None and q.element_size() == 2 and iv * 2 == 16 and ov * out.element_size() == 16
     args = dict(
         Q=q, K=k, V=v, Out=out, Lse=lse, Spans=spans,
         **dict(zip(("stride_qb", "stride_qs", "stride_qh"), strides(q, iv), strict=True)),
@@ -319,6 +407,7 @@ def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulat
         SQ_BUCKET=seq_bucket(Sq), SK_BUCKET=seq_bucket(Sk),
         GROUPS=H // Hkv, CAUSAL=causal, DOCS=spans is not None, ACCUMULATE=accumulate, UPCAST=INTERPRET,
         PRECISION=dot_precision(q.dtype), D=out.shape[-1], DP=DP, BD=head_dim_block(DP), IV=iv, OV=ov,
+        TMA_OK=tma_ok,
     )  # fmt: skip
     return Launch(_fwd_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), args)
 
