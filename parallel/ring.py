@@ -283,6 +283,13 @@ def ring_attention_core(
             f"each of the R={R} ring ranks holds S/R={seq_len // R} tokens of q, k and v; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}"
         )
+    if R == 1:
+        # No ring (usp with U = sp, or ring on one rank): the zigzag of one position is the
+        # sequence in order, so this is whole-sequence flash attention, as ulysses runs it: the
+        # output in the input dtype, no fp32 merge buffers or dK/dV accumulators.
+        from .strategies.common import attend  # the strategies sit above this module
+
+        return attend(q, k, v, causal, softmax_scale, cu_seqlens)
     # Contiguous copies: the blocks are sent as they are (isend needs contiguous tensors), and a
     # q that is a view of the fused QKV projection would keep all of it alive once saved.
     q, k, v = (t.contiguous() for t in (q, k, v))

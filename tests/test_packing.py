@@ -128,7 +128,7 @@ def test_packed_sequence_equals_separate_documents(strategy, chunks):
         t, lab, pos = shard_batch(tokens, labels, strategy, chunks=chunks, group=SPGroup.single(), cu_seqlens=cu)
         loss = model(t, labels=lab, positions=pos, cu_seqlens=cu)
         loss.backward()
-    assert float(loss) == pytest.approx(want_loss, rel=1e-5)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
