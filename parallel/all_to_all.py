@@ -20,11 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .distributed import SPGroup
-
-
-def _divisors(n: int) -> list[int]:
-    return [p for p in range(1, n + 1) if n % p == 0]
+from .distributed import SPGroup, divisors
 
 
 def check_heads(n_heads: int, n_kv_heads: int, world: int) -> None:
@@ -34,10 +30,10 @@ def check_heads(n_heads: int, n_kv_heads: int, world: int) -> None:
     if n_heads % world:
         raise ValueError(
             f"H={n_heads} query heads are not divisible by P={world} sequence-parallel ranks; "
-            f"use P in {_divisors(n_heads)}"
+            f"use P in {divisors(n_heads)}"
         )
     if n_kv_heads % world and world % n_kv_heads:
-        ok = [p for p in _divisors(n_heads) if n_kv_heads % p == 0 or p % n_kv_heads == 0]
+        ok = [p for p in divisors(n_heads) if n_kv_heads % p == 0 or p % n_kv_heads == 0]
         raise ValueError(
             f"Hkv={n_kv_heads} KV heads cannot be split over P={world} ranks: need Hkv % P == 0 "
             f"(shard) or P % Hkv == 0 (replicate); with H={n_heads}, Hkv={n_kv_heads} use P in {ok}"

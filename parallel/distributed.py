@@ -94,10 +94,20 @@ class Mesh:
 def check_mesh(world: int, sp: int) -> None:
     """Raise ``ValueError`` unless ``world`` ranks split into data-parallel groups of ``sp``."""
     if sp < 1 or world % sp:
-        raise ValueError(f"sp={sp} must divide gpus={world} (gpus = dp * sp); use sp in {_divisors(world)}")
+        raise ValueError(f"sp={sp} must divide gpus={world} (gpus = dp * sp); use sp in {divisors(world)}")
 
 
-def _divisors(n: int) -> list[int]:
+def check_ulysses_degree(sp: int, ulysses: int) -> None:
+    """Raise ``ValueError`` unless ``ulysses`` (``parallel.ulysses_degree``, U) splits the ``sp``
+    ranks of one sequence into groups of U: ``sp = U * R`` with ``R`` ring positions."""
+    if ulysses < 1 or sp % ulysses:
+        raise ValueError(
+            f"parallel.ulysses_degree={ulysses} must divide the sp={sp} sequence-parallel ranks "
+            f"(sp = ulysses_degree * ring); use one of {divisors(sp)}"
+        )
+
+
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -120,8 +130,7 @@ def init_mesh(sp: int | None = None, ulysses: int | None = None) -> Mesh:
     if ulysses is None:
         mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
     else:
-        if ulysses < 1 or sp % ulysses:
-            raise ValueError(f"ulysses_degree={ulysses} must divide sp={sp}; use one of {_divisors(sp)}")
+        check_ulysses_degree(sp, ulysses)
         mesh = init_device_mesh(device_type, (world // sp, sp // ulysses, ulysses),
                                 mesh_dim_names=("dp", "ring", "ulysses"))  # fmt: skip
     rank = dist.get_rank()

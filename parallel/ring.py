@@ -35,16 +35,11 @@ import fpdt_kernels
 
 from .all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
 from .amp import restore_autocast
-from .distributed import SPGroup
+from .distributed import SPGroup, check_ulysses_degree
 from .layout import check_cu_seqlens, document_positions
 from .rotary import RotaryEmbedding, apply_rotary
 from .schedule import document_pairs
 from .weights import AttentionWeights, project_out, project_qkv
-
-
-def _divisors(n: int) -> list[int]:
-    return [p for p in range(1, n + 1) if n % p == 0]
-
 
 # --------------------------------------------------------------------------------------------
 # Zigzag layout
@@ -384,11 +379,7 @@ def split_sp_group(group: SPGroup, ulysses: int) -> tuple[SPGroup, SPGroup]:
     as :class:`~parallel.distributed.Mesh` makes them.
     """
     P = group.size
-    if ulysses < 1 or P % ulysses:
-        raise ValueError(
-            f"ulysses={ulysses} must divide the P={P} sequence-parallel ranks (P = ulysses * ring); "
-            f"use ulysses in {_divisors(P)}"
-        )
+    check_ulysses_degree(P, ulysses)
     U, R = ulysses, P // ulysses
     if U == P:
         return group, SPGroup.single()

@@ -319,6 +319,13 @@ def test_same_bad_input_same_message_from_every_entry_point():
     assert str(run_err.value) == str(plan_err.value)
     with pytest.raises(ValueError, match="'local' runs in one process"):
         check_point(resolve_point(_compose(["parallel=local", "gpus=2"])))
+    # usp's split names the key the user set, and what would be right.
+    usp = ["model=llama-tiny", "parallel=usp", "parallel.ulysses_degree=3", "gpus=4", "seq_len=4096"]
+    with pytest.raises(ValueError, match=r"ulysses_degree=3 must divide the sp=4 .* use one of \[1, 2, 4\]") as run_err:
+        check_point(resolve_point(_compose(usp)))
+    with pytest.raises(ValueError) as plan_err:
+        estimate("llama-tiny", "usp", 4, "cpu", 4096, max_device_memory=1.0, ulysses_degree=3)
+    assert str(run_err.value) == str(plan_err.value)
 
 
 def test_plan_cli_only_checks_what_its_strategies_use(capsys):

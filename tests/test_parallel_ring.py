@@ -81,7 +81,7 @@ def test_bad_layouts_and_splits_raise():
         ring_permutation(40, 4, 2)
     with pytest.raises(ValueError, match=">= 1"):
         ring_permutation(32, 0)
-    with pytest.raises(ValueError, match=r"use ulysses in \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"ulysses_degree=3 must divide the sp=4 .* use one of \[1, 2, 4\]"):
         split_sp_group(SPGroup(None, 0, 4), 3)
     with pytest.raises(ValueError, match="must divide"):
         split_sp_group(SPGroup(None, 0, 4), 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import check_mesh
+from ..distributed import check_ulysses_degree
 from ..ring import ring_permutation, split_sp_group, usp_attention
 from .base import Strategy, register
 
@@ -38,8 +38,7 @@ class USP(Strategy):
     def head_degree(self, sp, ulysses_degree, n_heads, n_kv_heads) -> int:
         if ulysses_degree is None:
             return default_ulysses_degree(sp, n_heads, n_kv_heads)
-        if ulysses_degree < 1 or sp % ulysses_degree:
-            check_mesh(sp, ulysses_degree)  # raises with the divisors of sp
+        check_ulysses_degree(sp, ulysses_degree)
         return ulysses_degree
 
     def granule(self, sp, chunks, ulysses_degree=None) -> int:
