@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 
 from experiments import plan
 from experiments.plan import estimate, max_seq_len, recommend_chunk_tokens
-from experiments.planner.estimate import DENSE_EFFICIENCY, _setup
+from experiments.planner.estimate import DENSE_EFFICIENCY, _setup, estimate_row
 from experiments.planner.model import chunk_bytes, replay_peak_bytes
 from parallel.schedule import backward_schedule, check_schedule
 
@@ -67,6 +67,19 @@ def test_predicted_host_memory_matches_measured(row):
     measured = float(row["host_mem_gib"]) * (1 << 30)
     predicted = _predict(row).host_per_rank
     assert predicted == pytest.approx(measured, rel=0.05, abs=1024)
+
+
+def test_unchunked_loss_peak_matches_measured():
+    # llama3.2-1b with one layer, local, bf16-mixed, 2K and 4K tokens on CPU (a 128K vocabulary:
+    # the loss's fp32 logits, log-softmax and gradient set the peak; no parameter has a gradient
+    # yet, and autocast's bf16 head weight is saved by the matmul).
+    rows = list(csv.DictReader((FIXTURE.parent / "loss_phase_llama3.2-1b_1layer_cpu.csv").open()))
+    assert [int(r["seq_len"]) for r in rows] == [2048, 4096]
+    for row in rows:
+        e = estimate_row(row)
+        measured = float(row["device_mem_peak_gib"]) * (1 << 30)
+        assert e.peak_phase == "loss" and e.device["grads"] == 0
+        assert e.device_peak == pytest.approx(measured, rel=0.02), f"{e.device_peak / MIB:.1f} vs {measured / MIB:.1f}"
 
 
 def test_fpdt_chunks_shrink_the_device_peak_and_grow_the_host_store():
