@@ -191,13 +191,15 @@ def _configs(world: int) -> list[dict]:
     return out
 
 
-def _check_block(cfg: dict, group, splits: dict) -> None:
+def _check_block(cfg: dict, group, splits: dict, replica: int = 0) -> None:
+    """``cfg``'s block on ``group`` against the one-process block; ``replica``: a data-parallel
+    replica's index, which picks its own sequence (replicas that mixed ranks would then fail)."""
     from parallel.attention import local_attention
     from parallel.ring import ring_attention, ring_shard, usp_attention
     from parallel.rotary import RotaryEmbedding
     from parallel.weights import AttentionWeights
 
-    torch.manual_seed(zlib.crc32(repr([cfg[k] for k in CONFIG_KEYS]).encode()))  # same on all ranks
+    torch.manual_seed(zlib.crc32(repr([cfg[k] for k in CONFIG_KEYS]).encode()) + replica)  # same on the group
     h = cfg["H"] * D
     w_ref = AttentionWeights.random(h, cfg["H"], cfg["Hkv"], D, bias=cfg["bias"])
     rope = RotaryEmbedding(D) if cfg["rope"] else None
@@ -317,4 +319,44 @@ def test_ring_and_usp_match_local(world, tmp_path):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         if text:
             failures.append(f"rank {rank}:\n{text}")
+    assert not failures, "\n".join(failures)
+
+
+def _mesh_worker(rank: int, world: int, rdzv: str, result_dir: str) -> None:
+    """8 ranks as 2 data-parallel replicas of sp=4 = 2 (Ulysses) x 2 (ring): the mesh's groups and
+    split_sp_group's agree, stay inside a replica, and usp on each replica's own sequence matches
+    the one-process block."""
+    import fpdt_kernels
+    from parallel.distributed import init_distributed, init_mesh
+    from parallel.ring import split_sp_group
+
+    fpdt_kernels.set_backend("torch")
+    init_distributed(rank, world, backend="gloo", init_method=f"file://{rdzv}", timeout_s=120)
+    failures = []
+    try:
+        mesh = init_mesh(sp=4, ulysses=2)
+        replica, seq_rank = divmod(rank, 4)
+        got = (mesh.sp.size, mesh.sp.rank, mesh.ulysses.size, mesh.ulysses.rank, mesh.ring.size, mesh.ring.rank)
+        if got != (4, seq_rank, 2, seq_rank % 2, 2, seq_rank // 2):
+            failures.append(f"mesh groups (size, rank) of sp, ulysses, ring: {got}")
+        uly, ring = split_sp_group(mesh.sp, 2)
+        if (uly.size, uly.rank, ring.size, ring.rank) != got[2:]:
+            failures.append(f"split_sp_group: ulysses {uly}, ring {ring}; the mesh's: {got[2:]}")
+        for splits in ({2: (mesh.ulysses, mesh.ring)}, {2: (uly, ring)}):
+            for cfg in (_cfg("usp", 8, 2, U=2, bias=True), _cfg("usp", 8, 8, U=2, docs=True, causal=False)):
+                _check_block(cfg, mesh.sp, splits, replica=replica)
+    except AssertionError as e:
+        failures.append(str(e))
+    except Exception:
+        failures.append(traceback.format_exc())
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(failures))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_usp_with_data_parallel_replicas_on_eight_ranks(tmp_path):
+    world = 8
+    mp.spawn(_mesh_worker, args=(world, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=world, join=True)
+    failures = [f"rank {r}:\n{t}" for r in range(world) if (t := (tmp_path / f"rank{r}.txt").read_text())]
     assert not failures, "\n".join(failures)
