@@ -42,51 +42,46 @@ def _pieces(sq: int, sk: int, q_start: int, k_start: int, causal: bool):
     return pieces
 
 
-def _heads_first(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    # [B, S, Hkv, d] -> [B, Hkv*groups, S, d] (query head h reads KV head h // groups).
-    if groups > 1:
-        x = x.repeat_interleave(groups, dim=2)
-    return x.transpose(1, 2)
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)  # [B, S, heads, d] -> [B, heads, S, d]
+
+
+def _query_groups(q: torch.Tensor, k: torch.Tensor) -> list[slice]:
+    """The query heads as ``groups = H / Hkv`` strided slices, slice ``g`` holding heads
+    ``j * groups + g`` (query head ``h`` reads KV head ``h // groups``): each slice lines up one
+    to one with the KV heads, so the kernel runs on the unexpanded K/V. Expanding K/V to every
+    query head (and its dK/dV per query head) would hold ``groups`` times their bytes, which the
+    GPU kernels never do, and the simulated device memory of a CPU run must not either."""
+    groups = q.shape[2] // k.shape[2]
+    return [slice(g, None, groups) for g in range(groups)]
 
 
 def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
     """Merge the block's attention into the fp32 accumulators ``out``/``lse`` in place."""
-    groups = q.shape[2] // k.shape[2]
     for rows, keys, top_left in _pieces(q.shape[1], k.shape[1], q_start, k_start, causal):
-        o_blk, lse_blk = _flash_fwd(
-            _heads_first(q[:, rows]),
-            _heads_first(k[:, keys], groups),
-            _heads_first(v[:, keys], groups),
-            0.0,
-            top_left,
-            scale=scale,
-        )
-        new_out, new_lse = naive.merge_attention(out[:, rows], lse[:, :, rows], o_blk.transpose(1, 2), lse_blk)
-        out[:, rows] = new_out
-        lse[:, :, rows] = new_lse
+        k_p, v_p = _heads_first(k[:, keys]), _heads_first(v[:, keys])
+        for g in _query_groups(q, k):
+            o_blk, lse_blk = _flash_fwd(_heads_first(q[:, rows, g]), k_p, v_p, 0.0, top_left, scale=scale)
+            new_out, new_lse = naive.merge_attention(out[:, rows, g], lse[:, g, rows], o_blk.transpose(1, 2), lse_blk)
+            out[:, rows, g] = new_out
+            lse[:, g, rows] = new_lse
 
 
 def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv):
     """Accumulate the block's gradients into fp32 ``dq, dk, dv`` (``out``/``lse`` are merged)."""
-    Sq, H = q.shape[1], q.shape[2]
-    groups = H // k.shape[2]
     out = out.to(q.dtype)
     do = do.to(q.dtype)
-    for rows, keys, top_left in _pieces(Sq, k.shape[1], q_start, k_start, causal):
-        dq_p, dk_p, dv_p = _flash_bwd(
-            _heads_first(do[:, rows]),
-            _heads_first(q[:, rows]),
-            _heads_first(k[:, keys], groups),
-            _heads_first(v[:, keys], groups),
-            _heads_first(out[:, rows]),
-            lse[:, :, rows].to(accumulator_dtype(q.dtype)).contiguous(),
-            0.0,
-            top_left,
-            scale=scale,
-        )
-        dq[:, rows] += dq_p.transpose(1, 2)
-        dk[:, keys] += _sum_query_heads(dk_p.transpose(1, 2), groups)
-        dv[:, keys] += _sum_query_heads(dv_p.transpose(1, 2), groups)
+    lse = lse.to(accumulator_dtype(q.dtype))
+    for rows, keys, top_left in _pieces(q.shape[1], k.shape[1], q_start, k_start, causal):
+        k_p, v_p = _heads_first(k[:, keys]), _heads_first(v[:, keys])
+        for g in _query_groups(q, k):
+            dq_p, dk_p, dv_p = _flash_bwd(
+                _heads_first(do[:, rows, g]), _heads_first(q[:, rows, g]), k_p, v_p, _heads_first(out[:, rows, g]),
+                lse[:, g, rows].contiguous(), 0.0, top_left, scale=scale,
+            )  # fmt: skip
+            dq[:, rows, g] += dq_p.transpose(1, 2)
+            dk[:, keys] += dk_p.transpose(1, 2)
+            dv[:, keys] += dv_p.transpose(1, 2)
 
 
 def pieces_forward(q, k, v, pieces, causal, scale, out, lse):
@@ -119,30 +114,39 @@ def covers_whole_block(sq: int, sk: int, q_start: int, causal: bool) -> bool:
 def flash_forward(q, k, v, causal, scale):
     """``flash_attention``'s forward where ``covers_whole_block``: ``(out, lse)`` straight from the
     CPU kernel, ``out`` in the input dtype (no fp32 accumulator, no merge), as SDPA would."""
-    groups = q.shape[2] // k.shape[2]
     _, _, top_left = _pieces(q.shape[1], k.shape[1], k.shape[1] - q.shape[1], 0, causal)[0]
-    out, lse = _flash_fwd(_heads_first(q), _heads_first(k, groups), _heads_first(v, groups), 0.0, top_left, scale=scale)
-    return out.transpose(1, 2), lse  # [B, H, Sq, d] (laid out as bshd) -> [B, Sq, H, d]
+    groups = _query_groups(q, k)
+    if len(groups) == 1:
+        out, lse = _flash_fwd(_heads_first(q), _heads_first(k), _heads_first(v), 0.0, top_left, scale=scale)
+        return out.transpose(1, 2), lse  # [B, H, Sq, d] (laid out as bshd) -> [B, Sq, H, d]
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=accumulator_dtype(q.dtype))
+    for g in groups:
+        o_g, lse[:, g] = _flash_fwd(_heads_first(q[:, :, g]), _heads_first(k), _heads_first(v), 0.0, top_left,
+                                    scale=scale)  # fmt: skip
+        out[:, :, g] = o_g.transpose(1, 2)
+    return out, lse
 
 
 def flash_backward(do, q, k, v, out, lse, causal, scale):
-    """The backward of ``flash_forward``: ``(dq, dk, dv)`` in the input dtype, no fp32 copies."""
+    """The backward of ``flash_forward``: ``(dq, dk, dv)`` in the input dtype. With GQA the K/V
+    gradients of the query-head groups are summed in fp32, then cast once."""
     Sq, Sk = q.shape[1], k.shape[1]
-    groups = q.shape[2] // k.shape[2]
     _, _, top_left = _pieces(Sq, Sk, Sk - Sq, 0, causal)[0]
-    dq, dk, dv = _flash_bwd(
-        _heads_first(do), _heads_first(q), _heads_first(k, groups), _heads_first(v, groups), _heads_first(out),
-        lse, 0.0, top_left, scale=scale,
-    )  # fmt: skip
-    dq, dk, dv = (g.transpose(1, 2) for g in (dq, dk, dv))  # [B, H, S, d] -> [B, S, H, d]
-    return dq, _sum_query_heads(dk, groups), _sum_query_heads(dv, groups)
-
-
-def _sum_query_heads(g: torch.Tensor, groups: int) -> torch.Tensor:
-    """A K/V gradient per query head ``[B, n, H, d]`` summed over the ``groups`` query heads that
-    share each K/V head: ``[B, n, H / groups, d]``. Without sharing (MHA) it is ``g`` itself, not a
-    copy: at long chunks a copy is one more dK-sized temporary at the backward's peak."""
-    if groups == 1:
-        return g
-    B, n, H, D = g.shape
-    return g.reshape(B, n, H // groups, groups, D).sum(3)
+    groups = _query_groups(q, k)
+    if len(groups) == 1:
+        grads = _flash_bwd(_heads_first(do), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
+                           lse, 0.0, top_left, scale=scale)  # fmt: skip
+        return tuple(g.transpose(1, 2) for g in grads)  # [B, H, S, d] -> [B, S, H, d]
+    dq = torch.empty_like(q)
+    acc = accumulator_dtype(k.dtype)
+    dk, dv = torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
+    for g in groups:
+        dq_g, dk_g, dv_g = _flash_bwd(
+            _heads_first(do[:, :, g]), _heads_first(q[:, :, g]), _heads_first(k), _heads_first(v),
+            _heads_first(out[:, :, g]), lse[:, g].contiguous(), 0.0, top_left, scale=scale,
+        )  # fmt: skip
+        dq[:, :, g] = dq_g.transpose(1, 2)
+        dk += dk_g.transpose(1, 2)
+        dv += dv_g.transpose(1, 2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
