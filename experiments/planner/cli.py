@@ -83,7 +83,7 @@ def plan_table(cfg: DictConfig) -> str:
                             "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "dtype", "max_device_memory",
                             "dense_efficiency", "attention_efficiency", "precision", "sp",
                             "offload_states", "doc_len", "residual_fp32", "ulysses_degree")}  # fmt: skip
-    kw.update(n_layers=c["model"]["n_layers"], peak_tflops=c["hardware"]["peak_tflops"])
+    kw.update(n_layers=c["model"]["n_layers"])  # the hardware's fields travel in `hardware`
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]
     hi = c["max_seq_len"] or max(2 * (1 << math.ceil(math.log2(max(maxima.values()) or 1))), lo)

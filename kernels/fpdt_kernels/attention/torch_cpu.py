@@ -121,9 +121,9 @@ def flash_forward(q, k, v, causal, scale):
         return out.transpose(1, 2), lse  # [B, H, Sq, d] (laid out as bshd) -> [B, Sq, H, d]
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=accumulator_dtype(q.dtype))
+    k, v = _heads_first(k), _heads_first(v)
     for g in groups:
-        o_g, lse[:, g] = _flash_fwd(_heads_first(q[:, :, g]), _heads_first(k), _heads_first(v), 0.0, top_left,
-                                    scale=scale)  # fmt: skip
+        o_g, lse[:, g] = _flash_fwd(_heads_first(q[:, :, g]), k, v, 0.0, top_left, scale=scale)
         out[:, :, g] = o_g.transpose(1, 2)
     return out, lse
 
@@ -141,10 +141,11 @@ def flash_backward(do, q, k, v, out, lse, causal, scale):
     dq = torch.empty_like(q)
     acc = accumulator_dtype(k.dtype)
     dk, dv = torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
+    k_h, v_h = _heads_first(k), _heads_first(v)
     for g in groups:
         dq_g, dk_g, dv_g = _flash_bwd(
-            _heads_first(do[:, :, g]), _heads_first(q[:, :, g]), _heads_first(k), _heads_first(v),
-            _heads_first(out[:, :, g]), lse[:, g].contiguous(), 0.0, top_left, scale=scale,
+            _heads_first(do[:, :, g]), _heads_first(q[:, :, g]), k_h, v_h, _heads_first(out[:, :, g]),
+            lse[:, g].contiguous(), 0.0, top_left, scale=scale,
         )  # fmt: skip
         dq[:, :, g] = dq_g.transpose(1, 2)
         dk += dk_g.transpose(1, 2)

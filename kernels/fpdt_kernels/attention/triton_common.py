@@ -64,9 +64,9 @@ class Launch(NamedTuple):
 
 
 def run(launch: Launch) -> None:
-    # Autotune may pick a TMA tile for this launch exactly when its config list (fixed at import
-    # by FPDT_TMA) holds one and the launch allows them: only then does it need the scratch.
-    if launch.args.get("TMA_OK") and any(uses_tma(c) for c in getattr(launch.kernel, "configs", ())):
+    # Autotune may pick a TMA tile only where the launch allows them and the config lists (built
+    # at import) hold them: only then does the launch need the descriptors' scratch.
+    if TMA_AUTOTUNED and launch.args.get("TMA_OK"):
         set_tma_allocator()
     launch.kernel[launch.grid](**launch.args)
 
@@ -107,9 +107,18 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     ``FPDT_AUTOTUNE=0`` (read at import) trades kernel speed for start-up time: one compile per
     kernel variant instead of one per config, for smoke tests and debugging, never for timings.
     """
-    if INTERPRET or os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0":
+    if _autotune_off():
         return configs[-1:]
-    return [c for c in configs if tma_opted_in() or not uses_tma(c)]
+    with_tma = tma_opted_in()
+    return [c for c in configs if with_tma or not uses_tma(c)]
+
+
+def _autotune_off() -> bool:
+    return INTERPRET or os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0"
+
+
+# Whether the kernels' autotune lists (made at import, by autotune_configs) hold TMA tiles.
+TMA_AUTOTUNED = tma_opted_in() and not _autotune_off()
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
