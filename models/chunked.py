@@ -53,12 +53,14 @@ def _mlp_act(a, u, activation):
 
 class _ChunkedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w3, w2, b2, norm_w, eps, activation, tile, residual, donate_grad):
+    def forward(ctx, x, w1, b1, w3, w2, b2, norm_w, eps, activation, tile, residual, donate_grad, compute_output):
         x2 = x.reshape(-1, x.shape[-1])  # [N, h]
         # The output is a tensor of its own, not a view: a checkpoint may release its memory.
         out = x.new_empty(*x.shape[:-1], w2.shape[0])
         y = out.view(-1, w2.shape[0])  # [N, h]
-        for t in _tiles(x2.shape[0], tile):
+        # The backward reads only the saved input, so a caller that discards the values (a
+        # checkpoint's recompute, which only roots its backward at the output) skips the MLP.
+        for t in _tiles(x2.shape[0], tile) if compute_output else ():
             xt = _normed(x2[t], norm_w, eps)[0]
             a, u = _mlp_inner(xt, w1, b1, w3, activation)  # [n, ffn]
             y[t] = F.linear(_mlp_act(a, u, activation), w2, b2)
@@ -146,6 +148,7 @@ class _ChunkedMLP(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -170,6 +173,7 @@ def chunked_mlp(
     norm_eps: float = 1e-6,
     residual: bool = False,
     donate_grad: bool = False,
+    compute_output: bool = True,
 ) -> torch.Tensor:
     """MLP over tiles of ``tile`` tokens: ``x [..., h] -> [..., h]``, recomputing in the backward.
 
@@ -181,6 +185,10 @@ def chunked_mlp(
     and the MLP's) into one buffer. The output is never read by the backward. ``donate_grad``:
     the output's gradient is read by nothing else, so the backward may write the input's
     gradient into its memory (one sequence-long buffer fewer at the backward's peak).
+    ``compute_output=False``: the caller only roots a backward at the output and never reads its
+    values (an activation checkpoint's recompute), so the forward computes nothing and returns
+    an output whose values are undefined; the backward is the same, since it recomputes each
+    tile from the saved input anyway.
     """
     if activation not in ("gelu", "swiglu"):
         raise ValueError(f"activation={activation!r}; use 'gelu' or 'swiglu'")
@@ -188,7 +196,9 @@ def chunked_mlp(
         raise ValueError("w3 (the SwiGLU up projection) must be given for 'swiglu' and only for it")
     if tile < 1:
         raise ValueError(f"tile={tile} must be >= 1 tokens")
-    return _ChunkedMLP.apply(x, w1, b1, w3, w2, b2, norm_weight, norm_eps, activation, tile, residual, donate_grad)
+    return _ChunkedMLP.apply(
+        x, w1, b1, w3, w2, b2, norm_weight, norm_eps, activation, tile, residual, donate_grad, compute_output
+    )
 
 
 # --- RMSNorm ------------------------------------------------------------------------------------
@@ -272,49 +282,54 @@ def _tile_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The loss and, when a backward will follow, its gradients in the same pass over the tiles:
+    each tile's logits are made once (the gradient of a sum of token losses is linear in the
+    upstream scalar, so the backward only scales what the forward accumulated), instead of being
+    recomputed by the backward, which would cost one more ``[N, h] x [h, V]`` matmul."""
+
     @staticmethod
-    def forward(ctx, x, w, labels, tile):
+    def forward(ctx, x, w, labels, tile, with_grad):
         x2 = x.reshape(-1, x.shape[-1])  # [N, h]
         lab = labels.reshape(-1)
         valid = lab != IGNORE_INDEX
         safe = torch.where(valid, lab, 0)
-        lse = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        need_dx, need_dw = (with_grad and n for n in ctx.needs_input_grad[:2])
+        dx = torch.empty_like(x2) if need_dx else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+        weight = valid.to(torch.float32)  # [N]: ignored tokens add no loss and no gradient
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for t in _tiles(x2.shape[0], tile):
             logits = _tile_logits(x2[t], w)  # [n, V]
-            lse[t] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[t, None])[:, 0]
-            total += torch.where(valid[t], lse[t] - picked, 0.0).sum()
-        ctx.save_for_backward(x, w, safe, valid, lse)
-        ctx.tile = tile
-        ctx.autocast = autocast_state(x.device)
-        return total
-
-    @staticmethod
-    def backward(ctx, dtotal):
-        with restore_autocast(ctx.autocast, dtotal.device):
-            return _ChunkedCrossEntropy._backward(ctx, dtotal)
-
-    @staticmethod
-    def _backward(ctx, dtotal):
-        x, w, safe, valid, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        x2 = x.reshape(-1, x.shape[-1])
-        dx = torch.empty_like(x2) if need[0] else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need[1] else None
-        scale = valid.to(torch.float32) * dtotal.float()  # [N]
-        for t in _tiles(x2.shape[0], ctx.tile):
-            logits = _tile_logits(x2[t], w)  # recomputed [n, V]
-            g = torch.exp(logits - lse[t, None])  # softmax
-            g.scatter_add_(1, safe[t, None], torch.full_like(lse[t, None], -1.0))
-            g = (g * scale[t, None]).to(x.dtype)  # d loss_sum / d logits
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            picked = logits.gather(1, safe[t, None])
+            total += ((lse - picked)[:, 0] * weight[t]).sum()
+            if dx is None and dw is None:
+                continue
+            g = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+            g.scatter_add_(1, safe[t, None], torch.full_like(lse, -1.0))
+            g = g.mul_(weight[t, None]).to(x.dtype)  # d loss_sum / d logits
             if dx is not None:
                 dx[t] = g @ w
             if dw is not None:
                 dw += g.t() @ x2[t]
+        # Kept on ctx, not saved: they are results, and saved-tensor hooks must not move them.
+        ctx.grads = (dx, dw)
+        ctx.shapes = (x.shape, w.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, dtotal):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "chunked_cross_entropy's backward ran twice: its gradients are computed by the forward "
+                "and scaled in place by the first backward; recompute the loss instead of retain_graph=True"
+            )
+        (dx, dw), ctx.grads = ctx.grads, None
+        (x_shape, w_dtype) = ctx.shapes
         return (
-            None if dx is None else dx.reshape(x.shape),
-            None if dw is None else dw.to(w.dtype),
+            None if dx is None else dx.mul_(dtotal).reshape(x_shape),
+            None if dw is None else dw.mul_(dtotal).to(w_dtype),
+            None,
             None,
             None,
         )
@@ -327,7 +342,9 @@ def chunked_cross_entropy(
 
     Returns ``(loss_sum, count)``: the fp32 sum over tokens whose label is not ``-100`` (log-softmax
     in fp32) and the number of such tokens (int64). Differentiable w.r.t. ``hidden`` and
-    ``weight``. Tiles of ``tile`` tokens; the ``[N, V]`` logits never exist at once.
+    ``weight``. Tiles of ``tile`` tokens; the ``[N, V]`` logits never exist at once. With grad
+    enabled the forward also computes the gradients (so the logits are made once, not again in
+    the backward): call it under ``torch.no_grad()`` when no backward follows.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
@@ -341,7 +358,9 @@ def chunked_cross_entropy(
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
         raise ValueError(f"labels must be in [0, {V}) or {IGNORE_INDEX} (ignored); got {labels[bad][0].item()}")
-    loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels.long(), tile)
+    # The gradients are made in the forward whenever a backward may follow.
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels.long(), tile, with_grad)
     return loss_sum, (labels != IGNORE_INDEX).sum()
 
 

@@ -119,10 +119,15 @@ class MLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(h, f))
         self.b2 = nn.Parameter(torch.zeros(h)) if cfg.bias else None
 
-    def forward(self, x: torch.Tensor, tile: int | None, norm: nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tile: int | None, norm: nn.Module | None = None, output_needed: bool = True
+    ) -> torch.Tensor:
         """``x + MLP(norm(x))``, the block's second half. ``tile``: tokens per tile for the chunked
         MLP, ``None`` for the plain one. With a tile and an RMSNorm, norm, MLP and residual run
-        inside the chunked MLP's tiles (what the backward keeps: ``x`` alone)."""
+        inside the chunked MLP's tiles (what the backward keeps: ``x`` alone).
+        ``output_needed=False`` (a checkpoint's recompute): the chunked MLP skips its forward,
+        whose values nobody reads, and the output's values are undefined; the plain MLP must
+        run to save its activations."""
         args = (self.w1, self.b1, self.w3, self.w2, self.b2)
         if tile is None:
             return x + mlp_reference(x if norm is None else norm(x), *args, activation=self.activation)
@@ -130,9 +135,10 @@ class MLP(nn.Module):
             # Donated: a block's output gradient is read by this MLP alone (the next block's
             # input gradient, or the final norm's, each a buffer of its own).
             return chunked_mlp(x, *args, activation=self.activation, tile=tile, norm_weight=norm.weight,
-                               norm_eps=norm.eps, residual=True, donate_grad=True)  # fmt: skip
+                               norm_eps=norm.eps, residual=True, donate_grad=True,
+                               compute_output=output_needed)  # fmt: skip
         h = x if norm is None else norm(x, tile)
-        return x + chunked_mlp(h, *args, activation=self.activation, tile=tile)
+        return x + chunked_mlp(h, *args, activation=self.activation, tile=tile, compute_output=output_needed)
 
 
 class Block(nn.Module):
@@ -144,10 +150,12 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def _layer(self, x: torch.Tensor, mlp_tile: int | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def _layer(
+        self, x: torch.Tensor, mlp_tile: int | None, cu_seqlens: torch.Tensor | None, output_needed: bool = True
+    ) -> torch.Tensor:
         # The chunked recipe's tile also tiles the norms' backward (None: the plain norms).
         x = x + self.attn(self.norm1(x, mlp_tile), cu_seqlens)
-        return self.mlp(x, mlp_tile, self.norm2)  # x + MLP(norm2(x))
+        return self.mlp(x, mlp_tile, self.norm2, output_needed)  # x + MLP(norm2(x))
 
     def forward(self, x: torch.Tensor, mlp_tile: int | None = None, cu_seqlens: torch.Tensor | None = None):
         if not (self.cfg.checkpoint and torch.is_grad_enabled()):
@@ -166,13 +174,18 @@ _OUTPUT_NOT_SAVED = ("AddBackward0", "_ChunkedMLPBackward")
 
 class _CheckpointedLayer(torch.autograd.Function):
     """A reentrant activation checkpoint of one layer (``torch.utils.checkpoint``'s reentrant
-    variant, with one difference): the forward runs ``run(x)`` without grad and saves only ``x``;
-    the backward recomputes with grad in the forward's autocast state and back-propagates. The
-    recomputed output is only the root of that backward: the layer ends in a residual add,
-    whose backward reads neither operand nor result, so the output's storage is released before
-    the backward runs instead of staying alive (one sequence-long tensor) until it ends; the
-    chunked MLP with its residual reads its output no more. (``torch.utils.checkpoint`` keeps it:
-    it cannot know what the last op saved.)"""
+    variant, with two differences): the forward runs ``run(x)`` without grad and saves only
+    ``x``; the backward recomputes with grad in the forward's autocast state and back-propagates.
+    The recomputed output is only the root of that backward, so:
+
+    * the recompute runs as ``run(x, output_needed=False)``: the layer's last op (the chunked
+      MLP) skips its forward, whose values nothing reads, since its backward recomputes each
+      tile from its saved input anyway (one MLP forward fewer per layer and step);
+    * the layer ends in a residual add, whose backward reads neither operand nor result, so the
+      output's storage is released before the backward runs instead of staying alive (one
+      sequence-long tensor) until it ends; the chunked MLP with its residual reads its output
+      no more. (``torch.utils.checkpoint`` keeps it: it cannot know what the last op saved.)
+    """
 
     @staticmethod
     def forward(ctx, run, x):
@@ -187,7 +200,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.needs_input_grad[1])
         with torch.enable_grad(), restore_autocast(ctx.autocast, x.device):
-            y = ctx.run(x)
+            y = ctx.run(x, output_needed=False)
         # Safe only when nothing saved y: a residual add's backward and the chunked MLP's read
         # neither. y then points at dy's memory (same shape and dtype) and its own is freed.
         if type(y.grad_fn).__name__ in _OUTPUT_NOT_SAVED and (y.shape, y.dtype) == (dy.shape, dy.dtype):

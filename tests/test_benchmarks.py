@@ -30,3 +30,30 @@ def test_model_memory_benchmark_orders_the_strategies(tmp_path):
     peak = {(r["variant"], r["chunks"]): r["device_mem_peak_gib"] for r in rows}
     assert peak[("ulysses", 1)] < peak[("local", 1)]
     assert peak[("fpdt", 4)] < peak[("fpdt", 1)] < peak[("ulysses", 1)]
+
+
+def test_step_flops_counts_exactly_what_each_recipe_recomputes(tmp_path):
+    # Every matmul of a real step, against the recipe written out: the checkpoint's recompute
+    # runs QKV, attention and the output projection again, and the MLP only when it is the plain
+    # one; the chunked MLP's backward recomputes W1 and W3 per tile; the chunked loss makes the
+    # logits once. The attention backward runs 5 matmuls to the forward's 2 (2.5x).
+    import models
+    from experiments.bench import step_flops
+
+    S = 64
+    rows = step_flops.main(["--seq-len", str(S), "--out", str(tmp_path / "f.csv")])
+    cfg = models.get_config("llama-tiny")
+    L, h, f, H, Hkv, d = cfg.n_layers, cfg.hidden, cfg.ffn_hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    proj = 2 * S * h * (2 * H + 2 * Hkv) * d  # QKV and output projections, one forward
+    mlp = 2 * S * h * f * 3
+    attn_fwd = 4 * (S * (S + 1) // 2) * H * d  # causal: the triangle with its diagonal
+    head = 2 * S * h * cfg.vocab_size
+    want = {
+        "local-no-ckpt": L * (3 * (proj + mlp) + 3.5 * attn_fwd) + 3 * head,
+        "local": L * (4 * (proj + mlp) + 4.5 * attn_fwd) + 3 * head,
+        "fpdt": L * (4 * proj + 3 * mlp + 2 * S * h * f * 2 + 4.5 * attn_fwd) + 3 * head,
+    }
+    got = {r["recipe"]: r["executed_flops"] for r in rows}
+    assert got == pytest.approx(want, rel=0, abs=0)
+    assert all(r["model_flops"] == rows[0]["model_flops"] for r in rows)
+    assert len(read_csv(tmp_path / "f.csv")) == 3

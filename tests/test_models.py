@@ -138,6 +138,37 @@ def test_chunked_loss_is_stable_for_huge_logits():
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
+def test_chunked_loss_makes_the_logits_once():
+    # Forward and backward together run three head matmuls (logits, dx, dw): the gradients are
+    # made while the logits exist, not recomputed by the backward. Without grad: the logits only.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    N, h, V = 24, 8, 37
+    x = torch.randn(N, h, requires_grad=True)
+    w = torch.randn(V, h, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    with FlopCounterMode(display=False) as counter:
+        loss_sum, count = models.chunked_cross_entropy(x, w, labels, tile=5)
+        (loss_sum / count).backward()
+    assert counter.get_total_flops() == 3 * 2 * N * h * V
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        models.chunked_cross_entropy(x, w, labels, tile=5)
+    assert counter.get_total_flops() == 2 * N * h * V
+    # Only w needs a gradient: no dx matmul.
+    with FlopCounterMode(display=False) as counter:
+        models.chunked_cross_entropy(x.detach(), w, labels, tile=5)[0].backward()
+    assert counter.get_total_flops() == 2 * 2 * N * h * V
+
+
+def test_chunked_loss_second_backward_raises():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss_sum, _ = models.chunked_cross_entropy(x, w, torch.randint(0, 11, (6,)), tile=4)
+    loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss_sum.backward()
+
+
 # --- whole model ---------------------------------------------------------------------------------
 
 
@@ -181,6 +212,33 @@ def test_checkpointing_gives_same_gradients(preset, on_host):
     plain, ckpt = _twin(cfg, checkpoint=True, checkpoint_on_host=on_host)
     tokens, labels = _batch(cfg)
     _assert_same(_loss_and_grads(ckpt, tokens, labels), _loss_and_grads(plain, tokens, labels), rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_checkpoint_recompute_skips_the_chunked_mlp_forward(preset):
+    # A checkpointed step executes, beyond the plain step, exactly one more forward of each
+    # layer's first half (norm1, attention, residual): the chunked MLP's backward recomputes its
+    # tiles from the saved input, so the recompute does not run the MLP's forward.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = models.get_config(preset)
+    plain, ckpt = _twin(cfg, checkpoint=True)
+    tokens, labels = _batch(cfg)
+
+    def step_flops(model):
+        with FlopCounterMode(display=False) as counter:
+            model(tokens, labels=labels).backward()
+        return counter.get_total_flops()
+
+    block = plain.blocks[0]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        x = plain.embed(tokens)
+        x + block.attn(block.norm1(x, 1))
+    first_half = counter.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        block.mlp(x, 1, block.norm2)
+    assert counter.get_total_flops() > first_half > 0  # the MLP is the larger half here
+    assert step_flops(ckpt) - step_flops(plain) == cfg.n_layers * first_half
 
 
 def test_host_checkpoints_keep_only_layer_inputs_on_host(monkeypatch):

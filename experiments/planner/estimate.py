@@ -202,6 +202,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         doc_len=doc_len,
         residual_fp32=bool(switches.pop("residual_fp32", False)) and precision.mixed,
         ulysses_degree=ulysses_degree,
+        legacy_recompute=bool(switches.pop("legacy_recompute", False)),
     )
     return st, hw
 
@@ -258,6 +259,7 @@ def estimate(
     doc_len: int | None = None,
     residual_fp32: bool = False,
     ulysses_degree: int | None = None,
+    legacy_recompute: bool = False,
 ) -> Estimate:
     """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
 
@@ -272,6 +274,8 @@ def estimate(
     schedules keep only the chunk blocks that share one, as the runner's do).
     ``residual_fp32``: under mixed precision, the residual stream and its checkpoints in fp32.
     ``ulysses_degree``: ``usp``'s ranks per Ulysses group (``None``: its default).
+    ``legacy_recompute``: model the code before 2026-12-06, whose checkpoint recompute also ran
+    the chunked MLP's forward and whose chunked loss recomputed its logits (rows measured then).
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
     ``hardware``: a preset's name (``conf/hardware/``), or a mapping with ``name`` whose other
     fields replace the preset's (``{"name": "h200", "host_memory_gib": 128}``).
@@ -301,6 +305,7 @@ def estimate(
         doc_len=doc_len,
         residual_fp32=residual_fp32,
         ulysses_degree=ulysses_degree,
+        legacy_recompute=legacy_recompute,
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
@@ -377,14 +382,15 @@ def estimate_row(row: dict, **overrides) -> Estimate:
     return estimate(row["model"], row["strategy"], int(row["gpus"]), hardware, int(row["seq_len"]), **kwargs)
 
 
-def fit_efficiencies(rows: list[dict]) -> tuple[float, float, list[float]]:
+def fit_efficiencies(rows: list[dict], **overrides) -> tuple[float, float, list[float]]:
     """The ``(dense, attention)`` efficiencies that best predict the step times of measured rows
     (``results.csv`` rows with ``status=ok``), and each row's relative error with them.
 
     A row's predicted time is ``compute / dense + attention / attn + exposed transfers``, the first
     two at 100% efficiency; the fit minimises the squared relative errors (so long and short steps
     weigh the same). What it fits is everything the model leaves out of the two rates: kernel
-    efficiency, launch and Python overheads, the FPDT pipeline's bubbles.
+    efficiency, launch and Python overheads, the FPDT pipeline's bubbles. ``overrides`` go to
+    every row's :func:`estimate_row` (e.g. ``legacy_recompute=True`` for rows of older code).
     """
     import numpy as np
 
@@ -396,7 +402,8 @@ def fit_efficiencies(rows: list[dict]) -> tuple[float, float, list[float]]:
     # The transfers the model exposes depend on how long the compute takes: refit at the fitted
     # rates until they settle.
     for _ in range(8):
-        parts = [estimate_row(r, dense_efficiency=dense, attention_efficiency=attention).step_parts for r in ok]
+        parts = [estimate_row(r, dense_efficiency=dense, attention_efficiency=attention, **overrides).step_parts
+                 for r in ok]  # fmt: skip
         fixed = np.array([sum(v for k, v in p.items() if k not in ("compute", "attention")) for p in parts])
         full = np.array([[p["compute"] * dense, p["attention"] * attention] for p in parts])  # at 100%
         inv = np.linalg.lstsq(full / measured[:, None], 1.0 - fixed / measured, rcond=None)[0]

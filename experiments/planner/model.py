@@ -79,6 +79,9 @@ class Setup:
     doc_len: int | None = None  # packed documents of this many tokens each (None: one per sequence)
     residual_fp32: bool = False  # mixed precision with an fp32 residual stream (and checkpoints)
     ulysses_degree: int | None = None  # usp: ranks per Ulysses group (None: the strategy's default)
+    # The code before 2026-12-06: a checkpoint's recompute also ran the chunked MLP's forward and
+    # the chunked loss recomputed its logits in the backward (for replaying rows measured then).
+    legacy_recompute: bool = False
 
     @property
     def spec(self):
@@ -551,13 +554,20 @@ def step_seconds(st: Setup, rates: Rates) -> StepTime:
     cfg, s, b, L = st.cfg, st.s, st.dtype_bytes, st.cfg.n_layers
     h, f, d = cfg.hidden, cfg.ffn_hidden, cfg.head_dim
     n_fwd = 2 if st.activation_checkpointing else 1  # forward passes of each layer
-    # Dense work outside the attention core: output projection and MLP (3 x forward + recompute).
+    # Dense work outside the attention core: output projection and MLP, 3 x forward, plus what
+    # the backward recomputes. A checkpoint's recompute runs the projection, and the MLP only
+    # when it is the plain one (the chunked MLP's backward recomputes its tiles' inner
+    # activations from its input, so the recompute skips its forward); the chunked loss makes
+    # its gradients with the logits, so the head is 3 x forward either way.
     mlp_mats = 3 if cfg.activation == "swiglu" else 2
-    dense_fwd = 2 * s * (h * cfg.n_heads * d + mlp_mats * h * f)
+    proj_fwd, mlp_fwd = 2 * s * h * cfg.n_heads * d, 2 * s * mlp_mats * h * f
     mlp_recompute = 2 * s * (mlp_mats - 1) * h * f if st.chunked_mlp else 0  # tile recompute in the backward
-    dense_layer = (n_fwd + 2) * dense_fwd + mlp_recompute
+    recompute = 0
+    if st.activation_checkpointing:
+        recompute = proj_fwd + (mlp_fwd if st.legacy_recompute or not st.chunked_mlp else 0)
+    dense_layer = 3 * (proj_fwd + mlp_fwd) + recompute + mlp_recompute
     head_fwd = 2 * s * h * cfg.vocab_size
-    head = (4 if st.chunked_loss else 3) * head_fwd
+    head = (4 if st.chunked_loss and st.legacy_recompute else 3) * head_fwd
     compute = (L * dense_layer + head) / rates.dense_flops
     attention = L * attention_layer_seconds(st, rates)
     parts = {"compute": compute, "attention": attention}

@@ -1,0 +1,140 @@
+"""The matmul FLOPs a training step executes, beside the FLOPs its MFU counts, per recipe.
+
+MFU counts a step as 3x the forward with no recompute (``experiments.core.flops``). What runs
+is more: activation checkpointing runs each layer's forward again in the backward, and the
+chunked MLP recomputes its tiles' inner activations there. This counts every matmul of one real
+training step (``torch.utils.flop_counter``, one process, the torch attention backend, so the
+attention's matmuls are counted too), split by where it ran, and prints ``executed / model``:
+the factor between the hardware's FLOP rate and the MFU a run reports, and how much of a
+strategy's step time over another's is extra work rather than lost efficiency::
+
+    python -m experiments.bench.step_flops                          # llama-tiny, S=2048
+    python -m experiments.bench.step_flops --model llama3.2-1b --n-layers 1 --seq-len 1024
+
+Causal attention is counted by the pairs each call attends (a causal block on the diagonal: the
+triangle with its diagonal, so a little above the convention's half square).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+import fpdt_kernels
+import models
+from parallel.distributed import SPGroup
+from parallel.parallelize import parallelize, shard_batch
+
+from ..core.flops import step_flops
+from ..core.paths import RESULTS_DIR
+from ..core.tables import write_csv
+
+
+def _visible_pairs(sq: int, sk: int, causal: bool) -> int:
+    """Query-key pairs a top-left causal (or unmasked) ``[sq, sk]`` block attends: row ``m`` sees
+    ``min(m + 1, sk)`` keys."""
+    if not causal:
+        return sq * sk
+    full = max(0, sq - sk)  # rows past the last key's diagonal see every key
+    tri = min(sq, sk)
+    return tri * (tri + 1) // 2 + full * sk
+
+
+# PyTorch's flop counter has no formula for its CPU flash-attention kernel, which the torch
+# backend runs; these count what it computes: QK^T and PV in the forward (4 FLOPs per pair and
+# head dimension), S, dP, dV, dK and dQ in the backward (2.5x the forward).
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_flash_forward_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *a, **k) -> int:
+    B, H, sq, d = query_shape
+    return 4 * B * H * d * _visible_pairs(sq, key_shape[2], is_causal)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _cpu_flash_backward_flops(grad_shape, query_shape, key_shape, *a, **k) -> int:
+    is_causal = a[4] if len(a) > 4 else k.get("is_causal", False)  # after value, out, lse, dropout_p
+    B, H, sq, d = query_shape
+    return 10 * B * H * d * _visible_pairs(sq, key_shape[2], is_causal)
+
+
+# Nor for the in-place matmuls that accumulate into a buffer (FPDT's QKV projection backward).
+@register_flop_formula([torch.ops.aten.addmm_, torch.ops.aten.baddbmm_])
+def _inplace_matmul_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    *batch, m, k = a_shape
+    return 2 * math.prod(batch) * m * k * b_shape[-1]
+
+
+# name: (strategy, chunks, switches); the presets of conf/parallel/ on one process.
+RECIPES = {
+    "local": ("local", 1, dict(checkpoint=True, chunked_mlp=False, chunked_loss=False)),
+    "local-no-ckpt": ("local", 1, dict(checkpoint=False, chunked_mlp=False, chunked_loss=False)),
+    "fpdt": ("fpdt", 4, dict(checkpoint=True, checkpoint_on_host=True, chunked_mlp=True, chunked_loss=True)),
+}
+FIELDS = ["recipe", "model", "n_layers", "seq_len", "chunks", "model_flops", "executed_flops", "executed_over_model",
+          "model_attention_flops", "attention_flops", "model_dense_flops", "dense_flops"]  # fmt: skip
+_ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)  # fmt: skip
+
+
+def count_step(model_name: str, recipe: str, seq_len: int, n_layers: int | None = None, seed: int = 0) -> dict:
+    """One training step of ``recipe`` (a key of :data:`RECIPES`) on one process: its model FLOPs
+    (the MFU convention) and the matmul FLOPs it executed, in all and by module."""
+    strategy, chunks, switches = RECIPES[recipe]
+    overrides = dict(switches, **({"n_layers": n_layers} if n_layers else {}))
+    cfg = models.get_config(model_name, **overrides)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
+    with fpdt_kernels.use_backend("torch"):
+        model = parallelize(models.Transformer(cfg), strategy, group=SPGroup.single(), chunks=chunks, offload=True)
+        t, labels, positions = shard_batch(tokens, tokens, strategy, chunks=chunks, group=SPGroup.single())
+        with FlopCounterMode(display=False) as counter:
+            model(t, labels=labels, positions=positions).backward()
+    by_op = counter.get_flop_counts()["Global"]
+    attention = sum(n for op, n in by_op.items() if op in _ATTENTION_OPS)
+    total = counter.get_total_flops()
+    flops = step_flops(cfg, seq_len)
+    return {
+        "recipe": recipe,
+        "model": model_name,
+        "n_layers": cfg.n_layers,
+        "seq_len": seq_len,
+        "chunks": chunks,
+        "model_flops": flops.causal,
+        "executed_flops": total,
+        "executed_over_model": total / flops.causal,
+        "model_attention_flops": flops.attention_causal,
+        "attention_flops": attention,
+        "model_dense_flops": flops.dense,
+        "dense_flops": total - attention,
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama-tiny")
+    parser.add_argument("--n-layers", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = [count_step(args.model, r, args.seq_len, args.n_layers) for r in args.recipes]
+    print(f"{args.model}, S={args.seq_len}, one process; GFLOP per step (matmuls only), model (MFU's count) / executed")
+    print(f"{'recipe':<14} {'step':>17} {'exec/model':>10} {'attention core':>17} {'dense + head':>17}")
+    for r in rows:
+        pairs = [(r["model_flops"], r["executed_flops"]), (r["model_attention_flops"], r["attention_flops"]),
+                 (r["model_dense_flops"], r["dense_flops"])]  # fmt: skip
+        a, b, c = (f"{m / 1e9:.3f} / {e / 1e9:.3f}" for m, e in pairs)
+        print(f"{r['recipe']:<14} {a:>17} {r['executed_over_model']:>10.3f} {b:>17} {c:>17}")
+    out = args.out or RESULTS_DIR / f"step_flops_{args.model}_s{args.seq_len}_cpu.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out, FIELDS)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
