@@ -311,7 +311,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if dx is not None:
                 dx[t] = g @ w
             if dw is not None:
-                dw += g.t() @ x2[t]
+                if g.dtype == x2.dtype == dw.dtype:
+                    dw.addmm_(g.t(), x2[t])  # no [V, h] product: it costs a pass over dw's bytes per tile
+                else:
+                    dw += g.t() @ x2[t]
         # Kept on ctx, not saved: they are results, and saved-tensor hooks must not move them.
         ctx.grads = (dx, dw)
         ctx.shapes = (x.shape, w.dtype)

@@ -143,6 +143,8 @@ def test_chunked_loss_makes_the_logits_once():
     # made while the logits exist, not recomputed by the backward. Without grad: the logits only.
     from torch.utils.flop_counter import FlopCounterMode
 
+    import experiments.bench.step_flops  # noqa: F401  (the counter's formulas for in-place matmuls)
+
     N, h, V = 24, 8, 37
     x = torch.randn(N, h, requires_grad=True)
     w = torch.randn(V, h, requires_grad=True)
