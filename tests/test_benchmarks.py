@@ -41,7 +41,7 @@ def test_step_flops_counts_exactly_what_each_recipe_recomputes(tmp_path):
     from experiments.bench import step_flops
 
     S = 64
-    rows = step_flops.main(["--seq-len", str(S), "--out", str(tmp_path / "f.csv")])
+    rows = step_flops.main(["--seq-len", str(S), "--time-steps", "1", "--out", str(tmp_path / "f.csv")])
     cfg = models.get_config("llama-tiny")
     L, h, f, H, Hkv, d = cfg.n_layers, cfg.hidden, cfg.ffn_hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     proj = 2 * S * h * (2 * H + 2 * Hkv) * d  # QKV and output projections, one forward
@@ -55,5 +55,5 @@ def test_step_flops_counts_exactly_what_each_recipe_recomputes(tmp_path):
     }
     got = {r["recipe"]: r["executed_flops"] for r in rows}
     assert got == pytest.approx(want, rel=0, abs=0)
-    assert all(r["model_flops"] == rows[0]["model_flops"] for r in rows)
+    assert all(r["model_flops"] == rows[0]["model_flops"] and r["step_s"] > 0 for r in rows)
     assert len(read_csv(tmp_path / "f.csv")) == 3

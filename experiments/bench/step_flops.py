@@ -10,6 +10,7 @@ strategy's step time over another's is extra work rather than lost efficiency::
 
     python -m experiments.bench.step_flops                          # llama-tiny, S=2048
     python -m experiments.bench.step_flops --model llama3.2-1b --n-layers 1 --seq-len 1024
+    python -m experiments.bench.step_flops --model llama3.2-1b --n-layers 2 --recipes local fpdt --time-steps 3
 
 Causal attention is counted by the pairs each call attends (a causal block on the diagonal: the
 triangle with its diagonal, so a little above the convention's half square).
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -73,26 +76,45 @@ RECIPES = {
     "local-no-ckpt": ("local", 1, dict(checkpoint=False, chunked_mlp=False, chunked_loss=False)),
     "fpdt": ("fpdt", 4, dict(checkpoint=True, checkpoint_on_host=True, chunked_mlp=True, chunked_loss=True)),
 }
-FIELDS = ["recipe", "model", "n_layers", "seq_len", "chunks", "model_flops", "executed_flops", "executed_over_model",
-          "model_attention_flops", "attention_flops", "model_dense_flops", "dense_flops"]  # fmt: skip
+FIELDS = ["recipe", "model", "n_layers", "seq_len", "chunks", "loss_tile", "model_flops", "executed_flops",
+          "executed_over_model", "model_attention_flops", "attention_flops", "model_dense_flops", "dense_flops",
+          "step_s"]  # fmt: skip
 _ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)  # fmt: skip
 
 
-def count_step(model_name: str, recipe: str, seq_len: int, n_layers: int | None = None, seed: int = 0) -> dict:
+def count_step(
+    model_name: str,
+    recipe: str,
+    seq_len: int,
+    n_layers: int | None = None,
+    seed: int = 0,
+    loss_tile: int | None = None,
+    time_steps: int = 0,
+) -> dict:
     """One training step of ``recipe`` (a key of :data:`RECIPES`) on one process: its model FLOPs
-    (the MFU convention) and the matmul FLOPs it executed, in all and by module."""
+    (the MFU convention) and the matmul FLOPs it executed, in all, in the attention kernel and
+    outside it. ``loss_tile`` sets the chunked loss's tile. ``time_steps``: then time that many
+    more steps (the counted one was the warm-up) and add their median wall time, ``step_s``."""
     strategy, chunks, switches = RECIPES[recipe]
     overrides = dict(switches, **({"n_layers": n_layers} if n_layers else {}))
+    if loss_tile and switches["chunked_loss"]:
+        overrides["loss_tile"] = loss_tile
     cfg = models.get_config(model_name, **overrides)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
+    times = []
     with fpdt_kernels.use_backend("torch"):
         model = parallelize(models.Transformer(cfg), strategy, group=SPGroup.single(), chunks=chunks, offload=True)
         t, labels, positions = shard_batch(tokens, tokens, strategy, chunks=chunks, group=SPGroup.single())
         with FlopCounterMode(display=False) as counter:
             model(t, labels=labels, positions=positions).backward()
+        for _ in range(time_steps):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            model(t, labels=labels, positions=positions).backward()
+            times.append(time.perf_counter() - start)
     by_op = counter.get_flop_counts()["Global"]
     attention = sum(n for op, n in by_op.items() if op in _ATTENTION_OPS)
     total = counter.get_total_flops()
@@ -110,6 +132,8 @@ def count_step(model_name: str, recipe: str, seq_len: int, n_layers: int | None 
         "attention_flops": attention,
         "model_dense_flops": flops.dense,
         "dense_flops": total - attention,
+        "loss_tile": cfg.loss_tile,
+        "step_s": statistics.median(times) if times else None,
     }
 
 
@@ -119,9 +143,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--n-layers", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--loss-tile", type=int, default=None, help="tokens per chunked-loss tile (default C/(32P))")
+    parser.add_argument("--time-steps", type=int, default=0, help="also time this many steps per recipe, side by side")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = [count_step(args.model, r, args.seq_len, args.n_layers) for r in args.recipes]
+    rows = [count_step(args.model, r, args.seq_len, args.n_layers, loss_tile=args.loss_tile,
+                       time_steps=args.time_steps) for r in args.recipes]  # fmt: skip
     print(f"{args.model}, S={args.seq_len}, one process; GFLOP per step (matmuls only), model (MFU's count) / executed")
     print(f"{'recipe':<14} {'step':>17} {'exec/model':>10} {'attention core':>17} {'dense + head':>17}")
     for r in rows:
@@ -129,6 +156,11 @@ def main(argv=None) -> list[dict]:
                  (r["model_dense_flops"], r["dense_flops"])]  # fmt: skip
         a, b, c = (f"{m / 1e9:.3f} / {e / 1e9:.3f}" for m, e in pairs)
         print(f"{r['recipe']:<14} {a:>17} {r['executed_over_model']:>10.3f} {b:>17} {c:>17}")
+    if args.time_steps:
+        base = rows[0]["step_s"]
+        print(f"step time, median of {args.time_steps} (this machine, one after the other):")
+        for r in rows:
+            print(f"{r['recipe']:<14} {r['step_s']:>8.3f} s  {r['step_s'] / base:>6.2f}x {rows[0]['recipe']}")
     out = args.out or RESULTS_DIR / f"step_flops_{args.model}_s{args.seq_len}_cpu.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out, FIELDS)
