@@ -317,7 +317,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     dw += g.t() @ x2[t]
         # Kept on ctx, not saved: they are results, and saved-tensor hooks must not move them.
         ctx.grads = (dx, dw)
-        ctx.shapes = (x.shape, w.dtype)
+        ctx.x_shape, ctx.w_dtype = x.shape, w.dtype
         return total
 
     @staticmethod
@@ -328,10 +328,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 "and scaled in place by the first backward; recompute the loss instead of retain_graph=True"
             )
         (dx, dw), ctx.grads = ctx.grads, None
-        (x_shape, w_dtype) = ctx.shapes
         return (
-            None if dx is None else dx.mul_(dtotal).reshape(x_shape),
-            None if dw is None else dw.mul_(dtotal).to(w_dtype),
+            None if dx is None else dx.mul_(dtotal).reshape(ctx.x_shape),
+            None if dw is None else dw.mul_(dtotal).to(ctx.w_dtype),
             None,
             None,
             None,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 import fpdt_kernels
@@ -33,8 +34,12 @@ from parallel.distributed import SPGroup
 from parallel.parallelize import parallelize, shard_batch
 
 from ..core.flops import step_flops
-from ..core.paths import RESULTS_DIR
+from ..core.paths import CONF_DIR, RESULTS_DIR
+from ..core.point import Point
 from ..core.tables import write_csv
+from ..sweep import config as _schema  # noqa: F401  (registers the structured configs)
+from ..sweep.points import resolve_point
+from ..training.loop import model_config
 
 
 def _visible_pairs(sq: int, sk: int, causal: bool) -> int:
@@ -70,11 +75,11 @@ def _inplace_matmul_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
     return 2 * math.prod(batch) * m * k * b_shape[-1]
 
 
-# name: (strategy, chunks, switches); the presets of conf/parallel/ on one process.
+# name: the Hydra overrides of the run it stands for (the presets of conf/parallel/, one process).
 RECIPES = {
-    "local": ("local", 1, dict(checkpoint=True, chunked_mlp=False, chunked_loss=False)),
-    "local-no-ckpt": ("local", 1, dict(checkpoint=False, chunked_mlp=False, chunked_loss=False)),
-    "fpdt": ("fpdt", 4, dict(checkpoint=True, checkpoint_on_host=True, chunked_mlp=True, chunked_loss=True)),
+    "local": ["parallel=local"],
+    "local-no-ckpt": ["parallel=local", "parallel.activation_checkpointing=false"],
+    "fpdt": ["parallel=fpdt", "chunks=4"],
 }
 FIELDS = ["recipe", "model", "n_layers", "seq_len", "chunks", "loss_tile", "model_flops", "executed_flops",
           "executed_over_model", "model_attention_flops", "attention_flops", "model_dense_flops", "dense_flops",
@@ -83,31 +88,31 @@ _ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)  # fmt: skip
 
 
-def count_step(
-    model_name: str,
-    recipe: str,
-    seq_len: int,
-    n_layers: int | None = None,
-    seed: int = 0,
-    loss_tile: int | None = None,
-    time_steps: int = 0,
-) -> dict:
-    """One training step of ``recipe`` (a key of :data:`RECIPES`) on one process: its model FLOPs
-    (the MFU convention) and the matmul FLOPs it executed, in all, in the attention kernel and
-    outside it. ``loss_tile`` sets the chunked loss's tile. ``time_steps``: then time that many
-    more steps (the counted one was the warm-up) and add their median wall time, ``step_s``."""
-    strategy, chunks, switches = RECIPES[recipe]
-    overrides = dict(switches, **({"n_layers": n_layers} if n_layers else {}))
-    if loss_tile and switches["chunked_loss"]:
-        overrides["loss_tile"] = loss_tile
-    cfg = models.get_config(model_name, **overrides)
+def resolve_recipe(model_name: str, recipe: str, seq_len: int, n_layers: int | None = None,
+                   loss_tile: int | None = None) -> Point:  # fmt: skip
+    """The sweep point ``experiments.run`` would run for ``recipe`` (a key of :data:`RECIPES`) on
+    one process. ``loss_tile`` sets the chunked loss's tile where the recipe has one."""
+    overrides = [f"model={model_name}", f"seq_len={seq_len}", "gpus=1", "hardware=auto", *RECIPES[recipe]]
+    overrides += [f"model.n_layers={n_layers}"] if n_layers else []
+    overrides += [f"parallel.loss_tile={loss_tile}"] if loss_tile else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return resolve_point(compose("config", overrides=overrides))
+
+
+def count_step(point: Point, recipe: str, seed: int = 0, time_steps: int = 0) -> dict:
+    """One training step of ``point`` on one process: its model FLOPs (the MFU convention) and the
+    matmul FLOPs it executed, in all, in the attention kernel and outside it. ``time_steps``: then
+    time that many more steps (the counted one was the warm-up) and add their median wall time,
+    ``step_s``."""
+    cfg = model_config(point)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (1, point.seq_len), generator=g)
     times = []
+    kw = dict(group=SPGroup.single(), chunks=point.chunks)
     with fpdt_kernels.use_backend("torch"):
-        model = parallelize(models.Transformer(cfg), strategy, group=SPGroup.single(), chunks=chunks, offload=True)
-        t, labels, positions = shard_batch(tokens, tokens, strategy, chunks=chunks, group=SPGroup.single())
+        model = parallelize(models.Transformer(cfg), point.strategy, offload=point.offload, **kw)
+        t, labels, positions = shard_batch(tokens, tokens, point.strategy, **kw)
         with FlopCounterMode(display=False) as counter:
             model(t, labels=labels, positions=positions).backward()
         for _ in range(time_steps):
@@ -118,13 +123,13 @@ def count_step(
     by_op = counter.get_flop_counts()["Global"]
     attention = sum(n for op, n in by_op.items() if op in _ATTENTION_OPS)
     total = counter.get_total_flops()
-    flops = step_flops(cfg, seq_len)
+    flops = step_flops(cfg, point.seq_len)
     return {
         "recipe": recipe,
-        "model": model_name,
+        "model": point.model,
         "n_layers": cfg.n_layers,
-        "seq_len": seq_len,
-        "chunks": chunks,
+        "seq_len": point.seq_len,
+        "chunks": point.chunks,
         "model_flops": flops.causal,
         "executed_flops": total,
         "executed_over_model": total / flops.causal,
@@ -147,8 +152,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--time-steps", type=int, default=0, help="also time this many steps per recipe, side by side")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = [count_step(args.model, r, args.seq_len, args.n_layers, loss_tile=args.loss_tile,
-                       time_steps=args.time_steps) for r in args.recipes]  # fmt: skip
+    rows = []
+    for recipe in args.recipes:
+        point = resolve_recipe(args.model, recipe, args.seq_len, args.n_layers, args.loss_tile)
+        rows.append(count_step(point, recipe, time_steps=args.time_steps))
     print(f"{args.model}, S={args.seq_len}, one process; GFLOP per step (matmuls only), model (MFU's count) / executed")
     print(f"{'recipe':<14} {'step':>17} {'exec/model':>10} {'attention core':>17} {'dense + head':>17}")
     for r in rows:
