@@ -9,6 +9,7 @@ Public API::
         local_attention, ulysses_attention, fpdt_attention, ring_attention, usp_attention,
         Strategy, register, get_strategy, strategy_names,           # the registry
         HostStore, Timeline, forward_schedule, backward_schedule, check_schedule,
+        cheaper_backward_order,                                     # the backward's loop order
         parallelize, shard_batch,                                   # apply to a model
     )
 """
@@ -40,13 +41,16 @@ from .parallelize import parallelize, shard_batch
 from .ring import ring_attention, ring_permutation, split_sp_group, usp_attention
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward
 from .schedule import (
+    BACKWARD_ORDERS,
     Kind,
     Op,
     Schedule,
     ScheduleError,
     Stream,
     backward_schedule,
+    cheaper_backward_order,
     check_schedule,
+    copy_counts,
     document_pairs,
     forward_schedule,
 )
@@ -54,6 +58,7 @@ from .strategies import Strategy, get_strategy, register, strategy_names, unregi
 from .weights import AttentionWeights
 
 __all__ = [
+    "BACKWARD_ORDERS",
     "STRATEGIES",
     "AttentionStrategy",
     "Strategy",
@@ -82,6 +87,8 @@ __all__ = [
     "check_strategy",
     "apply_rotary_backward",
     "backward_schedule",
+    "cheaper_backward_order",
+    "copy_counts",
     "check_heads",
     "check_cu_seqlens",
     "check_layout",

@@ -181,15 +181,17 @@ class DeviceBuffers:
         self.cuda = device.type == "cuda"
         self._caller = current_stream(device) if self.cuda else None
         parked = _parked.pop(_device_key(device), {})
-        kept = {key: parked.get(key, [])[:n] for key, n in slots.items()}
+        kept = {key: list(parked.get(key, ()))[:n] for key, n in slots.items()}
         made = {
             key: [torch.empty(key[0], dtype=key[1], device=device) for _ in range(n - len(kept[key]))]
             for key, n in slots.items()
         }
         self._regions = {name: torch.empty(n, dtype=torch.uint8, device=device) for name, n in scratch.items()}
         self._ready = [record_event(self._caller)] if self.cuda else []  # after the allocations
-        # Parked slots last: take() pops them first.
-        self._free = {key: [(t, self._ready) for t in made[key]] + kept[key] for key in slots}
+        # take() hands out the slot given back longest ago (parked ones first, then new ones):
+        # its users are the likeliest to be done, so the taker rarely waits. The newest would make
+        # e.g. a fetch wait for the offload that has just given its slot back.
+        self._free = {key: deque(kept[key] + [(t, self._ready) for t in made[key]]) for key in slots}
         self._taken: dict[int, tuple[torch.Tensor, tuple]] = {}
         self._pending: list[tuple[torch.Tensor, tuple]] = []
         self._region_streams: set = set()
@@ -210,9 +212,9 @@ class DeviceBuffers:
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A free slot viewed as ``shape``, usable on the current stream."""
         key = (math.prod(shape), dtype)
-        free = self._free.setdefault(key, [])
+        free = self._free.setdefault(key, deque())
         if free:
-            t, events = free.pop()
+            t, events = free.popleft()
         else:
             self.grown += 1
             warnings.warn(f"no free device slot of {key}: adding one (ring too small)", RuntimeWarning, stacklevel=2)

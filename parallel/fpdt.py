@@ -31,7 +31,16 @@ from .executor import DeviceBuffers, Env, Timeline, current_stream, record_event
 from .host_store import HostBuffer, HostStore, copy_rows
 from .layout import document_positions, shard
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward, apply_rotary_into
-from .schedule import Kind, Op, Schedule, backward_schedule, document_pairs, forward_schedule
+from .schedule import (
+    BACKWARD_ORDERS,
+    Kind,
+    Op,
+    Schedule,
+    backward_schedule,
+    cheaper_backward_order,
+    document_pairs,
+    forward_schedule,
+)
 
 _A2A = (Kind.A2A_QKV, Kind.A2A_OUT, Kind.A2A_DO, Kind.A2A_DQ, Kind.A2A_DKV)
 
@@ -55,6 +64,13 @@ class FPDTSpec:
     # convention). Attention stays inside documents, RoPE restarts at each, and the schedules
     # omit the chunk blocks that share no document.
     cu_seqlens: torch.Tensor | None = None
+    # The backward's outer loop (parallel.schedule.backward_schedule): "kv" (the paper's), "query",
+    # or "auto": the one that moves fewer bytes between host and device ("kv" without offload).
+    backward_order: str = "auto"
+
+    def __post_init__(self):
+        if self.backward_order not in ("auto", *BACKWARD_ORDERS):
+            raise ValueError(f"backward_order={self.backward_order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
 
 
 def _release_all(store: HostStore, host: dict[str, tuple[HostBuffer, ...]]) -> None:
@@ -124,7 +140,21 @@ class _Runner:
             "o": [(q, dt), ((q[0], q[2], q[1]), self.acc)],  # out, lse [B, H/P, C]
             "do": [(q, dt)],
             "dq": [(q, self.acc)],
+            "dkv": [(self.kv_shape, self.acc)] * 2,
         }[family]
+
+    def backward_order(self) -> str:
+        """The backward's outer loop: the spec's, or for ``"auto"`` the one that moves fewer bytes."""
+        order = self.spec.backward_order
+        if order != "auto":
+            return order
+        if not self.spec.offload:
+            return "kv"
+        sizes = {
+            f: sum(math.prod(s) * t.itemsize for s, t in self._value(f))
+            for f in ("x", "q", "kv", "o", "do", "dq", "dkv")
+        }
+        return cheaper_backward_order(self.spec.chunks, sizes, causal=self.spec.causal, pairs=self.pairs)
 
     def _slot_writes(self, op: Op) -> dict[str, list[tuple[int, torch.dtype]]]:
         """The slots each buffer ``op`` writes takes, as ``(numel, dtype)`` (mirrors the handlers)."""
@@ -504,7 +534,9 @@ class _Runner:
         self.db = None if self.bqkv is None else torch.zeros(self.bqkv.shape, dtype=torch.float32, device=self.device)
         for j in range(spec.chunks):
             self.env.write(f"dout[{j}]", (self._local(dout, j),))
-        schedule = backward_schedule(spec.chunks, causal=spec.causal, offload=spec.offload, pairs=self.pairs)
+        schedule = backward_schedule(
+            spec.chunks, causal=spec.causal, offload=spec.offload, pairs=self.pairs, order=self.backward_order()
+        )
         self._run(schedule, ready=self.ready)
         dx, dw, db = self.dx, self.dw, self.db
         self.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ class Schedule:
     ops: list[Op] = field(default_factory=list)
     # Packed documents: the (query chunk, KV chunk) blocks that share a document; None = all.
     pairs: frozenset[tuple[int, int]] | None = None
+    order: str = "kv"  # the backward's outer loop: over KV chunks ("kv") or query chunks ("query")
 
     def visible(self, i: int, j: int) -> bool:
         """Whether query chunk ``i`` attends to KV chunk ``j`` at all (causal and documents)."""
@@ -247,74 +249,163 @@ def saved_buffers(chunks: int, offload: bool) -> frozenset[str]:
     return frozenset(pre + _n(name, i) for i in range(chunks) for name in ("x", "q", "kv", "o"))
 
 
+BACKWARD_ORDERS = ("kv", "query")
+
+
 def backward_schedule(
-    chunks: int, *, causal: bool = True, offload: bool = True, pairs: frozenset[tuple[int, int]] | None = None
+    chunks: int,
+    *,
+    causal: bool = True,
+    offload: bool = True,
+    pairs: frozenset[tuple[int, int]] | None = None,
+    order: str = "kv",
 ) -> Schedule:
     """Backward of the FPDT attention block (what :func:`forward_schedule` saved is the input);
-    ``pairs`` as for the forward (block ``(i, j)`` here is KV chunk ``i``, query chunk ``j``)."""
+    ``pairs`` as for the forward (block ``(i, j)`` here is KV chunk ``i``, query chunk ``j``).
+
+    ``order="kv"``: outer loop over KV chunks, as in the paper: ``dkv[i]`` stays on the device for
+    its outer step and each query chunk's q, o, do and fp32 ``dq`` come back for every block.
+    ``order="query"``: outer loop over query chunks: ``dq[j]``, q, o and do stay for the outer
+    step and each KV chunk and its fp32 ``dkv`` come back for every block. The second moves
+    fewer bytes when the KV chunks are smaller than the query side (GQA), and needs no host copy
+    of the output gradient; :func:`cheaper_backward_order` picks between them.
+    """
+    if order not in BACKWARD_ORDERS:
+        raise ValueError(f"backward order {order!r}: use one of {BACKWARD_ORDERS}")
     u = chunks
     inputs = saved_buffers(u, offload) | {_n("dout", j) for j in range(u)}
     outputs = frozenset({_n("dx", i) for i in range(u)} | {"dw"})
-    s = Schedule("backward", u, causal, offload, True, frozenset(inputs), outputs, pairs=_checked_pairs(pairs, u))
+    s = Schedule(
+        "backward", u, causal, offload, True, frozenset(inputs), outputs, pairs=_checked_pairs(pairs, u), order=order
+    )
     b = _Builder(s)
+    kv_outer = order == "kv"
 
-    def qs(i: int) -> list[int]:  # the query chunks KV chunk i meets
-        return [j for j in range(u) if s.visible(j, i)]
+    # The chunks of the other side each outer chunk meets, and the outer steps each inner chunk meets.
+    inners = [[k for k in range(u) if (s.visible(k, o) if kv_outer else s.visible(o, k))] for o in range(u)]
+    outers = [[o for o in range(u) if k in inners[o]] for k in range(u)]
 
-    def first_outer(j: int) -> int:  # the outer steps (KV chunks) that meet query chunk j
-        return min(i for i in range(u) if s.visible(j, i))
+    def inner(outer: int) -> list[int]:
+        return inners[outer]
 
-    def last_outer(j: int) -> int:
-        return max(i for i in range(u) if s.visible(j, i))
+    def block(outer: int, k: int) -> tuple[int, int]:  # (KV chunk, query chunk)
+        return (outer, k) if kv_outer else (k, outer)
 
-    pending: list[tuple[Kind, int]] = []  # projection backwards waiting for their all-to-all
+    def outer_steps(k: int) -> list[int]:
+        return outers[k]
 
-    def load(i: int, j: int) -> None:
-        if i == first_outer(j):
-            b.add(Kind.A2A_DO, (j,), reads=[_n("dout", j)], writes=[_n("do", j)])
-            if offload and last_outer(j) > i:
-                b.offload(_n("do", j))
+    # The inner side's accumulator and the inputs it needs per block; the outer side's.
+    acc_in, acc_out = ("dq", "dkv") if kv_outer else ("dkv", "dq")
+    per_block = ("q", "o", "do") if kv_outer else ("kv",)
+    per_outer = ("kv",) if kv_outer else ("q", "o")  # fetched at the start of the outer step
+    outer_freed = per_outer if kv_outer else ("q", "o", "do")
+    # The outer step in which each projection backward is queued: once its gradient is complete.
+    queued = {}
+    for k in range(u):
+        queued[(acc_in, k)] = max(outer_steps(k))
+        queued[(acc_out, k)] = k
+    proj = {"dq": Kind.PROJ_BWD_Q, "dkv": Kind.PROJ_BWD_KV}
+    a2a = {"dq": Kind.A2A_DQ, "dkv": Kind.A2A_DKV}
+    loc = {"dq": "dqloc", "dkv": "dkvloc"}
+    pending: list[tuple[str, int]] = []  # projection backwards waiting for their all-to-all
+    done: set[tuple[str, int]] = set()
+
+    def output_grad(j: int, first_use: bool) -> None:
+        if not first_use:
+            return
+        b.add(Kind.A2A_DO, (j,), reads=[_n("dout", j)], writes=[_n("do", j)])
+        if offload and kv_outer and refetched[j]:
+            b.offload(_n("do", j))  # later outer steps read it again
+
+    def load(outer: int, k: int) -> None:
+        if kv_outer:
+            output_grad(k, outer == min(outer_steps(k)))
         if offload:
-            for name in ("q", "o", "do") + (("dq",) if i > first_outer(j) else ()):
-                b.ensure(_n(name, j))
+            names = per_block + ((acc_in,) if outer > min(outer_steps(k)) else ())
+            for name in names:
+                b.ensure(_n(name, k))
 
     def flush() -> None:
-        for kind, k in pending:
+        for acc, k in pending:
             if offload:
                 b.ensure(_n("x", k))
-            loc = _n("dqloc" if kind == Kind.PROJ_BWD_Q else "dkvloc", k)
-            b.add(kind, (k,), reads=[loc, _n("x", k)], writes=[_n("dx", k), "dw"])
-            b.free(loc)
-            if offload and not (causal and kind == Kind.PROJ_BWD_Q):
+            b.add(proj[acc], (k,), reads=[_n(loc[acc], k), _n("x", k)], writes=[_n("dx", k), "dw"])
+            b.free(_n(loc[acc], k))
+            done.add((acc, k))
+            other = acc_out if acc == acc_in else acc_in
+            # x[k] stays only for k's other projection when that one is queued in the same outer step.
+            keep = (other, k) not in done and queued[(other, k)] == queued[(acc, k)]
+            if offload and not keep:
                 b.free(_n("x", k))
         pending.clear()
 
-    for i in range(u):
+    def finish(acc: str, k: int) -> None:
+        b.add(a2a[acc], (k,), reads=[_n(acc, k)], writes=[_n(loc[acc], k)])
+        b.free(_n(acc, k))
+        pending.append((acc, k))
+
+    # The inner chunk of the block after each (outer, inner) block, in execution order, and
+    # whether an inner chunk leaves the device between two of its blocks (see ``stays`` below).
+    flat = [(outer, k) for outer in range(u) for k in inner(outer)]
+    next_inner = {block_: after[1] for block_, after in zip(flat, flat[1:], strict=False)}
+    at = [[n for n, (_, k) in enumerate(flat) if k == kk] for kk in range(u)]
+    refetched = [any(b_ - a_ > 1 for a_, b_ in zip(pos, pos[1:], strict=False)) for pos in at]
+    for outer in range(u):
+        if not kv_outer:
+            output_grad(outer, True)
         if offload:
-            b.ensure(_n("kv", i))
-        js = qs(i)
-        load(i, js[0])
-        for n, j in enumerate(js):
-            if n + 1 < len(js):
-                load(i, js[n + 1])  # prefetch / all-to-all of the next query chunk
+            for name in per_outer:
+                b.ensure(_n(name, outer))
+        ks = inner(outer)
+        load(outer, ks[0])
+        for n, k in enumerate(ks):
+            if n + 1 < len(ks):
+                load(outer, ks[n + 1])  # prefetch / all-to-all of the next inner chunk
+            i, j = block(outer, k)
             reads = [_n("q", j), _n("kv", i), _n("o", j), _n("do", j)]
             reads += [name for name in (_n("dq", j), _n("dkv", i)) if b.has(name)]
             b.add(Kind.ATTN_BWD, (i, j), reads=reads, writes=[_n("dq", j), _n("dkv", i)])
             flush()  # projection backwards queued before this block: their all-to-all overlapped it
-            if i == last_outer(j):  # dq[j] is complete
-                b.add(Kind.A2A_DQ, (j,), reads=[_n("dq", j)], writes=[_n("dqloc", j)])
-                b.free(_n("dq", j))
-                pending.append((Kind.PROJ_BWD_Q, j))
-            elif offload:
-                b.offload(_n("dq", j))
-                b.free(_n("dq", j))
-            if offload or i == last_outer(j):
-                b.free(_n("q", j), _n("o", j), _n("do", j))
-        b.add(Kind.A2A_DKV, (i,), reads=[_n("dkv", i)], writes=[_n("dkvloc", i)])
-        b.free(_n("dkv", i), _n("kv", i))
-        pending.append((Kind.PROJ_BWD_KV, i))
+            last = outer == max(outer_steps(k))
+            # The next outer step's first block reads the same inner chunk (the last query chunk
+            # in "kv" order, the first KV chunk in "query" order): its accumulator and inputs stay
+            # on the device rather than make a host round trip the block would wait for.
+            stays = next_inner.get((outer, k)) == k
+            if last:  # the inner chunk's gradient is complete
+                finish(acc_in, k)
+            elif offload and not stays:
+                b.offload(_n(acc_in, k))
+                b.free(_n(acc_in, k))
+            if (offload and not stays) or last:
+                b.free(*(_n(name, k) for name in per_block))
+        finish(acc_out, outer)
+        b.free(*(_n(name, outer) for name in outer_freed))
     flush()
     return s
+
+
+def copy_counts(s: Schedule) -> Counter:
+    """Host-device copies (fetches and offloads) a schedule makes, per buffer family."""
+    return Counter(_family(op.buffer) for op in s.ops if op.kind in (Kind.FETCH, Kind.OFFLOAD))
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_copies(chunks: int, causal: bool, pairs, order: str) -> Counter:
+    return copy_counts(backward_schedule(chunks, causal=causal, offload=True, pairs=pairs, order=order))
+
+
+def cheaper_backward_order(
+    chunks: int, sizes: dict[str, int], *, causal: bool = True, pairs: frozenset[tuple[int, int]] | None = None
+) -> str:
+    """The backward order (``"kv"`` or ``"query"``) whose offloading schedule moves fewer bytes
+    between host and device, for chunks of ``sizes`` bytes per buffer family (``x, q, kv, o, do,
+    dq, dkv``: what one copy moves); ``"kv"`` on a tie."""
+    pairs = _checked_pairs(pairs, chunks)
+    moved = {
+        order: sum(n * sizes[fam] for fam, n in _backward_copies(chunks, causal, pairs, order).items())
+        for order in BACKWARD_ORDERS
+    }
+    return min(BACKWARD_ORDERS, key=lambda order: (moved[order], order != "kv"))
 
 
 class ScheduleError(AssertionError):
@@ -325,6 +416,8 @@ def _expected_blocks(s: Schedule) -> list[tuple[int, int]]:
     u = s.chunks
     if s.direction == "forward":
         return [(i, j) for i in range(u) for j in range(u) if s.visible(i, j)]
+    if s.order == "query":
+        return [(i, j) for j in range(u) for i in range(u) if s.visible(j, i)]
     return [(i, j) for i in range(u) for j in range(u) if s.visible(j, i)]
 
 

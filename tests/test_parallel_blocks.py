@@ -50,7 +50,8 @@ def _run(fn, x, w, dy):
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "on-device"])
 @pytest.mark.parametrize("Hkv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_fpdt_single_rank_matches_local(chunks, offload, Hkv, causal):
+@pytest.mark.parametrize("order", ["kv", "query"])
+def test_fpdt_single_rank_matches_local(chunks, offload, Hkv, causal, order):
     torch.manual_seed(chunks * 7 + Hkv)
     w = AttentionWeights.random(40, 4, Hkv, 10, bias=Hkv == 2)
     rope = RotaryEmbedding(10)
@@ -58,7 +59,15 @@ def test_fpdt_single_rank_matches_local(chunks, offload, Hkv, causal):
     want = _run(lambda x, w: local_attention(x, w, rope, causal=causal), x, w, dy)
     got = _run(
         lambda x, w: fpdt_attention(
-            x, w, rope, group=SPGroup.single(), chunks=chunks, offload=offload, causal=causal, store=HostStore()
+            x,
+            w,
+            rope,
+            group=SPGroup.single(),
+            chunks=chunks,
+            offload=offload,
+            causal=causal,
+            store=HostStore(),
+            backward_order=order,
         ),
         x,
         w,

@@ -44,13 +44,22 @@ def runs(monkeypatch):
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "on-device"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("Hkv", [4, 1], ids=["mha", "mqa"])
-def test_ring_is_the_peak_and_never_runs_dry(runs, chunks, offload, causal, Hkv):
+@pytest.mark.parametrize("order", ["kv", "query"])
+def test_ring_is_the_peak_and_never_runs_dry(runs, chunks, offload, causal, Hkv, order):
     torch.manual_seed(0)
     w = AttentionWeights.random(32, 4, Hkv, 8)
     x = torch.randn(2, 12 * chunks, 32, requires_grad=True)
     rope = RotaryEmbedding(8) if Hkv == 4 else None
     y = fpdt_attention(
-        x, w, rope, group=SPGroup.single(), chunks=chunks, offload=offload, causal=causal, store=HostStore()
+        x,
+        w,
+        rope,
+        group=SPGroup.single(),
+        chunks=chunks,
+        offload=offload,
+        causal=causal,
+        store=HostStore(),
+        backward_order=order,
     )
     y.sum().backward()
     assert len(runs) == 2  # forward and backward

@@ -42,26 +42,38 @@ def test_round_trip_is_bit_identical(dtype):
     assert store.bytes_allocated == 0 and not store.owns(buf.tensor)
 
 
-def _fpdt_grads(x, w, rope, offload, store, chunks=4, causal=True):
+def _fpdt_grads(x, w, rope, offload, store, chunks=4, causal=True, order="auto"):
     x = x.detach().clone().requires_grad_(True)
     for p in w.parameters():
         p.grad = None
-    y = fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=chunks, offload=offload, store=store, causal=causal)
+    y = fpdt_attention(
+        x,
+        w,
+        rope,
+        group=SPGroup.single(),
+        chunks=chunks,
+        offload=offload,
+        store=store,
+        causal=causal,
+        backward_order=order,
+    )
     y.backward(torch.ones_like(y))
     return [y.detach(), x.grad] + [p.grad.clone() for p in w.parameters()]
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_offload_round_trip_changes_no_bit(causal):
-    # The same block with offload on and off runs the same arithmetic; only the copies through
-    # the host store differ, so every output and gradient must be bit-identical.
+@pytest.mark.parametrize("order", ["kv", "query"])
+def test_offload_round_trip_changes_no_bit(causal, order):
+    # The same block with offload on and off, in the same backward order, runs the same
+    # arithmetic; only the copies through the host store differ, so every output and gradient
+    # must be bit-identical.
     torch.manual_seed(0)
     w = AttentionWeights.random(32, 4, 2, 8, bias=True)
     x = torch.randn(2, 24, 32)
     rope = RotaryEmbedding(8)
     store = HostStore()
-    on = _fpdt_grads(x, w, rope, True, store, chunks=3, causal=causal)
-    off = _fpdt_grads(x, w, rope, False, None, chunks=3, causal=causal)
+    on = _fpdt_grads(x, w, rope, True, store, chunks=3, causal=causal, order=order)
+    off = _fpdt_grads(x, w, rope, False, None, chunks=3, causal=causal, order=order)
     for a, b in zip(on, off, strict=True):
         assert torch.equal(a, b)
     assert store.allocations > 0 and store.bytes_in_use == 0
@@ -166,7 +178,8 @@ def test_compact_refuses_while_buffers_are_in_use():
     store.release(buf)
 
 
-def test_host_reservation_of_a_checkpointed_fpdt_model(monkeypatch):
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_host_reservation_of_a_checkpointed_fpdt_model(monkeypatch, n_kv_heads):
     """Host bytes a GPU run reserves (PyTorch's pinned allocator: a power of two per allocation)
     for host-kept layer checkpoints and FPDT offload, within 1.25x of what the design keeps there:
     every layer's input, and one layer's offloaded chunks (the recompute of one layer at a time).
@@ -178,7 +191,7 @@ def test_host_reservation_of_a_checkpointed_fpdt_model(monkeypatch):
     store = HostStore()
     monkeypatch.setattr(hs, "_default", store)  # checkpoints and chunks both go to the default store
     B, S, u = 1, 1280, 4
-    cfg = get_config("llama-tiny", checkpoint=True, checkpoint_on_host=True)
+    cfg = get_config("llama-tiny", checkpoint=True, checkpoint_on_host=True, n_kv_heads=n_kv_heads)
     torch.manual_seed(0)
     model = Transformer(cfg)
     for block in model.blocks:
@@ -197,9 +210,16 @@ def test_host_reservation_of_a_checkpointed_fpdt_model(monkeypatch):
     q = B * c * H * d * f32  # also o, the output gradient and the fp32 dq of a chunk
     chunk = {"x": B * c * h * f32, "q": q, "k": B * c * Hkv * d * f32, "v": B * c * Hkv * d * f32, "o": q,
              "lse": B * H * c * f32}  # fmt: skip
-    # The output projection's input; u - 1 output gradients and dq round trips (each acquires its
-    # new buffer before it gives the old one back: u dq at once).
-    layer = u * sum(chunk.values()) + B * S * H * d * f32 + (u - 1) * q + u * q
+    # The output projection's input, and the backward's gradient round trips, by the order that
+    # moves fewer bytes. GQA (4 query heads, 2 KV heads) loops over query chunks: the fp32 K/V
+    # gradients of chunks 0..u-2 wait on the host. MHA loops over KV chunks: u - 1 output
+    # gradients and the fp32 dq round trips (each acquires its new buffer before it gives the old
+    # one back: u dq at once).
+    if Hkv < H:
+        grads = (u - 1) * (chunk["k"] + chunk["v"])
+    else:
+        grads = (u - 1) * q + u * q
+    layer = u * sum(chunk.values()) + B * S * H * d * f32 + grads
     design = checkpoints + layer
     one_each = cfg.n_layers * hs.pinned_reserved_bytes(B * S * h * f32) + u * sum(
         hs.pinned_reserved_bytes(n) for n in chunk.values()

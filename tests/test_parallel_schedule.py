@@ -37,26 +37,80 @@ def test_forward_invariants(u, offload, causal, save):
 @pytest.mark.parametrize("u", U)
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "on-device"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_backward_invariants(u, offload, causal):
-    s = backward_schedule(u, causal=causal, offload=offload)
+@pytest.mark.parametrize("order", ["kv", "query"])
+def test_backward_invariants(u, offload, causal, order):
+    s = backward_schedule(u, causal=causal, offload=offload, order=order)
     peak = check_schedule(s)
     assert len(s.blocks()) == (u * (u + 1) // 2 if causal else u * u)
     counts = s.counts()
     assert counts[Kind.A2A_DO] == counts[Kind.A2A_DQ] == counts[Kind.A2A_DKV] == u
     assert counts[Kind.PROJ_BWD_Q] == counts[Kind.PROJ_BWD_KV] == u
+    # The side whose chunks change every block ("inner") and the side fixed for an outer step.
+    inner, outer = (("q", "o", "do", "dq"), ("kv", "dkv")) if order == "kv" else (("kv", "dkv"), ("q", "o", "do", "dq"))
     if offload:
-        for fam in ("q", "o", "do", "dq"):
+        for fam in inner:
             assert peak[fam] <= 2, (fam, peak)
-        assert peak["kv"] == peak["dkv"] == 1 and peak["dqloc"] <= 1 and peak["dkvloc"] <= 1
-        # dq of chunk j is written back to the host after every outer step but its last.
-        n_dq = sum(1 for op in s.ops if op.kind == Kind.OFFLOAD and op.buffer.startswith("dq["))
-        assert n_dq == (u * (u - 1) // 2 if causal else u * (u - 1))
+        for fam in outer:
+            assert peak[fam] == 1, (fam, peak)
+        assert peak["dqloc"] <= 1 and peak["dkvloc"] <= 1
+        # The inner accumulator goes back to the host after every outer step but its last, except
+        # where the next outer step starts on the same inner chunk (causal: one such step).
+        acc = "dq" if order == "kv" else "dkv"
+        moved = sum(1 for op in s.ops if op.kind == Kind.OFFLOAD and op.buffer.startswith(acc + "["))
+        stays = 1 if causal and u > 1 else 0
+        assert moved == (u * (u - 1) // 2 if causal else u * (u - 1)) - stays
+        # Only the KV-outer order reads an output gradient in several outer steps: only it offloads
+        # one (causal at u = 2, the one it reads twice stays on the device between its two blocks).
+        offloads_do = any(op.kind == Kind.OFFLOAD and op.buffer.startswith("do[") for op in s.ops)
+        assert offloads_do == (order == "kv" and u > (2 if causal else 1))
     if causal:
-        # At the end of outer step i, dq[i] is complete: its all-to-all follows block (i, i)
-        # before any block of outer step i+1.
-        order = [(op.kind, op.chunk) for op in s.ops]
+        # The outer chunk's own gradient is complete at the end of its outer step: its all-to-all
+        # comes before any block of the next outer step.
+        first = Kind.A2A_DQ if order == "query" else Kind.A2A_DKV
+        ops = [(op.kind, op.chunk) for op in s.ops]
+        nxt = [ops.index((Kind.ATTN_BWD, b)) for b in s.blocks()]
         for i in range(u - 1):
-            assert order.index((Kind.A2A_DQ, (i,))) < order.index((Kind.ATTN_BWD, (i + 1, i + 1)))
+            next_outer = (i + 1, i + 1) if order == "kv" else (0, i + 1)
+            assert ops.index((first, (i,))) < ops.index((Kind.ATTN_BWD, next_outer)), nxt
+        if order == "kv":  # dq[i] is complete after block (i, i)
+            for i in range(u - 1):
+                assert ops.index((Kind.A2A_DQ, (i,))) < ops.index((Kind.ATTN_BWD, (i + 1, i + 1)))
+
+
+@pytest.mark.parametrize("u", [2, 3, 4, 8])
+def test_backward_round_trip_of_the_shared_inner_chunk_is_skipped(u):
+    # Causal: the last block of one outer step and the first of the next read the same inner
+    # chunk once per pass; no block waits for a copy of what was on the device a block ago.
+    for order, (acc, block_before, block_after) in {
+        "kv": ("dq", (u - 2, u - 1), (u - 1, u - 1)),
+        "query": ("dkv", (0, 0), (0, 1)),
+    }.items():
+        s = backward_schedule(u, order=order)
+        ops = [(op.kind, op.chunk) for op in s.ops]
+        lo, hi = ops.index((Kind.ATTN_BWD, block_before)), ops.index((Kind.ATTN_BWD, block_after))
+        k = block_before[1] if order == "kv" else block_before[0]
+        copies = [op for op in s.ops[lo:hi] if op.kind in (Kind.FETCH, Kind.OFFLOAD) and op.buffer == f"{acc}[{k}]"]
+        assert not copies, (order, copies)
+
+
+def test_query_outer_order_moves_fewer_bytes_for_gqa():
+    # llama3.2-1b's shapes on one rank, C=16K, bf16 chunks: 32 query heads, 8 KV heads, d=64.
+    from parallel import cheaper_backward_order, copy_counts
+
+    q = 16384 * 32 * 64 * 2
+    sizes = dict(x=16384 * 2048 * 2, q=q, o=q + 16384 * 32 * 4, do=q, dq=2 * q, kv=q // 2, dkv=q)
+    for u, fewer in ((4, 1.75), (16, 2.45)):  # towards 14/5 = 2.8 per block as u grows
+        moved = {}
+        for order in ("kv", "query"):
+            counts = copy_counts(backward_schedule(u, order=order))
+            moved[order] = sum(n * sizes[f] for f, n in counts.items())
+        assert moved["kv"] / moved["query"] > fewer, (u, moved)
+    assert cheaper_backward_order(4, sizes) == "query"
+    # Multi-head attention: the KV side is the larger one (two fp32 gradients), kv order wins.
+    mha = dict(sizes, kv=2 * q, dkv=4 * q)
+    assert cheaper_backward_order(4, mha) == "kv"
+    with pytest.raises(ValueError, match="backward order 'q'"):
+        backward_schedule(4, order="q")
 
 
 def test_outputs_are_what_the_caller_reads():

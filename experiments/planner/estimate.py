@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from models import get_config
 from models.transformer import default_tiles
-from parallel import check_mesh, get_strategy
+from parallel import BACKWARD_ORDERS, check_mesh, get_strategy
 
 from ..core.flops import step_flops
 from ..core.hardware import cpu_peak_tflops, load_preset
@@ -203,8 +203,15 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         residual_fp32=bool(switches.pop("residual_fp32", False)) and precision.mixed,
         ulysses_degree=ulysses_degree,
         legacy_recompute=bool(switches.pop("legacy_recompute", False)),
+        backward_order=_backward_order(switches.pop("backward_order", None) or "auto"),
     )
     return st, hw
+
+
+def _backward_order(order: str) -> str:
+    if order not in ("auto", *BACKWARD_ORDERS):
+        raise ValueError(f"backward_order={order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
+    return order
 
 
 def _pick(value, default):
@@ -260,6 +267,7 @@ def estimate(
     residual_fp32: bool = False,
     ulysses_degree: int | None = None,
     legacy_recompute: bool = False,
+    backward_order: str = "auto",
 ) -> Estimate:
     """Predicted per-rank device memory by part, host memory, step time and MFU for one ``seq_len``.
 
@@ -276,6 +284,8 @@ def estimate(
     ``ulysses_degree``: ``usp``'s ranks per Ulysses group (``None``: its default).
     ``legacy_recompute``: model the code before 2026-12-06, whose checkpoint recompute also ran
     the chunked MLP's forward and whose chunked loss recomputed its logits (rows measured then).
+    ``backward_order``: FPDT's backward loop, ``kv``, ``query`` or ``auto`` (the runner's choice:
+    the one that moves fewer bytes between host and device; rows measured before 2026-12-06 ran ``kv``).
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
     ``hardware``: a preset's name (``conf/hardware/``), or a mapping with ``name`` whose other
     fields replace the preset's (``{"name": "h200", "host_memory_gib": 128}``).
@@ -306,6 +316,7 @@ def estimate(
         residual_fp32=residual_fp32,
         ulysses_degree=ulysses_degree,
         legacy_recompute=legacy_recompute,
+        backward_order=backward_order,
     )
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)

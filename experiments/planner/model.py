@@ -21,7 +21,16 @@ import functools
 from dataclasses import dataclass
 
 from parallel.all_to_all import kv_heads_per_rank
-from parallel.schedule import HOST, Kind, Schedule, Stream, backward_schedule, document_pairs, forward_schedule
+from parallel.schedule import (
+    HOST,
+    Kind,
+    Schedule,
+    Stream,
+    backward_schedule,
+    cheaper_backward_order,
+    document_pairs,
+    forward_schedule,
+)
 from parallel.strategies import get_strategy
 
 FP32 = 4
@@ -82,6 +91,8 @@ class Setup:
     # The code before 2026-12-06: a checkpoint's recompute also ran the chunked MLP's forward and
     # the chunked loss recomputed its logits in the backward (for replaying rows measured then).
     legacy_recompute: bool = False
+    # The FPDT backward's outer loop: "kv", "query", or "auto" (the runner's choice; see backward_order).
+    backward_order: str = "auto"
 
     @property
     def spec(self):
@@ -138,8 +149,23 @@ def _forward(chunks: int, offload: bool, save: bool, pairs: frozenset | None = N
 
 
 @functools.lru_cache(maxsize=64)
-def _backward(chunks: int, offload: bool, pairs: frozenset | None = None) -> Schedule:
-    return backward_schedule(chunks, causal=True, offload=offload, pairs=pairs)
+def _backward(chunks: int, offload: bool, pairs: frozenset | None = None, order: str = "kv") -> Schedule:
+    return backward_schedule(chunks, causal=True, offload=offload, pairs=pairs, order=order)
+
+
+def backward_order(st: Setup) -> str:
+    """The FPDT backward's outer loop, as the runner picks it (``parallel/fpdt.py``): the given
+    one, or for ``auto`` the one that moves fewer bytes (``kv`` without offload)."""
+    if st.backward_order != "auto":
+        return st.backward_order
+    if not st.offload:
+        return "kv"
+    return cheaper_backward_order(st.chunks, copy_sizes(st), pairs=pairs(st))
+
+
+def backward(st: Setup) -> Schedule:
+    """The FPDT backward schedule the runner builds for ``st``."""
+    return _backward(st.chunks, st.offload, pairs(st), backward_order(st))
 
 
 # --- packed documents ----------------------------------------------------------------------------
@@ -211,6 +237,15 @@ def chunk_bytes(st: Setup) -> dict[str, int]:
         "dout": 0,
         "dw": 0,
     }
+
+
+def copy_sizes(st: Setup) -> dict[str, int]:
+    """Bytes one host-device copy of a chunk of each family moves: the block input's chunk, and
+    the output in the input dtype with its fp32 LSE (what the forward saves), not the fp32
+    accumulator it merged in."""
+    sizes = chunk_bytes(st)
+    lse = st.C * (st.cfg.n_heads // st.gpus) * FP32
+    return {**sizes, "x": (st.C // st.gpus) * st.cfg.hidden * st.dtype_bytes, "o": sizes["q"] + lse}
 
 
 def replay_peak_bytes(sched: Schedule, sizes: dict[str, int], fetched_x_bytes: int) -> int:
@@ -401,8 +436,7 @@ def _attn_backward_working_set(st: Setup) -> int:
         return _attn_saved(st) + 2 * Q + 2 * KV + ring
     sizes = chunk_bytes(st)
     x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
-    sched = _backward(st.chunks, st.offload, pairs(st))
-    pipeline = replay_peak_bytes(sched, sizes, x_chunk)
+    pipeline = replay_peak_bytes(backward(st), sizes, x_chunk)
     if not st.offload:  # everything the forward saved stays resident
         pipeline += _attn_kept(st)
     # dx [s, h] and the fp32 QKV weight gradient, allocated for the whole call
@@ -410,11 +444,29 @@ def _attn_backward_working_set(st: Setup) -> int:
     return pipeline + st.s * cfg.hidden * b + wqkv * FP32
 
 
+def replay_host_bytes(sched: Schedule, sizes: dict[str, int]) -> int:
+    """Most host-store bytes a pass holds at once in copies it makes itself (the backward's
+    gradient round trips; held until the pass ends): a copy that replaces an older one of the same
+    buffer acquires its new host buffer before it gives the old one back."""
+    held: set[str] = set()
+    total = peak = 0
+    for op in sched.ops:
+        if op.kind != Kind.OFFLOAD or op.reads[0] in sched.inputs:
+            continue
+        name, size = op.reads[0], sizes[op.reads[0].split("[")[0]]
+        peak = max(peak, total + size)
+        if name not in held:
+            held.add(name)
+            total += size
+    return peak
+
+
 def _host(st: Setup) -> dict[str, int]:
     """Host bytes per rank: host-kept checkpoints (L layer inputs) and the FPDT host store, which
     with checkpointing holds one layer's saved chunks at a time (the recompute forward saves, its backward frees) in
-    buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the output gradient and fp32
-    dq of chunks 1..u-1 and one more dq (a round trip acquires before it releases)."""
+    buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the backward's gradient round
+    trips (:func:`replay_host_bytes`: the output gradients and fp32 dq of the KV-outer order, or
+    the fp32 dK/dV of the query-outer order)."""
     cfg, b, P, u = st.cfg, st.dtype_bytes, st.gpus, st.chunks
     host = {"checkpoints": 0, "offload store": 0, "model states": 0}
     if st.offload_states:
@@ -426,7 +478,7 @@ def _host(st: Setup) -> dict[str, int]:
         C, hq = st.C, cfg.n_heads // P
         o = C * hq * cfg.head_dim * b + C * hq * FP32
         per_chunk = (C // P) * cfg.hidden * b + sz["q"] + sz["kv"] + o
-        grads = (u - 1) * (sz["do"] + sz["dq"]) + (sz["dq"] if u > 2 else 0)
+        grads = replay_host_bytes(backward(st), copy_sizes(st))
         # With checkpointing one layer's chunks at a time; without, every layer's forward saves.
         # The output projection's input (the attention output [s, H, d]) waits on the host too.
         layers = 1 if st.activation_checkpointing else cfg.n_layers
@@ -478,9 +530,7 @@ def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
     c, hq, d, h = C // P, cfg.n_heads // P, cfg.head_dim, cfg.hidden
     qkv_cols = (cfg.n_heads + 2 * cfg.n_kv_heads) * d
     if op.kind in (Kind.FETCH, Kind.OFFLOAD):
-        fam = op.buffer.split("[")[0]
-        nbytes = c * h * st.dtype_bytes if fam == "x" else sizes[fam]
-        return nbytes / rates.pcie_bytes
+        return sizes["copy"][op.buffer.split("[")[0]] / rates.pcie_bytes
     if op.kind == Kind.FREE:
         return 0.0
     if op.kind == Kind.PROJECT:
@@ -504,26 +554,36 @@ def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
 
 def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = True) -> float:
     """Makespan of a schedule on four streams: each op starts when its stream is free and its
-    dependencies have finished (CUDA events), in issue order per stream. ``copies=False`` makes
-    host-device copies free (the ideal an overlapped pipeline approaches)."""
-    sizes = chunk_bytes(st)
+    dependencies have finished (CUDA events), in issue order per stream. A ``free`` occupies no
+    stream: the executor drops the reference on the host and the buffer's memory is reused only
+    after its users' events, so only what waits for the freed buffer's memory waits for them.
+    ``copies=False`` makes host-device copies free (the ideal an overlapped pipeline approaches)."""
+    sizes = {**chunk_bytes(st), "copy": copy_sizes(st)}
     end: list[float] = []
     free = dict.fromkeys(Stream, 0.0)
+    done = 0.0
     for op in sched.ops:
+        if op.kind == Kind.FREE:
+            end.append(max((end[k] for k in op.deps), default=0.0))
+            continue
         cost = _op_seconds(op, st, rates, sizes)
         if not copies and op.kind in (Kind.FETCH, Kind.OFFLOAD):
             cost = 0.0
         start = max([free[op.stream], *(end[k] for k in op.deps)])
         end.append(start + cost)
         free[op.stream] = end[-1]
-    return max(end, default=0.0)
+        # The caller waits for every op but an offload of what it did not give (the executor's
+        # run_schedule): such an offload is waited for only by the fetch that reads it back.
+        if op.kind != Kind.OFFLOAD or sched.inputs.intersection(op.reads):
+            done = max(done, end[-1])
+    return done
 
 
 def attention_layer_seconds(st: Setup, rates: Rates, *, copies: bool = True) -> float:
     """One layer's attention core (QKV projection, all-to-alls, blocks, projection backward) for
     a training step: the no-grad forward of checkpointing, the recompute forward, the backward."""
     if st.pipelined:
-        passes = [_forward(st.chunks, st.offload, True, pairs(st)), _backward(st.chunks, st.offload, pairs(st))]
+        passes = [_forward(st.chunks, st.offload, True, pairs(st)), backward(st)]
         if st.activation_checkpointing:
             passes.append(_forward(st.chunks, st.offload, False, pairs(st)))
         return sum(replay_seconds(p, st, rates, copies=copies) for p in passes)

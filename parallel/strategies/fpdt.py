@@ -32,13 +32,16 @@ def fpdt_attention(
     store: HostStore | None = None,
     timeline: Timeline | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    backward_order: str = "auto",
 ) -> torch.Tensor:
     """FPDT block: ``[B, S/P, h]`` in the FPDT layout (``chunks`` chunks) -> ``[B, S/P, h]``.
 
     ``offload``: keep saved chunks in the host store (``store``, default the process-wide one);
     ``timeline``: record every op's start/end; ``cu_seqlens``: the packed documents of the whole
     ``[B, S]`` sequence (see ``local_attention``): the schedules then omit every chunk block
-    whose chunks share no document.
+    whose chunks share no document. ``backward_order``: the backward's outer loop, ``"kv"`` (the
+    paper's), ``"query"``, or ``"auto"``, the one that moves fewer bytes between host and device
+    (``"query"`` for GQA with offload: its KV chunks and their gradients are the smaller side).
     """
     check_heads(w.n_heads, w.n_kv_heads, group.size)
     check_layout(x.shape[1] * group.size, group.size, chunks)
@@ -59,6 +62,7 @@ def fpdt_attention(
         store=store,
         timeline=timeline,
         cu_seqlens=cu_seqlens,
+        backward_order=backward_order,
     )
     o = fpdt_attention_core(x, w.wqkv, w.bqkv, spec)  # [B, S/P, H, d]
     # With offload, what the output projection saves for its weight gradient (the sequence-long
