@@ -22,6 +22,20 @@ def test_fpdt_block_benchmark_writes_rows_and_timeline(tmp_path):
     assert (tmp_path / "block_timeline.png").stat().st_size > 10_000
 
 
+def test_fpdt_block_benchmark_times_each_backward_order(tmp_path):
+    # GQA 4:1 at u=4: the query-outer order keeps fewer bytes in the host store (the fp32 K/V
+    # gradients of 3 chunks instead of 3 output gradients and 4 fp32 dq) and writes a timeline each.
+    out = tmp_path / "block.csv"
+    rows = bench_fpdt_block.main(["--seq-lens", "512", "--chunk-tokens", "128", "--heads", "4", "--kv-heads", "1",
+                                  "--head-dim", "16", "--backward-orders", "kv", "query", "--out", str(out)])  # fmt: skip
+    offloaded = {r["backward_order"]: r for r in rows if r["offload"]}
+    assert set(offloaded) == {"kv", "query"} and all(r["status"] == "ok" and r["Hkv"] == 1 for r in rows)
+    assert offloaded["query"]["host_gib"] < offloaded["kv"]["host_gib"]
+    for order in ("kv", "query"):
+        timeline = read_csv(tmp_path / f"block_timeline_{order}.csv")
+        assert {"compute", "h2d", "d2h"} <= {r["stream"] for r in timeline}
+
+
 @pytest.mark.distributed
 def test_model_memory_benchmark_orders_the_strategies(tmp_path):
     rows = bench_model_memory.main(["--seq-len", "2048", "--chunks", "1", "4", "--steps", "1", "--out",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import fpdt_kernels
-from parallel import Timeline, get_strategy
+from parallel import BACKWARD_ORDERS, Timeline, get_strategy
 
 from ..core.dtypes import dtype_name
 from ..core.memory import is_out_of_memory
@@ -50,11 +50,13 @@ def _timed(fn, cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
-def measure(block: Block, strategy: str, S: int, C: int, offload: bool, reps: int, cuda: bool) -> dict:
+def measure(block: Block, strategy: str, S: int, C: int, offload: bool, reps: int, cuda: bool,
+            backward_order: str = "auto") -> dict:  # fmt: skip
     takes_chunks = get_strategy(strategy).takes_chunks
     chunks = S // C if takes_chunks else 1
-    row = dict(strategy=strategy, S=S, C=C if takes_chunks else S, chunks=chunks, offload=offload)
-    run = lambda: block.step(strategy, chunks, offload)
+    row = dict(strategy=strategy, S=S, C=C if takes_chunks else S, chunks=chunks, offload=offload,
+               backward_order=backward_order if takes_chunks else "")  # fmt: skip
+    run = lambda: block.step(strategy, chunks, offload, backward_order=backward_order)
     block.new_store()  # host bytes of this configuration only
     try:
         t0 = time.perf_counter()
@@ -98,7 +100,10 @@ def _format_row(r: dict) -> str:
     else:
         body = f"{r['step_s']:.3f} s (warm-up {r['warmup_s']:.1f} s)  peak {size(r['peak_gib'])}{reserved}"
         body += f"  host {size(r['host_gib'])}{cost}"
-    return f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5} {body}"
+    order = f" {r['backward_order']:<5}" if r.get("backward_order") else " " * 6
+    return (
+        f"{r['strategy']:<8} S={r['S']:>7} C={r['C']:>7} u={r['chunks']:<3} offload={r['offload']!s:<5}{order} {body}"
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -107,6 +112,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[131072, 262144] if cuda else [4096])
     parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[16384, 32768, 65536] if cuda else [1024, 2048])
     parser.add_argument("--heads", type=int, default=32 if cuda else 4)
+    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (GQA); default: --heads (MHA)")
+    parser.add_argument("--backward-orders", nargs="+", default=["auto"], choices=["auto", *BACKWARD_ORDERS],
+                        help="FPDT backward loops to time with offload: kv (the paper's), query, auto "
+                             "(the one that moves fewer bytes)")  # fmt: skip
     parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
     parser.add_argument("--reps", type=int, default=3 if cuda else 1)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
@@ -121,7 +130,8 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = dict(device=name, H=args.heads, d=args.head_dim, dtype=dtype_name(dtype), doc_len=args.doc_len)
+    kv_heads = args.kv_heads or args.heads
+    meta = dict(device=name, H=args.heads, Hkv=kv_heads, d=args.head_dim, dtype=dtype_name(dtype), doc_len=args.doc_len)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
 
@@ -134,17 +144,18 @@ def main(argv=None) -> list[dict]:
     if cuda:
         _tune_kernels(args, dtype, device)
     for S in args.seq_lens:
-        block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len)
+        block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len, n_kv_heads=kv_heads)
         record(measure(block, "ulysses", S, S, False, args.reps, cuda))
         for C in args.chunk_tokens:
             if S % C or C > S:
                 continue
             on_device = measure(block, "fpdt", S, C, False, args.reps, cuda)
             record(on_device)
-            offloaded = measure(block, "fpdt", S, C, True, args.reps, cuda)
-            if on_device["status"] == offloaded["status"] == "ok":
-                offloaded["offload_cost"] = offloaded["step_s"] / on_device["step_s"] - 1
-            record(offloaded)
+            for order in args.backward_orders:
+                offloaded = measure(block, "fpdt", S, C, True, args.reps, cuda, backward_order=order)
+                if on_device["status"] == offloaded["status"] == "ok":
+                    offloaded["offload_cost"] = offloaded["step_s"] / on_device["step_s"] - 1
+                record(offloaded)
         del block
     print(f"wrote {args.out}")
     if args.timeline:
@@ -170,22 +181,24 @@ def _record_timeline(args, dtype, device, stem: Path) -> None:
     """One forward+backward with per-op start/end times, for the copy/compute overlap figure."""
     S = args.seq_lens[0]
     C = next((c for c in sorted(args.chunk_tokens, reverse=True) if S % c == 0 and S // c >= 4), S // 4)
-    block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len)
-    block.step("fpdt", S // C, True)  # warm-up
-    timeline = Timeline()
-    block.step("fpdt", S // C, True, timeline)
-    rows = timeline.rows()
-    write_csv(rows, stem.with_suffix(".csv"))
-    print(f"timeline: {stem.with_suffix('.csv')}")
-    try:
-        from ..figures.plots import plot_timeline
-    except ImportError as exc:  # a bare GPU box may lack matplotlib; the CSV is the record
-        print(f"timeline figure skipped: {exc}")
-        return
-    docs = f", documents of {args.doc_len}" if args.doc_len else ""
-    title = f"FPDT block S={S} C={C} (u={S // C}), offload on{docs}, {device.type}"
-    for path in plot_timeline(rows, stem, title=title):
-        print(f"timeline: {path}")
+    block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len, n_kv_heads=args.kv_heads)
+    for order in args.backward_orders:  # one timeline per order; a suffix when there are several
+        path = stem if len(args.backward_orders) == 1 else stem.with_name(f"{stem.name}_{order}")
+        block.step("fpdt", S // C, True, backward_order=order)  # warm-up
+        timeline = Timeline()
+        block.step("fpdt", S // C, True, timeline, backward_order=order)
+        rows = timeline.rows()
+        write_csv(rows, path.with_suffix(".csv"))
+        print(f"timeline: {path.with_suffix('.csv')}")
+        try:
+            from ..figures.plots import plot_timeline
+        except ImportError as exc:  # a bare GPU box may lack matplotlib; the CSV is the record
+            print(f"timeline figure skipped: {exc}")
+            continue
+        docs = f", documents of {args.doc_len}" if args.doc_len else ""
+        title = f"FPDT block S={S} C={C} (u={S // C}), offload on, backward order {order}{docs}, {device.type}"
+        for png in plot_timeline(rows, path, title=title):
+            print(f"timeline: {png}")
 
 
 if __name__ == "__main__":
