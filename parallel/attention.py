@@ -20,6 +20,7 @@ import torch
 from .distributed import SPGroup
 from .host_store import HostStore
 from .rotary import RotaryEmbedding
+from .schedule import BACKWARD_ORDERS
 from .strategies import fpdt_attention, get_strategy, local_attention, strategy_names, ulysses_attention
 from .strategies.base import Strategy
 from .weights import AttentionWeights
@@ -57,8 +58,9 @@ def check_setup(kind: str, seq_len: int, world: int, chunks: int, n_heads: int, 
 class AttentionStrategy:
     """How a model's attention runs: ``kind`` (a registered strategy's name) plus its settings.
 
-    ``chunks`` and ``offload`` count for a strategy that takes chunks (``fpdt``);
-    ``ulysses_degree`` for ``usp``. Call it as ``strategy(x, weights, rope)``; ``shard``/``positions``
+    ``chunks``, ``offload`` and ``backward_order`` (the backward's outer loop: ``kv``, ``query`` or
+    ``auto``, see :func:`parallel.fpdt_attention`) count for a strategy that takes chunks
+    (``fpdt``); ``ulysses_degree`` for ``usp``. Call it as ``strategy(x, weights, rope)``; ``shard``/``positions``
     give the token layout the rest of the model (embeddings, labels, positions) must use.
 
     ``subgroups``: the process groups a strategy needs besides ``group`` (``usp``: its Ulysses and
@@ -75,6 +77,7 @@ class AttentionStrategy:
     softmax_scale: float | None = None
     store: HostStore | None = None
     ulysses_degree: int | None = None
+    backward_order: str = "auto"
     subgroups: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
@@ -83,6 +86,12 @@ class AttentionStrategy:
         if self.chunks < 1 or (not spec.takes_chunks and self.chunks != 1):
             takers = " or ".join(repr(n) for n in strategy_names() if get_strategy(n).takes_chunks)
             raise ValueError(f"chunks={self.chunks}: only {takers} takes chunks > 1 (and chunks >= 1)")
+        if self.backward_order not in ("auto", *BACKWARD_ORDERS):
+            raise ValueError(f"backward_order={self.backward_order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
+        if self.backward_order != "auto" and not spec.takes_chunks:
+            raise ValueError(
+                f"backward_order={self.backward_order!r} is for a chunk pipeline (fpdt), not {self.kind!r}"
+            )
         if self.ulysses_degree is not None and not spec.uses_ulysses_degree:
             raise ValueError(f"ulysses_degree={self.ulysses_degree} is for usp, not {self.kind!r}")
         if spec.uses_ulysses_degree:

@@ -87,6 +87,7 @@ def _make_strategy(
     ulysses_degree: int | None = None,
     heads: tuple[int, int] | None = None,
     mesh: Mesh | None = None,
+    backward_order: str = "auto",
 ) -> AttentionStrategy:
     """The :class:`AttentionStrategy` a name and its settings stand for. ``heads`` (``H, Hkv``) pick
     the default Ulysses degree of a strategy that takes one; ``mesh`` gives its process groups."""
@@ -98,7 +99,7 @@ def _make_strategy(
         return AttentionStrategy(spec.name)
     group = SPGroup.world() if group is None else group
     if not spec.takes_chunks:
-        chunks, offload = 1, False
+        chunks, offload, backward_order = 1, False, "auto"
     subgroups = ()
     if spec.uses_ulysses_degree:
         if ulysses_degree is None:
@@ -116,7 +117,7 @@ def _make_strategy(
     elif ulysses_degree is not None:
         raise ValueError(f"ulysses_degree={ulysses_degree} is for usp, not {spec.name!r}")
     return AttentionStrategy(spec.name, group, chunks=chunks, offload=offload, ulysses_degree=ulysses_degree,
-                             subgroups=subgroups)  # fmt: skip
+                             subgroups=subgroups, backward_order=backward_order)  # fmt: skip
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -171,15 +172,17 @@ def parallelize(
     mixed_precision: torch.dtype | None = None,
     offload_states: bool = False,
     ulysses_degree: int | None = None,
+    backward_order: str = "auto",
 ) -> nn.Module:
     """Run ``model``'s attention with ``strategy`` (a registered name: ``local | ulysses | fpdt |
     ring | usp``) over ``group``.
 
     ``group`` (the sequence-parallel group) defaults to the world group; with ``mesh`` (see
     :func:`~parallel.distributed.init_mesh`) the sequence-parallel group is ``mesh.sp`` and the
-    loss and gradients are reduced over all ``dp * sp`` ranks. ``chunks`` (``u``) and ``offload``
-    apply to ``fpdt``; ``ulysses_degree`` to ``usp`` (default: the largest degree up to 8 that
-    splits the query and K/V heads; with a mesh, ``init_mesh(sp, ulysses=...)`` gives its groups);
+    loss and gradients are reduced over all ``dp * sp`` ranks. ``chunks`` (``u``), ``offload`` and
+    ``backward_order`` (``kv``, ``query`` or ``auto``: see :func:`~parallel.fpdt_attention`) apply
+    to ``fpdt``; ``ulysses_degree`` to ``usp`` (default: the largest degree up to 8 that splits the
+    query and K/V heads; with a mesh, ``init_mesh(sp, ulysses=...)`` gives its groups);
     an :class:`AttentionStrategy` instance is used as it is. ``fsdp=True``
     shards parameters, gradients and optimizer state over all ranks (FSDP2; gloo on CPU), with
     ``mixed_precision`` (compute dtype over master weights in the parameters' dtype) and
@@ -206,7 +209,7 @@ def parallelize(
         raise ValueError("fsdp=True needs torch.distributed initialised (a process group, even of one rank)")
     heads = (attn[0].n_heads, attn[0].n_kv_heads)
     strat = _make_strategy(strategy, mesh.sp if mesh is not None else group, chunks, offload, ulysses_degree,
-                           heads, mesh)  # fmt: skip
+                           heads, mesh, backward_order)  # fmt: skip
     world = mesh.world if mesh is not None else strat.group
     spec = strat.spec
     for m in attn:

@@ -26,8 +26,8 @@ def test_fpdt_block_benchmark_times_each_backward_order(tmp_path):
     # GQA 4:1 at u=4: the query-outer order keeps fewer bytes in the host store (the fp32 K/V
     # gradients of 3 chunks instead of 3 output gradients and 4 fp32 dq) and writes a timeline each.
     out = tmp_path / "block.csv"
-    rows = bench_fpdt_block.main(["--seq-lens", "512", "--chunk-tokens", "128", "--heads", "4", "--kv-heads", "1",
-                                  "--head-dim", "16", "--backward-orders", "kv", "query", "--out", str(out)])  # fmt: skip
+    args = ["--seq-lens", "512", "--chunk-tokens", "128", "--heads", "4", "--kv-heads", "1", "--head-dim", "16"]
+    rows = bench_fpdt_block.main([*args, "--backward-orders", "kv", "query", "--out", str(out)])
     offloaded = {r["backward_order"]: r for r in rows if r["offload"]}
     assert set(offloaded) == {"kv", "query"} and all(r["status"] == "ok" and r["Hkv"] == 1 for r in rows)
     assert offloaded["query"]["host_gib"] < offloaded["kv"]["host_gib"]

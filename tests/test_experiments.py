@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -350,3 +351,36 @@ def test_library_layers_point_one_way():
         code = (f"import sys, {package}; bad = [m for m in sys.modules if m.split('.')[0] in {forbidden!r}]; "
                 "assert not bad, bad")  # fmt: skip
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_backward_order_reaches_the_fpdt_runner(monkeypatch):
+    # parallel.backward_order: composed and checked by the schema, recorded in the point (only for
+    # the chunk pipeline), kept out of the point's key at its default (older sweeps keep their
+    # keys), and handed through parallelize to the schedule the runner builds.
+    import parallel.fpdt as fpdt
+    from experiments.sweep.points import resolve_point
+    from experiments.sweep.results import point_key
+    from models import Transformer, get_config
+    from parallel import SPGroup, parallelize
+
+    base = ["model=llama-tiny", "seq_len=256", "chunks=2"]
+    query = resolve_point(_compose([*base, "parallel=fpdt", "parallel.backward_order=query"]))
+    auto = resolve_point(_compose([*base, "parallel=fpdt"]))
+    assert (query.backward_order, auto.backward_order) == ("query", "auto")
+    assert resolve_point(_compose([*base, "parallel=ulysses", "parallel.backward_order=kv"])).backward_order == "auto"
+    assert point_key(auto) == point_key({k: v for k, v in auto.as_dict().items() if k != "backward_order"})
+    assert point_key(query) != point_key(auto)
+    with pytest.raises((ConfigCompositionException, Exception)) as info:
+        OmegaConf.to_object(_compose([*base, "parallel=fpdt", "parallel.backward_order=outer"]))
+    assert not isinstance(info.value, AssertionError)
+
+    built = []
+    real = fpdt.backward_schedule
+    monkeypatch.setattr(fpdt, "backward_schedule", lambda *a, **k: built.append(k["order"]) or real(*a, **k))
+    # llama-tiny is GQA (2:1); at u=4 the query order moves fewer bytes (at u=2 they tie: kv).
+    for order, want in (("kv", "kv"), ("query", "query"), ("auto", "query")):
+        model = parallelize(Transformer(get_config("llama-tiny", n_layers=1)), "fpdt", group=SPGroup.single(),
+                            chunks=4, offload=True, backward_order=order)  # fmt: skip
+        tokens = torch.randint(0, 96, (1, 256))
+        model(tokens, labels=tokens).backward()
+        assert built[-1] == want, (order, built)

@@ -34,6 +34,7 @@ class Point:
     max_device_memory: float | None = None
     timeout_s: float | None = None
     offload: bool = False
+    backward_order: str = "auto"  # fpdt's backward loop (auto for the strategies without one)
     activation_checkpointing: bool = True
     checkpoint_on_host: bool = False
     chunked_mlp: bool = False

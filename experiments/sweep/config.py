@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fpdt_kernels.backend import BACKENDS
-from parallel import strategy_names
+from parallel import BACKWARD_ORDERS, strategy_names
 
 from ..core.dtypes import DTYPE_NAMES
 from ..training.precision import PRECISIONS
@@ -25,6 +25,7 @@ Precision = enum.Enum("Precision", {name: name for name in ("auto", *PRECISIONS)
 
 
 Backend = enum.Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)  # auto: kernels decide
+BackwardOrder = enum.Enum("BackwardOrder", {name: name for name in ("auto", *BACKWARD_ORDERS)}, type=str)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ModelSelect:
 class ParallelConf:
     strategy: Strategy = MISSING  # a registered strategy: local, ulysses, fpdt, ring, usp
     offload: bool = False  # fpdt: keep saved attention chunks in host memory
+    # fpdt: the backward's outer loop, kv (the paper's), query, or auto (the one moving fewer bytes)
+    backward_order: BackwardOrder = BackwardOrder.auto
     ulysses_degree: int | None = None  # usp: ranks per Ulysses group (None: largest <= 8 splitting the KV heads)
     activation_checkpointing: bool = True  # recompute each layer in the backward
     checkpoint_on_host: bool = False  # keep the layer checkpoints in host memory

@@ -58,6 +58,7 @@ def resolve_point(cfg: DictConfig) -> Point:
         "max_device_memory": c["max_device_memory"],
         "timeout_s": c["timeout_s"],
         "offload": par["offload"] and strategy.offloads,
+        "backward_order": par.get("backward_order", "auto") if strategy.takes_chunks else "auto",
         "activation_checkpointing": par["activation_checkpointing"],
         "checkpoint_on_host": par["checkpoint_on_host"] and par["activation_checkpointing"],
         "chunked_mlp": par["chunked_mlp"],

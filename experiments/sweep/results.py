@@ -29,7 +29,7 @@ ROW_FIELDS = [
     "device_name", "git_commit", "host_pinned_gib",
     "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
     "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
-    "precision", "sp", "dp", "offload_states", "residual_fp32", "ulysses_degree",
+    "precision", "sp", "dp", "offload_states", "residual_fp32", "ulysses_degree", "backward_order",
     "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
     "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "device_alloc_retries",
     "peak_tflops_source",
@@ -43,18 +43,22 @@ KEY_FIELDS = [
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
     "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "residual_fp32", "steps", "warmup_steps", "seed",
     "max_device_memory", "data_path", "data_packing", "data_eos_id", "data_index", "data_doc_len",
-    "ulysses_degree",
+    "ulysses_degree", "backward_order",
 ]  # fmt: skip
-# Key fields added later enter a point's key only when set, so the points of older sweeps keep
-# their keys (and are not run again).
-_KEY_FIELDS_WHEN_SET = {"ulysses_degree"}
+# Key fields added later enter a point's key only when set away from their default, so the points
+# of older sweeps keep their keys (and are not run again).
+_KEY_FIELD_DEFAULTS = {"ulysses_degree": None, "backward_order": "auto"}
 
 
 def point_key(point: Point | dict) -> str:
     """Readable, unique file name for an effective configuration (a point, or a row)."""
     if isinstance(point, Point):
         point = point.as_dict()
-    fields = {k: point.get(k) for k in KEY_FIELDS if k not in _KEY_FIELDS_WHEN_SET or point.get(k) is not None}
+    fields = {
+        k: point.get(k)
+        for k in KEY_FIELDS
+        if k not in _KEY_FIELD_DEFAULTS or point.get(k, _KEY_FIELD_DEFAULTS[k]) != _KEY_FIELD_DEFAULTS[k]
+    }
     blob = json.dumps(fields, sort_keys=True, default=str)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
     return f"{point['model']}_{point['strategy']}_s{point['seq_len']}_u{point['chunks']}_g{point['gpus']}_{digest}"

@@ -82,6 +82,7 @@ def build_model(point: Point, mesh: Mesh, device: torch.device, precision: Preci
         mixed_precision=precision.fsdp_mixed_precision() if fsdp else None,
         offload_states=point.offload_states,
         ulysses_degree=point.ulysses_degree,
+        backward_order=point.backward_order,
     )
 
 

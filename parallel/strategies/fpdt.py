@@ -96,4 +96,5 @@ class FPDT(Strategy):
             softmax_scale=strategy.softmax_scale,
             store=strategy.store,
             cu_seqlens=cu_seqlens,
+            backward_order=strategy.backward_order,
         )
