@@ -5,10 +5,12 @@
 #             warm-up step (the target: fpdt's step at most 1.10x local's; ~60 s and ~95 s wall
 #             on an H200, autotuning included);
 #   million   one step of llama3.2-1b with 2 layers, fpdt, 32K chunks, at one million tokens (the
-#             planner predicts 32 GiB device, 38 GiB host, ~130 s; the host-kept checkpoints
-#             grow 4 GiB per layer at 1M tokens, so 16 layers need ~94 GiB of host RAM);
-#   block     the FPDT attention block's per-stream timeline at 64K (where the overhead goes:
-#             copies, all-to-alls and compute per stream).
+#             planner predicts 32 GiB device, 30 GiB host, ~125 s; the host-kept checkpoints
+#             grow 4 GiB per layer at 1M tokens, so 16 layers need ~86 GiB of host RAM);
+#   block     llama3.2-1b's attention block (32 query heads, 8 KV heads, d=64) at 64K, u=4: step
+#             time without offload and with it in each backward order (kv: the paper's; query:
+#             what auto picks for this GQA model), and the per-stream timeline of each (where the
+#             overhead goes: copies, all-to-alls and compute per stream).
 #
 #     OUT=/some/dir SCALE_PARTS="overhead block" bash experiments/gpu/scale.sh
 #     OUT=/some/dir SCALE_PARTS=million bash experiments/gpu/scale.sh
@@ -22,7 +24,10 @@ source "$(dirname "$0")/common.sh"
 
 environment >/dev/null
 gpu=$(gpu_slug)
-KEEP_FILES="rows_$gpu.csv fpdt_block_$gpu.csv fpdt_block_${gpu}_timeline.csv fpdt_block_${gpu}_timeline.png"
+KEEP_FILES="rows_$gpu.csv fpdt_block_$gpu.csv"
+for order in kv query; do
+    KEEP_FILES+=" fpdt_block_${gpu}_timeline_$order.csv fpdt_block_${gpu}_timeline_$order.png"
+done
 install_wheels || { note "=== hydra unavailable: stopping"; pack_out; exit 1; }
 smoke_or_exit
 
@@ -43,8 +48,9 @@ if [ "${#runs[@]}" -gt 0 ]; then  # one table of every row (the header once)
     cat "$OUT"/*.log 2>/dev/null | grep -E "\] (ok|oom|error|timeout)" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
 fi
 if [[ $PARTS == *" block "* ]]; then
-    step fpdt_block 120 fpdt_block.log 0 python3 -m experiments.bench_fpdt_block --seq-lens 65536 \
-        --chunk-tokens 16384 --reps 1 --out "$OUT/fpdt_block_$gpu.csv"
+    step fpdt_block 150 fpdt_block.log 0 python3 -m experiments.bench_fpdt_block --seq-lens 65536 \
+        --chunk-tokens 16384 --heads 32 --kv-heads 8 --head-dim 64 --backward-orders kv query --reps 3 \
+        --out "$OUT/fpdt_block_$gpu.csv"
 fi
 
 note "=== done: status $status"
