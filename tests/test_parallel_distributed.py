@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CONFIG_KEYS = ("kind", "H", "Hkv", "chunks", "offload", "causal", "bias", "rope")
+CONFIG_KEYS = ("kind", "H", "Hkv", "chunks", "offload", "causal", "bias", "rope", "order")
 
 
-def _cfg(kind, H, Hkv, chunks=1, offload=False, causal=True, bias=False, rope=True) -> dict:
-    return dict(kind=kind, H=H, Hkv=Hkv, chunks=chunks, offload=offload, causal=causal, bias=bias, rope=rope)
+def _cfg(kind, H, Hkv, chunks=1, offload=False, causal=True, bias=False, rope=True, order="auto") -> dict:
+    return dict(kind=kind, H=H, Hkv=Hkv, chunks=chunks, offload=offload, causal=causal, bias=bias, rope=rope,
+                order=order)  # fmt: skip
 
 
 def _configs(world: int) -> list[dict]:
@@ -39,6 +40,10 @@ def _configs(world: int) -> list[dict]:
     out.append(_cfg("fpdt", H, rep, 4, offload=False))
     out.append(_cfg("fpdt", H, gqa, 2, offload=True, causal=False))
     out.append(_cfg("fpdt", H, mha, 4, offload=True, rope=False))
+    # Both backward orders whatever auto would pick: GQA, MHA, replicated K/V, non-causal.
+    for Hkv, causal in ((gqa, True), (mha, True), (rep, True), (gqa, False)):
+        for order in ("kv", "query"):
+            out.append(_cfg("fpdt", H, Hkv, 4, offload=True, causal=causal, order=order))
     return out
 
 
@@ -133,9 +138,8 @@ def _check_block(cfg: dict, group) -> None:
     y.backward(dy)
 
     store = HostStore() if cfg["offload"] else None
-    strategy = AttentionStrategy(
-        cfg["kind"], group, chunks=cfg["chunks"], offload=cfg["offload"], causal=cfg["causal"], store=store
-    )
+    strategy = AttentionStrategy(cfg["kind"], group, chunks=cfg["chunks"], offload=cfg["offload"], causal=cfg["causal"],
+                                 store=store, backward_order=cfg["order"])  # fmt: skip
     w = dataclasses.replace(w_ref, **{k: t.detach().clone().requires_grad_(True) for k, t in _tensors(w_ref).items()})
     x_loc = strategy.shard(x.detach()).requires_grad_(True)
     y_loc = strategy(x_loc, w, rope)

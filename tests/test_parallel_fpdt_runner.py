@@ -115,3 +115,16 @@ def test_softmax_scale_zero_is_kept():
         default = local_attention(x, w, rope)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, default)
+
+
+def test_slots_are_handed_out_oldest_release_first():
+    # The slot given back longest ago is the one whose users are likeliest done: a fetch taking
+    # it rarely waits, where the newest would make it wait for the offload that just gave it back.
+    key = (16, torch.float32)
+    bufs = executor.DeviceBuffers(torch.device("cpu"), {key: 3}, {})
+    a, b, c = (bufs.take((4, 4), torch.float32) for _ in range(3))
+    for t in (b, a, c):  # given back in this order
+        bufs.release(t)
+        bufs.settle(())
+    ptr = lambda t: t.untyped_storage().data_ptr()
+    assert [ptr(bufs.take((16,), torch.float32)) for _ in range(3)] == [ptr(b), ptr(a), ptr(c)]
