@@ -108,8 +108,10 @@ def _separate_documents(model, tokens, labels, cu):
     return total / count, grads
 
 
-@pytest.mark.parametrize("strategy,chunks", [("local", 1), ("ulysses", 1), ("fpdt", 4)])
-def test_packed_sequence_equals_separate_documents(strategy, chunks):
+@pytest.mark.parametrize(
+    "strategy,chunks,order", [("local", 1, "auto"), ("ulysses", 1, "auto"), ("fpdt", 4, "kv"), ("fpdt", 4, "query")]
+)
+def test_packed_sequence_equals_separate_documents(strategy, chunks, order):
     import models
 
     torch.manual_seed(0)
@@ -124,7 +126,7 @@ def test_packed_sequence_equals_separate_documents(strategy, chunks):
         want_loss, want_grads = _separate_documents(reference, tokens, labels, cu)
         model = models.Transformer(cfg)
         model.load_state_dict(reference.state_dict())
-        model = parallelize(model, strategy, group=SPGroup.single(), chunks=chunks, offload=True)
+        model = parallelize(model, strategy, group=SPGroup.single(), chunks=chunks, offload=True, backward_order=order)
         t, lab, pos = shard_batch(tokens, labels, strategy, chunks=chunks, group=SPGroup.single(), cu_seqlens=cu)
         loss = model(t, labels=lab, positions=pos, cu_seqlens=cu)
         loss.backward()

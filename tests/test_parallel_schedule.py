@@ -205,15 +205,17 @@ def test_document_schedules_keep_the_invariants_and_drop_the_rest(seed):
             fwd = forward_schedule(u, causal=causal, offload=offload, pairs=pairs)
             check_schedule(fwd)
             check_schedule(forward_schedule(u, causal=causal, offload=offload, save=False, pairs=pairs))
-            bwd = backward_schedule(u, causal=causal, offload=offload, pairs=pairs)
-            check_schedule(bwd)
             assert set(fwd.blocks()) == {(i, j) for i, j in pairs if j <= i or not causal}
-            assert set(bwd.blocks()) == {(j, i) for i, j in pairs if j <= i or not causal}
             assert len(fwd.ops) <= len(full_fwd.ops)  # fewer blocks, and the copies only they needed
+            fetches = lambda s: s.counts()[Kind.FETCH]  # noqa: E731
             if offload:
-                fetches = lambda s: s.counts()[Kind.FETCH]  # noqa: E731
                 assert fetches(fwd) <= fetches(full_fwd)
-                assert fetches(bwd) <= fetches(backward_schedule(u, causal=causal, offload=True))
+            for order in ("kv", "query"):
+                bwd = backward_schedule(u, causal=causal, offload=offload, pairs=pairs, order=order)
+                check_schedule(bwd)
+                assert set(bwd.blocks()) == {(j, i) for i, j in pairs if j <= i or not causal}
+                if offload:
+                    assert fetches(bwd) <= fetches(backward_schedule(u, causal=causal, offload=True, order=order))
 
 
 def test_pairs_must_include_every_chunk_with_itself():
