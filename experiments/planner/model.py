@@ -54,11 +54,14 @@ LOSS_LIVE = 3
 # the attention output's gradient [s, H, d] and RMSNorm's saved normalised input of norm1.
 HIDDEN_LIVE_ATTENTION = 3
 # The chunked recipe with RMSNorm (models.chunked: tiled norms, norm2 + MLP + residual in the MLP's
-# tiles, the donated output gradient, the checkpoint's output released): 3 [s, h] tensors at the
-# MLP backward besides the checkpoint and 2 at the attention backward, plus 6 fp32 [tile, h]
-# temporaries of the norm inside each MLP tile. Fitted to the CPU calibration rows
-# (tests/fixtures/plan_calibration: every llama-tiny fpdt row within 5%), as the counts above were.
-TILED_HIDDEN_LIVE = 3
+# tiles, the donated output gradient, the checkpoint's output released): 2 [s, h] tensors at the
+# MLP backward besides the checkpoint's device copy (the residual stream's gradient and the
+# attention half's output; the recompute skips the chunked MLP's forward, so its output does not
+# exist: the code before that, legacy_recompute, had 3) and 2 at the attention backward, plus 6
+# fp32 [tile, h] temporaries of the norm inside each MLP tile. Read from
+# experiments.bench.memory_report and checked on the CPU calibration rows
+# (tests/fixtures/plan_calibration: every llama-tiny fpdt row within 7%).
+TILED_HIDDEN_LIVE = 2
 TILED_HIDDEN_LIVE_ATTENTION = 2
 NORM_TILE_LIVE = 6
 
@@ -336,7 +339,7 @@ def memory(st: Setup) -> Memory:
     # [s, h] tensors live at the MLP and at the attention backward, by recipe.
     tiled = st.chunked_mlp and cfg.norm == "rmsnorm"
     if tiled:
-        live, live_attention = TILED_HIDDEN_LIVE, TILED_HIDDEN_LIVE_ATTENTION
+        live, live_attention = TILED_HIDDEN_LIVE + st.legacy_recompute, TILED_HIDDEN_LIVE_ATTENTION
     else:
         extra = RMSNORM_EXTRA if cfg.norm == "rmsnorm" else 0
         live, live_attention = HIDDEN_LIVE + 2 * extra, HIDDEN_LIVE_ATTENTION + extra
