@@ -73,6 +73,57 @@ class FPDTSpec:
             raise ValueError(f"backward_order={self.backward_order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
 
 
+@dataclass(frozen=True)
+class CommRegion:
+    """The layout rules of the communication stream's scratch region of one run (see
+    ``_Runner._scratch_bytes``), from the shapes alone, so the planner sizes it as the runner does.
+
+    ``batch, chunk_tokens, heads, head_dim``: a query chunk after the all-to-all ``[B, C, H/P, d]``
+    in ``itemsize`` bytes per element; ``ranks``: ``P``; ``rope_span``: float64 elements of the
+    RoPE angles of ``C`` positions (``RotaryEmbedding.span_work``).
+    """
+
+    batch: int
+    chunk_tokens: int
+    heads: int
+    head_dim: int
+    itemsize: int
+    ranks: int
+    rope_span: int
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of the largest chunk an all-to-all moves: ``[B, C, H/P, d]`` in the input dtype."""
+        return self.batch * self.chunk_tokens * self.heads * self.head_dim * self.itemsize
+
+    @property
+    def tables_bytes(self) -> int:
+        """fp32 cos/sin ``[C, d]``."""
+        return 2 * self.chunk_tokens * self.head_dim * 4
+
+    @property
+    def head_work_bytes(self) -> int:
+        """fp32 work of rotating one head of a ``[B, C, heads, d]`` chunk (``apply_rotary_into``:
+        a copy of the input and the result)."""
+        return 2 * self.batch * self.chunk_tokens * self.head_dim * 4
+
+    @property
+    def rope_heads(self) -> int:
+        """Heads rotated at once: as many as fit beside the tables in the bytes the all-to-all
+        takes anyway, and at least a quarter of this rank's query heads (at most four passes)."""
+        spare = (2 * self.chunk_bytes if self.ranks > 1 else 0) - self.tables_bytes
+        return min(self.heads, max(1, spare // self.head_work_bytes, -(-self.heads // 4)))
+
+    def size(self, moves: bool, rope: bool) -> int:
+        """Bytes of the region: ``send`` and ``recv`` of an all-to-all (``moves``), or the RoPE
+        tables, then their angles or the rotation's work (``rope``), whichever is larger."""
+        size = 2 * self.chunk_bytes if moves else 0
+        if rope:
+            work = self.rope_heads * self.head_work_bytes
+            size = max(size, self.tables_bytes + max(self.rope_span * 8, work))
+        return size
+
+
 def _release_all(store: HostStore, host: dict[str, tuple[HostBuffer, ...]]) -> None:
     for bufs in host.values():
         for buf in bufs:
@@ -107,6 +158,8 @@ class _Runner:
         self.q_shape = (B, self.C, spec.n_heads // P, d)  # after the all-to-all: [B, C, H/P, d]
         self.kv_shape = (B, self.C, kv_heads_per_rank(spec.n_kv_heads, P), d)
         self.x_shape = (B, self.c, h)
+        span = spec.rope.span_work(self.C) if spec.rope is not None else 0
+        self.region = CommRegion(B, self.C, spec.n_heads // P, d, x.dtype.itemsize, P, span)
         self.scale = 1.0 / math.sqrt(d) if spec.softmax_scale is None else spec.softmax_scale
         self.env = Env(self.cuda)
         self.bufs: DeviceBuffers | None = None
@@ -222,31 +275,17 @@ class _Runner:
         kinds = schedule.counts()
         moves = self.spec.group.size > 1 and any(kinds[k] for k in _A2A)
         rope = self._rope_in_a2a() and any(kinds[k] for k in (Kind.A2A_QKV, Kind.A2A_DQ, Kind.A2A_DKV))
-        size = 2 * self._chunk_bytes() if moves else 0
-        if rope:
-            work = self._rope_heads() * self._head_work_bytes()
-            size = max(size, self._tables_bytes() + max(self.spec.rope.span_work(self.C) * 8, work))
+        size = self.region.size(moves, rope)
         return {"comm": size} if size else {}
 
     def _chunk_bytes(self) -> int:
-        """Bytes of the largest chunk an all-to-all moves: ``[B, C, H/P, d]`` in the input dtype."""
-        return math.prod(self.q_shape) * self.dtype.itemsize
+        return self.region.chunk_bytes
 
     def _tables_bytes(self) -> int:
-        return 2 * self.C * self.spec.head_dim * 4
-
-    def _head_work_bytes(self) -> int:
-        """fp32 work of rotating one head of a ``[B, C, heads, d]`` chunk (``apply_rotary_into``:
-        a copy of the input and the result)."""
-        B, C, _, d = self.q_shape
-        return 2 * B * C * d * 4
+        return self.region.tables_bytes
 
     def _rope_heads(self) -> int:
-        """Heads rotated at once: as many as fit beside the tables in the bytes the all-to-all
-        takes anyway, and at least a quarter of this rank's query heads (at most four passes)."""
-        heads = self.q_shape[2]
-        spare = (2 * self._chunk_bytes() if self.spec.group.size > 1 else 0) - self._tables_bytes()
-        return min(heads, max(1, spare // self._head_work_bytes(), -(-heads // 4)))
+        return self.region.rope_heads
 
     def _send_recv(self):
         if self.spec.group.size == 1:

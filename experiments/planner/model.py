@@ -21,6 +21,7 @@ import functools
 from dataclasses import dataclass
 
 from parallel.all_to_all import kv_heads_per_rank
+from parallel.fpdt import CommRegion
 from parallel.schedule import (
     HOST,
     Kind,
@@ -251,6 +252,16 @@ def copy_sizes(st: Setup) -> dict[str, int]:
     return {**sizes, "x": (st.C // st.gpus) * st.cfg.hidden * st.dtype_bytes, "o": sizes["q"] + lse}
 
 
+def comm_region_bytes(st: Setup) -> int:
+    """The FPDT backward's communication-stream scratch (``parallel.fpdt.CommRegion``): the
+    all-to-all's send and receive chunks (``P > 1``) or the RoPE tables and angles of a chunk
+    (RoPE at global positions; packed documents rotate per token instead), whichever is larger."""
+    cfg, P, C = st.cfg, st.gpus, st.C
+    d = cfg.head_dim
+    region = CommRegion(1, C, cfg.n_heads // P, d, st.dtype_bytes, P, d // 2 + C * (d + 1))
+    return region.size(moves=P > 1, rope=st.doc_len is None)
+
+
 def replay_peak_bytes(sched: Schedule, sizes: dict[str, int], fetched_x_bytes: int) -> int:
     """Largest sum of live device buffer bytes over the ops of ``sched`` (inputs excluded)."""
     live: set[str] = set()
@@ -439,7 +450,7 @@ def _attn_backward_working_set(st: Setup) -> int:
         return _attn_saved(st) + 2 * Q + 2 * KV + ring
     sizes = chunk_bytes(st)
     x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
-    pipeline = replay_peak_bytes(backward(st), sizes, x_chunk)
+    pipeline = replay_peak_bytes(backward(st), sizes, x_chunk) + comm_region_bytes(st)
     if not st.offload:  # everything the forward saved stays resident
         pipeline += _attn_kept(st)
     # dx [s, h] and the fp32 QKV weight gradient, allocated for the whole call
