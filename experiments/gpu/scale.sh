@@ -5,7 +5,7 @@
 #             warm-up step (the target: fpdt's step at most 1.10x local's; ~60 s and ~95 s wall
 #             on an H200, autotuning included);
 #   million   one step of llama3.2-1b with 2 layers, fpdt, 32K chunks, at one million tokens (the
-#             planner predicts 32 GiB device, 30 GiB host, ~125 s; the host-kept checkpoints
+#             planner predicts 28 GiB device, 30 GiB host, ~125 s; the host-kept checkpoints
 #             grow 4 GiB per layer at 1M tokens, so 16 layers need ~86 GiB of host RAM);
 #   block     llama3.2-1b's attention block (32 query heads, 8 KV heads, d=64) at 64K, u=4: step
 #             time without offload and with it in each backward order (kv: the paper's; query:
