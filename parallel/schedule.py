@@ -11,10 +11,11 @@ shows it.
 Forward: outer loop over query chunks ``i``; chunk ``i+1`` is projected and sent
 through its all-to-all before the blocks of chunk ``i`` (so the all-to-all overlaps them);
 inner loop over KV chunks ``j <= i`` (all ``j`` when non-causal), the next KV chunk fetched
-before the current block. Backward: outer loop over KV chunks ``i``, inner loop
-over query chunks ``j >= i``; the output gradient of chunk ``j`` goes through its all-to-all on
-first use, ``dq[j]`` round-trips through the host, and each chunk's gradient all-to-all +
-projection backward run once its gradient is complete.
+before the current block. Backward (``order="kv"``, the paper's): outer loop over KV chunks
+``i``, inner loop over query chunks ``j >= i``; the output gradient of chunk ``j`` goes through its
+all-to-all on first use, ``dq[j]`` round-trips through the host, and each chunk's gradient
+all-to-all + projection backward run once its gradient is complete. ``order="query"`` swaps the
+loops: ``dkv[i]`` round-trips instead, which moves fewer bytes under GQA.
 
 Packed documents (``pairs``): a block ``(i, j)`` whose query and KV chunks share no document does
 no work, so the schedules omit it, and with it every fetch, offload and all-to-all only it needed
@@ -285,14 +286,8 @@ def backward_schedule(
     inners = [[k for k in range(u) if (s.visible(k, o) if kv_outer else s.visible(o, k))] for o in range(u)]
     outers = [[o for o in range(u) if k in inners[o]] for k in range(u)]
 
-    def inner(outer: int) -> list[int]:
-        return inners[outer]
-
     def block(outer: int, k: int) -> tuple[int, int]:  # (KV chunk, query chunk)
         return (outer, k) if kv_outer else (k, outer)
-
-    def outer_steps(k: int) -> list[int]:
-        return outers[k]
 
     # The inner side's accumulator and the inputs it needs per block; the outer side's.
     acc_in, acc_out = ("dq", "dkv") if kv_outer else ("dkv", "dq")
@@ -302,7 +297,7 @@ def backward_schedule(
     # The outer step in which each projection backward is queued: once its gradient is complete.
     queued = {}
     for k in range(u):
-        queued[(acc_in, k)] = max(outer_steps(k))
+        queued[(acc_in, k)] = max(outers[k])
         queued[(acc_out, k)] = k
     proj = {"dq": Kind.PROJ_BWD_Q, "dkv": Kind.PROJ_BWD_KV}
     a2a = {"dq": Kind.A2A_DQ, "dkv": Kind.A2A_DKV}
@@ -319,9 +314,9 @@ def backward_schedule(
 
     def load(outer: int, k: int) -> None:
         if kv_outer:
-            output_grad(k, outer == min(outer_steps(k)))
+            output_grad(k, outer == min(outers[k]))
         if offload:
-            names = per_block + ((acc_in,) if outer > min(outer_steps(k)) else ())
+            names = per_block + ((acc_in,) if outer > min(outers[k]) else ())
             for name in names:
                 b.ensure(_n(name, k))
 
@@ -346,7 +341,7 @@ def backward_schedule(
 
     # The inner chunk of the block after each (outer, inner) block, in execution order, and
     # whether an inner chunk leaves the device between two of its blocks (see ``stays`` below).
-    flat = [(outer, k) for outer in range(u) for k in inner(outer)]
+    flat = [(outer, k) for outer in range(u) for k in inners[outer]]
     next_inner = {block_: after[1] for block_, after in zip(flat, flat[1:], strict=False)}
     at = [[n for n, (_, k) in enumerate(flat) if k == kk] for kk in range(u)]
     refetched = [any(b_ - a_ > 1 for a_, b_ in zip(pos, pos[1:], strict=False)) for pos in at]
@@ -356,7 +351,7 @@ def backward_schedule(
         if offload:
             for name in per_outer:
                 b.ensure(_n(name, outer))
-        ks = inner(outer)
+        ks = inners[outer]
         load(outer, ks[0])
         for n, k in enumerate(ks):
             if n + 1 < len(ks):
@@ -366,7 +361,7 @@ def backward_schedule(
             reads += [name for name in (_n("dq", j), _n("dkv", i)) if b.has(name)]
             b.add(Kind.ATTN_BWD, (i, j), reads=reads, writes=[_n("dq", j), _n("dkv", i)])
             flush()  # projection backwards queued before this block: their all-to-all overlapped it
-            last = outer == max(outer_steps(k))
+            last = outer == max(outers[k])
             # The next outer step's first block reads the same inner chunk (the last query chunk
             # in "kv" order, the first KV chunk in "query" order): its accumulator and inputs stay
             # on the device rather than make a host round trip the block would wait for.
@@ -463,7 +458,7 @@ def check_schedule(s: Schedule) -> dict[str, int]:
 
     Checked: every block of the causal triangle (or the full square; with ``pairs`` only those
     that share a document) exactly once, outer loop
-    over query chunks forward and over KV chunks backward; every buffer is produced or fetched
+    over query chunks forward and, backward, over the chunks its ``order`` names; every buffer is produced or fetched
     before it is read and never read after it is freed; every op waits for the last writer of
     what it reads and for every reader of what it overwrites or frees (so no chunk is used
     after its buffer is reused); ops run on their stream; the outputs are all produced.
