@@ -3,7 +3,9 @@
 # the three together need about 9 minutes on an H200, so a lease call runs them in two goes):
 #   overhead  llama3.2-1b, local and fpdt (u=4) at 64K tokens, one timed step each after one
 #             warm-up step (the target: fpdt's step at most 1.10x local's; ~60 s and ~95 s wall
-#             on an H200, autotuning included);
+#             on an H200, autotuning included). local needs ~110 GiB there, so a GPU with less
+#             memory (an 80 GB H100) compares them at 32K, where local fits (~62 GiB);
+#             OVERHEAD_SEQ_LEN overrides;
 #   million   one step of llama3.2-1b with 2 layers, fpdt, 32K chunks, at one million tokens (the
 #             planner predicts 28 GiB device, 30 GiB host, ~125 s; the host-kept checkpoints
 #             grow 4 GiB per layer at 1M tokens, so 16 layers need ~86 GiB of host RAM);
@@ -32,10 +34,13 @@ install_wheels || { note "=== hydra unavailable: stopping"; pack_out; exit 1; }
 smoke_or_exit
 
 PARTS=" ${SCALE_PARTS:-overhead million block} "
+mem_gib=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
+OVERHEAD_SEQ_LEN=${OVERHEAD_SEQ_LEN:-$([ "${mem_gib:-0}" -ge 120 ] && echo 65536 || echo 32768)}
+note "=== a ${mem_gib:-?} GiB GPU: the overhead part compares local and fpdt at seq_len=$OVERHEAD_SEQ_LEN"
 runs=()
 if [[ $PARTS == *" overhead "* ]]; then
     step overhead 240 overhead.log 0 python3 -m experiments.run -m model=llama3.2-1b parallel=local,fpdt \
-        seq_len=65536 chunks=4 gpus=1 steps=1 warmup_steps=1 timeout_s=150 "hydra.sweep.dir=$OUT/overhead"
+        "seq_len=$OVERHEAD_SEQ_LEN" chunks=4 gpus=1 steps=1 warmup_steps=1 timeout_s=150 "hydra.sweep.dir=$OUT/overhead"
     runs+=("$OUT/overhead/results.csv")
 fi
 if [[ $PARTS == *" million "* ]]; then
