@@ -265,7 +265,7 @@ class _Runner:
           gone out;
         * RoPE: fp32 cos/sin ``[C, d]`` at byte 0, then the float64 angles that build them, then,
           once they are built, the fp32 work of the rotation, a few heads at a time
-          (:meth:`_rope_heads`).
+          (:attr:`CommRegion.rope_heads`).
 
         An op that does both does them one after the other: ``a2a_qkv`` moves q, k, v into their
         slots and then rotates them there; ``a2a_dq``/``a2a_dkv`` rotate the gradient in its fp32
@@ -278,38 +278,29 @@ class _Runner:
         size = self.region.size(moves, rope)
         return {"comm": size} if size else {}
 
-    def _chunk_bytes(self) -> int:
-        return self.region.chunk_bytes
-
-    def _tables_bytes(self) -> int:
-        return self.region.tables_bytes
-
-    def _rope_heads(self) -> int:
-        return self.region.rope_heads
-
     def _send_recv(self):
         if self.spec.group.size == 1:
             return None, None
-        n, size = math.prod(self.q_shape), self._chunk_bytes()
+        n, size = math.prod(self.q_shape), self.region.chunk_bytes
         return self.bufs.scratch("comm", (n,), self.dtype), self.bufs.scratch("comm", (n,), self.dtype, offset=size)
 
     def _tables(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         C, d = self.C, self.spec.head_dim
         cos, sin = self.bufs.scratch("comm", (2, C, d), torch.float32)
         rope = self.spec.rope
-        angles = self.bufs.scratch("comm", (rope.span_work(C),), torch.float64, offset=self._tables_bytes())
+        angles = self.bufs.scratch("comm", (rope.span_work(C),), torch.float64, offset=self.region.tables_bytes)
         rope.span_into(i * C, cos, sin, angles)
         return cos, sin
 
     def _rotate(self, x: torch.Tensor, tables, *, inverse: bool = False, out: torch.Tensor | None = None) -> None:
-        """RoPE of ``x [B, C, heads, d]`` into ``out`` (default: in place), :meth:`_rope_heads`
+        """RoPE of ``x [B, C, heads, d]`` into ``out`` (default: in place), :attr:`CommRegion.rope_heads`
         heads at a time through the work after the tables: elementwise, so the bits are those of
         one pass over the whole chunk."""
         out = x if out is None else out
-        step = self._rope_heads()
+        step = self.region.rope_heads
         for h in range(0, x.shape[2], step):
             part = x[:, :, h : h + step]
-            work = self.bufs.scratch("comm", (2 * part.numel(),), torch.float32, offset=self._tables_bytes())
+            work = self.bufs.scratch("comm", (2 * part.numel(),), torch.float32, offset=self.region.tables_bytes)
             apply_rotary_into(part, *tables, work, inverse=inverse, out=out[:, :, h : h + step])
 
     def _documents(self) -> dict:
