@@ -74,9 +74,11 @@ def slow_copies(monkeypatch):
         monkeypatch.setattr(_Runner, name, delayed)
 
 
-def _fpdt(rope, chunks, offload):
+def _fpdt(rope, chunks, offload, order="auto"):
     group = SPGroup.single()
-    return lambda x, w: fpdt_attention(x, w, rope, group=group, chunks=chunks, offload=offload, store=HostStore())
+    return lambda x, w: fpdt_attention(
+        x, w, rope, group=group, chunks=chunks, offload=offload, store=HostStore(), backward_order=order
+    )
 
 
 @pytest.mark.parametrize("chunks", [2, 8])
@@ -85,20 +87,22 @@ def test_gpu_fpdt_offload_is_bit_identical(chunks, slow_copies):
     # default) and MHA (GQA's dK/dV add the query heads of a group with atomics).
     w, rope, x, dy = _block(torch.bfloat16, Hkv=8)
     with fpdt_kernels.use_backend("triton"):
-        on_device = _run(_fpdt(rope, chunks, offload=False), x, w, dy)
-        offloaded = _run(_fpdt(rope, chunks, offload=True), x, w, dy)
-        again = _run(_fpdt(rope, chunks, offload=True), x, w, dy)
+        on_device = _run(_fpdt(rope, chunks, offload=False, order="kv"), x, w, dy)
+        offloaded = _run(_fpdt(rope, chunks, offload=True, order="kv"), x, w, dy)
+        again = _run(_fpdt(rope, chunks, offload=True, order="kv"), x, w, dy)
     for a, b, c in zip(on_device, offloaded, again, strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
-def test_gpu_fpdt_matches_local_fp32():
+@pytest.mark.parametrize("order", ["kv", "query"])
+def test_gpu_fpdt_matches_local_fp32(order):
+    # GQA 4:1 in both backward orders (the copies and the slots they reuse differ on the streams).
     w, rope, x, dy = _block(torch.float32, S=768)
     with fpdt_kernels.use_backend("triton"):
         want = _run(lambda x, w: local_attention(x, w, rope), x, w, dy)
-        got = _run(_fpdt(rope, 4, offload=True), x, w, dy)
+        got = _run(_fpdt(rope, 4, offload=True, order=order), x, w, dy)
     for g, r in zip(got, want, strict=True):
         err = (g - r).abs().max().item()
         assert err <= 1e-4 * r.abs().max().item(), err
@@ -150,13 +154,15 @@ def test_gpu_fpdt_forward_does_not_wait_for_its_last_offload(monkeypatch):
             torch.cuda._sleep(LONG_SLEEP_CYCLES)
         original(self, op)
 
-    w, rope, x, dy = _block(torch.bfloat16)
+    # Bit-identical needs the same sums in the same order: MHA (no atomics over a query group)
+    # and one backward order on both sides.
+    w, rope, x, dy = _block(torch.bfloat16, Hkv=8)
     with fpdt_kernels.use_backend("triton"):
-        want = _run(_fpdt(rope, chunks, offload=False), x, w, dy)
+        want = _run(_fpdt(rope, chunks, offload=False, order="kv"), x, w, dy)
         monkeypatch.setattr(_Runner, "offload", slow_last)
         xg = x.detach().clone().requires_grad_(True)
         wg = dataclasses.replace(w, wqkv=w.wqkv.detach().clone().requires_grad_(True))
-        y = _fpdt(rope, chunks, offload=True)(xg, wg)
+        y = _fpdt(rope, chunks, offload=True, order="kv")(xg, wg)
         after = torch.cuda.Event()
         after.record()
         after.synchronize()  # the caller's stream is through the forward and the output projection
