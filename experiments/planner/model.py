@@ -481,18 +481,16 @@ def _host(st: Setup) -> dict[str, int]:
     buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the backward's gradient round
     trips (:func:`replay_host_bytes`: the output gradients and fp32 dq of the KV-outer order, or
     the fp32 dK/dV of the query-outer order)."""
-    cfg, b, P, u = st.cfg, st.dtype_bytes, st.gpus, st.chunks
+    cfg, b, u = st.cfg, st.dtype_bytes, st.chunks
     host = {"checkpoints": 0, "offload store": 0, "model states": 0}
     if st.offload_states:
         host["model states"] = sum(_sharded_states(st).values())
     if st.activation_checkpointing and st.checkpoint_on_host:
         host["checkpoints"] = cfg.n_layers * st.s * cfg.hidden * st.rb
     if st.pipelined and st.offload:
-        sz = chunk_bytes(st)
-        C, hq = st.C, cfg.n_heads // P
-        o = C * hq * cfg.head_dim * b + C * hq * FP32
-        per_chunk = (C // P) * cfg.hidden * b + sz["q"] + sz["kv"] + o
-        grads = replay_host_bytes(backward(st), copy_sizes(st))
+        copy = copy_sizes(st)
+        per_chunk = copy["x"] + copy["q"] + copy["kv"] + copy["o"]
+        grads = replay_host_bytes(backward(st), copy)
         # With checkpointing one layer's chunks at a time; without, every layer's forward saves.
         # The output projection's input (the attention output [s, H, d]) waits on the host too.
         layers = 1 if st.activation_checkpointing else cfg.n_layers
@@ -569,8 +567,9 @@ def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
 def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = True) -> float:
     """Makespan of a schedule on four streams: each op starts when its stream is free and its
     dependencies have finished (CUDA events), in issue order per stream. A ``free`` occupies no
-    stream: the executor drops the reference on the host and the buffer's memory is reused only
-    after its users' events, so only what waits for the freed buffer's memory waits for them.
+    stream: the executor drops the reference on the host, and the op that next takes the freed
+    memory waits for its users' events. The replay assumes that memory is free by then (the
+    runner hands out the slot given back longest ago), so no op waits for a ``free``.
     ``copies=False`` makes host-device copies free (the ideal an overlapped pipeline approaches)."""
     sizes = {**chunk_bytes(st), "copy": copy_sizes(st)}
     end: list[float] = []
