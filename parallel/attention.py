@@ -20,7 +20,7 @@ import torch
 from .distributed import SPGroup
 from .host_store import HostStore
 from .rotary import RotaryEmbedding
-from .schedule import BACKWARD_ORDERS
+from .schedule import check_backward_order
 from .strategies import fpdt_attention, get_strategy, local_attention, strategy_names, ulysses_attention
 from .strategies.base import Strategy
 from .weights import AttentionWeights
@@ -86,9 +86,7 @@ class AttentionStrategy:
         if self.chunks < 1 or (not spec.takes_chunks and self.chunks != 1):
             takers = " or ".join(repr(n) for n in strategy_names() if get_strategy(n).takes_chunks)
             raise ValueError(f"chunks={self.chunks}: only {takers} takes chunks > 1 (and chunks >= 1)")
-        if self.backward_order not in ("auto", *BACKWARD_ORDERS):
-            raise ValueError(f"backward_order={self.backward_order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
-        if self.backward_order != "auto" and not spec.takes_chunks:
+        if check_backward_order(self.backward_order) != "auto" and not spec.takes_chunks:
             raise ValueError(
                 f"backward_order={self.backward_order!r} is for a chunk pipeline (fpdt), not {self.kind!r}"
             )

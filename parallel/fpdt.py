@@ -32,14 +32,14 @@ from .host_store import HostBuffer, HostStore, copy_rows
 from .layout import document_positions, shard
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_backward, apply_rotary_into
 from .schedule import (
-    BACKWARD_ORDERS,
     Kind,
     Op,
     Schedule,
     backward_schedule,
-    cheaper_backward_order,
+    check_backward_order,
     document_pairs,
     forward_schedule,
+    resolve_backward_order,
 )
 
 _A2A = (Kind.A2A_QKV, Kind.A2A_OUT, Kind.A2A_DO, Kind.A2A_DQ, Kind.A2A_DKV)
@@ -69,8 +69,7 @@ class FPDTSpec:
     backward_order: str = "auto"
 
     def __post_init__(self):
-        if self.backward_order not in ("auto", *BACKWARD_ORDERS):
-            raise ValueError(f"backward_order={self.backward_order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
+        check_backward_order(self.backward_order)
 
 
 @dataclass(frozen=True)
@@ -198,16 +197,12 @@ class _Runner:
 
     def backward_order(self) -> str:
         """The backward's outer loop: the spec's, or for ``"auto"`` the one that moves fewer bytes."""
-        order = self.spec.backward_order
-        if order != "auto":
-            return order
-        if not self.spec.offload:
-            return "kv"
-        sizes = {
-            f: sum(math.prod(s) * t.itemsize for s, t in self._value(f))
-            for f in ("x", "q", "kv", "o", "do", "dq", "dkv")
-        }
-        return cheaper_backward_order(self.spec.chunks, sizes, causal=self.spec.causal, pairs=self.pairs)
+        spec = self.spec
+        families = ("x", "q", "kv", "o", "do", "dq", "dkv")
+        sizes = {f: sum(math.prod(s) * t.itemsize for s, t in self._value(f)) for f in families}
+        return resolve_backward_order(
+            spec.backward_order, spec.chunks, sizes, offload=spec.offload, causal=spec.causal, pairs=self.pairs
+        )
 
     def _slot_writes(self, op: Op) -> dict[str, list[tuple[int, torch.dtype]]]:
         """The slots each buffer ``op`` writes takes, as ``(numel, dtype)`` (mirrors the handlers)."""

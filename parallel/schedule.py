@@ -389,6 +389,31 @@ def _backward_copies(chunks: int, causal: bool, pairs, order: str) -> Counter:
     return copy_counts(backward_schedule(chunks, causal=causal, offload=True, pairs=pairs, order=order))
 
 
+def check_backward_order(order: str) -> str:
+    """``order`` if it names a backward loop or ``"auto"``; else ``ValueError`` listing them."""
+    if order not in ("auto", *BACKWARD_ORDERS):
+        raise ValueError(f"backward_order={order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
+    return order
+
+
+def resolve_backward_order(
+    order: str,
+    chunks: int,
+    sizes: dict[str, int],
+    *,
+    offload: bool,
+    causal: bool = True,
+    pairs: frozenset[tuple[int, int]] | None = None,
+) -> str:
+    """The backward loop a run uses: ``order`` itself, or for ``"auto"`` the one whose copies move
+    fewer bytes (:func:`cheaper_backward_order`; ``"kv"`` without offload, which copies nothing)."""
+    if check_backward_order(order) != "auto":
+        return order
+    if not offload:
+        return "kv"
+    return cheaper_backward_order(chunks, sizes, causal=causal, pairs=pairs)
+
+
 def cheaper_backward_order(
     chunks: int, sizes: dict[str, int], *, causal: bool = True, pairs: frozenset[tuple[int, int]] | None = None
 ) -> str:

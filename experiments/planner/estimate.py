@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from models import get_config
 from models.transformer import default_tiles
-from parallel import BACKWARD_ORDERS, check_mesh, get_strategy
+from parallel import check_backward_order, check_mesh, get_strategy
 
 from ..core.flops import step_flops
 from ..core.hardware import cpu_peak_tflops, load_preset
@@ -203,15 +203,9 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         residual_fp32=bool(switches.pop("residual_fp32", False)) and precision.mixed,
         ulysses_degree=ulysses_degree,
         legacy_recompute=bool(switches.pop("legacy_recompute", False)),
-        backward_order=_backward_order(switches.pop("backward_order", None) or "auto"),
+        backward_order=check_backward_order(switches.pop("backward_order", None) or "auto"),
     )
     return st, hw
-
-
-def _backward_order(order: str) -> str:
-    if order not in ("auto", *BACKWARD_ORDERS):
-        raise ValueError(f"backward_order={order!r}: use one of {('auto', *BACKWARD_ORDERS)}")
-    return order
 
 
 def _pick(value, default):

@@ -22,15 +22,16 @@ from dataclasses import dataclass
 
 from parallel.all_to_all import kv_heads_per_rank
 from parallel.fpdt import CommRegion
+from parallel.rotary import RotaryEmbedding
 from parallel.schedule import (
     HOST,
     Kind,
     Schedule,
     Stream,
     backward_schedule,
-    cheaper_backward_order,
     document_pairs,
     forward_schedule,
+    resolve_backward_order,
 )
 from parallel.strategies import get_strategy
 
@@ -158,13 +159,8 @@ def _backward(chunks: int, offload: bool, pairs: frozenset | None = None, order:
 
 
 def backward_order(st: Setup) -> str:
-    """The FPDT backward's outer loop, as the runner picks it (``parallel/fpdt.py``): the given
-    one, or for ``auto`` the one that moves fewer bytes (``kv`` without offload)."""
-    if st.backward_order != "auto":
-        return st.backward_order
-    if not st.offload:
-        return "kv"
-    return cheaper_backward_order(st.chunks, copy_sizes(st), pairs=pairs(st))
+    """The FPDT backward's outer loop, by the runner's rule (``resolve_backward_order``)."""
+    return resolve_backward_order(st.backward_order, st.chunks, copy_sizes(st), offload=st.offload, pairs=pairs(st))
 
 
 def backward(st: Setup) -> Schedule:
@@ -258,7 +254,7 @@ def comm_region_bytes(st: Setup) -> int:
     (RoPE at global positions; packed documents rotate per token instead), whichever is larger."""
     cfg, P, C = st.cfg, st.gpus, st.C
     d = cfg.head_dim
-    region = CommRegion(1, C, cfg.n_heads // P, d, st.dtype_bytes, P, d // 2 + C * (d + 1))
+    region = CommRegion(1, C, cfg.n_heads // P, d, st.dtype_bytes, P, RotaryEmbedding(d).span_work(C))
     return region.size(moves=P > 1, rope=st.doc_len is None)
 
 
