@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.amp import autocast_state, restore_autocast
+from parallel.tensors import has_values
 
 IGNORE_INDEX = -100
 
@@ -357,8 +358,8 @@ def chunked_cross_entropy(
     if tile < 1:
         raise ValueError(f"tile={tile} must be >= 1 tokens")
     V = weight.shape[0]
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V)) if has_values(labels) else None
+    if bad is not None and bool(bad.any()):
         raise ValueError(f"labels must be in [0, {V}) or {IGNORE_INDEX} (ignored); got {labels[bad][0].item()}")
     # The gradients are made in the forward whenever a backward may follow.
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

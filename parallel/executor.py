@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .schedule import HOST, Kind, Op, Schedule, Stream
+from .tensors import storage_key
 
 # The CUDA calls of this module go through this name, so a CPU test can put a fake in its place
 # and check the ordering the executor sets up.
@@ -223,12 +224,12 @@ class DeviceBuffers:
                 events = [record_event(self._caller)] if self.cuda else []
         if self.cuda:
             wait_events(current_stream(self.device), events)
-        self._taken[t.untyped_storage().data_ptr()] = (t, key)
+        self._taken[storage_key(t)] = (t, key)
         return t.view(shape)
 
     def release(self, tensor: torch.Tensor) -> None:
         """Give back the slot ``tensor`` views (a no-op for other tensors); free after :meth:`settle`."""
-        entry = self._taken.pop(tensor.untyped_storage().data_ptr(), None)
+        entry = self._taken.pop(storage_key(tensor), None)
         if entry is not None:
             self._pending.append(entry)
 

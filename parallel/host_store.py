@@ -34,6 +34,7 @@ import torch
 
 from .executor import current_stream, record_event, side_streams, use_stream, wait_events
 from .schedule import Stream
+from .tensors import storage_key
 
 _allocating_on_host = contextvars.ContextVar("allocating_on_host", default=False)
 
@@ -212,7 +213,7 @@ class HostStore:
             tensor = torch.empty(shape if loose else (nbytes,), dtype=dtype, pin_memory=self.pin_memory)
         reserved = pinned_reserved_bytes(tensor.nbytes) if self.pin_memory else tensor.nbytes
         block = _Block(tensor, reserved, loose)
-        self._blocks[tensor.untyped_storage().data_ptr()] = block
+        self._blocks[storage_key(tensor)] = block
         self._loose += loose
         return block
 
@@ -282,10 +283,7 @@ class HostStore:
 
     def owns(self, tensor_or_storage) -> bool:
         """True if this storage is one of the store's allocations (for memory accounting)."""
-        st = tensor_or_storage
-        if isinstance(st, torch.Tensor):
-            st = st.untyped_storage()
-        return st.data_ptr() in self._blocks
+        return storage_key(tensor_or_storage) in self._blocks
 
     def clear(self) -> None:
         """Drop the idle buffers (the ones in use stay allocated), and every allocation no buffer
@@ -296,7 +294,7 @@ class HostStore:
                 block = buf._block
                 block.buffers -= 1
                 if block.buffers == 0:
-                    del self._blocks[block.tensor.untyped_storage().data_ptr()]
+                    del self._blocks[storage_key(block.tensor)]
                     self._loose -= block.loose
         self._buffers = [buf for buf in self._buffers if id(buf) not in idle]
         self._free.clear()
@@ -336,10 +334,6 @@ def _pack_to_host(t: torch.Tensor) -> torch.Tensor:
     packed = buf.tensor.view(buf.tensor.shape)
     weakref.finalize(packed, store.release, buf)
     return packed
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 def _unpack_from_host(packed: torch.Tensor) -> torch.Tensor:
@@ -473,8 +467,8 @@ def saved_tensors_on_host(store: HostStore | None = None, only: torch.Tensor | N
             _hooks[store] = _HostCheckpoints(store)
         pack, unpack = _hooks[store].pack, _hooks[store].unpack
     if only is not None:  # the others pass through both hooks untouched
-        target, moved_pack, moved_unpack = _storage(only), pack, unpack
-        pack = lambda t: (True, moved_pack(t)) if _storage(t) == target else (False, t)  # noqa: E731
+        target, moved_pack, moved_unpack = storage_key(only), pack, unpack
+        pack = lambda t: (True, moved_pack(t)) if storage_key(t) == target else (False, t)  # noqa: E731
         unpack = lambda p: moved_unpack(p[1]) if p[0] else p[1]  # noqa: E731
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

@@ -10,7 +10,6 @@ out-of-memory handling and the maximum-sequence-length search work on a laptop.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import resource
 import sys
@@ -21,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from parallel.tensors import storage_key
 
 from .paths import REPO
 from .units import format_bytes
@@ -38,7 +40,8 @@ class MemoryTracker(TorchDispatchMode):
     ``simulate_device=True`` (a CPU run): CPU tensors are device memory, except those allocated
     while ``on_host()`` is true (the offload store, host-kept checkpoints), which are host
     memory. ``simulate_device=False`` (a CUDA run): CPU tensors are host memory and CUDA tensors
-    are left to the CUDA allocator's statistics. ``cap_bytes`` caps the simulated device.
+    are left to the CUDA allocator's statistics. ``cap_bytes`` caps the simulated device,
+    ``host_cap_bytes`` the host pool (what a node's RAM would have to hold).
     Storages are counted once however many views share them; those of the ``ignore`` tensors and
     those ``exclude(storage)`` rejects (e.g. ``HostStore.owns``, for buffers made before the
     mode) not at all. ``current``/``peak`` are bytes.
@@ -48,6 +51,7 @@ class MemoryTracker(TorchDispatchMode):
         self,
         simulate_device: bool = True,
         cap_bytes: int | None = None,
+        host_cap_bytes: int | None = None,
         on_host: Callable[[], bool] = lambda: False,
         ignore=(),
         exclude: Callable[[torch.UntypedStorage], bool] | None = None,
@@ -55,12 +59,13 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.simulate_device = simulate_device
         self.cap_bytes = cap_bytes
+        self.host_cap_bytes = host_cap_bytes
         self.on_host = on_host
         self.current = {"device": 0, "host": 0}
         self.peak = {"device": 0, "host": 0}
         self._live: dict[int, tuple[str, int]] = {}
         # Storages made before the mode (inputs, weights): views of them are not new memory.
-        self._ignored = {t.untyped_storage().data_ptr() for t in ignore}
+        self._ignored = {storage_key(t) for t in ignore}
         self.exclude = exclude
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -81,13 +86,10 @@ class MemoryTracker(TorchDispatchMode):
     def _track(self, t: torch.Tensor, func=None) -> None:
         if t.device.type != "cpu":
             return
+        key = storage_key(t)
+        if key is None:  # a wrapper subclass (FSDP's DTensors): its inner tensors are counted
+            return
         st = t.untyped_storage()
-        try:
-            key = st.data_ptr()
-        except RuntimeError:  # a wrapper subclass (FSDP's DTensors): its inner tensors are counted
-            return
-        if not key:  # a wrapper with no storage of its own, or an empty one
-            return
         nbytes = st.nbytes()
         if nbytes == 0 or key in self._live or key in self._ignored:
             return
@@ -102,10 +104,11 @@ class MemoryTracker(TorchDispatchMode):
         if self.current[pool] > self.peak[pool]:
             self.peak[pool] = self.current[pool]
             self._new_peak(pool)
-        if pool == "device" and self.cap_bytes is not None and self.current[pool] > self.cap_bytes:
+        cap, name = (self.cap_bytes, "device") if pool == "device" else (self.host_cap_bytes, "host")
+        if cap is not None and self.current[pool] > cap:
             raise SimulatedOutOfMemory(
-                f"simulated device out of memory: tried to hold {format_bytes(self.current[pool])} of live "
-                f"tensors with max_device_memory={format_bytes(self.cap_bytes)}"
+                f"simulated {name} out of memory: tried to hold {format_bytes(self.current[pool])} of live "
+                f"tensors with max_{name}_memory={format_bytes(cap)}"
             )
 
     def _free(self, key: int) -> None:
@@ -118,6 +121,41 @@ class MemoryTracker(TorchDispatchMode):
 
     def _new_peak(self, pool: str) -> None:
         pass
+
+
+SHAPES_ONLY_DEVICE = "cpu (fake tensors: allocations only, no compute; simulated device)"
+
+
+class ShapesOnly:
+    """A training step on fake tensors (``FakeTensorMode``) while active, if ``enabled``.
+
+    Every op allocates its outputs as it would on CPU, so a :class:`MemoryTracker` inside counts
+    the same storages at the same moments as in a real CPU run; but no values exist and nothing
+    is computed, so a step of a billion-parameter model at a million tokens costs seconds, not
+    days (its time, loss and gradients mean nothing). The batch is made from real data and then
+    turned fake (:meth:`batch`); ``cu_seqlens`` stays real, because the document boundaries decide
+    which blocks run.
+    """
+
+    def __init__(self, enabled: bool):
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True) if enabled else None
+
+    def __enter__(self):
+        if self.mode is not None:
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return None if self.mode is None else self.mode.__exit__(*exc)
+
+    def batch(self, make: Callable, *args):
+        """``make(*args)`` -> ``(tokens, labels, cu_seqlens)``, with tokens and labels fake when enabled."""
+        if self.mode is None:
+            return make(*args)
+        with unset_fake_temporarily():
+            tokens, labels, cu_seqlens = make(*args)
+        # The fake copies share one storage as the real views do, and stand for it from here on.
+        return self.mode.from_tensor(tokens), self.mode.from_tensor(labels), cu_seqlens
 
 
 @dataclass(frozen=True)
@@ -171,8 +209,7 @@ class RecordingMemoryTracker(MemoryTracker):
         return out
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        with contextlib.suppress(RuntimeError):
-            self._saved.add(t.untyped_storage().data_ptr())
+        self._saved.add(storage_key(t))
         return t
 
     def _allocated(self, key, t, nbytes, func) -> None:

@@ -32,6 +32,8 @@ class Point:
     backend: str = "torch"
     lr: float = 3e-4
     max_device_memory: float | None = None
+    max_host_memory: float | None = None
+    fake_tensors: bool = False  # a simulated device on fake tensors: memory only, no compute
     timeout_s: float | None = None
     offload: bool = False
     backward_order: str = "auto"  # fpdt's backward loop (auto for the strategies without one)

@@ -104,6 +104,10 @@ class JobConfig:
     backend: Backend = Backend.auto
     lr: float = 1e-4
     max_device_memory: float | None = None  # GiB cap on (simulated) device memory per rank
+    max_host_memory: float | None = None  # GiB cap on host memory by design per rank (offloads, host checkpoints)
+    # CPU: run on fake tensors (shapes and allocations, no values, no compute): the simulated
+    # device and host memory of any length in seconds; no step time, loss or MFU
+    fake_tensors: bool = False
     timeout_s: float | None = 900.0  # a job still running after this is killed (None: no limit)
 
 

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -43,7 +42,7 @@ from ..core.paths import CONF_DIR
 from ..core.point import Point
 from ..core.provenance import git_commit, versions
 from ..core.units import GIB, format_bytes
-from ..training.loop import model_config
+from ..training.loop import model_config, uses_cuda
 from . import config as _schema  # noqa: F401  (registers the structured configs)
 from .points import check_point, resolve_point
 from .results import find_point, point_key, record_point
@@ -149,7 +148,7 @@ def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         wall_s=round(wall_s, 2),
         flop_convention=FLOP_CONVENTION,
-        device_mem_simulated=not torch.cuda.is_available(),
+        device_mem_simulated=not uses_cuda(point),
         **versions(),
     )
     if outcome["status"] == "oom" and outcome.get("device_peak_bytes") is not None:
@@ -165,21 +164,24 @@ def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float
         machine_peak, how = cpu_peak_tflops()
         peak = machine_peak / point.gpus
         row["peak_tflops_source"] = f"{how}; divided by gpus={point.gpus} ranks sharing the cores"
-    step = s["step_time_s"]
-    tflops_per_gpu = flops.causal / step / point.gpus / 1e12
+    if not point.fake_tensors:  # a step on fake tensors computes nothing: no time, rate or loss
+        step = s["step_time_s"]
+        tflops_per_gpu = flops.causal / step / point.gpus / 1e12
+        row.update(
+            step_time_s=step,
+            step_time_p20_s=s["step_time_p20_s"],
+            step_time_p80_s=s["step_time_p80_s"],
+            tokens_per_s=sequences * point.seq_len / step,
+            tflops_per_gpu=tflops_per_gpu,
+            mfu=tflops_per_gpu / peak,
+            mfu_full_attention=flops.full / step / point.gpus / 1e12 / peak,
+            loss=s["loss"],
+        )
     row.update(
-        step_time_s=step,
-        step_time_p20_s=s["step_time_p20_s"],
-        step_time_p80_s=s["step_time_p80_s"],
-        tokens_per_s=sequences * point.seq_len / step,
-        tflops_per_gpu=tflops_per_gpu,
-        mfu=tflops_per_gpu / peak,
-        mfu_full_attention=flops.full / step / point.gpus / 1e12 / peak,
         peak_tflops=peak,
         flops_per_step=flops.causal,
         flops_per_step_full_attention=flops.full,
         attention_flops_per_step=flops.attention_causal,  # inside documents when packed
-        loss=s["loss"],
         device_mem_peak_gib=_gib(s["device_peak_bytes"]),
         device_mem_reserved_gib=_gib(s["device_reserved_bytes"]),
         device_alloc_retries=s["device_alloc_retries"],
@@ -213,9 +215,10 @@ def _progress(row: dict, sweep_dir: Path, job_num: int | None, skipped: str | No
         body = f"skipped: {skipped} (status {row['status']})"
     elif row["status"] == "ok":
         dev = "simulated " if row.get("device_mem_simulated") else ""
+        rate = "fake tensors (memory only)" if row.get("fake_tensors") else \
+            f"{row['tokens_per_s']:.0f} tok/s  MFU {100 * row['mfu']:.1f}%"  # fmt: skip
         body = (
-            f"ok  {row['tokens_per_s']:.0f} tok/s  MFU {100 * row['mfu']:.1f}%  "
-            f"{dev}device peak {format_bytes(row['device_mem_peak_gib'] * GIB)}  "
+            f"ok  {rate}  {dev}device peak {format_bytes(row['device_mem_peak_gib'] * GIB)}  "
             f"host {format_bytes(row['host_mem_gib'] * GIB)}"
         )
     else:

@@ -33,7 +33,9 @@ def resolve_point(cfg: DictConfig) -> Point:
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     par, hw = c["parallel"], resolve_hardware(c["hardware"])
     strategy = get_strategy(par["strategy"])  # an unknown name fails here, naming the registered ones
-    precision = resolve_precision(c["precision"], torch.cuda.is_available(), c["dtype"])
+    fake = bool(c.get("fake_tensors", False))
+    cuda = torch.cuda.is_available() and not fake  # where the ranks run (uses_cuda, once a point exists)
+    precision = resolve_precision(c["precision"], cuda, c["dtype"])
     point = {
         "model": c["model"]["name"],
         "n_layers": c["model"]["n_layers"],
@@ -53,9 +55,11 @@ def resolve_point(cfg: DictConfig) -> Point:
         # Only mixed precision has a choice: otherwise the residual is the one training dtype.
         "residual_fp32": bool(c.get("residual_fp32", False)) and precision.mixed,
         "seed": c["seed"],
-        "backend": c["backend"] if c["backend"] != "auto" else auto_backend(torch.cuda.is_available()),
+        "backend": c["backend"] if c["backend"] != "auto" else auto_backend(cuda),
         "lr": c["lr"],
         "max_device_memory": c["max_device_memory"],
+        "max_host_memory": c.get("max_host_memory"),
+        "fake_tensors": fake,
         "timeout_s": c["timeout_s"],
         "offload": par["offload"] and strategy.offloads,
         "backward_order": par.get("backward_order", "auto") if strategy.takes_chunks else "auto",

@@ -30,7 +30,7 @@ ROW_FIELDS = [
     "batch_size", "dtype", "backend", "hardware", "offload", "activation_checkpointing",
     "checkpoint_on_host", "chunked_mlp", "chunked_loss", "mlp_tile", "loss_tile", "fsdp",
     "precision", "sp", "dp", "offload_states", "residual_fp32", "ulysses_degree", "backward_order",
-    "n_layers", "steps", "warmup_steps", "seed", "max_device_memory",
+    "n_layers", "steps", "warmup_steps", "seed", "max_device_memory", "max_host_memory", "fake_tensors",
     "device_mem_simulated", "device_mem_driver_gib", "device_mem_total_gib", "device_alloc_retries",
     "peak_tflops_source",
     "flops_per_step", "flops_per_step_full_attention", "attention_flops_per_step", "flop_convention", "loss",
@@ -43,11 +43,11 @@ KEY_FIELDS = [
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
     "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "residual_fp32", "steps", "warmup_steps", "seed",
     "max_device_memory", "data_path", "data_packing", "data_eos_id", "data_index", "data_doc_len",
-    "ulysses_degree", "backward_order",
+    "ulysses_degree", "backward_order", "max_host_memory", "fake_tensors",
 ]  # fmt: skip
 # Key fields added later enter a point's key only when set away from their default, so the points
 # of older sweeps keep their keys (and are not run again).
-_KEY_FIELD_DEFAULTS = {"ulysses_degree": None, "backward_order": "auto"}
+_KEY_FIELD_DEFAULTS = {"ulysses_degree": None, "backward_order": "auto", "max_host_memory": None, "fake_tensors": False}
 
 
 def point_key(point: Point | dict) -> str:

@@ -7,6 +7,7 @@ controller turns them into the result row (maxima over ranks where it matters).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -21,8 +22,9 @@ import torch.distributed as dist
 import fpdt_kernels
 from parallel import destroy_distributed
 from parallel.host_store import allocating_on_host, default_host_store
+from parallel.tensors import has_values
 
-from ..core.memory import MemoryTracker, is_out_of_memory, peak_rss_bytes
+from ..core.memory import SHAPES_ONLY_DEVICE, MemoryTracker, ShapesOnly, is_out_of_memory, peak_rss_bytes
 from ..core.point import Point
 from ..core.tables import write_json
 from ..core.units import GIB
@@ -53,8 +55,11 @@ def measure_steps(point: Point, out_dir: Path) -> dict:
     rank, world = mesh.world.rank, mesh.world.size
 
     cap = None if point.max_device_memory is None else int(point.max_device_memory * GIB)
+    host_cap = None if point.max_host_memory is None else int(point.max_host_memory * GIB)
     global _active_tracker
-    tracker = _active_tracker = MemoryTracker(simulate_device=not cuda, cap_bytes=cap, on_host=allocating_on_host)
+    tracker = _active_tracker = MemoryTracker(
+        simulate_device=not cuda, cap_bytes=cap, host_cap_bytes=host_cap, on_host=allocating_on_host
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         if cap is not None:
@@ -62,11 +67,12 @@ def measure_steps(point: Point, out_dir: Path) -> dict:
 
     data = data_spec(point, model_config(point).vocab_size)
     step_times, loss, squares = [], float("nan"), []
-    with tracker:
+    shapes = ShapesOnly(point.fake_tensors)
+    with shapes, tracker:
         model = build_model(point, mesh, device, precision)
         optimizer = build_optimizer(model, point)
         for step in range(point.warmup_steps + point.steps):
-            tokens, labels, cu_seqlens = replica_batch(data, step, mesh.dp.size, mesh.replica)
+            tokens, labels, cu_seqlens = shapes.batch(replica_batch, data, step, mesh.dp.size, mesh.replica)
             _sync(device, world)
             start = time.perf_counter()
             out = forward_backward(model, point, mesh, precision, device, tokens, labels, cu_seqlens)
@@ -76,7 +82,7 @@ def measure_steps(point: Point, out_dir: Path) -> dict:
                 step_times.append(time.perf_counter() - start)
                 if cu_seqlens is not None:  # the attention work of packed documents: sum of length^2
                     squares.append(square_tokens(data, step, mesh.dp.size))
-            loss = float(out)
+            loss = float(out) if has_values(out) else math.nan
 
     metrics = {
         "rank": rank,
@@ -108,7 +114,7 @@ def measure_steps(point: Point, out_dir: Path) -> dict:
             device_alloc_retries=None,
             device_driver_bytes=None,
             device_total_bytes=None,
-            device_name=f"cpu ({os.cpu_count()} cores, simulated device)",
+            device_name=SHAPES_ONLY_DEVICE if point.fake_tensors else f"cpu ({os.cpu_count()} cores, simulated device)",
         )
     if world > 1:
         gathered = [None] * world

@@ -12,6 +12,7 @@ import torch
 import fpdt_kernels
 from models import Transformer, get_config
 from parallel import Mesh, init_distributed, init_mesh, parallelize, shard_batch
+from parallel.tensors import has_values
 
 from ..core.point import Point
 from .precision import Precision, resolve_precision
@@ -36,15 +37,21 @@ class Rank:
 def setup_rank(point: Point) -> Rank:
     """Join the job's process group and ``(dp, sp)`` mesh, pick the device, the attention backend
     and the precision (every rank of ``run`` and ``train`` starts here)."""
-    init_distributed(timeout_s=point.timeout_s or COLLECTIVE_TIMEOUT_S)
+    cuda = uses_cuda(point)
+    init_distributed(backend=None if cuda else "gloo", timeout_s=point.timeout_s or COLLECTIVE_TIMEOUT_S)
     mesh = init_mesh(point.sp, ulysses=point.ulysses_degree)
-    cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda:
         # Ranks share the cores: without this each would start a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // mesh.world.size))
     fpdt_kernels.set_backend(point.backend)
     return Rank(mesh, device, resolve_precision(point.precision, cuda))
+
+
+def uses_cuda(point: Point) -> bool:
+    """Whether the point's ranks run on GPUs: when CUDA is there, unless the point runs on fake
+    tensors (a simulated device on CPU, whatever the machine has)."""
+    return torch.cuda.is_available() and not point.fake_tensors
 
 
 def model_config(point: Point, **overrides):
@@ -70,7 +77,11 @@ def build_model(point: Point, mesh: Mesh, device: torch.device, precision: Preci
     Every rank builds the same initial weights (``parallelize`` also broadcasts them from rank 0).
     """
     torch.manual_seed(point.seed)
-    model = Transformer(model_config(point)).to(device=device, dtype=precision.param_dtype)
+    model = Transformer(model_config(point))
+    if point.fake_tensors:
+        _cast_fake(model, device, precision.param_dtype)
+    else:
+        model.to(device=device, dtype=precision.param_dtype)
     fsdp = point.fsdp
     return parallelize(
         model,
@@ -84,6 +95,27 @@ def build_model(point: Point, mesh: Mesh, device: torch.device, precision: Preci
         ulysses_degree=point.ulysses_degree,
         backward_order=point.backward_order,
     )
+
+
+def _cast_fake(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``model.to(device=, dtype=)`` for a model of fake tensors: ``Module.to`` swaps fake parameters
+    in place, which the fake mode's own references to them forbid, so each parameter (and
+    floating buffer) is replaced by a converted one instead; a parameter shared by two modules
+    (tied weights) stays shared."""
+    done: dict[int, torch.Tensor] = {}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(cast(p.detach()), requires_grad=p.requires_grad)
+                module._parameters[name] = done[id(p)]
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = cast(b)
 
 
 def build_optimizer(model: torch.nn.Module, point: Point) -> torch.optim.Optimizer:
@@ -124,4 +156,4 @@ def clip_and_step(model, optimizer, grad_clip: float | None) -> float:
         norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return float(norm) if has_values(norm) else math.nan

@@ -1,0 +1,32 @@
+"""Telling storages apart, and telling tensors that have values from those that have only shapes.
+
+A run on fake tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and allocations, no
+data and no compute; ``experiments.run fake_tensors=true``) goes through the same code as a real
+one, so the code identifies storages by their identity, never by a data pointer (fake tensors
+have none), and reads values only where they exist.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+
+def storage_key(t: torch.Tensor | torch.UntypedStorage) -> int | None:
+    """An id of the storage under ``t`` (shared by all its views, unique among live storages);
+    ``None`` for a wrapper subclass without storage of its own (FSDP's DTensor: its local tensor
+    has the storage)."""
+    if isinstance(t, torch.UntypedStorage):
+        return t._cdata
+    try:
+        st = t.untyped_storage()
+        if not isinstance(t, FakeTensor) and not st.data_ptr():
+            return None  # a wrapper, or an empty storage
+    except RuntimeError:  # a wrapper subclass that refuses to show a storage
+        return None
+    return st._cdata
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for tensors that carry only shapes (fake or meta): checks that read values skip them."""
+    return not isinstance(t, FakeTensor) and t.device.type != "meta"
