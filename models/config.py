@@ -12,10 +12,74 @@ of tokens. Llama presets follow Llama 3 (RMSNorm, SwiGLU without biases, GQA, Ro
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import numbers
 from dataclasses import dataclass
+
+from fpdt_kernels.attention.api import MAX_HEAD_DIM
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
+
+# What each field of ModelConfig takes (checked by ``check_fields``; every field is listed once):
+# sizes are ints >= 1, the optional ones may also be None (a derived or paper default).
+_SIZES = ("vocab_size", "hidden", "n_layers", "n_heads", "ffn_hidden")
+_OPTIONAL_SIZES = ("n_kv_heads", "head_dim", "mlp_tile", "loss_tile")
+_POSITIVE_FLOATS = ("rope_theta", "norm_eps", "init_std")
+_BOOLS = ("bias", "tie_embeddings", "chunked_mlp", "chunked_loss", "checkpoint", "checkpoint_on_host", "residual_fp32")
+_CHOICES = {"norm": NORMS, "activation": ACTIVATIONS}
+_STRINGS = ("name",)
+
+
+def _check_int(field: str, value, optional: bool) -> None:
+    none = " (or None for the default)" if optional else ""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field}={value!r} ({type(value).__name__}) must be an int >= 1{none}")
+    if value < 1:
+        raise ValueError(f"{field}={value} must be >= 1{none}")
+
+
+def check_fields(cfg: ModelConfig) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the field, its value and what is allowed unless
+    every field of ``cfg`` has its type and range (before any derived default is computed)."""
+    for field in _STRINGS:
+        value = getattr(cfg, field)
+        if not isinstance(value, str):
+            raise TypeError(f"{field}={value!r} ({type(value).__name__}) must be a str")
+    for field in _SIZES:
+        _check_int(field, getattr(cfg, field), optional=False)
+    for field in _OPTIONAL_SIZES:
+        _check_int(field, getattr(cfg, field), optional=True)
+    for field in _POSITIVE_FLOATS:
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{field}={value!r} ({type(value).__name__}) must be a float > 0")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{field}={value} must be a finite float > 0")
+    for field in _BOOLS:
+        value = getattr(cfg, field)
+        if not isinstance(value, bool):
+            raise TypeError(f"{field}={value!r} ({type(value).__name__}) must be True or False")
+    for field, allowed in _CHOICES.items():
+        value = getattr(cfg, field)
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{field}={value!r}; use one of {allowed}")
+
+
+def check_field_names(names) -> None:
+    """Raise ``TypeError`` listing the valid fields unless every name in ``names`` is a field of
+    :class:`ModelConfig` (a typo in an override)."""
+    valid = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(str(n), valid, n=1)
+            hints.append(f"{n!r} (did you mean {close[0]!r}?)" if close else repr(n))
+        raise TypeError(f"unknown ModelConfig field(s) {', '.join(hints)}; valid fields: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -62,31 +126,28 @@ class ModelConfig:
     residual_fp32: bool = False
 
     def __post_init__(self):
+        check_fields(self)  # types and ranges first: the derived defaults below divide by them
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None:
+        derived = self.head_dim is None
+        if derived:
             if self.hidden % self.n_heads:
                 raise ValueError(f"hidden={self.hidden} is not divisible by n_heads={self.n_heads}; set head_dim")
             object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
-        for field in ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field}={getattr(self, field)} must be >= 1")
+        if self.head_dim > MAX_HEAD_DIM:
+            source = f" (hidden/n_heads = {self.hidden}/{self.n_heads})" if derived else ""
+            raise ValueError(f"head_dim={self.head_dim}{source} is more than the attention kernels take; use "
+                             f"head_dim <= {MAX_HEAD_DIM} (more heads, or set head_dim)")  # fmt: skip
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}; use one of {NORMS}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r}; use one of {ACTIVATIONS}")
-        for field in ("mlp_tile", "loss_tile"):
-            value = getattr(self, field)
-            if value is not None and value < 1:
-                raise ValueError(f"{field}={value} must be >= 1 tokens (or None for the paper's default)")
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed; derived defaults (``head_dim = h/H``, ``Hkv = H``)
-        follow a changed ``hidden``/``n_heads`` unless they were set explicitly."""
+        follow a changed ``hidden``/``n_heads`` unless they were set explicitly. An unknown field is a
+        ``TypeError`` that lists the valid ones."""
+        check_field_names(changes)
         if {"hidden", "n_heads"} & changes.keys():
             if "head_dim" not in changes and self.head_dim * self.n_heads == self.hidden:
                 changes["head_dim"] = None
@@ -175,6 +236,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_config(name: str, **overrides) -> ModelConfig:
     """The preset ``name`` with ``overrides`` applied; ``ValueError`` lists the valid names."""
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} ({type(name).__name__}) must be a preset name (str): {', '.join(PRESETS)}")
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

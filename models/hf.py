@@ -11,8 +11,51 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, check_field_names
 from .transformer import Transformer
+
+# What config_from_hf_llama reads without a default: a transformers LlamaConfig has them all.
+_HF_CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "rms_norm_eps")  # fmt: skip
+_HOW_TO_GET = (
+    "get a LlamaForCausalLM with transformers.LlamaForCausalLM.from_pretrained(repo_id_or_path), or pass "
+    "its state_dict() with config= a models.ModelConfig"
+)
+
+
+def _describe(obj) -> str:
+    text = repr(obj)
+    return f"{type(obj).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _check_source(hf_model_or_state_dict, config) -> None:
+    """Raise ``TypeError`` unless the arguments of :func:`from_hf_llama` are a ``LlamaForCausalLM``
+    (anything with ``state_dict()`` and a ``config``) or a state dict, and ``config`` a ModelConfig."""
+    if config is not None and not isinstance(config, ModelConfig):
+        raise TypeError(
+            f"config must be a models.ModelConfig or None (None: read from the LlamaForCausalLM's .config), got "
+            f"{_describe(config)}; "
+            "e.g. config_from_hf_llama(hf_model.config) or get_config('llama-tiny')"
+        )
+    src = hf_model_or_state_dict
+    if isinstance(src, dict):
+        return
+    if isinstance(src, Transformer):
+        raise TypeError(
+            "hf_model_or_state_dict is already a models.Transformer; from_hf_llama converts a Hugging Face "
+            f"LlamaForCausalLM (or its state_dict) into one: {_HOW_TO_GET}"
+        )
+    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+        raise TypeError(
+            f"hf_model_or_state_dict={src!r} is a name or path; from_hf_llama does not download or read files: "
+            f"{_HOW_TO_GET}"
+        )
+    if not callable(getattr(src, "state_dict", None)) or (config is None and not hasattr(src, "config")):
+        lacks = "a state_dict() method" if not callable(getattr(src, "state_dict", None)) else "a Hugging Face .config"
+        raise TypeError(
+            f"hf_model_or_state_dict must be a transformers LlamaForCausalLM or its state_dict (a dict), got "
+            f"{_describe(src)}, which lacks {lacks}; {_HOW_TO_GET}"
+        )
 
 
 def _hf_rope_theta(hf_cfg) -> float:
@@ -28,6 +71,13 @@ def _hf_rope_theta(hf_cfg) -> float:
 
 def config_from_hf_llama(hf_cfg, **overrides) -> ModelConfig:
     """Our :class:`ModelConfig` for a ``transformers`` ``LlamaConfig`` (plus runtime overrides)."""
+    missing = [f for f in _HF_CONFIG_FIELDS if not hasattr(hf_cfg, f)]
+    if missing:
+        raise TypeError(
+            f"hf_cfg must be a transformers LlamaConfig (hf_model.config, or LlamaConfig.from_pretrained(...)), got "
+            f"{_describe(hf_cfg)}, which lacks {', '.join(missing)}"
+        )
+    check_field_names(overrides)
     if getattr(hf_cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf_cfg.hidden_act!r}: only SwiGLU (silu) Llama MLPs are supported")
     attn_bias = bool(getattr(hf_cfg, "attention_bias", False))
@@ -83,7 +133,10 @@ def from_hf_llama(hf_model_or_state_dict, config: ModelConfig | None = None) -> 
 
     ``config``: our config; required for a bare state dict, otherwise read from ``hf.config``.
     GQA, RoPE theta, RMSNorm eps and tied/untied heads carry over. Weights keep their dtype.
+    Anything else (a repo id, a models.Transformer, another module) is a ``TypeError`` that says
+    what to pass.
     """
+    _check_source(hf_model_or_state_dict, config)
     if isinstance(hf_model_or_state_dict, dict):
         if config is None:
             raise ValueError("a bare state dict needs config= (a models.ModelConfig); pass the model to infer it")

@@ -224,6 +224,15 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig):
+        if not isinstance(cfg, ModelConfig):
+            got = repr(cfg) if len(repr(cfg)) <= 80 else repr(cfg)[:77] + "..."
+            msg = "Transformer takes a ModelConfig, e.g. Transformer(get_config('llama-tiny'))"
+            msg += f"; got {type(cfg).__name__} {got}"
+            if isinstance(cfg, str):
+                msg += f" (a preset name: Transformer(get_config({cfg!r})))"
+            elif isinstance(cfg, dict):
+                msg += " (a dict of fields: Transformer(ModelConfig(**fields)))"
+            raise TypeError(msg)
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)

@@ -43,6 +43,8 @@ same weights.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -77,6 +79,28 @@ class _SumAcrossRanks:
 
     def __repr__(self) -> str:
         return f"SumAcrossRanks(P={self.group.size})"
+
+
+def check_chunks(chunks) -> None:
+    """Raise unless ``chunks`` (FPDT's ``u``, as :func:`parallelize` and :func:`shard_batch` take it)
+    is an int >= 1: ``TypeError`` for another type (a bool included), ``ValueError`` below 1."""
+    if isinstance(chunks, bool) or not isinstance(chunks, numbers.Integral):
+        raise TypeError(f"chunks={chunks!r} ({type(chunks).__name__}) must be an int >= 1: the chunks per rank (u) "
+                        "of 'fpdt', 1 for no chunking and for the other strategies")  # fmt: skip
+    if chunks < 1:
+        raise ValueError(f"chunks={chunks} must be an int >= 1: the chunks per rank (u) of 'fpdt', 1 for no chunking "
+                         "and for the other strategies")  # fmt: skip
+
+
+def _check_token_tensor(name: str, t) -> None:
+    if isinstance(t, torch.Tensor):
+        if not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            return
+        got = f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+    else:
+        got = f"{type(t).__name__} {t!r}" if len(repr(t)) <= 60 else f"a {type(t).__name__}"
+    raise TypeError(f"{name} must be an integer tensor [B, S] of token ids (e.g. torch.tensor(..., dtype=torch.long)), "
+                    f"got {got}")  # fmt: skip
 
 
 def _make_strategy(
@@ -190,6 +214,7 @@ def parallelize(
     it; call once per model, before building the optimizer. See the module docstring for how
     gradients are reduced.
     """
+    check_chunks(chunks)
     if getattr(model, "_parallelized", False):
         raise ValueError("this model is already parallelized; build a fresh model to change the strategy")
     attn = _attention_modules(model)
@@ -251,6 +276,10 @@ def shard_batch(
     the flattened ``[B * S]`` tokens, every row boundary a document boundary), each local token's
     position inside its document (``[B, S/P]``: RoPE restarts at every document).
     """
+    _check_token_tensor("tokens", tokens)
+    if labels is not None:
+        _check_token_tensor("labels", labels)
+    check_chunks(chunks)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [B, S], got {tuple(tokens.shape)}")
     if labels is not None and labels.shape != tokens.shape:
