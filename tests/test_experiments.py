@@ -384,3 +384,25 @@ def test_backward_order_reaches_the_fpdt_runner(monkeypatch):
         tokens = torch.randint(0, 96, (1, 256))
         model(tokens, labels=tokens).backward()
         assert built[-1] == want, (order, built)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.n_layers=0"], r"model.n_layers=0 must be >= 1"),
+        (["max_device_memory=-1"], r"max_device_memory=-1.0 must be > 0"),
+        (["max_host_memory=0"], r"max_host_memory=0.0 must be > 0"),
+        (["timeout_s=0"], r"timeout_s=0.0 must be > 0"),
+        (["hardware=h200"], r"hardware=h200 is a GPU preset .* use hardware=auto"),
+    ],
+)
+def test_run_rejects_limits_and_presets_that_cannot_mean_anything(overrides, message):
+    from experiments.sweep.points import check_point, resolve_point
+
+    if torch.cuda.is_available() and overrides == ["hardware=h200"]:
+        pytest.skip("a GPU preset is right on a GPU")
+    with pytest.raises(ValueError, match=message):
+        check_point(resolve_point(_compose(["model=llama-tiny", "parallel=fpdt", *overrides])))
+    # A GPU preset describes the device that fake tensors simulate: no MFU is computed there.
+    if overrides == ["hardware=h200"]:
+        check_point(resolve_point(_compose(["model=llama-tiny", "parallel=fpdt", "fake_tensors=true", *overrides])))

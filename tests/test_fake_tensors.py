@@ -34,3 +34,21 @@ def test_fake_step_allocates_what_a_real_step_allocates(tmp_path):
         assert fake["step_time_s"] == fake["tokens_per_s"] == fake["mfu"] == fake["loss"] == ""
         assert "fake tensors" in fake["device_name"] and fake["device_mem_simulated"] == "True"
     assert float(by[("fpdt", "True")]["host_mem_gib"]) > 0  # the offloads and host checkpoints were counted
+
+
+def test_fake_search_finds_the_real_longest_sequence(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.max_seqlen", "-m", "model=llama-tiny", "parallel=fpdt", "gpus=1",
+           "chunks=2", "max_device_memory=0.001", "search.start=256", "search.limit=1024", "fake_tensors=false,true",
+           f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(tmp_path / "max_seqlen.csv") as f:
+        rows = {r["fake_tensors"]: r for r in csv.DictReader(f)}
+    real, fake = rows["False"], rows["True"]
+    assert real["status"] == fake["status"] == "ok" and int(real["max_seq_len"]) > 0
+    assert (fake["max_seq_len"], fake["first_failure"]) == (real["max_seq_len"], real["first_failure"])
+
+
+def test_host_cap_is_a_simulated_out_of_memory(tmp_path):
+    rows = _rows(tmp_path, "parallel=fpdt", "chunks=4", "fake_tensors=true", "max_host_memory=0.0005")
+    assert rows[0]["status"] == "oom" and "simulated host out of memory" in rows[0]["error"], rows

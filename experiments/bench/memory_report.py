@@ -12,9 +12,13 @@ token ids, labels and positions (3 int64 per token, whatever ``h``)::
     python -m experiments.bench.memory_report                                   # llama-tiny, fpdt, C=1024
     python -m experiments.bench.memory_report --model llama3.2-1b --n-layers 2 --seq-lens 8192 16384 \\
         --chunk-tokens 4096 --precision bf16-mixed
+    python -m experiments.bench.memory_report --model llama3.2-1b --seq-lens 131072 262144 \
+        --chunk-tokens 32768 --precision bf16-mixed --fake-tensors          # the real depth, no compute
 
 On CPU the device is simulated (every tensor not kept on the host counts); on CUDA the CUDA
-tensors are recorded the same way. One process, one rank: ``strategy=local`` (one chunk) or
+tensors are recorded the same way. ``--fake-tensors`` runs the steps on fake tensors: the same
+allocations as a CPU run without any compute, so a model's full depth at the lengths a GPU trains
+is reported in minutes. One process, one rank: ``strategy=local`` (one chunk) or
 ``fpdt`` (``chunks = S / chunk_tokens``).
 """
 
@@ -30,7 +34,7 @@ import torch
 from models import get_config
 from parallel import get_strategy, strategy_names
 
-from ..core.memory import Allocation, RecordingMemoryTracker
+from ..core.memory import Allocation, RecordingMemoryTracker, ShapesOnly
 from ..core.point import Point
 from ..core.units import format_bytes
 
@@ -59,7 +63,7 @@ def _point(args, seq_len: int) -> Point:
     overrides = [
         f"model={args.model}", f"parallel={args.strategy}", "gpus=1", f"seq_len={seq_len}", f"chunks={chunks}",
         f"precision={args.precision}", "steps=1", "warmup_steps=1", "hardware=auto",
-        f"residual_fp32={args.residual_fp32}",
+        f"residual_fp32={args.residual_fp32}", f"fake_tensors={args.fake_tensors}",
     ]  # fmt: skip
     if args.n_layers:
         overrides.append(f"model.n_layers={args.n_layers}")
@@ -76,21 +80,22 @@ def peak_allocations(point: Point) -> tuple[int, list[Allocation]]:
 
     me = setup_rank(point)
     data = data_spec(point, model_config(point).vocab_size)
-    model = build_model(point, me.mesh, me.device, me.precision)
-    optimizer = build_optimizer(model, point)
-    for step in range(2):
-        # The data loader's batch is host memory on a GPU: made before the device is tracked. The
-        # step's own token ids (moved to the device by forward_backward) are counted.
-        tokens, labels, cu_seqlens = replica_batch(data, step, 1, 0)
-        # The host store's buffers outlive a step: made in the first, they are host memory in the second.
-        tracker = RecordingMemoryTracker(
-            simulate_device=not me.cuda, on_host=allocating_on_host, exclude=default_host_store().owns
-        )
-        tracker.track(p for p in model.parameters())
-        tracker.track(s for st in optimizer.state.values() for s in st.values() if isinstance(s, torch.Tensor))
-        with tracker:
-            forward_backward(model, point, me.mesh, me.precision, me.device, tokens, labels, cu_seqlens)
-            clip_and_step(model, optimizer, None)
+    with ShapesOnly(point.fake_tensors) as shapes:
+        model = build_model(point, me.mesh, me.device, me.precision)
+        optimizer = build_optimizer(model, point)
+        for step in range(2):
+            # The data loader's batch is host memory on a GPU: made before the device is tracked.
+            # The step's own token ids (moved to the device by forward_backward) are counted.
+            tokens, labels, cu_seqlens = shapes.batch(replica_batch, data, step, 1, 0)
+            # The host store's buffers outlive a step: made in the first, host memory in the second.
+            tracker = RecordingMemoryTracker(
+                simulate_device=not me.cuda, on_host=allocating_on_host, exclude=default_host_store().owns
+            )
+            tracker.track(p for p in model.parameters())
+            tracker.track(s for st in optimizer.state.values() for s in st.values() if isinstance(s, torch.Tensor))
+            with tracker:
+                forward_backward(model, point, me.mesh, me.precision, me.device, tokens, labels, cu_seqlens)
+                clip_and_step(model, optimizer, None)
     return tracker.peak["device"], tracker.at_peak
 
 
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, bf16-true")
     p.add_argument("--residual-fp32", action="store_true", help="bf16-mixed with an fp32 residual stream")
     p.add_argument("--all", action="store_true", help="also the sites that do not grow")
+    p.add_argument("--fake-tensors", action="store_true",
+                   help="fake tensors: the same allocations, no compute (lengths a CPU cannot run)")  # fmt: skip
     args = p.parse_args(argv)
     if len(set(args.seq_lens)) < 2:
         p.error("give at least two different --seq-lens (the slope is between the shortest and the longest)")

@@ -17,6 +17,7 @@ there too. An ``oom`` or ``timeout`` probe counts as "does not fit"; an ``error`
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -31,12 +32,13 @@ from ..core.point import Point
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from .controller import measure
-from .points import resolve_point
+from .points import check_point, resolve_point
 from .results import point_key, record_point
 
 SUMMARY_FIELDS = [
     "status", "model", "strategy", "gpus", "chunks", "chunk_tokens", "max_seq_len", "first_failure",
-    "failure_status", "probes", "hardware", "max_device_memory", "device_name", "error",
+    "failure_status", "probes", "hardware", "max_device_memory", "max_host_memory", "fake_tensors",
+    "device_name", "error",
 ]  # fmt: skip
 
 
@@ -120,13 +122,45 @@ def search(base: dict, probe, start: int, limit: int, resolution: float, granula
     return {"status": "ok", "max_seq_len": lo, "first_failure": hi, "failure_status": hi_status}
 
 
+def _check_search(search_cfg, base: Point, chunk_tokens: int | None) -> None:
+    if search_cfg.start < 1 or search_cfg.limit < search_cfg.start:
+        raise ValueError(f"search.start={search_cfg.start} and search.limit={search_cfg.limit} must satisfy "
+                         "1 <= start <= limit (tokens)")  # fmt: skip
+    if not 0 < search_cfg.resolution < 1:
+        raise ValueError(f"search.resolution={search_cfg.resolution} must be in (0, 1): the gap between the "
+                         "longest fit and the first failure, as a fraction of the fit")  # fmt: skip
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"search.chunk_tokens={chunk_tokens} must be >= 1 tokens, or null for a fixed chunks")
+
+
+def _write_summary(summary: dict, job_dir: Path, hc) -> None:
+    """This search's ``max_seqlen.json``/``.csv``, and in a multirun the sweep's table of every search."""
+    (job_dir / "max_seqlen.json").write_text(json.dumps(summary, indent=2))
+    write_csv([summary], job_dir / "max_seqlen.csv", SUMMARY_FIELDS)
+    if hc.mode == RunMode.MULTIRUN:  # one table for the whole sweep
+        sweep_dir = Path(hc.sweep.dir)
+        rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("max_seqlen.json"))]
+        write_csv(rows, sweep_dir / "max_seqlen.csv", SUMMARY_FIELDS)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
-    base = resolve_point(cfg)
-    chunk_tokens = cfg.search.chunk_tokens if get_strategy(base.strategy).takes_chunks else None
-    granularity = _granularity(base, chunk_tokens)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        base = resolve_point(cfg)
+        chunk_tokens = cfg.search.chunk_tokens if get_strategy(base.strategy).takes_chunks else None
+        granularity = _granularity(base, chunk_tokens)
+        _check_search(cfg.search, base, chunk_tokens)
+        check_point(base.replace(seq_len=granularity, chunks=1 if chunk_tokens else base.chunks))
+    except ValueError as exc:  # a bad search is a summary row too, and the sweep goes on
+        what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "gpus": cfg.gpus}
+        _write_summary({**what, "status": "error", "max_seq_len": 0, "error": str(exc)}, job_dir, hc)
+        print(f"max_seqlen {what['model']} {what['strategy']} gpus={what['gpus']}: error: {exc}", flush=True)
+        if hc.mode == RunMode.RUN:
+            sys.exit(1)
+        return
     label = f"{base.model} {base.strategy} gpus={base.gpus} " + (
         f"chunk_tokens={chunk_tokens}" if chunk_tokens else f"chunks={base.chunks}"
     )
@@ -135,7 +169,10 @@ def main(cfg: DictConfig) -> None:
     result = search(base, prober, cfg.search.start, cfg.search.limit, cfg.search.resolution, granularity)
     ok_rows = [r for r in prober.rows if r["status"] == "ok"]
     summary = {
-        **{k: getattr(base, k) for k in ("model", "strategy", "gpus", "hardware", "max_device_memory")},
+        **{
+            k: getattr(base, k)
+            for k in ("model", "strategy", "gpus", "hardware", "max_device_memory", "max_host_memory", "fake_tensors")
+        },  # fmt: skip
         "chunks": None if chunk_tokens else base.chunks,
         "chunk_tokens": chunk_tokens,
         "probes": len(prober.rows),
@@ -145,12 +182,7 @@ def main(cfg: DictConfig) -> None:
         "error": None,
         **result,
     }
-    (job_dir / "max_seqlen.json").write_text(json.dumps(summary, indent=2))
-    write_csv([summary], job_dir / "max_seqlen.csv", SUMMARY_FIELDS)
-    if hc.mode == RunMode.MULTIRUN:  # one table for the whole sweep
-        sweep_dir = Path(hc.sweep.dir)
-        rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("max_seqlen.json"))]
-        write_csv(rows, sweep_dir / "max_seqlen.csv", SUMMARY_FIELDS)
+    _write_summary(summary, job_dir, hc)
     print(f"max_seqlen {label}: {summary['max_seq_len']} tokens ({summary['status']}, {summary['probes']} probes"
           + (f", first failure {summary['first_failure']}: {summary['failure_status']}" if summary["first_failure"]
              else "") + ")", flush=True)  # fmt: skip

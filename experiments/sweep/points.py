@@ -15,7 +15,7 @@ from parallel import check_mesh, get_strategy
 from ..core.dtypes import dtype_name
 from ..core.hardware import resolve_hardware
 from ..core.point import Point
-from ..training.loop import model_config
+from ..training.loop import model_config, uses_cuda
 from ..training.precision import resolve_precision
 
 
@@ -101,6 +101,14 @@ def check_point(point: Point) -> None:
             raise ValueError(f"{key}={getattr(point, key)} must be >= 1")
     if point.warmup_steps < 0:
         raise ValueError(f"warmup_steps={point.warmup_steps} must be >= 0")
+    if point.n_layers is not None and point.n_layers < 1:
+        raise ValueError(f"model.n_layers={point.n_layers} must be >= 1 (leave it out for the preset's depth)")
+    for key in ("max_device_memory", "max_host_memory", "timeout_s"):
+        value = getattr(point, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"{key}={value} must be > 0 (GiB for the memory caps, seconds for the timeout), "
+                             "or null for no limit")  # fmt: skip
+
     check_mesh(point.gpus, point.sp)
     cfg = model_config(point)
     get_strategy(point.strategy).check(point.seq_len, point.sp, point.chunks, cfg.n_heads, cfg.n_kv_heads,
@@ -111,6 +119,11 @@ def check_point(point: Point) -> None:
     if point.offload_states and not point.fsdp:
         raise ValueError("parallel.offload_states=true keeps model states in host memory through FSDP; "
                          "set parallel.fsdp=true")  # fmt: skip
+    if point.hardware != "cpu" and not uses_cuda(point) and not point.fake_tensors:
+        raise ValueError(
+            f"hardware={point.hardware} is a GPU preset (its peak FLOP/s is what MFU divides by), but this run "
+            "is on CPU; use hardware=auto (the CPU's measured peak), or fake_tensors=true to simulate the memory"
+        )
     if point.offload_states and not torch.cuda.is_available():
         raise ValueError(
             "parallel.offload_states moves model states between host and GPU memory, so it needs CUDA; the "
