@@ -7,6 +7,10 @@ The chunk ops take packed documents as ``cu_seqlens`` (``documents.py``).
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 
 from ..backend import resolve_backend
@@ -17,10 +21,52 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _check_qkv(q, k, v, backend: str) -> None:
+def _describe(value) -> str:
+    """What a caller passed, for an error message (a tensor by its dtype, shape and device)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of dtype {value.dtype}, shape {tuple(value.shape)} on {value.device}"
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_operand(name: str, t, shape, device, dtypes, need: str, what: str = "") -> None:
+    """``t`` is a tensor on q's ``device`` (so not meta: q is checked first), of a dtype in
+    ``dtypes`` (``need`` says which in words) and of shape ``shape`` (``what`` names the layout)."""
+    _check_tensor(name, t)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {need}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {what}{tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; put it on {device}")
+
+
+def _accumulator_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    # float64 accumulators only on the CPU (the oracle); the GPU kernels accumulate in fp32.
+    return (torch.float32, torch.float64) if device.type == "cpu" else (torch.float32,)
+
+
+def _check_qkv_tensors(q, k, v) -> None:
+    """q, k, v are tensors with values (not meta), on one device (checked before a backend is picked)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor(name, t)
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.is_meta:
+        raise ValueError(
+            "q, k, v are on the meta device (shapes without values), which attention cannot compute on; "
+            "pass tensors on the CPU or a GPU"
+        )
+
+
+def _check_qkv(q, k, v, backend: str) -> None:
+    _check_qkv_tensors(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, S, H, d], got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -29,8 +75,6 @@ def _check_qkv(q, k, v, backend: str) -> None:
     allowed = _FLOAT_DTYPES if backend == "triton" else (*_FLOAT_DTYPES, torch.float64)
     if q.dtype not in allowed:
         raise TypeError(f"dtype {q.dtype} is not supported by the {backend} backend; use one of {allowed}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     (B, _, H, D), (Bk, _, Hkv, Dk) = q.shape, k.shape
@@ -47,6 +91,56 @@ def _check_qkv(q, k, v, backend: str) -> None:
         )
 
 
+def _check_inputs(q, k, v, causal, softmax_scale) -> tuple[str, bool, float]:
+    """The checks every entry point runs on ``q, k, v, causal, softmax_scale``, in this order: the
+    tensors' types and device (before a backend is picked: picking one reads ``q.device``), then
+    the backend's rules. Returns ``(backend, causal, scale)``."""
+    _check_qkv_tensors(q, k, v)
+    backend = resolve_backend(q.device)
+    _check_qkv(q, k, v, backend)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (True or False), got {_describe(causal)}")
+    return backend, causal, _check_scale(softmax_scale, q.shape[-1])
+
+
+def _check_scale(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale``: None (``1/sqrt(d)``) or a finite real number (a 0-d real tensor too)."""
+    if softmax_scale is None:
+        return default_scale(head_dim, None)
+    if isinstance(softmax_scale, torch.Tensor):
+        ok = softmax_scale.dim() == 0 and softmax_scale.dtype != torch.bool and not softmax_scale.is_complex()
+    else:
+        ok = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
+    need = "None (for 1/sqrt(d)) or a finite real number (int or float)"
+    if not ok:
+        raise TypeError(f"softmax_scale must be {need}, got {_describe(softmax_scale)}")
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be {need}, got {scale}")
+    return default_scale(head_dim, scale)
+
+
+def _check_offset(name: str, value) -> int:
+    """A block's global start: a Python int (or an integer-valued 0-d integer tensor / numpy
+    integer); negative positions are valid. Floats are not truncated, bools are refused."""
+    bad = isinstance(value, bool) or (
+        isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool)
+    )
+    if not bad:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int (a global token position, negative allowed), got {_describe(value)}")
+
+
+def _empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No (query, key) pair: ``Sq = 0``, ``Sk = 0`` or ``B = 0`` (or ``H = 0``). Every backend
+    returns the block's math without a kernel call: no rows, or rows that saw no key (out 0, lse
+    -inf), and zero gradients. (PyTorch's CPU flash kernel dies of SIGFPE on empty sequences.)"""
+    return q.numel() == 0 or k.numel() == 0
+
+
 def resolve_deterministic(deterministic: bool | None) -> bool:
     """Which Triton backward runs: True (and None, the default) the split kernels, False the fused
     one, whose dQ atomics are not bit-reproducible. The split kernels are the default because they
@@ -56,12 +150,8 @@ def resolve_deterministic(deterministic: bool | None) -> bool:
 
 
 def _check_buffer(name, t, shape, device) -> None:
-    if t.dtype != torch.float32 and not (t.dtype == torch.float64 and device.type == "cpu"):
-        raise TypeError(f"{name} must be a float32 accumulator, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    """An fp32 accumulator the op writes into (float64 too on the CPU), unit stride along its last dim."""
+    _check_operand(name, t, shape, device, _accumulator_dtypes(device), "a float32 accumulator")
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
 
@@ -91,6 +181,13 @@ def _run_forward(
     """Write (accumulate=False) or merge (accumulate=True) one block into ``out``/``lse``.
 
     ``cu_seqlens``: packed documents (``offsets``: their values, for the torch backend)."""
+    if backend == "cudnn":
+        cudnn.check_inputs(q, cu_seqlens)
+    if _empty(q, k):  # rows that see no key: (0, -inf), the running state as it was
+        if not accumulate:
+            out.zero_()
+            lse.fill_(float("-inf"))
+        return
     if backend == "triton":
         from . import triton_fwd
 
@@ -98,7 +195,6 @@ def _run_forward(
         triton_fwd.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, spans)
         return
     if backend == "cudnn":
-        cudnn.check_inputs(q, cu_seqlens)
         cudnn.chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate)
         return
     if not accumulate:
@@ -127,6 +223,10 @@ def _run_backward(
     backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, cu_seqlens=None, offsets=None,
     deterministic=False,
 ):  # fmt: skip
+    if backend == "cudnn":
+        cudnn.check_inputs(q, cu_seqlens)  # delta is recomputed inside cuDNN's backward
+    if _empty(q, k):  # no (query, key) pair: the block adds nothing to the gradients
+        return
     if backend == "triton":
         from . import triton_bwd
 
@@ -135,7 +235,6 @@ def _run_backward(
             do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, spans, deterministic
         )
     elif backend == "cudnn":
-        cudnn.check_inputs(q, cu_seqlens)  # delta is recomputed inside cuDNN's backward
         cudnn.chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv)
     elif backend == "torch" and cu_seqlens is not None:
         pieces = _pieces(offsets, q, k, q_start, k_start)
@@ -198,8 +297,8 @@ def attention_chunk_forward(
         out, lse = attention_chunk_forward(q0, k0, v0, q_start=0, k_start=0, causal=True)
         attention_chunk_forward(q1, k0, v0, q_start=C, k_start=0, causal=True, out=o1, lse=l1)
     """
-    backend = resolve_backend(q.device)
-    _check_qkv(q, k, v, backend)
+    backend, causal, scale = _check_inputs(q, k, v, causal, softmax_scale)
+    q_start, k_start = _check_offset("q_start", q_start), _check_offset("k_start", k_start)
     B, Sq, H, D = q.shape
     if (out is None) != (lse is None):
         raise ValueError("pass both out and lse (running accumulators) or neither")
@@ -211,13 +310,11 @@ def attention_chunk_forward(
         acc = accumulator_dtype(q.dtype)
         out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
         lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
-    q_start, k_start = int(q_start), int(k_start)
     offsets = None
     if cu_seqlens is not None:
         offsets = documents.check_chunk(cu_seqlens, B, q_start, Sq, k_start, k.shape[1], q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    scale = default_scale(q.shape[-1], softmax_scale)
-    _run_forward(backend, q, k, v, q_start, k_start, bool(causal), scale, out, lse, accumulate, cu_seqlens, offsets)
+    _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, cu_seqlens, offsets)
     return out, lse
 
 
@@ -250,15 +347,16 @@ def attention_chunk_backward(
     packed documents, as in ``attention_chunk_forward``. ``deterministic``: as in
     ``flash_attention`` (the fused Triton backward adds dQ with atomics unless it is set).
     """
-    backend = resolve_backend(q.device)
-    _check_qkv(q, k, v, backend)
+    backend, causal, scale = _check_inputs(q, k, v, causal, softmax_scale)
+    q_start, k_start = _check_offset("q_start", q_start), _check_offset("k_start", k_start)
     B, Sq, H, D = q.shape
-    if do.shape != q.shape or out.shape != q.shape:
-        raise ValueError(
-            f"do and out must have q's shape {tuple(q.shape)}, got {tuple(do.shape)} and {tuple(out.shape)}"
-        )
-    if tuple(lse.shape) != (B, H, Sq):
-        raise ValueError(f"lse must have shape {(B, H, Sq)}, got {tuple(lse.shape)}")
+    _check_operand("do", do, q.shape, q.device, (q.dtype,), f"in q's dtype {q.dtype}", "[B, Sq, H, d] = ")
+    # out: in q's dtype, or the running accumulator as attention_chunk_forward left it.
+    out_dtypes = (q.dtype, *_accumulator_dtypes(q.device))
+    need = f"in q's dtype {q.dtype} or a float32 accumulator (as attention_chunk_forward returns it)"
+    _check_operand("out", out, q.shape, q.device, out_dtypes, need, "[B, Sq, H, d] = ")
+    need = "the float32 LSE that attention_chunk_forward returns"
+    _check_operand("lse", lse, (B, H, Sq), q.device, _accumulator_dtypes(q.device), need, "[B, H, Sq] = ")
     if delta is not None:
         _check_buffer("delta", delta, (B, H, Sq), q.device)
     acc = accumulator_dtype(q.dtype)
@@ -270,25 +368,35 @@ def attention_chunk_backward(
             _check_buffer(name, g, ref.shape, q.device)
         grads.append(g)
     dq, dk, dv = grads
-    q_start, k_start = int(q_start), int(k_start)
     offsets = None
     if cu_seqlens is not None:
         offsets = documents.check_chunk(cu_seqlens, B, q_start, Sq, k_start, k.shape[1], q.device)
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
-    scale = default_scale(q.shape[-1], softmax_scale)
     _run_backward(
-        backend, do, q, k, v, out, lse, delta, q_start, k_start, bool(causal), scale, dq, dk, dv, cu_seqlens, offsets,
+        backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, cu_seqlens, offsets,
         resolve_deterministic(deterministic),
     )  # fmt: skip
     return dq, dk, dv
 
 
-def merge_attention(out_a, lse_a, out_b, lse_b):
-    """Combine partial attentions over disjoint key sets: fp32 ``(out [B,S,H,d], lse [B,H,S])``.
-
-    Safe when either LSE is ``-inf`` (that side saw no key). Elementwise, so plain PyTorch ops
-    run it on any device.
-    """
+def _check_partials(out_a, lse_a, out_b, lse_b) -> None:
+    """``merge_attention``'s contract: two outputs ``[B, S, H, d]`` of one float dtype each and two
+    LSEs ``[B, H, S]`` in fp32 (float64 too, the oracle's), all on one device."""
+    named = (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b))
+    for name, t in named:
+        _check_tensor(name, t)  # elementwise: meta tensors merge too
+    devices = [t.device for _, t in named]
+    if len(set(devices)) != 1:
+        raise ValueError(f"out_a, lse_a, out_b, lse_b must be on one device, got {', '.join(map(str, devices))}")
+    for name, t in named:
+        is_out = name.startswith("out")
+        rank, layout = (4, "[B, S, H, d]") if is_out else (3, "[B, H, S]")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+        dtypes = (*_FLOAT_DTYPES, torch.float64) if is_out else (torch.float32, torch.float64)
+        if t.dtype not in dtypes:
+            need = "a floating-point output" if is_out else "a float32 LSE (natural log)"
+            raise TypeError(f"{name} must be {need} of dtype in {dtypes}, got {t.dtype}")
     if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
         raise ValueError(
             f"shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
@@ -297,6 +405,16 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     B, S, H, _ = out_a.shape
     if tuple(lse_a.shape) != (B, H, S):
         raise ValueError(f"lse must have shape [B, H, S] = {(B, H, S)}, got {tuple(lse_a.shape)}")
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Combine partial attentions over disjoint key sets: fp32 ``(out [B,S,H,d], lse [B,H,S])``.
+
+    Safe when either LSE is ``-inf`` (that side saw no key). Elementwise, so plain PyTorch ops
+    run it on any device. ``out_*``: fp16, bf16, fp32 or float64; ``lse_*``: fp32 (or float64);
+    all four on one device.
+    """
+    _check_partials(out_a, lse_a, out_b, lse_b)
     return naive.merge_attention(out_a, lse_a, out_b, lse_b)
 
 
@@ -315,7 +433,13 @@ class _FlashAttention(torch.autograd.Function):
         # Bottom-right causal alignment (flash-attn): query m sees keys n <= m + Sk - Sq.
         q_start = k.shape[1] - Sq
         ctx.path = backend
-        if backend == "triton":
+        if backend == "cudnn":
+            cudnn.check_inputs(q)
+        if _empty(q, k):  # no rows, or rows that see no key: out 0 (lse -inf), zero gradients
+            ctx.path = "empty"
+            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.full((B, H, Sq), float("-inf"), dtype=accumulator_dtype(q.dtype), device=q.device)
+        elif backend == "triton":
             from . import triton_fwd
 
             q, k, v = triton_fwd.pad_inputs(q, k, v)  # copies only for head dims off 16 bytes
@@ -323,7 +447,6 @@ class _FlashAttention(torch.autograd.Function):
             lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
             triton_fwd.chunk_forward(q, k, v, q_start, 0, causal, scale, out, lse, False)
         elif backend == "cudnn":
-            cudnn.check_inputs(q)
             out, lse = cudnn.flash_forward(q, k, v, causal, scale)
         elif backend == "torch" and torch_cpu.covers_whole_block(Sq, k.shape[1], q_start, causal):
             ctx.path = "torch_whole"
@@ -343,7 +466,9 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
         do = _last_dim_contiguous(do)
-        if ctx.path == "triton":
+        if ctx.path == "empty":
+            dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+        elif ctx.path == "triton":
             from . import triton_bwd
 
             dq, dk, dv = triton_bwd.flash_backward(
@@ -392,8 +517,6 @@ def flash_attention(
         k = v = torch.randn(2, 1000, 2, 64, device="cuda", dtype=torch.bfloat16)
         flash_attention(q, k, v, causal=True).sum().backward()
     """
-    backend = resolve_backend(q.device)
-    _check_qkv(q, k, v, backend)
+    backend, causal, scale = _check_inputs(q, k, v, causal, softmax_scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    scale = default_scale(q.shape[-1], softmax_scale)
-    return _FlashAttention.apply(q, k, v, bool(causal), scale, backend, resolve_deterministic(deterministic))
+    return _FlashAttention.apply(q, k, v, causal, scale, backend, resolve_deterministic(deterministic))

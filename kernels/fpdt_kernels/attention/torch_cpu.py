@@ -25,6 +25,8 @@ def _pieces(sq: int, sk: int, q_start: int, k_start: int, causal: bool):
     Key ``n`` is visible to query ``m`` iff ``n <= m + delta`` with ``delta = q_start - k_start``.
     """
     rows, keys = slice(0, sq), slice(0, sk)
+    if sq == 0 or sk == 0:  # no (query, key) pair; the CPU kernel would die of SIGFPE on it
+        return []
     if not causal:
         return [(rows, keys, False)]
     delta = q_start - k_start
@@ -40,6 +42,18 @@ def _pieces(sq: int, sk: int, q_start: int, k_start: int, causal: bool):
     if sq > 1:
         pieces.append((slice(1, sq), slice(delta + 1, sk), True))
     return pieces
+
+
+def _prescaled(scale: float, causal: bool) -> bool:
+    """The CPU kernel masks before it scales, so with a causal mask a scale <= 0 turns masked
+    scores (-inf) into NaN (0) or +inf (< 0): then ``q * scale`` runs at scale 1 (the same scores),
+    and the backward multiplies dQ by ``scale`` (the chain rule)."""
+    return causal and scale <= 0
+
+
+def _kernel_scale(q: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, float, float]:
+    """``(q, scale, dq_factor)`` for the CPU kernel: unchanged (``dq_factor`` 1) unless ``_prescaled``."""
+    return (q * scale, 1.0, scale) if _prescaled(scale, causal) else (q, scale, 1.0)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +72,7 @@ def _query_groups(q: torch.Tensor, k: torch.Tensor) -> list[slice]:
 
 def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
     """Merge the block's attention into the fp32 accumulators ``out``/``lse`` in place."""
+    q, scale, _ = _kernel_scale(q, scale, causal)
     for rows, keys, top_left in _pieces(q.shape[1], k.shape[1], q_start, k_start, causal):
         k_p, v_p = _heads_first(k[:, keys]), _heads_first(v[:, keys])
         for g in _query_groups(q, k):
@@ -72,6 +87,7 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
     out = out.to(q.dtype)
     do = do.to(q.dtype)
     lse = lse.to(accumulator_dtype(q.dtype))
+    q, scale, dq_factor = _kernel_scale(q, scale, causal)
     for rows, keys, top_left in _pieces(q.shape[1], k.shape[1], q_start, k_start, causal):
         k_p, v_p = _heads_first(k[:, keys]), _heads_first(v[:, keys])
         for g in _query_groups(q, k):
@@ -79,7 +95,7 @@ def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, d
                 _heads_first(do[:, rows, g]), _heads_first(q[:, rows, g]), k_p, v_p, _heads_first(out[:, rows, g]),
                 lse[:, g, rows].contiguous(), 0.0, top_left, scale=scale,
             )  # fmt: skip
-            dq[:, rows, g] += dq_p.transpose(1, 2)
+            dq[:, rows, g] += dq_p.transpose(1, 2) if dq_factor == 1.0 else dq_factor * dq_p.transpose(1, 2)
             dk[:, keys] += dk_p.transpose(1, 2)
             dv[:, keys] += dv_p.transpose(1, 2)
 
@@ -115,6 +131,7 @@ def flash_forward(q, k, v, causal, scale):
     """``flash_attention``'s forward where ``covers_whole_block``: ``(out, lse)`` straight from the
     CPU kernel, ``out`` in the input dtype (no fp32 accumulator, no merge), as SDPA would."""
     _, _, top_left = _pieces(q.shape[1], k.shape[1], k.shape[1] - q.shape[1], 0, causal)[0]
+    q, scale, _ = _kernel_scale(q, scale, causal)
     groups = _query_groups(q, k)
     if len(groups) == 1:
         out, lse = _flash_fwd(_heads_first(q), _heads_first(k), _heads_first(v), 0.0, top_left, scale=scale)
@@ -133,11 +150,13 @@ def flash_backward(do, q, k, v, out, lse, causal, scale):
     gradients of the query-head groups are summed in fp32, then cast once."""
     Sq, Sk = q.shape[1], k.shape[1]
     _, _, top_left = _pieces(Sq, Sk, Sk - Sq, 0, causal)[0]
+    q, scale, dq_factor = _kernel_scale(q, scale, causal)
     groups = _query_groups(q, k)
     if len(groups) == 1:
         grads = _flash_bwd(_heads_first(do), _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(out),
                            lse, 0.0, top_left, scale=scale)  # fmt: skip
-        return tuple(g.transpose(1, 2) for g in grads)  # [B, H, S, d] -> [B, S, H, d]
+        dq, dk, dv = (g.transpose(1, 2) for g in grads)  # [B, H, S, d] -> [B, S, H, d]
+        return (dq if dq_factor == 1.0 else dq * dq_factor), dk, dv
     dq = torch.empty_like(q)
     acc = accumulator_dtype(k.dtype)
     dk, dv = torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
@@ -147,7 +166,7 @@ def flash_backward(do, q, k, v, out, lse, causal, scale):
             _heads_first(do[:, :, g]), _heads_first(q[:, :, g]), k_h, v_h, _heads_first(out[:, :, g]),
             lse[:, g].contiguous(), 0.0, top_left, scale=scale,
         )  # fmt: skip
-        dq[:, :, g] = dq_g.transpose(1, 2)
+        dq[:, :, g] = dq_g.transpose(1, 2) if dq_factor == 1.0 else dq_factor * dq_g.transpose(1, 2)
         dk += dk_g.transpose(1, 2)
         dv += dv_g.transpose(1, 2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
