@@ -296,3 +296,39 @@ def test_packed_documents_replay_the_sparser_schedule():
     assert uly_docs.step_parts["attention"] < uly_whole.step_parts["attention"] / 4
     with pytest.raises(ValueError, match="doc_len=0"):
         estimate("llama3-8b", "fpdt", 8, "h100-sxm", 1 << 20, doc_len=0)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: max_seq_len("llama3-8b", "fpdt", 0, "a100-80g"), ValueError, r"gpus=0 must be >= 1"),
+        (lambda: max_seq_len("llama3-8b", "fpdt", 2.5, "a100-80g"), TypeError, r"gpus=2.5 must be an int"),
+        (
+            lambda: max_seq_len("llama3-8b", "fpdt", 4, "a100-80g", max_device_memory=0),
+            ValueError,
+            r"max_device_memory=0 must be a number > 0",
+        ),
+        (
+            lambda: max_seq_len("llama3-8b", "fpdt", 4, {"name": "a100-80g", "host_memory_gib": -5}),
+            ValueError,
+            r"hardware.host_memory_gib=-5 must be a number > 0",
+        ),
+        (
+            lambda: max_seq_len("llama3-8b", "fpdt", 4, {"name": "a100-80g", "devcie_memory_gib": 80}),
+            ValueError,
+            r"unknown hardware field\(s\) \['devcie_memory_gib'\]",
+        ),
+        (lambda: max_seq_len("llama3-8b", "fpdt", 4, {"device_memory_gib": 80}), ValueError, r"needs the 'name'"),
+        (
+            lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, peak_tflops=0),
+            ValueError,
+            r"peak_tflops=0 must be a number > 0",
+        ),
+        (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, mlp_tile=-3), ValueError, r"mlp_tile=-3"),
+        (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1.5e6), TypeError, r"seq_len=1500000.0 must be an int"),
+        (lambda: max_seq_len("llama3-8b", "fpdt", 4, "a100-80g", limit=0), ValueError, r"limit=0 must be >= 1"),
+    ],
+)
+def test_planner_rejects_what_cannot_describe_a_machine_or_a_run(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

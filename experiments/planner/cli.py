@@ -84,6 +84,12 @@ def plan_table(cfg: DictConfig) -> str:
                             "dense_efficiency", "attention_efficiency", "precision", "sp",
                             "offload_states", "doc_len", "residual_fp32", "ulysses_degree")}  # fmt: skip
     kw.update(n_layers=c["model"]["n_layers"])  # the hardware's fields travel in `hardware`
+    for key in ("dense_efficiency", "attention_efficiency"):
+        if kw[key] is not None and not 0 < kw[key] <= 1:
+            raise ValueError(f"{key}={kw[key]} must be in (0, 1]: the achieved fraction of the peak FLOP/s")
+    if c["max_seq_len"] is not None and c["max_seq_len"] < c["min_seq_len"]:
+        raise ValueError(f"max_seq_len={c['max_seq_len']} is below min_seq_len={c['min_seq_len']}: the table "
+                         "would have no row")  # fmt: skip
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]
     hi = c["max_seq_len"] or max(2 * (1 << math.ceil(math.log2(max(maxima.values()) or 1))), lo)
@@ -142,5 +148,5 @@ def main(argv: list[str] | None = None) -> str:
 def cli(cfg: DictConfig) -> None:
     try:
         print(plan_table(cfg))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         sys.exit(f"error: {exc}")

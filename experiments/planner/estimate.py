@@ -18,6 +18,7 @@ in ``experiments/results/`` yet.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -102,15 +103,41 @@ def _strategy_preset(strategy: str) -> dict:
     return {k: bool(conf.get(k, False)) for k in ("offload", "chunked_mlp", "chunked_loss")}
 
 
+# A preset's fields: the ones that are numbers must be positive (the efficiencies at most 1).
+HARDWARE_NUMBERS = ("peak_tflops", "device_memory_gib", "host_memory_gib", "pcie_gbps", "nvlink_gbps",
+                    "dense_efficiency", "attention_efficiency")  # fmt: skip
+HARDWARE_FIELDS = ("name", "source", "detected", *HARDWARE_NUMBERS)
+
+
+def _positive(name: str, value, at_most: float | None = None) -> None:
+    """Raise unless ``value`` is a finite number > 0 (and <= ``at_most``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (at_most is not None and value > at_most):
+        limit = f" and at most {at_most}" if at_most is not None else ""
+        raise ValueError(f"{name}={value!r} must be a number > 0{limit}")
+
+
 def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tflops: float | None) -> dict:
     """The machine to plan for: a preset's name, or a preset as Hydra composed it (``name`` plus
     its fields, some overridden on the command line, e.g. ``hardware.host_memory_gib=128``):
     every field given there replaces the preset's."""
     if isinstance(hardware, Mapping):
+        if "name" not in hardware:
+            raise ValueError(f"a hardware mapping needs the 'name' of the preset it changes, e.g. "
+                             f"{{'name': 'h200', 'host_memory_gib': 128}}; got keys {sorted(hardware)}")  # fmt: skip
+        unknown = sorted(set(hardware) - set(HARDWARE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown hardware field(s) {unknown}; a preset has {list(HARDWARE_FIELDS)}")
         given = {k: v for k, v in hardware.items() if v is not None and v != ""}
         hw = {**load_preset(hardware["name"]), **given}
     else:
         hw = load_preset(hardware)
+    for key in HARDWARE_NUMBERS:
+        if hw.get(key) is not None:
+            _positive(f"hardware.{key}", hw[key], 1.0 if key.endswith("efficiency") else None)
+    for key, value in (("max_device_memory", max_device_memory), ("peak_tflops", peak_tflops)):
+        if value is not None:
+            _positive(key, value)
     if hw["name"] == "auto":
         raise ValueError("hardware=auto detects the machine at run time; name a preset to plan for, e.g. a100-80g")
     cpu = hw["name"] == "cpu"
@@ -130,6 +157,15 @@ def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tfl
         "dense_efficiency": hw.get("dense_efficiency") or DENSE_EFFICIENCY,
         "attention_efficiency": hw.get("attention_efficiency") or ATTENTION_EFFICIENCY,
     }
+
+
+def check_counts(**counts) -> None:
+    """Raise unless every value is an int >= 1 (``gpus=``, ``seq_len=``, tiles, ...)."""
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key}={value!r} must be an int >= 1, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{key}={value} must be >= 1")
 
 
 def _chunks(strategy: str, seq_len: int, gpus: int, chunks: int | None, chunk_tokens: int) -> int:
@@ -153,10 +189,10 @@ def _chunks(strategy: str, seq_len: int, gpus: int, chunks: int | None, chunk_to
 
 def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches) -> tuple[Setup, dict]:
     """``gpus`` ranks in all; the sequence-parallel degree ``P = sp`` (default: ``gpus``)."""
-    if gpus < 1:
-        raise ValueError(f"gpus={gpus} must be >= 1")
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    check_counts(gpus=gpus, seq_len=seq_len)
+    for key in ("mlp_tile", "loss_tile"):
+        if switches.get(key) is not None:
+            check_counts(**{key: switches[key]})
     sp = switches.pop("sp", None) or gpus
     check_mesh(gpus, sp)
     n_layers = switches.pop("n_layers", None)
@@ -312,6 +348,9 @@ def estimate(
         legacy_recompute=legacy_recompute,
         backward_order=backward_order,
     )
+    for key, value in (("dense_efficiency", dense_efficiency), ("attention_efficiency", attention_efficiency)):
+        if value is not None:  # above 1 only while a fit searches (fit_efficiencies); the CLI caps it at 1
+            _positive(key, value)
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
     mem = memory(st)
     dense, attention = dense_efficiency or hw["dense_efficiency"], attention_efficiency or hw["attention_efficiency"]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from parallel import get_strategy
 
-from .estimate import estimate
+from .estimate import check_counts, estimate
 
 # max_seq_len stops bisecting when the gap is within 1/RESOLUTION of the answer (or one granule).
 RESOLUTION = 64
@@ -49,8 +49,9 @@ def max_seq_len(
     does not fit is one granule or ``1/RESOLUTION`` of the answer. ``switches``: the other keywords of
     :func:`estimate` (``max_device_memory`` for ``hardware=cpu``, ``offload``, ``dtype``, ...).
     """
+    check_counts(gpus=gpus, limit=limit, chunk_tokens=chunk_tokens)
     takes_chunks = get_strategy(strategy).takes_chunks
-    if takes_chunks and (chunk_tokens < 1 or chunk_tokens % gpus):
+    if takes_chunks and chunk_tokens % gpus:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive multiple of gpus={gpus}")
     kw = dict(
         chunk_tokens=chunk_tokens,
