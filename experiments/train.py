@@ -54,6 +54,14 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         raise ValueError("resume=true needs checkpoint.dir=<the earlier run's checkpoint directory>")
     if point.log_every < 1 or point.checkpoint_every < 0 or point.lr_warmup_steps < 0:
         raise ValueError("log_every must be >= 1, checkpoint.every >= 0 (0: only at the end), lr_warmup_steps >= 0")
+    if point.grad_clip is not None and not point.grad_clip > 0:
+        # clip_grad_norm_ with a negative limit would flip every gradient's sign
+        raise ValueError(f"grad_clip={point.grad_clip} must be > 0 (the largest global gradient norm), or null")
+    if not point.lr > 0 or point.weight_decay < 0:
+        raise ValueError(f"lr={point.lr} must be > 0 and weight_decay={point.weight_decay} >= 0")
+    if point.fake_tensors:
+        raise ValueError("fake_tensors=true computes nothing, so there is nothing to train; use it with "
+                         "python -m experiments.run or experiments.max_seqlen")  # fmt: skip
     return point
 
 

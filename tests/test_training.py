@@ -265,3 +265,16 @@ def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_gradients(strategy, chunks, 
             assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
             assert seen and set(seen) == {precision.compute_dtype}  # the attention ran in the compute dtype
     assert losses["bf16-mixed"] == pytest.approx(losses["32-true"], rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grad_clip=-1", "grad_clip=-1.0 must be > 0"),  # a negative clip would flip every gradient
+        ("lr=0", "lr=0.0 must be > 0"),
+        ("fake_tensors=true", "nothing to train"),
+    ],
+)
+def test_train_rejects_settings_that_cannot_train(tmp_path, override, message):
+    _, proc = _train(tmp_path, "bad", "parallel=local", override, check=False)
+    assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-2000:]
