@@ -16,11 +16,11 @@ from omegaconf import MISSING
 from fpdt_kernels.backend import BACKENDS
 from parallel import BACKWARD_ORDERS, strategy_names
 
-from ..core.dtypes import DTYPE_NAMES
-from ..training.precision import PRECISIONS
+from ..training.precision import DTYPE_TO_PRECISION, PRECISIONS
 
 # Enums built from the names the library defines, so a config can only name what exists.
-DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)  # the old key; see precision
+# The old key: only the values that still name a precision (see training.precision).
+DType = enum.Enum("DType", {name: name for name in ("auto", *DTYPE_TO_PRECISION)}, type=str)
 Precision = enum.Enum("Precision", {name: name for name in ("auto", *PRECISIONS)}, type=str)
 
 
