@@ -54,6 +54,7 @@ from .attention import AttentionStrategy
 from .distributed import Mesh, SPGroup
 from .layout import document_positions
 from .strategies import get_strategy
+from .tensors import real_tensors
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -170,7 +171,8 @@ def _fully_shard(model: nn.Module, world: SPGroup, mixed_precision: torch.dtype 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     device_type = next(model.parameters()).device.type
-    mesh = DeviceMesh.from_group(world.group if world.group is not None else dist.group.WORLD, device_type)
+    with real_tensors():  # the mesh reads its rank table back: real, also in a fake run
+        mesh = DeviceMesh.from_group(world.group if world.group is not None else dist.group.WORLD, device_type)
     kwargs = {}
     if mixed_precision is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)

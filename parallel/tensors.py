@@ -9,7 +9,7 @@ have none), and reads values only where they exist.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 
 def storage_key(t: torch.Tensor | torch.UntypedStorage) -> int | None:
@@ -30,3 +30,9 @@ def storage_key(t: torch.Tensor | torch.UntypedStorage) -> int | None:
 def has_values(t: torch.Tensor) -> bool:
     """False for tensors that carry only shapes (fake or meta): checks that read values skip them."""
     return not isinstance(t, FakeTensor) and t.device.type != "meta"
+
+
+def real_tensors():
+    """A context in which tensors are real even inside a fake run: for metadata that is read back
+    as values (a device mesh's rank table), never for the step's data."""
+    return unset_fake_temporarily()

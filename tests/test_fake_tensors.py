@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(tmp_path: Path, *overrides: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "experiments.run", "-m", "model=llama-tiny", "seq_len=2048", "gpus=1", "steps=1",
+    cmd = [sys.executable, "-m", "experiments.run", "-m", "model=llama-tiny", "seq_len=2048", "steps=1",
            "warmup_steps=1", f"hydra.sweep.dir={tmp_path}", *overrides]  # fmt: skip
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -20,12 +20,14 @@ def _rows(tmp_path: Path, *overrides: str) -> list[dict]:
 
 
 def test_fake_step_allocates_what_a_real_step_allocates(tmp_path):
-    # FPDT with everything that moves memory around: offloaded chunks, host-kept checkpoints,
-    # chunked MLP and loss, bf16-mixed; and local, whose peak is the unchunked loss.
-    rows = _rows(tmp_path, "parallel=fpdt,local", "chunks=4", "precision=bf16-mixed", "fake_tensors=false,true")
+    # Two ranks with FSDP, bf16-mixed: FPDT with everything that moves memory around (offloaded
+    # chunks, host-kept checkpoints, chunked MLP and loss), and Ulysses, whose peak is the
+    # unchunked loss; their all-to-alls and FSDP's collectives run on fake tensors too.
+    rows = _rows(tmp_path, "parallel=fpdt,ulysses", "gpus=2", "parallel.fsdp=true", "chunks=4",
+                 "precision=bf16-mixed", "fake_tensors=false,true")  # fmt: skip
     by = {(r["strategy"], r["fake_tensors"]): r for r in rows}
     assert len(by) == 4 and all(r["status"] == "ok" for r in rows), rows
-    for strategy in ("fpdt", "local"):
+    for strategy in ("fpdt", "ulysses"):
         real, fake = by[(strategy, "False")], by[(strategy, "True")]
         for field in ("device_mem_peak_gib", "host_mem_gib", "host_pinned_gib"):
             assert float(fake[field]) == float(real[field]), (strategy, field, real[field], fake[field])
