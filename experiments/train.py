@@ -85,18 +85,21 @@ def main(cfg: DictConfig) -> None:
         point = resolve_training(cfg, run_dir)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    print(f"train: {point.model} {point.strategy} seq_len={point.seq_len} chunks={point.chunks} "
-          f"gpus={point.gpus} (sp={point.sp}, dp={point.dp}) precision={point.precision} "
-          f"steps={point.steps}; run directory {run_dir}", flush=True)  # fmt: skip
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 reports
+    if rank0:
+        print(f"train: {point.model} {point.strategy} seq_len={point.seq_len} chunks={point.chunks} "
+              f"gpus={point.gpus} (sp={point.sp}, dp={point.dp}) precision={point.precision} "
+              f"steps={point.steps}; run directory {run_dir}", flush=True)  # fmt: skip
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun started this rank
         if point.gpus != int(os.environ["WORLD_SIZE"]):
             sys.exit(f"error: gpus={point.gpus} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
         run_rank(point, str(run_dir), train_rank)
-        outcome = {"status": "ok"}
+        if not rank0:
+            return
+        # run_rank has rank 0 write what the ranks measured, as the spawned ranks do for launch()
+        outcome = {"status": "ok", "metrics": json.loads((run_dir / "worker_metrics.json").read_text())}
     else:
         outcome = launch(point, run_dir, train_rank)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
-        return
     write_json(run_dir / "train_result.json", {**outcome, "point": point.as_dict()})
     figure = _loss_figure(run_dir)
     if figure is not None:
