@@ -56,13 +56,15 @@ class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` run in its input's dtype: under autocast the residual stream is bf16 while
     the weight stays fp32, and PyTorch's fused kernel needs one dtype (it falls back to a slower
     composite otherwise). The kernel accumulates the statistics in fp32 either way; the weight's
-    gradient flows back through the cast in fp32. With a ``tile`` (the chunked recipe) the
-    backward runs per tile and only the input is saved (``models.chunked.tiled_rms_norm``):
-    autograd's RMSNorm keeps the normalised input too, and its backward makes five fp32
-    sequence-long temporaries."""
+    gradient flows back through the cast in fp32. With a ``tile`` (the chunked recipe) it runs per
+    tile and only the input is saved (``models.chunked.tiled_rms_norm``): autograd's RMSNorm keeps
+    the normalised input too, and its backward makes five fp32 sequence-long temporaries. Without
+    grad (a checkpoint's first forward) it runs per tile too: where PyTorch has no fused kernel
+    (CPU) its RMSNorm makes three fp32 copies of the whole input, the device peak at 1M tokens;
+    and the checkpoint's forward computes what its recompute will."""
 
     def forward(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        if tile is not None and torch.is_grad_enabled():
+        if tile is not None:
             return tiled_rms_norm(x, self.weight, self.eps, tile=tile)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
