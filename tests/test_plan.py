@@ -337,8 +337,8 @@ def test_planner_rejects_what_cannot_describe_a_machine_or_a_run(call, error, me
 def test_planner_matches_fake_tensor_steps_at_gpu_scale():
     """``llama3.2-1b`` (16 layers, bf16-mixed) at the lengths the H200 rows ran, one step after a
     warm-up on fake tensors (``fake_tensors=true``: the simulated device of a real CPU step, to the
-    byte, without the compute a CPU could not do), up to a million tokens: device peak within 8%
-    (-6% at 1M, +5% at 256K), host to 1%."""
+    byte, without the compute a CPU could not do), up to a million tokens: device peak within 6%
+    (+1.8% at 64K to +5.0% at 256K), host to 1%."""
     rows = list(csv.DictReader((FIXTURE.parent / "fake_llama3.2-1b_bf16mixed_cpu.csv").open()))
     assert {(r["strategy"], int(r["seq_len"])) for r in rows} >= {("fpdt", 65536), ("fpdt", 1 << 20), ("local", 65536)}
     for r in rows:
@@ -346,5 +346,5 @@ def test_planner_matches_fake_tensor_steps_at_gpu_scale():
         e = estimate_row({**r, "hardware": "cpu"}, max_device_memory=1000.0)  # the simulated device, no cap
         measured = float(r["device_mem_peak_gib"]) * (1 << 30)
         what = (r["strategy"], r["seq_len"], f"{e.device_peak / (1 << 30):.2f} vs {measured / (1 << 30):.2f} GiB")
-        assert e.device_peak == pytest.approx(measured, rel=0.08), what
+        assert e.device_peak == pytest.approx(measured, rel=0.06), what
         assert sum(e.host.values()) == pytest.approx(float(r["host_mem_gib"]) * (1 << 30), rel=0.01), what
