@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from parallel.tensors import storage_key
+from parallel.tensors import real_tensors, storage_key
 
 from .paths import REPO
 from .units import format_bytes
@@ -152,7 +152,7 @@ class ShapesOnly:
         """``make(*args)`` -> ``(tokens, labels, cu_seqlens)``, with tokens and labels fake when enabled."""
         if self.mode is None:
             return make(*args)
-        with unset_fake_temporarily():
+        with real_tensors():
             tokens, labels, cu_seqlens = make(*args)
         # The fake copies share one storage as the real views do, and stand for it from here on.
         return self.mode.from_tensor(tokens), self.mode.from_tensor(labels), cu_seqlens
