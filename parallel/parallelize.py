@@ -44,6 +44,7 @@ same weights.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -120,6 +121,14 @@ def _make_strategy(
         return strategy
     spec = get_strategy(strategy)
     spec.check_ranks(None if group is None else group.size)
+    if not spec.takes_chunks:
+        # Ignored rather than refused, so one call can loop over strategies with fpdt's settings;
+        # the warning says so, since a user who asked for offload would otherwise not know.
+        ignored = [f"{k}={v!r}" for k, v, default in
+                   (("chunks", chunks, 1), ("offload", offload, False), ("backward_order", backward_order, "auto"))
+                   if v != default]  # fmt: skip
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} apply to fpdt only; {spec.name!r} runs without them", stacklevel=3)
     if spec.single_process:
         return AttentionStrategy(spec.name)
     group = SPGroup.world() if group is None else group

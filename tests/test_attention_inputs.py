@@ -364,3 +364,23 @@ def test_buffers_must_be_tensors(entry, kw, error, match):
             extra = {n: t for n, t in kw.items() if n not in state}
             state.update({n: t for n, t in kw.items() if n in state})
             fpdt_kernels.attention_chunk_backward(state["do"], q, k, v, state["out"], state["lse"], **CHUNK, **extra)
+
+
+# ---------------------------------------------------------------------------- packed documents
+
+
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["auto", "torch"])
+def test_varlen_checks_tensors_before_the_backend(backend):
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    q, k, v = (t[0] for t in _qkv())
+    with fpdt_kernels.use_backend(backend), pytest.raises(TypeError, match=r"q must be a torch.Tensor, got list"):
+        fpdt_kernels.flash_attention_varlen([1], k, v, cu, cu, 6, 6)
+
+
+def test_an_empty_batch_of_packed_documents():
+    q = torch.randn(0, 4, 2, 8)
+    empty = torch.tensor([0, 0], dtype=torch.int32)
+    out, lse = fpdt_kernels.attention_chunk_forward(q, q, q, cu_seqlens=empty, **CHUNK)
+    assert out.shape == (0, 4, 2, 8) and lse.shape == (0, 2, 4)
+    with pytest.raises(ValueError, match=r"cu_seqlens ends at 4, but q has B=0 rows; an empty batch takes"):
+        fpdt_kernels.attention_chunk_forward(q, q, q, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), **CHUNK)

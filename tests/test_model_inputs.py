@@ -238,3 +238,15 @@ def test_shard_batch_shape_errors_unchanged():
         shard_batch(tokens, tokens[:, :5], "local")
     t, lab, _ = shard_batch(tokens.int(), None, "local")
     assert t.dtype == torch.int32 and lab is None
+
+
+# --- fpdt-only settings on other strategies -------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["local", "ulysses"])
+def test_fpdt_settings_on_another_strategy_warn(strategy):
+    model = models.Transformer(models.get_config("llama-tiny", n_layers=1))
+    with pytest.warns(UserWarning, match=rf"chunks=4, offload=True apply to fpdt only; '{strategy}' runs without"):
+        parallelize(model, strategy, group=SPGroup.single(), chunks=4, offload=True)
+    strat = next(m.strategy for m in model.modules() if "strategy" in vars(m))
+    assert strat.chunks == 1  # (offload is read by fpdt only)

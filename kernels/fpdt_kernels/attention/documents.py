@@ -99,6 +99,10 @@ def check_chunk(cu, batch: int, q_start: int, sq: int, k_start: int, sk: int, de
     offsets = cu.tolist()
     _check_values("cu_seqlens", offsets, None)
     total = offsets[-1]
+    if batch == 0:  # an empty batch has no rows to split the offsets into
+        if total != 0:
+            raise ValueError(f"cu_seqlens ends at {total}, but q has B=0 rows; an empty batch takes cu_seqlens [0, 0]")
+        return offsets
     if total % batch != 0:
         raise ValueError(f"cu_seqlens ends at {total}, which is not B={batch} rows of equal length")
     seq = total // batch

@@ -101,12 +101,12 @@ def flash_attention_varlen(
         k = v = torch.randn(1000, 2, 64, device="cuda", dtype=torch.bfloat16)
         flash_attention_varlen(q, k, v, cu, cu, 700, 700, causal=True).sum().backward()
     """
-    backend = resolve_backend(q.device)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D [total, H, d] (documents packed along dim 0), got {tuple(t.shape)}")
+    backend = resolve_backend(q.device)
     if backend == "cudnn":
         raise ValueError("the cudnn backend does not take packed documents; use the triton backend (or torch on CPU)")
     _check_qkv(q[None], k[None], v[None], backend)
