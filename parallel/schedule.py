@@ -25,6 +25,7 @@ no work, so the schedules omit it, and with it every fetch, offload and all-to-a
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import functools
 from collections import Counter
@@ -174,6 +175,25 @@ def _n(name: str, i: int) -> str:
     return f"{name}[{i}]"
 
 
+def _built_once(build):
+    """Build each schedule once per process and hand every caller its own copy of the op list.
+
+    A schedule is a pure function of its arguments and has O(u^2) ops: at u=170 (a planner
+    search past 5M tokens) one takes seconds to build, and a run builds the same few per layer
+    and step. Ops are frozen, so a shallow copy of the list is a schedule the caller may edit."""
+    cached = functools.lru_cache(maxsize=8)(build)
+
+    @functools.wraps(build)
+    def schedule(chunks: int, **kwargs) -> Schedule:
+        if kwargs.get("pairs") is not None:  # any iterable of pairs, as a hashable key
+            kwargs["pairs"] = _checked_pairs(kwargs["pairs"], chunks)
+        built = cached(chunks, **kwargs)
+        return dataclasses.replace(built, ops=list(built.ops))
+
+    return schedule
+
+
+@_built_once
 def forward_schedule(
     chunks: int,
     *,
@@ -253,6 +273,7 @@ def saved_buffers(chunks: int, offload: bool) -> frozenset[str]:
 BACKWARD_ORDERS = ("kv", "query")
 
 
+@_built_once
 def backward_schedule(
     chunks: int,
     *,

@@ -166,7 +166,9 @@ def test_one_million_tokens_of_llama3_2_1b_fit_one_h200_box():
     box = {"name": "h200", "host_memory_gib": 128}
     longest = max_seq_len("llama3.2-1b", "fpdt", 1, box, chunk_tokens=32768)
     assert 1 << 20 <= longest < 2 << 20
-    assert max_seq_len("llama3.2-1b", "fpdt", 1, "h200", chunk_tokens=32768) > 2 * longest
+    # The preset's DGX host (2 TiB for 8 GPUs) fits more than twice as much: one estimate past
+    # 2x says so without a search to 5M tokens.
+    assert estimate("llama3.2-1b", "fpdt", 1, "h200", 2 * longest + 32768, chunk_tokens=32768).fits
     e = estimate("llama3.2-1b", "fpdt", 1, box, 2 << 20, chunk_tokens=32768)
     assert e.fits_device and not e.fits_host
 

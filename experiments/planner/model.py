@@ -148,14 +148,8 @@ class Setup:
         return kv_heads_per_rank(self.cfg.n_kv_heads, self.U)
 
 
-@functools.lru_cache(maxsize=64)
 def _forward(chunks: int, offload: bool, save: bool, pairs: frozenset | None = None) -> Schedule:
     return forward_schedule(chunks, causal=True, offload=offload, save=save, pairs=pairs)
-
-
-@functools.lru_cache(maxsize=64)
-def _backward(chunks: int, offload: bool, pairs: frozenset | None = None, order: str = "kv") -> Schedule:
-    return backward_schedule(chunks, causal=True, offload=offload, pairs=pairs, order=order)
 
 
 def backward_order(st: Setup) -> str:
@@ -165,7 +159,7 @@ def backward_order(st: Setup) -> str:
 
 def backward(st: Setup) -> Schedule:
     """The FPDT backward schedule the runner builds for ``st``."""
-    return _backward(st.chunks, st.offload, pairs(st), backward_order(st))
+    return backward_schedule(st.chunks, causal=True, offload=st.offload, pairs=pairs(st), order=backward_order(st))
 
 
 # --- packed documents ----------------------------------------------------------------------------
@@ -260,20 +254,24 @@ def comm_region_bytes(st: Setup) -> int:
 
 def replay_peak_bytes(sched: Schedule, sizes: dict[str, int], fetched_x_bytes: int) -> int:
     """Largest sum of live device buffer bytes over the ops of ``sched`` (inputs excluded)."""
+
+    def nbytes(name: str) -> int:
+        fam = name.split("[")[0]
+        return fetched_x_bytes if fam == "x" else sizes[fam]
+
     live: set[str] = set()
-    peak = 0
+    total = peak = 0  # kept as a running sum: a schedule has O(u^2) ops
     for op in sched.ops:
         for name in op.writes:
             if name.startswith(HOST):
                 continue
             if op.kind == Kind.FREE:
-                live.discard(name)
-            elif name not in sched.inputs:
+                if name in live:
+                    live.remove(name)
+                    total -= nbytes(name)
+            elif name not in sched.inputs and name not in live:
                 live.add(name)
-        total = 0
-        for name in live:
-            fam = name.split("[")[0]
-            total += fetched_x_bytes if fam == "x" else sizes[fam]
+                total += nbytes(name)
         peak = max(peak, total)
     return peak
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .naive import merge_attention
+from .naive import merge_into
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -97,9 +97,10 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse, accumulate
         return
     o, block_lse = res
     if accumulate:
-        o, block_lse = merge_attention(out, lse, o.to(out.dtype), block_lse.to(lse.dtype))
-    out.copy_(o)
-    lse.copy_(block_lse)
+        merge_into(out, lse, o, block_lse)
+    else:
+        out.copy_(o)
+        lse.copy_(block_lse)
 
 
 def block_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale):

@@ -85,16 +85,24 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     (a row that saw no key in that part). Returns fp32 ``(out, lse)``.
     """
     acc = accumulator_dtype(out_a.dtype)
-    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
-    lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse))
-    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse))
-    # [B, H, S] -> [B, S, H, 1] to weight the bshd outputs.
-    w_a, w_b = w_a.transpose(1, 2)[..., None], w_b.transpose(1, 2)[..., None]
-    out = w_a * out_a.to(acc) + w_b * out_b.to(acc)
+    out, lse = out_a.to(acc, copy=True), lse_a.to(acc, copy=True)
+    merge_into(out, lse, out_b, lse_b)
     return out, lse
+
+
+def merge_into(out, lse, out_b, lse_b):
+    """``merge_attention`` into the running fp32 accumulators ``out``/``lse`` in place (views
+    included), holding one ``[B, H, S]`` weight at a time and no ``[B, S, H, d]`` temporary."""
+    lse_b = lse_b.to(lse.dtype)
+    new_lse = torch.logaddexp(lse, lse_b)
+    # Rows that saw no key on either side stay (0, -inf): exp(-inf - (-inf)) would be NaN.
+    seen = torch.isfinite(new_lse)
+
+    def weight(part):  # [B, H, S] -> [B, S, H, 1], to scale the bshd outputs
+        return torch.where(seen, torch.exp(part - new_lse), 0.0).transpose(1, 2)[..., None]
+
+    out.mul_(weight(lse)).addcmul_(out_b, weight(lse_b))
+    lse.copy_(new_lse)
 
 
 def attention_chunk_forward(
@@ -110,9 +118,7 @@ def attention_chunk_forward(
     blk_out, blk_lse = _block_forward(q, k, v, q_start, k_start, causal, scale, cu_seqlens)
     if out is None:
         return blk_out, blk_lse
-    new_out, new_lse = merge_attention(out, lse, blk_out, blk_lse)
-    out.copy_(new_out)
-    lse.copy_(new_lse)
+    merge_into(out, lse, blk_out, blk_lse)
     return out, lse
 
 

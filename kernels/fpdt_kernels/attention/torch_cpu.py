@@ -77,9 +77,7 @@ def chunk_forward(q, k, v, q_start, k_start, causal, scale, out, lse):
         k_p, v_p = _heads_first(k[:, keys]), _heads_first(v[:, keys])
         for g in _query_groups(q, k):
             o_blk, lse_blk = _flash_fwd(_heads_first(q[:, rows, g]), k_p, v_p, 0.0, top_left, scale=scale)
-            new_out, new_lse = naive.merge_attention(out[:, rows, g], lse[:, g, rows], o_blk.transpose(1, 2), lse_blk)
-            out[:, rows, g] = new_out
-            lse[:, g, rows] = new_lse
+            naive.merge_into(out[:, rows, g], lse[:, g, rows], o_blk.transpose(1, 2), lse_blk)
 
 
 def chunk_backward(do, q, k, v, out, lse, q_start, k_start, causal, scale, dq, dk, dv):
