@@ -30,13 +30,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.dtypes import DTYPES, dtype_name
 from ..core.paths import RESULTS_DIR
 from ..core.provenance import device_name, git_commit, package_version
+from .cli import check_divides, error_text, names_list, out_file, positive_int, positive_ints
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 FLOP_CONVENTION = "fwd=4*B*H*Sq*Sk*d; causal x0.5; bwd=2.5*fwd; fwd_bwd=3.5*fwd"
@@ -45,7 +45,7 @@ QUANTILES = (0.2, 0.5, 0.8)
 CSV_FIELDS = (
     "timestamp", "device", "commit", "torch", "triton", "impl", "mode", "B", "S", "H", "d",
     "causal", "dtype", "p20_ms", "p50_ms", "p80_ms", "tflops", "max_abs_err_vs_sdpa",
-    "flop_convention", "timer",
+    "flop_convention", "timer", "error",
 )  # fmt: skip
 
 
@@ -194,23 +194,19 @@ def _slug(name: str) -> str:
 
 def _parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ints = lambda s: [int(x) for x in s.split(",") if x]
-    p.add_argument("--seq-lens", type=ints, help="comma list; CUDA 1024..16384, CPU 128")
-    p.add_argument("--head-dims", type=ints, help="comma list; CUDA 128,64, CPU 64")
+    p.add_argument("--seq-lens", type=positive_ints, help="comma list; CUDA 1024..16384, CPU 128")
+    p.add_argument("--head-dims", type=positive_ints, help="comma list; CUDA 128,64, CPU 64")
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,bwd,fwd_bwd")
-    p.add_argument("--tokens", type=int, help="B*S per measurement; CUDA 16384, CPU = S")
-    p.add_argument("--heads", type=int, help="default 2048 // d on CUDA (H*d = 2048), 2 on CPU")
+    p.add_argument("--modes", type=names_list(MODES, "mode"), default=list(MODES),
+                   help="comma list of fwd,bwd,fwd_bwd")  # fmt: skip
+    p.add_argument("--tokens", type=positive_int, help="B*S per measurement; CUDA 16384, CPU = S")
+    p.add_argument("--heads", type=positive_int, help="default 2048 // d on CUDA (H*d = 2048), 2 on CPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", type=Path, help="CSV path; default results/bench_attention_<dev>.csv")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement on CPU")
+    p.add_argument("--out", type=out_file, help="CSV path; default results/bench_attention_<dev>.csv")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed runs per measurement on CPU")
     p.add_argument("--quick", action="store_true", help="CUDA: d=128, S in {1K,16K}; CPU: 3 reps")
     args = p.parse_args(argv)
 
-    args.modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        p.error(f"unknown mode(s) {bad}; use a comma list of {MODES}")
     args.causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     if cuda:
         args.seq_lens = args.seq_lens or ([1024, 16384] if args.quick else [1024 * 2**i for i in range(5)])
@@ -220,12 +216,16 @@ def _parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     else:
         args.seq_lens = args.seq_lens or [128]
         args.head_dims = args.head_dims or [64]
-        args.heads = args.heads or 2
+        args.heads = 2 if args.heads is None else args.heads
         args.reps = 3 if args.quick else args.reps
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     for s in args.seq_lens:
-        if args.tokens and args.tokens % s:
-            p.error(f"--tokens={args.tokens} is not a multiple of S={s}; use a multiple of every S")
+        if args.tokens is not None:
+            check_divides(p, "--seq-lens", s, "--tokens", args.tokens)
+    if args.heads is None:
+        for d in args.head_dims:
+            if d > 2048:
+                p.error(f"--head-dims {d}: the default --heads 2048 // d would be 0; give --heads, or d <= 2048")
     return args
 
 
@@ -279,6 +279,12 @@ def _csv_row(meta: dict, impl: str, cfg: Config, ms: list[float], tflops: float,
         "tflops": f"{tflops:.5f}",
         "max_abs_err_vs_sdpa": "" if err is None else f"{err:.3e}",
     }
+
+
+def _error_row(meta: dict, impl: str, cfg: Config, error: str) -> dict:
+    """The row of a measurement that failed: its configuration and ``error``, no figures."""
+    row = _csv_row(meta, impl, cfg, [math.nan] * 3, math.nan, None)
+    return {**row, "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": "", "error": error}
 
 
 # Targets for H100/H200, bf16, S=16K, d=128 and 64: ours/cuDNN per mode (cuDNN is the fastest
@@ -367,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"FAILED {impl} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
                     if cuda:
                         torch.cuda.empty_cache()
+                    writer.writerow(_error_row(meta, impl, cfg, error_text(e)))  # a row, with its error
+                    f.flush()
                     continue
                 tflops = attention_flops(cfg) / (ms[1] * 1e-3) / 1e12
                 tflops_at[(impl, cfg.mode, cfg.S, cfg.d, cfg.causal)] = tflops

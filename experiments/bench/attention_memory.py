@@ -22,6 +22,7 @@ import torch
 import fpdt_kernels
 
 from ..core.memory import MemoryTracker
+from .cli import positive_int
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,10 +58,10 @@ def peak_bytes(impl: str, B: int, S: int, H: int, d: int, dtype: torch.dtype, ca
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=16384)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=16384)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=64)
     p.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPES), default=["fp32", "bf16"])
     p.add_argument("--causal", choices=("true", "false"), default="true")
     a = p.parse_args(argv)

@@ -42,6 +42,7 @@ import torch
 from ..core.paths import RESULTS_DIR
 from ..core.tables import write_csv
 from ..core.units import MIB
+from .cli import out_file, positive_int, usage_errors
 
 ROPE_BASE = 500000.0
 
@@ -314,17 +315,24 @@ def report(rows: list[dict]) -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--chunks", type=int, default=4, help="u: chunks per rank (global chunk C = S/u)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--ranks", type=positive_int, default=2)
+    parser.add_argument("--seq-len", type=positive_int, default=4096)
+    parser.add_argument("--chunks", type=positive_int, default=4, help="u: chunks per rank (global chunk C = S/u)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--at-peak", action="store_true", help="list rank 0's storages live at each device peak")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "deepspeed_compare_cpu.csv")
+    parser.add_argument("--out", type=out_file, default=RESULTS_DIR / "deepspeed_compare_cpu.csv")
     args = parser.parse_args(argv)
-    if args.seq_len % (args.ranks * args.chunks):
-        parser.error(f"--seq-len must split into ranks x chunks = {args.ranks * args.chunks} equal pieces")
+    pieces = args.ranks * args.chunks
+    if args.seq_len % pieces:
+        parser.error(f"--seq-len {args.seq_len} must split into --ranks x --chunks = {pieces} equal pieces; "
+                     f"use a multiple of {pieces}")  # fmt: skip
+    from parallel import check_setup
+
+    # Both layers split the heads over the ranks (MHA: Hkv = H), as our fpdt does.
+    with usage_errors(parser, f"--heads {args.heads} --ranks {args.ranks}"):
+        check_setup("fpdt", args.seq_len, args.ranks, args.chunks, args.heads, args.heads)
     _require_deepspeed()
     rows = run(args)
     summary = report(rows)

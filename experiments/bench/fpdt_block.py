@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 import fpdt_kernels
-from parallel import BACKWARD_ORDERS, Timeline, get_strategy
+from parallel import BACKWARD_ORDERS, Timeline, check_setup, get_strategy
 
 from ..core.dtypes import dtype_name
 from ..core.memory import is_out_of_memory
@@ -35,6 +36,7 @@ from ..core.paths import RESULTS_DIR
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from .block import Block
+from .cli import check_divides, error_text, out_file, positive_int, usage_errors
 
 
 def _timed(fn, cuda: bool) -> float:
@@ -81,12 +83,15 @@ def measure(block: Block, strategy: str, S: int, C: int, offload: bool, reps: in
                 times = [_timed(run, False) for _ in range(reps)]
             peak = tracker.peak["device"]
             extra = {}
-    except Exception as exc:  # an OOM at one size is a row, not the end of the benchmark
-        if not is_out_of_memory(exc):
-            raise
+    except Exception as exc:  # an OOM at one size, or any failed measurement, is a row, not the end
+        oom = is_out_of_memory(exc)
+        if not oom:
+            traceback.print_exc()  # what failed, and where; the row keeps its first line
         if cuda:
             torch.cuda.empty_cache()
-        return dict(row, status="oom", error=str(exc).splitlines()[0][:300])
+        if oom:
+            return dict(row, status="oom", error=str(exc).splitlines()[0][:300])
+        return dict(row, status="error", error=error_text(exc))
     return dict(row, status="ok", step_s=statistics.median(times), peak_gib=peak / GIB,
                 host_gib=block.store.bytes_allocated / GIB, **extra)  # fmt: skip
 
@@ -109,21 +114,24 @@ def _format_row(r: dict) -> str:
 def main(argv=None) -> list[dict]:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[131072, 262144] if cuda else [4096])
-    parser.add_argument("--chunk-tokens", type=int, nargs="+", default=[16384, 32768, 65536] if cuda else [1024, 2048])
-    parser.add_argument("--heads", type=int, default=32 if cuda else 4)
-    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (GQA); default: --heads (MHA)")
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", default=[131072, 262144] if cuda else [4096])
+    parser.add_argument("--chunk-tokens", type=positive_int, nargs="+",
+                        default=[16384, 32768, 65536] if cuda else [1024, 2048],
+                        help="global chunk sizes C, each dividing every --seq-lens")  # fmt: skip
+    parser.add_argument("--heads", type=positive_int, default=32 if cuda else 4)
+    parser.add_argument("--kv-heads", type=positive_int, default=None, help="KV heads (GQA); default: --heads (MHA)")
     parser.add_argument("--backward-orders", nargs="+", default=["auto"], choices=["auto", *BACKWARD_ORDERS],
                         help="FPDT backward loops to time with offload: kv (the paper's), query, auto "
                              "(the one that moves fewer bytes)")  # fmt: skip
-    parser.add_argument("--head-dim", type=int, default=128 if cuda else 32)
-    parser.add_argument("--reps", type=int, default=3 if cuda else 1)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
+    parser.add_argument("--head-dim", type=positive_int, default=128 if cuda else 32)
+    parser.add_argument("--reps", type=positive_int, default=3 if cuda else 1)
+    parser.add_argument("--out", type=out_file, default=RESULTS_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
     parser.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
-    parser.add_argument("--doc-len", type=int, default=None,
+    parser.add_argument("--doc-len", type=positive_int, default=None,
                         help="packed documents of this many tokens: attention inside each, FPDT skips the chunk "
                              "blocks that share none")  # fmt: skip
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     if not cuda:
         fpdt_kernels.set_backend("torch")
         print("NO CUDA: toy size on the CPU (simulated device memory); GPU figures need CUDA")
@@ -146,9 +154,7 @@ def main(argv=None) -> list[dict]:
     for S in args.seq_lens:
         block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len, n_kv_heads=kv_heads)
         record(measure(block, "ulysses", S, S, False, args.reps, cuda))
-        for C in args.chunk_tokens:
-            if S % C or C > S:
-                continue
+        for C in args.chunk_tokens:  # each divides S (checked)
             on_device = measure(block, "fpdt", S, C, False, args.reps, cuda)
             record(on_device)
             for order in args.backward_orders:
@@ -160,7 +166,33 @@ def main(argv=None) -> list[dict]:
     print(f"wrote {args.out}")
     if args.timeline:
         _record_timeline(args, dtype, device, args.out.with_name(args.out.stem + "_timeline"))
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:
+        raise SystemExit(f"{len(failed)} measurement(s) failed (rows with status=error in {args.out}); "
+                         f"first: {failed[0]['error']}")  # fmt: skip
     return rows
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors for the sizes no measurement can run, before the first one."""
+    kv_heads = args.kv_heads or args.heads
+    for S in args.seq_lens:
+        for C in args.chunk_tokens:
+            check_divides(parser, "--chunk-tokens", C, "--seq-lens", S)
+        for strategy, C in [("ulysses", S), *(("fpdt", C) for C in args.chunk_tokens)]:
+            at = f"{strategy} at S={S}" + (f" C={C}" if strategy == "fpdt" else "")
+            with usage_errors(parser, f"--heads {args.heads} --kv-heads {kv_heads}, {at}"):
+                check_setup(strategy, S, 1, S // C, args.heads, kv_heads)
+
+
+def _timeline_chunk(S: int, chunk_tokens: list[int]) -> int | None:
+    """The timeline's chunk: the largest of ``chunk_tokens`` that splits ``S`` into >= 4 chunks,
+    else ``S / u`` for the fewest chunks ``u`` in 4..64 that divide ``S``; ``None`` if none do."""
+    given = [c for c in sorted(chunk_tokens, reverse=True) if S % c == 0 and S // c >= 4]
+    if given:
+        return given[0]
+    u = next((u for u in range(4, min(S, 64) + 1) if S % u == 0), None)
+    return None if u is None else S // u
 
 
 def _tune_kernels(args, dtype, device) -> None:
@@ -180,7 +212,13 @@ def _tune_kernels(args, dtype, device) -> None:
 def _record_timeline(args, dtype, device, stem: Path) -> None:
     """One forward+backward with per-op start/end times, for the copy/compute overlap figure."""
     S = args.seq_lens[0]
-    C = next((c for c in sorted(args.chunk_tokens, reverse=True) if S % c == 0 and S // c >= 4), S // 4)
+    C = _timeline_chunk(S, args.chunk_tokens)
+    if C is None:
+        print(f"timeline skipped: no chunk count u in 4..64 divides S={S} (the first --seq-lens); "
+              "start --seq-lens with a length that has one, or pass --no-timeline")  # fmt: skip
+        return
+    if C not in args.chunk_tokens:
+        print(f"timeline: no --chunk-tokens splits S={S} into >= 4 chunks; using C={C} (u={S // C})")
     block = Block(S, args.heads, args.head_dim, dtype, device, doc_len=args.doc_len, n_kv_heads=args.kv_heads)
     for order in args.backward_orders:  # one timeline per order; a suffix when there are several
         path = stem if len(args.backward_orders) == 1 else stem.with_name(f"{stem.name}_{order}")

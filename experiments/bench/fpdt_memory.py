@@ -21,8 +21,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from pathlib import Path
+import traceback
 
 import torch
 
@@ -33,8 +34,11 @@ from ..core.paths import RESULTS_DIR
 from ..core.tables import write_csv
 from ..core.units import MIB
 from .block import Block
+from .cli import check_divides, error_text, out_file, positive_int
 
 WIDTHS = (9, 3, 8, 10, 10, 17, 10, 7)
+FIELDS = ["strategy", "chunks", "offload", "B", "S", "H", "d", "dtype", "peak_mib", "act_mib", "peak_acts",
+          "working_set_mib", "host_store_mib", "host_allocations", "step_s"]  # fmt: skip
 
 
 def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: bool = True) -> dict:
@@ -57,30 +61,49 @@ def measure(kind: str, chunks: int, B: int, S: int, H: int, d: int, offload: boo
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fpdt_memory_cpu.csv")
+    parser.add_argument("--seq-len", type=positive_int, default=16384)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--chunks", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="FPDT chunk counts u, each dividing --seq-len")  # fmt: skip
+    parser.add_argument("--out", type=out_file, default=RESULTS_DIR / "fpdt_memory_cpu.csv")
     args = parser.parse_args(argv)
+    for u in args.chunks:
+        check_divides(parser, "--chunks", u, "--seq-len", args.seq_len)
     fpdt_kernels.set_backend("torch")
     dims = (args.batch, args.seq_len, args.heads, args.head_dim)
-    rows = [measure("ulysses", 1, *dims)] + [measure("fpdt", u, *dims) for u in args.chunks]
-    rows.append(measure("fpdt", max(args.chunks), *dims, offload=False))
+    runs = [("ulysses", 1, True), *(("fpdt", u, True) for u in args.chunks), ("fpdt", max(args.chunks), False)]
     print(f"one attention block fwd+bwd, P=1, B={dims[0]} S={dims[1]} H={dims[2]} d={dims[3]} fp32 (CPU)")
-    print(f"act = one [B, S, h] fp32 activation = {rows[0]['act_mib']:.1f} MiB")
+    print(f"act = one [B, S, h] fp32 activation = {math.prod(dims) * 4 / MIB:.1f} MiB")
     header = ("strategy", "u", "offload", "peak MiB", "peak/act", "working set MiB", "host MiB", "s")
     cells = [f"{name:>{w}}" for name, w in zip(header, WIDTHS, strict=True)]
     print(f"{header[0]:<9}" + "".join(cells[1:]))
-    for r in rows:
-        print(
-            f"{r['strategy']:<9}{r['chunks']:>3}{r['offload']!s:>8}{r['peak_mib']:>10.1f}{r['peak_acts']:>10.2f}"
-            f"{r['working_set_mib']:>17.1f}{r['host_store_mib']:>10.1f}{r['step_s']:>7.1f}"
-        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out)
+    rows = []
+    for kind, u, offload in runs:  # each row printed and written as measured: a failure keeps the others
+        try:
+            r = measure(kind, u, *dims, offload=offload)
+        except Exception as exc:  # a failed measurement is a row with its error, not the end
+            traceback.print_exc()
+            B, S, H, d = dims
+            r = dict(dict.fromkeys(FIELDS), strategy=kind, chunks=u, offload=offload and get_strategy(kind).offloads,
+                     B=B, S=S, H=H, d=d, dtype="fp32", error=error_text(exc))  # fmt: skip
+        rows.append(r)
+        head = f"{r['strategy']:<9}{r['chunks']:>3}{r['offload']!s:>8}"
+        if r.get("error"):
+            print(f"{head}  error: {r['error']}")
+        else:
+            print(
+                f"{head}{r['peak_mib']:>10.1f}{r['peak_acts']:>10.2f}"
+                f"{r['working_set_mib']:>17.1f}{r['host_store_mib']:>10.1f}{r['step_s']:>7.1f}"
+            )
+        write_csv(rows, args.out, FIELDS)
     print(f"wrote {args.out}")
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        raise SystemExit(f"{len(failed)} measurement(s) failed (rows with an error in {args.out}); "
+                         f"first: {failed[0]['error']}")  # fmt: skip
     return rows
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from pathlib import Path
 
 import torch
+
+from .cli import check_divides, names_list, out_file, positive_int, positive_ints
 
 CSV_FIELDS = (
     "device", "commit", "triton", "kernel", "config", "clean", "S", "B", "H", "d", "causal", "dtype",
@@ -123,18 +124,24 @@ def sweep(args, writer=None, meta=None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ints = lambda s: [int(x) for x in s.split(",") if x]
-    p.add_argument("--head-dims", type=ints, default=[128, 64])
-    p.add_argument("--kernels", default="fwd,dkdv,dq,fused", help="comma list of fwd,dkdv,dq,fused")
+    p.add_argument("--head-dims", type=positive_ints, default=[128, 64])
+    p.add_argument("--kernels", type=names_list(_MATMULS, "kernel"), default=list(_MATMULS),
+                   help="comma list of fwd,dkdv,dq,fused")  # fmt: skip
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
-    p.add_argument("--seq-len", type=int, default=16384)
-    p.add_argument("--tokens", type=int, default=16384, help="B*S")
+    p.add_argument("--seq-len", type=positive_int, default=16384)
+    p.add_argument("--tokens", type=positive_int, default=None,
+                   help="B*S, a multiple of --seq-len (default 16384, or --seq-len if longer: B=1)")  # fmt: skip
     p.add_argument("--all", action="store_true", help="also the configs the tile tables rule out here (spills)")
     p.add_argument("--compile-only", action="store_true", help="run each config once (fills Triton's cache)")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=out_file)
     args = p.parse_args(argv)
     args.causals = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
-    args.kernels = [k for k in args.kernels.split(",") if k]
+    if args.tokens is None:
+        args.tokens = args.seq_len * max(1, 16384 // args.seq_len)
+    check_divides(p, "--seq-len", args.seq_len, "--tokens", args.tokens)
+    for d in args.head_dims:
+        if d > 2048:
+            p.error(f"--head-dims {d}: H = 2048 // d heads would be 0; use head dims <= 2048")
     if not torch.cuda.is_available():
         print("kernel_configs needs a CUDA GPU: it times compiled kernels", file=sys.stderr)
         return 2

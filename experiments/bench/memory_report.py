@@ -37,6 +37,8 @@ from parallel import get_strategy, strategy_names
 from ..core.memory import Allocation, RecordingMemoryTracker, ShapesOnly
 from ..core.point import Point
 from ..core.units import format_bytes
+from ..training.precision import PRECISIONS
+from .cli import check_divides, model_name, positive_int, usage_errors
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def _point(args, seq_len: int) -> Point:
         f"precision={args.precision}", "steps=1", "warmup_steps=1", "hardware=auto",
         f"residual_fp32={args.residual_fp32}", f"fake_tensors={args.fake_tensors}",
     ]  # fmt: skip
-    if args.n_layers:
+    if args.n_layers is not None:
         overrides.append(f"model.n_layers={args.n_layers}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return resolve_point(compose("config", overrides=overrides))
@@ -121,10 +123,22 @@ def slope_bound(hidden: int) -> int:
     return 4 * hidden * 4 + 3 * 8
 
 
-def report(args) -> dict:
+def check_points(args) -> dict[int, Point]:
+    """The point of every length, each through the sweep's own checks (``ValueError``)."""
+    from ..sweep.points import check_point
+
+    points = {}
+    for n in args.seq_lens:
+        points[n] = _point(args, n)
+        check_point(points[n])
+    return points
+
+
+def report(args, points: dict[int, Point] | None = None) -> dict:
+    """Measure every length (``points``: as :func:`check_points` made them) and print the report."""
     peaks, totals = {}, {}
     for n in args.seq_lens:
-        point = _point(args, n)
+        point = points[n] if points else _point(args, n)
         totals[n], peaks[n] = peak_allocations(point)
         print(f"S={n}: chunks={point.chunks}, device peak {format_bytes(totals[n])}", flush=True)
     lens = sorted(peaks)
@@ -146,12 +160,13 @@ def report(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="llama-tiny")
-    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--model", type=model_name, default="llama-tiny")
+    p.add_argument("--n-layers", type=positive_int, default=None)
     p.add_argument("--strategy", choices=strategy_names(), default="fpdt")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--chunk-tokens", type=int, default=1024, help="fpdt: the chunk size C kept fixed")
-    p.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed, bf16-true")
+    p.add_argument("--seq-lens", type=positive_int, nargs="+", default=[4096, 8192])
+    p.add_argument("--chunk-tokens", type=positive_int, default=1024,
+                   help="fpdt: the chunk size C kept fixed, dividing every --seq-lens")  # fmt: skip
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
     p.add_argument("--residual-fp32", action="store_true", help="bf16-mixed with an fp32 residual stream")
     p.add_argument("--all", action="store_true", help="also the sites that do not grow")
     p.add_argument("--fake-tensors", action="store_true",
@@ -159,7 +174,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if len(set(args.seq_lens)) < 2:
         p.error("give at least two different --seq-lens (the slope is between the shortest and the longest)")
-    result = report(args)
+    if get_strategy(args.strategy).takes_chunks:
+        for n in args.seq_lens:
+            check_divides(p, "--chunk-tokens", args.chunk_tokens, "--seq-lens", n)
+    with usage_errors(p, f"--model {args.model} --strategy {args.strategy}"):
+        points = check_points(args)  # every length's point, before the first is measured
+    result = report(args, points)
     return 0 if result["slope"] <= result["bound"] else 1
 
 

@@ -23,8 +23,9 @@ from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from ..sweep import config as _schema  # noqa: F401  (registers the structured configs)
 from ..sweep.controller import measure
-from ..sweep.points import resolve_point
+from ..sweep.points import check_point, resolve_point
 from ..sweep.results import ROW_FIELDS, point_key
+from .cli import model_name, out_file, positive_int, usage_errors
 
 
 def _variants(gpus: int, chunks: list[int]):
@@ -38,19 +39,25 @@ def _variants(gpus: int, chunks: list[int]):
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama-tiny")
-    parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--model", type=model_name, default="llama-tiny")
+    parser.add_argument("--seq-len", type=positive_int, default=16384)
+    parser.add_argument("--gpus", type=positive_int, default=2)
+    parser.add_argument("--chunks", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=positive_int, default=2)
+    parser.add_argument("--out", type=out_file, default=None)
     args = parser.parse_args(argv)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    variants = []  # every variant's point checked before the first worker starts
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for label, overrides in _variants(args.gpus, args.chunks):
             cfg = compose("config", overrides=[f"model={args.model}", f"seq_len={args.seq_len}", f"steps={args.steps}",
                                                "warmup_steps=1", "hardware=auto", *overrides])  # fmt: skip
-            point = resolve_point(cfg)
+            with usage_errors(parser, f"variant {label} ({' '.join(overrides)}) at --seq-len {args.seq_len}"):
+                point = resolve_point(cfg)
+                check_point(point)
+            variants.append((label, point))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, point in variants:
             row = measure(point, Path(tmp) / point_key(point))
             row["variant"] = label
             rows.append(row)
@@ -60,6 +67,8 @@ def main(argv=None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out, ROW_FIELDS)
     print(f"wrote {out}")
+    if not any(r["status"] == "ok" for r in rows):
+        raise SystemExit(f"every variant failed (the error column of {out}); first: {rows[0].get('error')}")
     return rows
 
 

@@ -22,7 +22,7 @@ import argparse
 import math
 import statistics
 import time
-from pathlib import Path
+import traceback
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -38,8 +38,10 @@ from ..core.paths import CONF_DIR, RESULTS_DIR
 from ..core.point import Point
 from ..core.tables import write_csv
 from ..sweep import config as _schema  # noqa: F401  (registers the structured configs)
-from ..sweep.points import resolve_point
+from ..sweep.points import check_point, resolve_point
 from ..training.loop import model_config
+from .cli import error_text, non_negative_int, out_file, positive_int, usage_errors
+from .cli import model_name as model_preset
 
 
 def _visible_pairs(sq: int, sk: int, causal: bool) -> int:
@@ -91,12 +93,16 @@ _ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
 def resolve_recipe(model_name: str, recipe: str, seq_len: int, n_layers: int | None = None,
                    loss_tile: int | None = None) -> Point:  # fmt: skip
     """The sweep point ``experiments.run`` would run for ``recipe`` (a key of :data:`RECIPES`) on
-    one process. ``loss_tile`` sets the chunked loss's tile where the recipe has one."""
+    one process. ``loss_tile`` sets the chunked loss's tile where the recipe has one. A point that
+    cannot run (``seq_len`` not in the recipe's chunks, a bad size) is the ``ValueError`` of
+    :func:`experiments.sweep.points.check_point`, as ``experiments.run`` would say it."""
     overrides = [f"model={model_name}", f"seq_len={seq_len}", "gpus=1", "hardware=auto", *RECIPES[recipe]]
-    overrides += [f"model.n_layers={n_layers}"] if n_layers else []
-    overrides += [f"parallel.loss_tile={loss_tile}"] if loss_tile else []
+    overrides += [f"model.n_layers={n_layers}"] if n_layers is not None else []
+    overrides += [f"parallel.loss_tile={loss_tile}"] if loss_tile is not None else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return resolve_point(compose("config", overrides=overrides))
+        point = resolve_point(compose("config", overrides=overrides))
+    check_point(point)
+    return point
 
 
 def count_step(point: Point, recipe: str, seed: int = 0, time_steps: int = 0) -> dict:
@@ -144,34 +150,50 @@ def count_step(point: Point, recipe: str, seed: int = 0, time_steps: int = 0) ->
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama-tiny")
-    parser.add_argument("--n-layers", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--model", type=model_preset, default="llama-tiny")
+    parser.add_argument("--n-layers", type=positive_int, default=None)
+    parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--loss-tile", type=int, default=None, help="tokens per chunked-loss tile (default C/(32P))")
-    parser.add_argument("--time-steps", type=int, default=0, help="also time this many steps per recipe, side by side")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--loss-tile", type=positive_int, default=None,
+                        help="tokens per chunked-loss tile (default C/(32P))")  # fmt: skip
+    parser.add_argument("--time-steps", type=non_negative_int, default=0,
+                        help="also time this many steps per recipe, side by side")  # fmt: skip
+    parser.add_argument("--out", type=out_file, default=None)
     args = parser.parse_args(argv)
+    points = {}
+    for recipe in args.recipes:  # every recipe's point checked before the first is counted
+        with usage_errors(parser, f"--recipes {recipe} ({' '.join(RECIPES[recipe])}) at --seq-len {args.seq_len}"):
+            points[recipe] = resolve_recipe(args.model, recipe, args.seq_len, args.n_layers, args.loss_tile)
     rows = []
-    for recipe in args.recipes:
-        point = resolve_recipe(args.model, recipe, args.seq_len, args.n_layers, args.loss_tile)
-        rows.append(count_step(point, recipe, time_steps=args.time_steps))
+    for recipe, point in points.items():
+        try:
+            rows.append(count_step(point, recipe, time_steps=args.time_steps))
+        except Exception as exc:  # a failed count is a row with its error, not the end
+            traceback.print_exc()
+            rows.append(dict(recipe=recipe, model=point.model, n_layers=point.n_layers, seq_len=point.seq_len,
+                             chunks=point.chunks, error=error_text(exc)))  # fmt: skip
+    ok = [r for r in rows if not r.get("error")]
     print(f"{args.model}, S={args.seq_len}, one process; GFLOP per step (matmuls only), model (MFU's count) / executed")
     print(f"{'recipe':<14} {'step':>17} {'exec/model':>10} {'attention core':>17} {'dense + head':>17}")
     for r in rows:
+        if r.get("error"):
+            print(f"{r['recipe']:<14} error: {r['error']}")
+            continue
         pairs = [(r["model_flops"], r["executed_flops"]), (r["model_attention_flops"], r["attention_flops"]),
                  (r["model_dense_flops"], r["dense_flops"])]  # fmt: skip
         a, b, c = (f"{m / 1e9:.3f} / {e / 1e9:.3f}" for m, e in pairs)
         print(f"{r['recipe']:<14} {a:>17} {r['executed_over_model']:>10.3f} {b:>17} {c:>17}")
-    if args.time_steps:
-        base = rows[0]["step_s"]
+    if args.time_steps and ok:
+        base = ok[0]["step_s"]
         print(f"step time, median of {args.time_steps} (this machine, one after the other):")
-        for r in rows:
-            print(f"{r['recipe']:<14} {r['step_s']:>8.3f} s  {r['step_s'] / base:>6.2f}x {rows[0]['recipe']}")
+        for r in ok:
+            print(f"{r['recipe']:<14} {r['step_s']:>8.3f} s  {r['step_s'] / base:>6.2f}x {ok[0]['recipe']}")
     out = args.out or RESULTS_DIR / f"step_flops_{args.model}_s{args.seq_len}_cpu.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out, FIELDS)
     print(f"wrote {out}")
+    if len(ok) < len(rows):
+        raise SystemExit(f"{len(rows) - len(ok)} recipe(s) failed (rows with an error in {out})")
     return rows
 
 

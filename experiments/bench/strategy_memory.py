@@ -42,6 +42,7 @@ import torch
 from ..core.paths import RESULTS_DIR
 from ..core.tables import write_csv
 from ..core.units import MIB
+from .cli import out_file, positive_int
 
 ROPE_BASE = 500000.0  # Llama 3's
 TOLERANCE = 1e-5  # relative, fp32
@@ -266,20 +267,21 @@ def report(rows: list[dict]) -> float:
 def main(argv=None) -> list[dict]:
     names = multi_rank_strategies()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, nargs="+", default=None,
+    p.add_argument("--seq-len", type=positive_int, default=4096)
+    p.add_argument("--ranks", type=positive_int, default=2)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--kv-heads", type=positive_int, nargs="+", default=None,
                    help="one layer per value (default: --heads and --heads/4, MHA and GQA)")  # fmt: skip
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunks", type=int, default=4, help="fpdt: chunks per rank")
-    p.add_argument("--ulysses-degree", type=int, default=None, help="usp: default the largest that splits the heads")
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--chunks", type=positive_int, default=4, help="fpdt: chunks per rank")
+    p.add_argument("--ulysses-degree", type=positive_int, default=None,
+                   help="usp: default the largest that splits the heads")  # fmt: skip
     p.add_argument("--strategies", nargs="+", choices=names, default=names)
     p.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed-Ulysses out even if installed")
     p.add_argument("--at-peak", choices=[*names, DEEPSPEED], default=None,
                    help="list the storages live at this strategy's device peak, on every rank")  # fmt: skip
-    p.add_argument("--out", type=Path, default=DEFAULT_CSV)
+    p.add_argument("--out", type=out_file, default=DEFAULT_CSV)
     args = p.parse_args(argv)
     kv_heads = args.kv_heads or sorted({args.heads, max(1, args.heads // 4)}, reverse=True)
     shapes = [Shape(args.seq_len, args.heads, n, args.head_dim, args.batch) for n in kv_heads]
@@ -289,6 +291,10 @@ def main(argv=None) -> list[dict]:
             strategies.append(DEEPSPEED)
         else:
             print("deepspeed is not importable: DeepSpeed-Ulysses is left out (pip install deepspeed to add it)")
+    if args.at_peak is not None and args.at_peak not in strategies:
+        why = " (--no-deepspeed, or deepspeed not importable)" if args.at_peak == DEEPSPEED else ""
+        p.error(f"--at-peak {args.at_peak} is not one of the strategies measured{why}; use one of {strategies} "
+                "or add it to --strategies")  # fmt: skip
     from parallel import check_setup, get_strategy
 
     for shape in shapes:

@@ -11,10 +11,18 @@ from pathlib import Path
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (``path`` a directory, a full disk) leaves no temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_json(path: Path, data) -> Path:
@@ -28,13 +36,17 @@ def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> 
     columns = list(fields or [])
     for r in rows:
         columns += [k for k in r if k not in columns]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k) for k in columns})
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: r.get(k) for k in columns})
+        os.replace(tmp, path)
+    except BaseException:  # as write_atomic: no temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
