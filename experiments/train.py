@@ -33,6 +33,7 @@ from .sweep.controller import launch
 from .sweep.points import check_point, resolve_point
 from .sweep.worker import run_rank
 from .training import checkpoint
+from .training.loop import model_config
 from .training.trainer import train_rank
 
 TRAIN_KEYS = ("stop_after", "lr_warmup_steps", "lr_min_ratio", "grad_clip", "weight_decay", "log_every", "resume")
@@ -52,6 +53,8 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         raise ValueError(f"stop_after={point.stop_after} must be in [1, steps={point.steps}]")
     if point.resume and not ckpt["dir"]:
         raise ValueError("resume=true needs checkpoint.dir=<the earlier run's checkpoint directory>")
+    if Path(point.checkpoint_dir).exists() and not Path(point.checkpoint_dir).is_dir():
+        raise ValueError(f"checkpoint.dir={ckpt['dir']} is a file; give a directory (it is created if missing)")
     if point.log_every < 1 or point.checkpoint_every < 0 or point.lr_warmup_steps < 0:
         raise ValueError("log_every must be >= 1, checkpoint.every >= 0 (0: only at the end), lr_warmup_steps >= 0")
     if point.grad_clip is not None and not point.grad_clip > 0:
@@ -63,6 +66,21 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         raise ValueError("fake_tensors=true computes nothing, so there is nothing to train; use it with "
                          "python -m experiments.run or experiments.max_seqlen")  # fmt: skip
     return point
+
+
+def _resume_step(point: TrainPoint) -> int | None:
+    """The step a resume starts at (``None`` without resume), checked before any rank starts."""
+    if not point.resume:
+        return None
+    found = checkpoint.latest(point.checkpoint_dir)
+    if found is None:
+        raise ValueError(f"resume=true but {point.checkpoint_dir} holds no complete checkpoint; run without resume "
+                         "first")  # fmt: skip
+    now = checkpoint.run_meta(point.model, model_config(point), point.gpus, point.lr, point.weight_decay)
+    step, changed = checkpoint.check_resume(found, now, point.end_step)
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resume from {found}: {', '.join(changed)} (this run's settings apply from step {step})", flush=True)
+    return step
 
 
 def _loss_figure(run_dir: Path) -> Path | None:
@@ -86,6 +104,15 @@ def main(cfg: DictConfig) -> None:
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 reports
+    try:
+        start = _resume_step(point)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if start is not None and start == point.end_step:
+        if rank0:
+            print(f"nothing to train: the checkpoint in {point.checkpoint_dir} is at step {start}, the end of this "
+                  "run; raise steps (the schedule's horizon) to continue it", flush=True)  # fmt: skip
+        return
     if rank0:
         print(f"train: {point.model} {point.strategy} seq_len={point.seq_len} chunks={point.chunks} "
               f"gpus={point.gpus} (sp={point.sp}, dp={point.dp}) precision={point.precision} "

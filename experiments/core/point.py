@@ -77,3 +77,8 @@ class TrainPoint(Point):
     resume: bool = False
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = 0
+
+    @property
+    def end_step(self) -> int:
+        """The step this run stops at: ``stop_after``, or the schedule's horizon ``steps``."""
+        return min(self.steps, self.stop_after or self.steps)

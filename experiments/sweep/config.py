@@ -16,12 +16,14 @@ from omegaconf import MISSING
 from fpdt_kernels.backend import BACKENDS
 from parallel import BACKWARD_ORDERS, strategy_names
 
+from ..training.data import TOKEN_DTYPES
 from ..training.precision import DTYPE_TO_PRECISION, PRECISIONS
 
 # Enums built from the names the library defines, so a config can only name what exists.
 # The old key: only the values that still name a precision (see training.precision).
 DType = enum.Enum("DType", {name: name for name in ("auto", *DTYPE_TO_PRECISION)}, type=str)
 Precision = enum.Enum("Precision", {name: name for name in ("auto", *PRECISIONS)}, type=str)
+TokenDType = enum.Enum("TokenDType", {name: name for name in TOKEN_DTYPES}, type=str)
 
 
 Backend = enum.Enum("Backend", {name: name for name in ("auto", *BACKENDS)}, type=str)  # auto: kernels decide
@@ -67,7 +69,7 @@ class HardwareConf:
 @dataclass
 class DataConf:
     path: str | None = None  # numpy memmap of token ids (uint16/uint32/int32/int64); None = synthetic
-    dtype: str = "uint16"  # dtype of the token file
+    dtype: TokenDType = TokenDType.uint16  # dtype of the token file
     packing: bool = True  # documents (eos_id, index or doc_len) give attention document boundaries
     eos_id: int | None = None  # token file: this id ends a document
     index: str | None = None  # token file: .npy of document start offsets (instead of eos_id)

@@ -15,6 +15,7 @@ from parallel import check_mesh, get_strategy
 from ..core.dtypes import dtype_name
 from ..core.hardware import resolve_hardware
 from ..core.point import Point
+from ..training.data import data_spec
 from ..training.loop import model_config, uses_cuda
 from ..training.precision import resolve_precision
 
@@ -111,6 +112,7 @@ def check_point(point: Point) -> None:
 
     check_mesh(point.gpus, point.sp)
     cfg = model_config(point)
+    data_spec(point, cfg.vocab_size).check_files()  # data.* settings, then the token file and index
     get_strategy(point.strategy).check(point.seq_len, point.sp, point.chunks, cfg.n_heads, cfg.n_kv_heads,
                                           point.ulysses_degree)  # fmt: skip
     if point.residual_fp32 and point.fsdp:

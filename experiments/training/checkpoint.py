@@ -49,8 +49,22 @@ def _rng_state() -> dict:
     return state
 
 
-def save(root: Path, step: int, model, optimizer, scheduler) -> Path:
-    """Write the checkpoint of ``step`` under ``root`` (every rank calls it); returns its path."""
+# The model settings a checkpoint's weights belong to: resuming into a model that differs in any
+# of them would load some tensors into the wrong places, or silently drop them.
+ARCHITECTURE = ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "head_dim", "rope_theta",
+                "norm", "norm_eps", "activation", "bias", "tie_embeddings")  # fmt: skip
+
+
+def run_meta(model_name: str, cfg, gpus: int, lr: float, weight_decay: float) -> dict:
+    """What a checkpoint records about the run that wrote it (in its ``COMPLETE`` marker), to
+    check a resume against: the model (``cfg``: its ``ModelConfig``), the ranks, the optimizer."""
+    arch = {k: getattr(cfg, k) for k in ARCHITECTURE}
+    return {"model": model_name, "architecture": arch, "gpus": gpus, "lr": lr, "weight_decay": weight_decay}
+
+
+def save(root: Path, step: int, model, optimizer, scheduler, meta: dict | None = None) -> Path:
+    """Write the checkpoint of ``step`` under ``root`` (every rank calls it); returns its path.
+    ``meta`` (:func:`run_meta`) goes into the ``COMPLETE`` marker beside the step."""
     root, final = Path(root), step_dir(root, step)
     partial = root / f".{final.name}.partial"
     if _rank() == 0:
@@ -63,7 +77,7 @@ def save(root: Path, step: int, model, optimizer, scheduler) -> Path:
     dcp.save(state, checkpoint_id=str(partial))
     _barrier()
     if _rank() == 0:
-        (partial / COMPLETE).write_text(json.dumps({"step": step}))
+        (partial / COMPLETE).write_text(json.dumps({"step": step, **(meta or {})}))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -85,6 +99,45 @@ def latest(root: Path) -> Path | None:
             return path
         warnings.warn(f"skipping incomplete checkpoint {path} (no {COMPLETE} marker or DCP metadata)", stacklevel=2)
     return None
+
+
+def read_meta(path: Path) -> dict:
+    """The ``COMPLETE`` marker of a checkpoint: its step and, if recorded, :func:`run_meta`."""
+    return json.loads((Path(path) / COMPLETE).read_text())
+
+
+def check_resume(path: Path, now: dict, stop: int) -> tuple[int, list[str]]:
+    """The step a resume from ``path`` starts at, and what this run (``now``: :func:`run_meta`)
+    changes of the optimizer settings; ``ValueError`` if it cannot continue that checkpoint (another
+    model, another number of ranks, or a step past ``stop``). Checkpoints written before the marker
+    held the run's settings are checked for the step only."""
+    saved = read_meta(path)
+    step = int(saved["step"])
+    arch = saved.get("architecture")
+    if arch is not None and arch != now["architecture"]:
+        diff = [k for k in ARCHITECTURE if arch.get(k) != now["architecture"][k]]
+        was = ", ".join(f"{k}={arch.get(k)}" for k in diff)
+        new = ", ".join(f"{k}={now['architecture'][k]}" for k in diff)
+        raise ValueError(f"{path} holds a {saved['model']} with {was}; this run's {now['model']} has {new}. Resume "
+                         "with the model settings of that run, or give a new checkpoint.dir")  # fmt: skip
+    if saved.get("gpus", now["gpus"]) != now["gpus"]:
+        raise ValueError(f"{path} was written by gpus={saved['gpus']} (one RNG state per rank); resume with "
+                         f"gpus={saved['gpus']} (its sp/dp split may differ), not gpus={now['gpus']}")  # fmt: skip
+    if step > stop:
+        raise ValueError(f"{path} is at step {step}, past this run's end (step {stop}); raise steps (the schedule's "
+                         "horizon) or stop_after to continue it")  # fmt: skip
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in ("lr", "weight_decay") if saved.get(k, now[k]) != now[k]]
+    return step, changed
+
+
+def apply_settings(optimizer, scheduler, lr: float, weight_decay: float) -> None:
+    """Make a resumed optimizer follow this run's peak ``lr`` and ``weight_decay``: loading a
+    checkpoint restores the saved ones, while the schedule's shape (warm-up, horizon) is this run's
+    already. Unchanged settings give the loaded learning rate bit for bit (``LambdaLR``'s rule)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"], group["weight_decay"] = lr, lr * factor(scheduler.last_epoch), weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def load(path: Path, model, optimizer, scheduler) -> int:

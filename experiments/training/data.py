@@ -17,11 +17,16 @@ position predicts the next document's first token from its own document's contex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.point import Point
+
+# The dtypes a token file may hold (``data.dtype``): unsigned or signed integers wide enough for
+# a vocabulary. A float or 8-bit file would read as other numbers, and train on them silently.
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,45 @@ class DataSpec:
             raise ValueError(f"data.doc_len={self.doc_len} must be >= 1 tokens")
         if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
             raise ValueError(f"data.eos_id={self.eos_id} is not a token id of the model (vocab_size={self.vocab_size})")
+        if self.file_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"data.dtype={self.file_dtype} is not a token dtype; use one of {', '.join(TOKEN_DTYPES)}")
+
+    def check_files(self) -> None:
+        """Raise ``ValueError`` unless the token file (and the index) can give this run's windows:
+        called once before any rank starts, so a wrong path fails in seconds, not in every rank."""
+        if self.path is None:
+            return
+        path, itemsize = Path(self.path), np.dtype(self.file_dtype).itemsize
+        if not path.is_file():
+            raise ValueError(f"data.path={self.path} is not a file (a numpy memmap of {self.file_dtype} token ids)")
+        size = path.stat().st_size
+        if size % itemsize:
+            raise ValueError(f"data.path={self.path} has {size} bytes, not a whole number of {self.file_dtype} "
+                             f"tokens ({itemsize} bytes each); is data.dtype right?")  # fmt: skip
+        tokens = size // itemsize
+        if tokens < self.seq_len + 1:
+            raise ValueError(f"data.path has {tokens} tokens; seq_len={self.seq_len} needs at least {self.seq_len + 1}")
+        if self.index is not None:
+            _check_index(self.index, tokens)
+
+
+def _check_index(index: str, tokens: int) -> None:
+    """``data.index``: a ``.npy`` of document start offsets, non-decreasing, in ``[0, tokens)``."""
+    what = f"data.index must be a .npy of non-decreasing integer document start offsets in [0, {tokens})"
+    if not index.endswith(".npy"):
+        raise ValueError(f"{what}; {index} is not a .npy file (numpy.save writes one)")
+    try:
+        offsets = np.load(index, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what}; reading {index} failed: {exc}") from None
+    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(f"{what}; {index} holds a {offsets.dtype} array of shape {offsets.shape}")
+    if len(offsets) and (offsets[0] < 0 or offsets[-1] >= tokens):
+        raise ValueError(f"{what}; {index} runs from {offsets[0]} to {offsets[-1]}")
+    bad = np.flatnonzero(np.diff(offsets) < 0)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{what}; {index} decreases at position {i + 1} ({offsets[i]} then {offsets[i + 1]})")
 
 
 def _generator(spec: DataSpec, step: int) -> torch.Generator:

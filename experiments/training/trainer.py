@@ -73,9 +73,11 @@ def train_rank(point: Point, run_dir: Path) -> dict:
         if found is None:
             raise ValueError(f"resume=true but {ckpt_root} holds no complete checkpoint; run without resume first")
         start = checkpoint.load(found, model, optimizer, scheduler)
+        checkpoint.apply_settings(optimizer, scheduler, point.lr, point.weight_decay)
         if rank == 0:
             print(f"resumed from {found} (step {start} of {horizon})", flush=True)
-    stop = min(horizon, point.stop_after or horizon)
+    stop = point.end_step
+    meta = checkpoint.run_meta(point.model, model_config(point), point.gpus, point.lr, point.weight_decay)
     data = data_spec(point, model_config(point).vocab_size)
     tokens_per_step = point.batch_size * mesh.dp.size * point.seq_len
     log = _Log(Path(run_dir) / "train.csv", enabled=rank == 0)
@@ -103,9 +105,9 @@ def train_rank(point: Point, run_dir: Path) -> dict:
                       f"{row['tokens_per_s']:.0f} tok/s  {seconds:.2f} s{mem}", flush=True)  # fmt: skip
             done = step + 1
             if point.checkpoint_every and done % point.checkpoint_every == 0 and done < stop:
-                checkpoint.save(ckpt_root, done, model, optimizer, scheduler)
+                checkpoint.save(ckpt_root, done, model, optimizer, scheduler, meta)
         if stop > start or not point.resume:
-            path = checkpoint.save(ckpt_root, stop, model, optimizer, scheduler)
+            path = checkpoint.save(ckpt_root, stop, model, optimizer, scheduler, meta)
             if rank == 0:
                 print(f"checkpoint: {path}", flush=True)
     finally:
