@@ -4,13 +4,15 @@ Every function takes rows as returned by :func:`load_results` (dicts with number
 parsed) and draws on matplotlib axes, so notebooks can compose them; :func:`summary_figure`
 is the memory + MFU figure the sweeps write as PNG. Colours mark the strategy, line styles the
 chunk count, markers the GPU count; where a curve ran out of memory, an ``x`` of its colour sits
-on the device-memory line at the first ``seq_len`` that failed.
+on the device-memory line at the first ``seq_len`` that failed, and a point that failed otherwise
+(``error``, ``timeout``) is a hollow marker of its status at the foot of each panel, where its
+curve is broken. Tables are read and checked by :mod:`experiments.figures.inputs`.
 """
 
 from __future__ import annotations
 
-import csv
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from parallel import get_strategy, strategy_names
 
 from ..core.hardware import load_preset
 from ..core.units import GIB, byte_unit, format_tokens
-from ..sweep.results import load_points
+from .inputs import FigureSpec, read_tables
 
 # Rows of a strategy no longer registered (an old sweep) are drawn in this colour.
 UNKNOWN_STRATEGY_COLOR = "#bcbd22"
@@ -51,13 +53,42 @@ def _is_baseline(strategy) -> bool:
 
 CHUNK_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 GPU_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D", 16: "v", 32: "P"}
-_NUMERIC = {
-    "seq_len", "chunks", "gpus", "batch_size", "n_layers", "step_time_s", "step_time_p20_s",
-    "step_time_p80_s", "tokens_per_s", "tflops_per_gpu", "mfu", "mfu_full_attention", "peak_tflops",
-    "device_mem_peak_gib", "device_mem_reserved_gib", "host_mem_gib", "host_mem_node_gib",
-    "rss_peak_gib", "max_device_memory", "device_mem_total_gib", "loss", "max_seq_len", "first_failure",
-    "probes", "chunk_tokens",
-}  # fmt: skip
+# Failed points have no value: a hollow marker of their status at the foot of the panel. (On the
+# memory panel an ``oom`` is an ``x`` on the device-memory line instead, at the first one of a curve.)
+FAILURE_MARKERS = {"oom": "x", "error": "*", "timeout": "h"}
+FAILURE_LABELS = {"oom": "out of memory (no value)", "error": "error (no value)", "timeout": "timed out (no value)"}
+
+
+def describe_row(r) -> str:
+    """A result row in a note: ``fpdt u=1 gpus=2 S=2048 timeout (the error's first line)``."""
+    text = str(r.get("strategy"))
+    text += f" u={r['chunks']}" if strategy_takes_chunks(r.get("strategy")) and r.get("chunks") is not None else ""
+    text += f" gpus={r['gpus']}" if r.get("gpus") is not None else ""
+    text += f" S={r['seq_len']}" if r.get("seq_len") is not None else ""
+    text += f" {r.get('status')}"
+    error = str(r.get("error") or "").strip().splitlines()
+    return text + (f" ({error[0][:80]})" if error else "")
+
+
+# What each figure needs of its tables (checked by experiments.figures.inputs.check_figure).
+MEMORY_MFU = FigureSpec(
+    "memory_mfu", keys=("seq_len", "status", "strategy"), values=("device_mem_peak_gib",),
+    optional={"host_mem_gib": "the host-memory panel", "mfu": "the MFU panel"}, noted=("error", "timeout"),
+    positive=("seq_len",), describe=describe_row,
+)  # fmt: skip
+CHUNKS = FigureSpec(
+    "chunks", keys=("seq_len", "status", "strategy", "chunks"), values=("device_mem_peak_gib", "step_time_s"),
+    positive=("seq_len", "chunks"), select=lambda r: strategy_takes_chunks(r.get("strategy")),
+    describe=describe_row,
+)  # fmt: skip
+MAX_SEQLEN = FigureSpec(
+    "max_seqlen", keys=("status", "strategy"), values=("max_seq_len",), drawn=("ok", "limit"), noted=("error",),
+    describe=describe_row,
+)  # fmt: skip
+TRAIN_LOSS = FigureSpec(
+    "train_loss", keys=("step",), values=("loss",), optional={"lr": "the learning-rate panel"}, drawn=None,
+    describe=lambda r: f"{r.get('source')} step {r.get('step')} loss={r.get('loss')}",
+)  # fmt: skip
 
 
 def _in_unit(rows, keys, extra_gib=()):
@@ -71,31 +102,13 @@ def _in_unit(rows, keys, extra_gib=()):
     return shown, unit, factor
 
 
-def _parse(value: str):
-    if value in ("", "None", None):
-        return None
-    if value in ("True", "False"):
-        return value == "True"
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
-
-
-def _read_rows(paths, name: str) -> list[dict]:
+def _load(paths, kind) -> list[dict]:
     rows = []
     for p in paths:
-        p = Path(p)
-        files = [p] if p.is_file() else sorted(p.rglob(name))
-        if not files:
-            raise FileNotFoundError(f"no {name} at {p}")
-        for f in files:
-            with f.open(newline="") as fh:
-                for raw in csv.DictReader(fh):
-                    row = {k: (_parse(v) if k in _NUMERIC or v in ("True", "False", "") else v) for k, v in raw.items()}
-                    row["source"] = str(f)
-                    rows.append(row)
+        for table in read_tables(p, kind):
+            for note in table.notes:
+                warnings.warn(note, stacklevel=3)
+            rows += table.rows
     return rows
 
 
@@ -103,18 +116,12 @@ def load_results(*paths) -> list[dict]:
     """Rows of one or more ``results.csv`` files or sweep directories (searched recursively).
 
     In a sweep directory the per-point files (``points/*.json``) are the record and ``results.csv``
-    is rebuilt from them; rows are read from the points where they exist, so an unreadable point
-    (skipped with a warning) or a stale table cannot break a figure.
+    is rebuilt from them; rows are read from the points where they exist, so a stale table cannot
+    break a figure; a point file that cannot be read is replaced by its row in ``results.csv``
+    (with a warning). A cell that is not a number in a number column raises
+    :class:`~experiments.figures.inputs.PlotInputError` naming the file and line.
     """
-    rows = []
-    for p in map(Path, paths):
-        sweep_dirs = [] if p.is_file() else sorted({f.parent.parent for f in p.rglob("points/*.json")})
-        if sweep_dirs:
-            for d in sweep_dirs:
-                rows += [dict(r, source=str(d)) for r in load_points(d)]
-        else:
-            rows += _read_rows([p], "results.csv")
-    return rows
+    return _load(paths, "sweep")
 
 
 def load_max_seqlen(*paths) -> list[dict]:
@@ -122,12 +129,7 @@ def load_max_seqlen(*paths) -> list[dict]:
 
     A sweep directory holds one aggregated table and one per job: only the aggregate is read.
     """
-    rows = []
-    for p in paths:
-        p = Path(p)
-        top = p / "max_seqlen.csv"
-        rows += _read_rows([top if p.is_dir() and top.exists() else p], "max_seqlen.csv")
-    return rows
+    return _load(paths, "max_seqlen")
 
 
 def newest_sweep(root="results/sweeps") -> Path:
@@ -185,8 +187,44 @@ def _seq_axis(ax, values):
     ax.set_xlabel("sequence length (tokens)")
 
 
+def _with_gaps(pts, x_key, y_key):
+    """A curve's ``ok`` values along ``x_key`` (``pts`` sorted along it); a failed row between two of
+    them, at an x with no ``ok`` value, breaks the line there (a NaN)."""
+    valued = {r[x_key] for r in pts if r.get("status") == "ok" and r.get(y_key) is not None}
+    xs, ys = [], []
+    for r in pts:
+        if r.get("status") == "ok" and r.get(y_key) is not None:
+            xs.append(r[x_key])
+            ys.append(r[y_key])
+        elif r.get("status") in FAILURE_MARKERS and r[x_key] not in valued and ys and not math.isnan(ys[-1]):
+            xs.append(r[x_key])
+            ys.append(math.nan)
+    while ys and math.isnan(ys[-1]):
+        xs.pop()
+        ys.pop()
+    return xs, ys
+
+
+def _mark_failures(ax, rows, x_key, markers, legend=True):
+    """Rows that failed without a value: a hollow marker of their status (``markers``) and their
+    strategy's colour at their x at the foot of ``ax``; with ``legend``, one legend entry per status."""
+    seen = []
+    for r in rows:
+        marker = markers.get(r.get("status"))
+        if marker is None:
+            continue
+        ax.plot([r[x_key]], [0], transform=ax.get_xaxis_transform(), linestyle="none", marker=marker,
+                color=strategy_color(r.get("strategy")), markerfacecolor="none", markersize=11,
+                markeredgewidth=2, clip_on=False, zorder=6)  # fmt: skip
+        seen += [r["status"]] if r["status"] not in seen else []
+    for status in (s for s in markers if s in seen and legend):
+        ax.plot([], [], linestyle="none", marker=markers[status], color="gray", markerfacecolor="none",
+                markeredgewidth=2, label=FAILURE_LABELS[status])  # fmt: skip
+
+
 def _draw_curves(ax, rows, y_key, x_key="seq_len", oom_y=None):
-    """One line per (model, strategy, chunks, gpus) over its ``ok`` rows.
+    """One line per (model, strategy, chunks, gpus) over its ``ok`` rows, broken where a point
+    failed; an ``error`` or ``timeout`` point is a hollow marker of its status at the foot of ``ax``.
 
     With ``oom_y`` set, the first ``oom`` point of each curve is a red ``x`` at that height
     (the device limit): where the strategy stopped.
@@ -194,16 +232,18 @@ def _draw_curves(ax, rows, y_key, x_key="seq_len", oom_y=None):
     curves = _series(rows, x_key)
     all_chunks = {k[2] for k in curves}
     multi_model = len({k[0] for k in curves}) > 1
+    others = {s: m for s, m in FAILURE_MARKERS.items() if s != "oom"}
     for key, pts in curves.items():
-        ok = [r for r in pts if r.get("status") == "ok" and r.get(y_key) is not None]
+        xs, ys = _with_gaps(pts, x_key, y_key)
         style = _style(key[1], key[2], key[3], all_chunks)
-        if ok:
-            ax.plot([r[x_key] for r in ok], [r[y_key] for r in ok], label=_label(key, multi_model), **style)
+        if xs:
+            ax.plot(xs, ys, label=_label(key, multi_model), **style)
         failed = [r for r in pts if r.get("status") == "oom"]
         if oom_y is not None and failed:
             first = min(failed, key=lambda r: r[x_key])
             ax.plot([first[x_key]], [oom_y], linestyle="none", marker="x", color=style["color"], markersize=12,
                     markeredgewidth=3, zorder=5)  # fmt: skip
+    _mark_failures(ax, [r for pts in curves.values() for r in pts], x_key, others)
     return curves
 
 
@@ -289,14 +329,21 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
         if r["seq_len"] == seq_len:
             groups[(r.get("model"), r.get("strategy"), r.get("gpus"))].append(r)
     _, unit, factor = _in_unit(fpdt, ["device_mem_peak_gib"])
+    nan = math.nan
     for (model, strategy, gpus), pts in sorted(groups.items(), key=str):
         pts.sort(key=lambda r: r["chunks"])
         xs = [r["chunks"] for r in pts]
         label = f"{model} {strategy}, {gpus} GPU" + ("s" if gpus != 1 else "")
         kw = dict(color=strategy_color(strategy), marker=GPU_MARKERS.get(gpus, "o"), label=label)
-        ax_time.plot(xs, [r["step_time_s"] for r in pts], **kw)
-        ax_mem.plot(xs, [r["device_mem_peak_gib"] * factor for r in pts], **kw)
-    ticks = sorted({r["chunks"] for pts in groups.values() for r in pts})
+        ax_time.plot(xs, [nan if r.get("step_time_s") is None else r["step_time_s"] for r in pts], **kw)
+        ax_mem.plot(xs, [nan if r.get("device_mem_peak_gib") is None else r["device_mem_peak_gib"] * factor
+                         for r in pts], **kw)  # fmt: skip
+    # The chunk counts that failed at this seq_len: a marker of their status at the foot of each panel.
+    failed = sorted((r for r in rows if strategy_takes_chunks(r.get("strategy")) and r.get("status") in FAILURE_MARKERS
+                     and r.get("seq_len") == seq_len and r.get("chunks")), key=lambda r: r["chunks"])  # fmt: skip
+    _mark_failures(ax_time, failed, "chunks", FAILURE_MARKERS)
+    _mark_failures(ax_mem, failed, "chunks", FAILURE_MARKERS, legend=False)
+    ticks = sorted({r["chunks"] for pts in groups.values() for r in pts} | {r["chunks"] for r in failed})
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(ticks or [1]))
@@ -345,21 +392,29 @@ def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
 
 def plot_max_seqlen(rows, ax):
     """Longest trainable ``seq_len`` per strategy (bars), grouped by (model, gpus); each bar says
-    its ratio to the group's baseline bar (``ulysses``; else its shortest bar)."""
+    its ratio to the group's baseline bar (``ulysses``; else its shortest bar). A search that
+    stopped with an ``error`` is a hatched bar (the longest length that fit before it) saying so."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r.get("model"), r.get("gpus"))].append(r)
     x, labels, centers = 0, [], []
     width = 0.8
+    failed = False
     for (model, gpus), pts in sorted(groups.items(), key=str):
         pts.sort(key=lambda r: (not _is_baseline(r["strategy"]), r.get("chunks") or 0, r.get("chunk_tokens") or 0))
-        base = next((r["max_seq_len"] for r in pts if _is_baseline(r["strategy"]) and r["max_seq_len"]), None)
-        base = base or min((r["max_seq_len"] for r in pts if r["max_seq_len"]), default=None)
+        found = [r for r in pts if r.get("status") != "error"]
+        base = next((r["max_seq_len"] for r in found if _is_baseline(r["strategy"]) and r["max_seq_len"]), None)
+        base = base or min((r["max_seq_len"] for r in found if r["max_seq_len"]), default=None)
         start = x
         for r in pts:
             value = r["max_seq_len"] or 0
-            ax.bar(x, value, width=width, color=strategy_color(r["strategy"]), edgecolor="black")
-            text = f"{format_tokens(value)}" + (f"\n{value / base:.1f}x" if base and value else "")
+            if r.get("status") == "error":
+                ax.bar(x, value, width=width, color="white", edgecolor=strategy_color(r["strategy"]), hatch="//")
+                failed = True
+                text = "error" + (f"\n>= {format_tokens(value)}" if value else "")
+            else:
+                ax.bar(x, value, width=width, color=strategy_color(r["strategy"]), edgecolor="black")
+                text = f"{format_tokens(value)}" + (f"\n{value / base:.1f}x" if base and value else "")
             ax.annotate(
                 text, (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
             )
@@ -377,6 +432,10 @@ def plot_max_seqlen(rows, ax):
     ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _p: format_tokens(x)))
     ax.set_ylabel("longest trainable sequence (tokens)")
     ax.margins(y=0.15)
+    if failed:
+        proxy = plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="gray", hatch="//")
+        ax.legend([proxy], ["error: the search stopped (bar: the longest length that fit)"], fontsize=8,
+                  frameon=False, loc="upper left")  # fmt: skip
 
 
 def _legend(fig, axes):
@@ -392,11 +451,19 @@ def _legend(fig, axes):
     return math.ceil(len(labels) / 4)
 
 
-def summary_figure(rows, path, device_memory_gib=None, formats=("png",), both_conventions=False):
-    """Device memory, host memory and MFU vs ``seq_len`` side by side; saved as PNG (and PDF)."""
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
-    plot_memory(rows, axes[0], axes[1], device_memory_gib)
-    plot_mfu(rows, axes[2], both_conventions)
+def summary_figure(rows, path, device_memory_gib=None, formats=("png",), both_conventions=False,
+                   panels=("device", "host", "mfu")):  # fmt: skip
+    """Device memory, host memory and MFU vs ``seq_len`` side by side; saved as PNG (and PDF).
+    ``panels`` leaves out the host-memory or MFU panel (for tables without that column)."""
+    if "device" not in panels or not set(panels) <= {"device", "host", "mfu"}:
+        raise ValueError(f"panels must be 'device' and any of 'host', 'mfu'; got {panels}")
+    panels = [p for p in ("device", "host", "mfu") if p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(17 * len(panels) / 3, 5.2), squeeze=False)
+    axes = dict(zip(panels, axes[0], strict=True))
+    plot_memory(rows, axes["device"], axes.get("host"), device_memory_gib)
+    if "mfu" in axes:
+        plot_mfu(rows, axes["mfu"], both_conventions)
+    axes = list(axes.values())
     models = sorted({str(r.get("model")) for r in rows})
     fig.suptitle(f"{', '.join(models)}: memory and MFU vs sequence length")
     legend_rows = _legend(fig, axes)
@@ -458,15 +525,22 @@ def plot_timeline(rows, path, title="", formats=("png",)):
     return _save(fig, path, formats)
 
 
+def _float(value) -> float:
+    return math.nan if value in (None, "") else float(value)
+
+
 def plot_training(rows, ax_loss, ax_lr=None, label=None, **style):
     """Loss vs optimizer step from ``train.csv`` rows (strings or numbers); the learning rate on
-    ``ax_lr`` if given."""
+    ``ax_lr`` if given and the rows have one. A run of one step is a marker."""
     steps = [int(float(r["step"])) + 1 for r in rows]
-    ax_loss.plot(steps, [float(r["loss"]) for r in rows], label=label, **style)
+    if len(rows) == 1:
+        style = {"marker": "o", **style}
+    ax_loss.plot(steps, [_float(r.get("loss")) for r in rows], label=label, **style)
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss (mean token cross entropy)")
-    if ax_lr is not None:
-        ax_lr.plot(steps, [float(r["lr"]) for r in rows], color="gray", linewidth=1)
+    if ax_lr is not None and any(r.get("lr") not in (None, "") for r in rows):
+        ax_lr.plot(steps, [_float(r.get("lr")) for r in rows], color="gray", linewidth=1,
+                   marker="o" if len(rows) == 1 else None)  # fmt: skip
         ax_lr.set_xlabel("optimizer step")
         ax_lr.set_ylabel("learning rate")
 
@@ -475,16 +549,23 @@ def training_figure(runs, path, formats=("png",)):
     """Loss curves and learning-rate schedules of one or more runs on one figure (``runs``: the
     ``train.csv`` rows of one run, or ``{label: rows}``)."""
     runs = runs if isinstance(runs, dict) else {None: runs}
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    # The learning rate of the first run that has one (runs of one comparison share the schedule).
+    lr_run = next((label for label, rows in runs.items() if any(r.get("lr") not in (None, "") for r in rows)), None)
+    if any("lr" in r for rows in runs.values() for r in rows):
+        fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    else:  # no lr column: the loss alone
+        fig, ax_loss = plt.subplots(figsize=(8.25, 4))
+        ax_lr = None
     cmap = plt.get_cmap("tab10")
     for i, (label, rows) in enumerate(runs.items()):
         color = strategy_color(label) if _spec(label) is not None else cmap(i % 10)
         # Wide solid line first, then thinner dashed ones: runs that agree stay visible on top of each other.
         style = dict(linewidth=2.5, linestyle="-") if i == 0 else dict(linewidth=1.2, linestyle="--")
-        plot_training(rows, ax_loss, ax_lr if i == 0 else None, label=label, color=color, **style)
+        plot_training(rows, ax_loss, ax_lr if label == lr_run else None, label=label, color=color, **style)
     if any(runs):
         ax_loss.legend(frameon=False)
     ax_loss.set_title("training loss")
-    ax_lr.set_title("learning rate")
+    if ax_lr is not None:
+        ax_lr.set_title("learning rate")
     fig.tight_layout()
     return _save(fig, path, formats)
