@@ -350,3 +350,18 @@ def test_planner_matches_fake_tensor_steps_at_gpu_scale():
         what = (r["strategy"], r["seq_len"], f"{e.device_peak / (1 << 30):.2f} vs {measured / (1 << 30):.2f} GiB")
         assert e.device_peak == pytest.approx(measured, rel=0.06), what
         assert sum(e.host.values()) == pytest.approx(float(r["host_mem_gib"]) * (1 << 30), rel=0.01), what
+
+
+def test_the_recommended_chunk_includes_the_callers_own(monkeypatch):
+    # A length found with chunk_tokens fits with it, so the recommendation there is never "none",
+    # even when that chunk count is past the ones recommend_chunk_tokens tries on its own.
+    from experiments.planner import search
+
+    S, C = 1 << 16, 1 << 14  # u = 4
+    whole, chunked = (estimate("llama3-8b", "fpdt", 1, "h100-sxm", S, chunks=u).device_peak for u in (1, 4))
+    assert chunked < whole
+    cap = (whole + chunked) / 2 / (1 << 30)  # GiB: u=4 fits, u=1 does not
+    monkeypatch.setattr(search, "MAX_CHUNKS", 1)
+    kw = dict(max_device_memory=cap)
+    assert recommend_chunk_tokens("llama3-8b", 1, "h100-sxm", S, **kw) is None
+    assert recommend_chunk_tokens("llama3-8b", 1, "h100-sxm", S, chunk_tokens=C, **kw) == C

@@ -146,10 +146,10 @@ def test_token_dtypes_are_checked_by_the_schema_and_the_library(tmp_path):
         DataSpec(256, 1, 96, file_dtype="uint8").check()
 
 
-def test_the_token_dtype_is_part_of_a_points_key():
+@pytest.mark.parametrize("override, field", [("data.dtype=uint32", "data_dtype"), ("lr=1e-3", "lr")])
+def test_the_token_dtype_and_the_lr_are_part_of_a_points_key(override, field):
     default = resolve_point(_compose("config", []))
-    wide = resolve_point(_compose("config", ["data.dtype=uint32"]))
-    assert point_key(wide) != point_key(default)
-    # Older sweeps' points (before the key held the dtype) keep their keys at the default.
-    assert point_key(default) == point_key({k: v for k, v in default.as_dict().items() if k != "data_dtype"})
+    assert point_key(resolve_point(_compose("config", [override]))) != point_key(default)
+    # Older sweeps' points (before the key held the field) keep their keys at the default.
+    assert point_key(default) == point_key({k: v for k, v in default.as_dict().items() if k != field})
     assert OmegaConf.to_container(_compose("config", []), enum_to_str=True)["data"]["dtype"] == "uint16"

@@ -130,8 +130,11 @@ def plan_table(cfg: DictConfig) -> str:
         if not maxima[s]:
             continue
         best = recommend_chunk_tokens(model, gpus, hardware, maxima[s], strategy=s, **kw)
+        if best is None:
+            lines.append(f"recommended {s} chunk at seq_len {maxima[s]:,}: none of the chunk sizes tried fits")
+            continue
         note = "" if best == kw["chunk_tokens"] else f" (the table uses chunk_tokens={kw['chunk_tokens']})"
-        lines.append(f"recommended {s} chunk at seq_len {maxima[s]:,}: {best} tokens{note}")
+        lines.append(f"recommended {s} chunk at seq_len {maxima[s]:,}: {best:,} tokens{note}")
     return "\n".join(lines)
 
 

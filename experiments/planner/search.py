@@ -88,19 +88,23 @@ def max_seq_len(
 def recommend_chunk_tokens(model: str, gpus: int, hardware: str | Mapping, seq_len: int, *, strategy: str = "fpdt",
                            **switches) -> int | None:  # fmt: skip
     """The smallest power-of-two chunk (tokens) of ``strategy`` (one that takes chunks; FPDT by
-    default) that divides ``seq_len``, fits, and hides
+    default; ``chunk_tokens`` in ``switches`` is tried too) that divides ``seq_len``, fits, and hides
     the host-device traffic behind compute (replayed pipeline within ``HIDE_TOLERANCE`` of the
     same pipeline with free copies); if none hides it, the fitting one with the shortest step.
     ``None`` if no chunk size fits."""
     if not get_strategy(strategy).takes_chunks:
         raise ValueError(f"strategy {strategy!r} takes no chunks; recommend a chunk for one that does")
-    switches.pop("chunk_tokens", None)
+    given = switches.pop("chunk_tokens", None)
     switches.pop("chunks", None)
     c, candidates = gpus, []
     while c <= seq_len:
         if seq_len % c == 0 and seq_len // c <= MAX_CHUNKS:
             candidates.append(c)
         c *= 2
+    # The caller's own chunk too (past MAX_CHUNKS, or not a power of two): a length max_seq_len
+    # found with it fits with it, so the answer at that length is never "none".
+    if given and seq_len % given == 0 and given not in candidates:
+        candidates = sorted([*candidates, given])
     fitting = []
     for c in candidates:
         e = estimate(model, strategy, gpus, hardware, seq_len, chunks=seq_len // c, **switches)

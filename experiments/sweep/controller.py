@@ -50,7 +50,7 @@ from .worker import run_rank, spawn_entry, summarize
 
 FINAL_STATUSES = ("ok", "oom")
 # Point fields that are not part of the row (how to run it, not what was run).
-_NOT_IN_ROW = ("lr", "timeout_s", "results_csv", "requested_chunks")
+_NOT_IN_ROW = ("timeout_s", "results_csv", "requested_chunks")
 
 
 def _free_port() -> int:

@@ -43,12 +43,12 @@ KEY_FIELDS = [
     "hardware", "offload", "activation_checkpointing", "checkpoint_on_host", "chunked_mlp",
     "chunked_loss", "mlp_tile", "loss_tile", "fsdp", "offload_states", "residual_fp32", "steps", "warmup_steps", "seed",
     "max_device_memory", "data_path", "data_packing", "data_eos_id", "data_index", "data_doc_len",
-    "ulysses_degree", "backward_order", "max_host_memory", "fake_tensors", "data_dtype",
+    "ulysses_degree", "backward_order", "max_host_memory", "fake_tensors", "data_dtype", "lr",
 ]  # fmt: skip
 # Key fields added later enter a point's key only when set away from their default, so the points
 # of older sweeps keep their keys (and are not run again).
 _KEY_FIELD_DEFAULTS = {"ulysses_degree": None, "backward_order": "auto", "max_host_memory": None, "fake_tensors": False,
-                       "data_dtype": "uint16"}  # fmt: skip
+                       "data_dtype": "uint16", "lr": 1e-4}  # fmt: skip
 
 
 def point_key(point: Point | dict) -> str:
