@@ -116,6 +116,9 @@ def init_mesh(sp: int | None = None, ulysses: int | None = None) -> Mesh:
     sequence-parallel group, ``dp = 1``); with ``ulysses`` (``U``, dividing ``sp``) the ``sp`` axis
     is itself split into ``(ring, ulysses)``: groups of ``U`` consecutive ranks. Every rank must
     call it. Without ``torch.distributed`` (one process) returns :meth:`Mesh.single`."""
+    for name, value in (("sp", sp), ("ulysses", ulysses)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1 (or None)")
     if not dist.is_initialized():
         if sp not in (None, 1) or ulysses not in (None, 1):
             raise ValueError(f"sp={sp} needs {sp} ranks; torch.distributed is not initialised (one process)")

@@ -16,9 +16,9 @@ import torch
 
 def check_layout(seq_len: int, world: int, chunks: int) -> None:
     """Raise ``ValueError`` unless ``seq_len`` splits into ``world*chunks`` equal pieces."""
-    if world < 1 or chunks < 1:
-        raise ValueError(f"gpus={world} and chunks={chunks} must both be >= 1")
-    if seq_len < 1 or seq_len % (world * chunks):
+    if world < 1 or chunks < 1 or seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}, gpus={world} and chunks={chunks} must all be >= 1")
+    if seq_len % (world * chunks):
         n = world * chunks
         raise ValueError(f"seq_len={seq_len} is not divisible by gpus*chunks={n}; use a multiple of {n}")
 

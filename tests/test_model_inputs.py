@@ -250,3 +250,25 @@ def test_fpdt_settings_on_another_strategy_warn(strategy):
         parallelize(model, strategy, group=SPGroup.single(), chunks=4, offload=True)
     strat = next(m.strategy for m in model.modules() if "strategy" in vars(m))
     assert strat.chunks == 1  # (offload is read by fpdt only)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("fpdt", 256, -2, 1, 4, 4), r"sp=-2 \(sequence-parallel ranks\) must be >= 1"),
+        (("usp", 256, 0, 1, 4, 4), r"sp=0 \(sequence-parallel ranks\) must be >= 1"),
+        (("fpdt", 0, 1, 1, 4, 4), r"seq_len=0 must be >= 1"),
+    ],
+)
+def test_check_setup_counts_are_positive(args, match):
+    from parallel import check_setup
+
+    with pytest.raises(ValueError, match=match):
+        check_setup(*args)
+
+
+def test_init_mesh_sizes_are_positive():
+    from parallel.distributed import init_mesh
+
+    with pytest.raises(ValueError, match=r"sp=0 must be >= 1 \(or None\)"):
+        init_mesh(0)

@@ -50,8 +50,10 @@ def test_u1_is_the_ulysses_layout():
 def test_layout_errors():
     with pytest.raises(ValueError, match=r"seq_len=1000 is not divisible by gpus\*chunks=16; use a multiple of 16"):
         check_layout(1000, 4, 4)
-    with pytest.raises(ValueError, match="must both be >= 1"):
+    with pytest.raises(ValueError, match=r"seq_len=16, gpus=2 and chunks=0 must all be >= 1"):
         check_layout(16, 2, 0)
+    with pytest.raises(ValueError, match=r"seq_len=0, gpus=2 and chunks=1 must all be >= 1"):
+        check_layout(0, 2, 1)
     with pytest.raises(ValueError, match="rank=2 is outside 0..1"):
         local_positions(16, 2, 2, 2)
 

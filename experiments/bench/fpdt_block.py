@@ -180,7 +180,7 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         for C in args.chunk_tokens:
             check_divides(parser, "--chunk-tokens", C, "--seq-lens", S)
         for strategy, C in [("ulysses", S), *(("fpdt", C) for C in args.chunk_tokens)]:
-            at = f"{strategy} at S={S}" + (f" C={C}" if strategy == "fpdt" else "")
+            at = f"{strategy} at S={S}" + (f" C={C}" if get_strategy(strategy).takes_chunks else "")
             with usage_errors(parser, f"--heads {args.heads} --kv-heads {kv_heads}, {at}"):
                 check_setup(strategy, S, 1, S // C, args.heads, kv_heads)
 

@@ -69,16 +69,18 @@ class Strategy:
               ulysses_degree: int | None = None) -> None:  # fmt: skip
         """Every check before a run, in the order a user should fix them: the rank count, the
         head split, then the token layout."""
+        for name, value in (("seq_len", seq_len), ("sp", sp), ("chunks", chunks)):
+            if value < 1:  # before anything divides by them
+                what = " (sequence-parallel ranks)" if name == "sp" else ""
+                raise ValueError(f"{name}={value}{what} must be >= 1")
         self.check_ranks(sp)
-        if chunks < 1:
-            raise ValueError(f"chunks={chunks} must be >= 1")
         if ulysses_degree is not None and not self.uses_ulysses_degree:
             raise ValueError(f"parallel.ulysses_degree={ulysses_degree} is for usp; strategy {self.name!r} "
                              "takes none (leave it null)")  # fmt: skip
         u, _ = self.degrees(sp, ulysses_degree, n_heads, n_kv_heads)
         check_heads(n_heads, n_kv_heads, u)
         g = self.granule(sp, chunks, ulysses_degree)
-        if seq_len < 1 or seq_len % g:
+        if seq_len % g:
             parts = f"gpus*chunks={g}" if self.takes_chunks else f"the {self.name} layout's {g} equal pieces"
             raise ValueError(f"seq_len={seq_len} is not divisible by {parts}; use a multiple of {g}")
 
