@@ -92,7 +92,9 @@ def plan_table(cfg: DictConfig) -> str:
                          "would have no row")  # fmt: skip
     maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
     lo = c["min_seq_len"]
-    hi = c["max_seq_len"] or max(2 * (1 << math.ceil(math.log2(max(maxima.values()) or 1))), lo)
+    # Up to the first power of two past the longest fit: one row that does not fit (a row past
+    # it would only cost time: its schedules grow with the square of the chunk count).
+    hi = c["max_seq_len"] or max(1 << (math.floor(math.log2(max(maxima.values()) or 1)) + 1), lo)
     where = "on host" if kw["checkpoint_on_host"] else "on device"
     chunked = [s for s in strategies if get_strategy(s).takes_chunks]
     chunk = f", {'/'.join(chunked)} chunk {kw['chunk_tokens']} tokens" if chunked else ""
