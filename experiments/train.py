@@ -62,6 +62,11 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         raise ValueError(f"grad_clip={point.grad_clip} must be > 0 (the largest global gradient norm), or null")
     if not point.lr > 0 or point.weight_decay < 0:
         raise ValueError(f"lr={point.lr} must be > 0 and weight_decay={point.weight_decay} >= 0")
+    caps = [f"{k}={v}" for k in ("max_device_memory", "max_host_memory") if (v := getattr(point, k)) is not None]
+    if caps:
+        raise ValueError(f"{' and '.join(caps)} cap the memory of measured steps (a simulated out-of-memory on "
+                         "CPU): use them with experiments.run or experiments.max_seqlen; a training run takes "
+                         "the memory it has")  # fmt: skip
     if point.fake_tensors:
         raise ValueError("fake_tensors=true computes nothing, so there is nothing to train; use it with "
                          "python -m experiments.run or experiments.max_seqlen")  # fmt: skip
@@ -92,7 +97,10 @@ def _loss_figure(run_dir: Path) -> Path | None:
     except ImportError as exc:  # matplotlib missing: the CSV is the record
         print(f"loss curve skipped: {exc}", flush=True)
         return None
-    return training_figure(read_csv(csv_path), run_dir / "train_loss")[0]
+    rows = read_csv(csv_path)
+    if not rows:  # the run failed before its first step ended: nothing to draw
+        return None
+    return training_figure(rows, run_dir / "train_loss")[0]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

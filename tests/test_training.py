@@ -273,6 +273,7 @@ def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_gradients(strategy, chunks, 
         ("grad_clip=-1", "grad_clip=-1.0 must be > 0"),  # a negative clip would flip every gradient
         ("lr=0", "lr=0.0 must be > 0"),
         ("fake_tensors=true", "nothing to train"),
+        ("max_device_memory=1", "max_device_memory=1.0 cap the memory of measured steps"),
     ],
 )
 def test_train_rejects_settings_that_cannot_train(tmp_path, override, message):
