@@ -353,22 +353,28 @@ def chunked_cross_entropy(
         raise ValueError(
             f"labels {tuple(labels.shape)} must match hidden states {tuple(hidden.shape)} without the last dim"
         )
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if tile < 1:
         raise ValueError(f"tile={tile} must be >= 1 tokens")
-    V = weight.shape[0]
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V)) if has_values(labels) else None
-    if bad is not None and bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {V}) or {IGNORE_INDEX} (ignored); got {labels[bad][0].item()}")
+    check_labels(labels, weight.shape[0])
     # The gradients are made in the forward whenever a backward may follow.
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels.long(), tile, with_grad)
     return loss_sum, (labels != IGNORE_INDEX).sum()
 
 
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Labels are int64 or int32 token ids in ``[0, vocab_size)``, or ``IGNORE_INDEX`` (-100)."""
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+    V = vocab_size
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V)) if has_values(labels) else None
+    if bad is not None and bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {V}) or {IGNORE_INDEX} (ignored); got {labels[bad][0].item()}")
+
+
 def cross_entropy_reference(hidden, weight, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Untiled ``(loss_sum, count)`` with full logits under plain autograd; the test oracle."""
+    check_labels(labels, weight.shape[0])
     logits = (hidden @ weight.t()).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()

@@ -82,8 +82,13 @@ def config_from_hf_llama(hf_cfg, **overrides) -> ModelConfig:
         raise ValueError(f"hidden_act={hf_cfg.hidden_act!r}: only SwiGLU (silu) Llama MLPs are supported")
     attn_bias = bool(getattr(hf_cfg, "attention_bias", False))
     mlp_bias = bool(getattr(hf_cfg, "mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise ValueError(f"attention_bias={attn_bias} and mlp_bias={mlp_bias} must agree (one `bias` switch here)")
+    if mlp_bias:
+        # The MLP here is W2 (silu(W1 x + b1) * W3 x) + b2: HF's up_proj bias has no place in it.
+        raise ValueError("mlp_bias=True: this Transformer's SwiGLU MLP has no up-projection bias, so its weights "
+                         "cannot be loaded exactly; only mlp_bias=False Llama models are supported")  # fmt: skip
+    if attn_bias:
+        raise ValueError("attention_bias=True needs the MLP biases too (one `bias` switch here), and mlp_bias=True "
+                         "is not supported: only Llama models without biases load")  # fmt: skip
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     fields = dict(
         name="hf-llama",
@@ -105,8 +110,37 @@ def config_from_hf_llama(hf_cfg, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+class _Reads(dict):
+    """A state dict that remembers which keys were read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def _convert(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    sd = _Reads({k.removeprefix("model."): v for k, v in sd.items()})
+    out = _converted(sd, cfg)
+    # Every weight must land somewhere: a key left over means the config does not describe these
+    # weights (more layers, biases, an untied head), and loading without it would be wrong.
+    left = sorted(k for k in set(sd) - sd.read if not k.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_embeddings and "lm_head.weight" in left:
+        if not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
+            raise ValueError("lm_head.weight differs from embed_tokens.weight, but the config ties them; use "
+                             "tie_embeddings=False")  # fmt: skip
+        left.remove("lm_head.weight")
+    if left:
+        raise ValueError(f"the state dict holds weights this config has no place for: {left[:6]}"
+                         f"{' ...' if len(left) > 6 else ''} ({len(left)} keys); check n_layers, bias and "
+                         "tie_embeddings against the model that saved them")  # fmt: skip
+    return out
+
+
+def _converted(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {"embed.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["head.weight"] = sd["lm_head.weight"]

@@ -221,8 +221,11 @@ class Transformer(nn.Module):
 
     ``forward(tokens [B, S/P], labels=None, positions=None)``: with ``labels`` (same shape,
     ``-100`` = ignored) returns the fp32 scalar loss, the mean token cross entropy over the whole
-    sequence (all ranks); without, the logits ``[B, S/P, V]``. ``positions`` (optional, from
-    ``parallel.shard_batch``) are checked against the attention strategy's token layout.
+    sequence (all ranks); without, the logits ``[B, S/P, V]``. ``labels[b, t]`` is the target of
+    position ``t`` itself: already shifted, unlike transformers' ``labels=input_ids`` (for a
+    window ``w`` of ``S + 1`` ids: ``tokens, labels = w[:, :-1], w[:, 1:]``). ``positions``
+    (optional, from ``parallel.shard_batch``) are checked against the attention strategy's token
+    layout.
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -555,8 +555,9 @@ class _Runner:
         spec = self.spec
         self.dout = dout
         self.dx = torch.zeros(dout.shape[0], dout.shape[1], self.wqkv.shape[1], dtype=self.dtype, device=self.device)
-        self.dw = torch.zeros(self.wqkv.shape, dtype=torch.float32, device=self.device)
-        self.db = None if self.bqkv is None else torch.zeros(self.bqkv.shape, dtype=torch.float32, device=self.device)
+        # Summed over the chunks in the accumulator dtype (fp32; float64 for float64 inputs).
+        self.dw = torch.zeros(self.wqkv.shape, dtype=self.acc, device=self.device)
+        self.db = None if self.bqkv is None else torch.zeros(self.bqkv.shape, dtype=self.acc, device=self.device)
         for j in range(spec.chunks):
             self.env.write(f"dout[{j}]", (self._local(dout, j),))
         schedule = backward_schedule(

@@ -195,6 +195,9 @@ class HostStore:
         self.compactions = 0
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
+        # The buffers handed out (by identity): a buffer released twice, or into another store,
+        # would later be handed to two holders at once and one would overwrite the other.
+        self._out: set[int] = set()
 
     @property
     def bytes_allocated(self) -> int:
@@ -232,9 +235,15 @@ class HostStore:
             self.allocations += 1
         self.bytes_in_use += buf.nbytes
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.bytes_in_use)
+        self._out.add(id(buf))
         return buf
 
     def release(self, buf: HostBuffer) -> None:
+        if not isinstance(buf, HostBuffer):
+            raise TypeError(f"release takes a HostBuffer from acquire(), got {type(buf).__name__}")
+        if id(buf) not in self._out:
+            raise ValueError("this buffer is not out of this store: released twice, or acquired from another store")
+        self._out.remove(id(buf))
         self.bytes_in_use -= buf.nbytes
         self._free.setdefault((tuple(buf.tensor.shape), buf.tensor.dtype), []).append(buf)
 

@@ -19,6 +19,8 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, base: float = 10000.0):
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head dim, got d={head_dim}")
+        if not float(base) > 0:  # base ** (-k/half): a base <= 0 gives NaN angles
+            raise ValueError(f"rotary embedding needs a base (rope_theta) > 0, got {base}")
         self.head_dim = head_dim
         self.base = float(base)
 

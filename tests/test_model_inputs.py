@@ -272,3 +272,30 @@ def test_init_mesh_sizes_are_positive():
 
     with pytest.raises(ValueError, match=r"sp=0 must be >= 1 \(or None\)"):
         init_mesh(0)
+
+
+@pytest.mark.parametrize("chunked_loss", [True, False], ids=["chunked", "plain"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda t: torch.full_like(t, 96), r"labels must be in \[0, 96\) or -100 \(ignored\); got 96"),
+        (lambda t: torch.full_like(t, -1), r"labels must be in \[0, 96\) or -100 \(ignored\); got -1"),
+        (lambda t: t.float(), r"labels must be an int64 or int32 tensor, got torch.float32"),
+    ],
+    ids=["past-vocab", "negative", "float"],
+)
+def test_labels_are_checked_by_either_loss(chunked_loss, make, match):
+    model = models.Transformer(models.get_config("llama-tiny", n_layers=1, chunked_loss=chunked_loss))
+    tokens = torch.randint(0, 96, (1, 16))
+    with pytest.raises(ValueError, match=match):
+        model(tokens, labels=make(tokens))
+    int32 = model(tokens, labels=tokens.int())  # int32 labels work on both paths
+    assert torch.equal(int32, model(tokens, labels=tokens))
+
+
+@pytest.mark.parametrize("base", [0, -1.0, float("nan")])
+def test_rotary_base_must_be_positive(base):
+    from parallel import RotaryEmbedding
+
+    with pytest.raises(ValueError, match="needs a base \\(rope_theta\\) > 0"):
+        RotaryEmbedding(8, base)

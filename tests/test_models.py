@@ -536,6 +536,28 @@ def test_hf_llama_state_dict_and_errors():
         models.from_hf_llama(hf.state_dict())
     with pytest.raises(ValueError, match="missing"):
         models.from_hf_llama({"model.embed_tokens.weight": torch.zeros(101, 48)}, cfg)
+    # Weights the config has no place for are an error, never dropped: an untied head under a
+    # tied config, or layers past n_layers.
+    with pytest.raises(ValueError, match="lm_head.weight differs from embed_tokens.weight, but the config ties"):
+        models.from_hf_llama(hf.state_dict(), cfg.replace(tie_embeddings=True))
+    with pytest.raises(ValueError, match=r"no place for: \['layers.1.input_layernorm.weight'"):
+        models.from_hf_llama(hf.state_dict(), cfg.replace(n_layers=1))
+
+
+def test_hf_llama_tied_loads_and_biases_are_refused():
+    import transformers
+
+    hf = _hf_llama()
+    hf.config.tie_word_embeddings = True
+    hf.tie_weights()
+    model = models.from_hf_llama(hf)
+    tokens, _ = _batch(model.cfg, S=8)
+    torch.testing.assert_close(model(tokens), hf(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+    for bias in ({"mlp_bias": True, "attention_bias": True}, {"attention_bias": True}):
+        cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=1,
+                                       num_attention_heads=6, num_key_value_heads=2, **bias)  # fmt: skip
+        with pytest.raises(ValueError, match="only .*Llama models"):
+            models.config_from_hf_llama(cfg)
 
 
 @pytest.mark.parametrize("residual_fp32", [False, True])

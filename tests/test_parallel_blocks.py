@@ -188,3 +188,21 @@ def test_fpdt_bf16_follows_local_and_keeps_dtypes():
     for g, r in zip(got, want, strict=True):
         assert g.dtype == torch.bfloat16
         _close(g.float(), r.float(), tol=3e-2)
+
+
+def test_float64_gradients_stay_float64():
+    # Every gradient of the FPDT block, the projection weights' too, is summed over the chunks in
+    # the inputs' float64: equal to the one-process block to float64 rounding.
+    torch.manual_seed(0)
+    w = AttentionWeights.random(32, 4, 2)
+    w = AttentionWeights(w.wqkv.detach().double().requires_grad_(), w.wo.detach().double().requires_grad_(), 4, 2)
+    x = torch.randn(2, 64, 32, dtype=torch.float64, requires_grad=True)
+    rope = RotaryEmbedding(8, 10000.0)
+    with fpdt_kernels.use_backend("naive"):
+        want = torch.autograd.grad(local_attention(x, w, rope).square().sum(), [x, *w.parameters()])
+        got = torch.autograd.grad(
+            fpdt_attention(x, w, rope, group=SPGroup.single(), chunks=4).square().sum(), [x, *w.parameters()]
+        )
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -228,3 +228,18 @@ def test_host_reservation_of_a_checkpointed_fpdt_model(monkeypatch, n_kv_heads):
     assert allocations == [allocations[0]] * 3 and reserved[1] == reserved[2]  # settled after a step
     assert reserved[-1] <= 1.25 * design, (reserved, design)
     assert store.buffer_bytes == design  # and the store holds what the design says, no more
+
+
+def test_a_buffer_goes_back_once_and_to_its_own_store():
+    store, other = HostStore(pin_memory=False), HostStore(pin_memory=False)
+    buf = store.acquire((4, 8), torch.float32)
+    store.release(buf)
+    with pytest.raises(ValueError, match="released twice, or acquired from another store"):
+        store.release(buf)
+    with pytest.raises(ValueError, match="released twice, or acquired from another store"):
+        other.release(store.acquire((4, 8), torch.float32))
+    with pytest.raises(TypeError, match="release takes a HostBuffer from acquire\\(\\), got NoneType"):
+        store.release(None)
+    assert store.bytes_in_use == 4 * 8 * 4 and other.bytes_in_use == 0  # the one still out
+    a, b = store.acquire((4, 8), torch.float32), store.acquire((4, 8), torch.float32)
+    assert a is not b
