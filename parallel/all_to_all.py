@@ -25,6 +25,8 @@ from .distributed import SPGroup, divisors
 
 def check_heads(n_heads: int, n_kv_heads: int, world: int) -> None:
     """Raise ``ValueError`` unless ``H`` query and ``Hkv`` KV heads can be split over ``P`` ranks."""
+    if world < 1:
+        raise ValueError(f"P={world} sequence-parallel ranks must be >= 1")
     if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
         raise ValueError(f"H={n_heads} query heads must be a positive multiple of Hkv={n_kv_heads} KV heads")
     if n_heads % world:

@@ -39,7 +39,7 @@ from .distributed import SPGroup, check_ulysses_degree
 from .layout import check_cu_seqlens, document_positions
 from .rotary import RotaryEmbedding, apply_rotary
 from .schedule import document_pairs
-from .weights import AttentionWeights, project_out, project_qkv
+from .weights import AttentionWeights, check_block_input, project_out, project_qkv
 
 # --------------------------------------------------------------------------------------------
 # Zigzag layout
@@ -322,6 +322,7 @@ def ring_attention(
     ``cu_seqlens``: the packed documents of the whole ``[B, S]`` sequence (see
     :func:`parallel.attention.local_attention`).
     """
+    check_block_input(x, w, rope)
     R = group.size
     B, n, _ = x.shape
     S = n * R

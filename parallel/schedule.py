@@ -185,6 +185,8 @@ def _built_once(build):
 
     @functools.wraps(build)
     def schedule(chunks: int, **kwargs) -> Schedule:
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks={chunks!r} must be an int >= 1")
         if kwargs.get("pairs") is not None:  # any iterable of pairs, as a hashable key
             kwargs["pairs"] = _checked_pairs(kwargs["pairs"], chunks)
         built = cached(chunks, **kwargs)

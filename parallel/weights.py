@@ -97,3 +97,16 @@ def project_qkv(x: torch.Tensor, w: AttentionWeights):
 def project_out(o: torch.Tensor, w: AttentionWeights) -> torch.Tensor:
     """``o [B, s, H, d] -> [B, s, h]`` (differentiable)."""
     return F.linear(o.flatten(2), w.wo, w.bo)
+
+
+def check_block_input(x, w: AttentionWeights, rope=None) -> None:
+    """Raise unless ``x`` is an attention block's input ``[B >= 1, S, h]`` for ``w`` (its hidden
+    size) and ``rope`` (``None`` or a ``RotaryEmbedding``) rotates ``w``'s head dim: every block
+    checks this before its first matmul, so a mismatch is named instead of failing inside it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, S, h], got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[0] < 1 or x.shape[2] != w.hidden:
+        raise ValueError(f"x must be [B >= 1, S, h={w.hidden}] (h: the weights' hidden size), got {tuple(x.shape)}")
+    if rope is not None and getattr(rope, "head_dim", None) != w.head_dim:
+        raise ValueError(f"rope rotates head dim {getattr(rope, 'head_dim', None)}, but the weights' heads have "
+                         f"d={w.head_dim}; use RotaryEmbedding({w.head_dim}, base)")  # fmt: skip

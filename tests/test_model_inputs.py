@@ -299,3 +299,26 @@ def test_rotary_base_must_be_positive(base):
 
     with pytest.raises(ValueError, match="needs a base \\(rope_theta\\) > 0"):
         RotaryEmbedding(8, base)
+
+
+def test_attention_blocks_check_their_input():
+    from parallel import AttentionWeights, HostStore, RotaryEmbedding, SPGroup, fpdt_attention, local_attention
+    from parallel.schedule import forward_schedule
+
+    w = AttentionWeights.random(32, 4, 2)  # head dim 8
+    rope, one = RotaryEmbedding(8), SPGroup.single()
+    good = torch.randn(2, 64, 32)
+    block = dict(group=one, chunks=4)
+    cases = [
+        (lambda: fpdt_attention(torch.randn(2, 64, 16), w, rope, **block), ValueError, r"x must be \[B >= 1, S, h=32"),
+        (lambda: local_attention(torch.randn(64, 32), w, rope), ValueError, r"got \(64, 32\)"),
+        (lambda: fpdt_attention(torch.randn(0, 64, 32), w, rope, **block), ValueError, r"x must be \[B >= 1"),
+        (lambda: local_attention(good, w, RotaryEmbedding(16)), ValueError, r"rope rotates head dim 16, but .* d=8"),
+        (lambda: fpdt_attention(good, w, rope, group=None, chunks=4), TypeError, r"group must be a parallel.SPGroup"),
+        (lambda: fpdt_attention(good, w, rope, store="host", **block), TypeError, r"store must be a parallel\.Host"),
+        (lambda: forward_schedule(0, causal=True, offload=True, save=True), ValueError, r"chunks=0 must be an int"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    fpdt_attention(good, w, rope, store=HostStore(pin_memory=False), **block)  # the valid call still runs

@@ -15,7 +15,7 @@ from ..fpdt import FPDTSpec, fpdt_attention_core
 from ..host_store import HostStore, default_host_store, saved_tensors_on_host
 from ..layout import check_cu_seqlens, check_layout, permutation
 from ..rotary import RotaryEmbedding
-from ..weights import AttentionWeights, project_out
+from ..weights import AttentionWeights, check_block_input, project_out
 from .base import Strategy, register
 
 
@@ -43,6 +43,13 @@ def fpdt_attention(
     paper's), ``"query"``, or ``"auto"``, the one that moves fewer bytes between host and device
     (``"query"`` for GQA with offload: its KV chunks and their gradients are the smaller side).
     """
+    check_block_input(x, w, rope)
+    if not isinstance(group, SPGroup):
+        got = type(group).__name__
+        raise TypeError(f"group must be a parallel.SPGroup (SPGroup.single() for one process), got {got}")
+    if store is not None and not isinstance(store, HostStore):
+        got = type(store).__name__
+        raise TypeError(f"store must be a parallel.HostStore or None (the process-wide one), got {got}")
     check_heads(w.n_heads, w.n_kv_heads, group.size)
     check_layout(x.shape[1] * group.size, group.size, chunks)
     if cu_seqlens is not None:

@@ -7,7 +7,7 @@ import torch
 
 from ..layout import check_cu_seqlens
 from ..rotary import RotaryEmbedding
-from ..weights import AttentionWeights, project_out, project_qkv
+from ..weights import AttentionWeights, check_block_input, project_out, project_qkv
 from .base import Strategy, register
 from .common import attend, rotate
 
@@ -26,6 +26,7 @@ def local_attention(
     ``cu_seqlens``: packed documents (int32 offsets over the flattened ``[B * S]`` tokens, every
     row boundary a document boundary): attention inside each document, RoPE restarting at each.
     """
+    check_block_input(x, w, rope)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
     q, k, v = project_qkv(x, w)

@@ -10,7 +10,7 @@ from ..all_to_all import check_heads, head_to_seq, kv_seq_to_head, seq_to_head
 from ..distributed import SPGroup
 from ..layout import check_cu_seqlens, check_layout, permutation
 from ..rotary import RotaryEmbedding
-from ..weights import AttentionWeights, project_out, project_qkv
+from ..weights import AttentionWeights, check_block_input, project_out, project_qkv
 from .base import Strategy, register
 from .common import attend, rotate
 
@@ -29,6 +29,7 @@ def ulysses_attention(
 
     ``cu_seqlens``: the packed documents of the whole ``[B, S]`` sequence (see ``local_attention``).
     """
+    check_block_input(x, w, rope)
     check_heads(w.n_heads, w.n_kv_heads, group.size)
     check_layout(x.shape[1] * group.size, group.size, 1)
     if cu_seqlens is not None:
