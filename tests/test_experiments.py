@@ -108,6 +108,14 @@ def test_max_seqlen_search_finds_a_known_limit():
     # An error is a bug, not a limit: the search stops and says so.
     result = search({}, lambda s: {"status": "error", "error": "boom"}, 64, 1 << 20, 0.1, 8)
     assert result["status"] == "error" and result["error"] == "boom"
+    # A timeout bounds the search by time, not memory: the status says so.
+    result = search({}, lambda s: {"status": "ok" if s <= 100 else "timeout", "error": None}, 64, 1 << 20, 0.1, 8)
+    assert result["status"] == "timeout" and result["failure_status"] == "timeout"
+    assert "not a memory limit" in result["error"] and result["max_seq_len"] <= 100 < result["first_failure"]
+    # Still fitting at the limit: the answer names the doubling the limit stopped.
+    result = search({}, lambda s: {"status": "ok", "error": None}, 512, 1536, 0.1, 8)
+    assert (result["status"], result["max_seq_len"]) == ("limit", 1024)
+    assert result["error"] == "fits at 1024 tokens; the next doubling (2048) exceeds search.limit=1536"
 
 
 # ----------------------------------------------------------------------------- real processes

@@ -126,3 +126,20 @@ def test_plot_cli_overlays_training_runs(tmp_path):
         (tmp_path / run / "train.csv").write_text("\n".join(lines) + "\n")
     written = plot.main([str(tmp_path / "local"), str(tmp_path / "fpdt" / "train.csv"), "--out", str(tmp_path)])
     assert [p.name for p in written] == ["train_loss.png"] and written[0].stat().st_size > 5_000
+
+
+def test_predicted_vs_measured_skips_what_measured_no_memory():
+    import warnings
+
+    rows = plots.load_results(SWEEP)
+    ok = next(r for r in rows if r["status"] == "ok" and int(r["gpus"]) * int(r["chunks"]) > 1)
+    bad = [dict(ok, status="error", seq_len=511), dict(ok, status="oom", seq_len=511)]  # 511: splits no layout
+    fig, ax = plt.subplots()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shown = plots.plot_predicted_vs_measured(rows + bad, ax)
+    assert len(shown) == sum(r["status"] in ("ok", "oom") for r in rows)  # the error row is skipped
+    assert any("no prediction for" in str(w.message) and "seq_len=511" in str(w.message) for w in caught)
+    fig, ax = plt.subplots()
+    assert plots.plot_predicted_vs_measured([dict(ok, status="oom")], ax) and "no ok rows" in ax.get_title()
+    plt.close("all")

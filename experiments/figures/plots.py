@@ -366,7 +366,17 @@ def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
     where the prediction should cross the device's memory)."""
     from ..planner.estimate import estimate_row
 
-    predicted = [dict(r, predicted_gib=estimate_row(r).device_peak / GIB) for r in rows]
+    predicted = []
+    for r in rows:
+        if r.get("status") not in ("ok", "oom"):  # an error or a timeout measured no memory
+            continue
+        try:
+            predicted.append(dict(r, predicted_gib=estimate_row(r).device_peak / GIB))
+        except ValueError as exc:  # a configuration the planner does not model: said, not drawn
+            warnings.warn(f"no prediction for {r.get('strategy')} seq_len={r.get('seq_len')}: {exc}", stacklevel=2)
+    if not any(r.get("status") == "ok" for r in predicted):
+        ax.set_title("no ok rows to compare with the planner's prediction")
+        return predicted
     limit = device_memory_gib or _device_limit(rows)
     shown, unit, factor = _in_unit(predicted, ["device_mem_peak_gib", "predicted_gib"], [limit])
     curves = _series(shown, "seq_len")

@@ -10,8 +10,11 @@ answer goes to ``max_seqlen.json`` and one line is printed::
     python -m experiments.max_seqlen model=llama3.2-1b parallel=fpdt gpus=1 chunks=8
     python -m experiments.max_seqlen -m parallel=ulysses,fpdt model=llama-tiny gpus=2 max_device_memory=0.05
 
-On CPU, ``max_device_memory`` (GiB) caps the simulated device so the search means something
-there too. An ``oom`` or ``timeout`` probe counts as "does not fit"; an ``error`` stops the search.
+On CPU (and on fake tensors), ``max_device_memory`` (GiB) caps the simulated device, which has
+no size of its own: the search refuses to run there without it. An ``oom`` or ``timeout`` probe
+counts as "does not fit"; when a timeout set the bound, the summary's status is ``timeout`` (the
+length is the longest that ran within ``timeout_s``, not a memory limit). An ``error`` stops the
+search; a single search then exits 1, as ``experiments.run`` does.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..core.paths import CONF_DIR
 from ..core.point import Point
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
+from ..training.loop import uses_cuda
 from .controller import measure
 from .points import check_point, resolve_point
 from .results import point_key, record_point
@@ -69,7 +73,8 @@ class _Prober:
         self.rows.append(row)
         mem = row.get("device_mem_peak_gib")
         peak = f" (device peak {format_bytes(mem * GIB)})" if mem else ""
-        print(f"  probe seq_len={seq_len}: {row['status']}{peak}", flush=True)
+        why = f": {str(row.get('error') or '')[:300]}" if row["status"] in ("error", "timeout") else ""
+        print(f"  probe seq_len={seq_len}: {row['status']}{peak}{why}", flush=True)
         return row
 
 
@@ -93,8 +98,8 @@ def search(base: dict, probe, start: int, limit: int, resolution: float, granula
             else:
                 hi, hi_status = s, row["status"]
         if hi is None:
-            return {"status": "limit", "max_seq_len": lo, "first_failure": None,
-                    "error": f"still fits at search.limit={limit} tokens"}  # fmt: skip
+            why = f"fits at {lo} tokens; the next doubling ({2 * lo}) exceeds search.limit={limit}"
+            return {"status": "limit", "max_seq_len": lo, "first_failure": None, "error": why}
     else:
         hi, hi_status = s, row["status"]
         while lo == 0 and s > granularity:
@@ -107,19 +112,30 @@ def search(base: dict, probe, start: int, limit: int, resolution: float, granula
             else:
                 hi, hi_status = s, row["status"]
         if lo == 0:
-            return {"status": "ok", "max_seq_len": 0, "first_failure": hi, "failure_status": hi_status}
+            return _bounded(0, hi, hi_status)
     while hi - lo > max(granularity, resolution * lo):
         mid = _round_down((lo + hi) // 2, granularity)
         if mid <= lo:
             break
         row = probe(mid)
         if row["status"] == "error":
-            return {"status": "error", "max_seq_len": lo, "first_failure": hi, "error": row["error"]}
+            return {"status": "error", "max_seq_len": lo, "first_failure": mid, "failure_status": "error",
+                    "error": row["error"]}  # fmt: skip
         if fits(row):
             lo = mid
         else:
             hi, hi_status = mid, row["status"]
-    return {"status": "ok", "max_seq_len": lo, "first_failure": hi, "failure_status": hi_status}
+    return _bounded(lo, hi, hi_status)
+
+
+def _bounded(lo: int, hi: int, hi_status: str) -> dict:
+    """The answer between the longest fit ``lo`` and the first failure ``hi``: ``ok`` when memory
+    set the bound, ``timeout`` when the first failure ran out of time (a lower bound in memory)."""
+    result = {"status": "ok", "max_seq_len": lo, "first_failure": hi, "failure_status": hi_status}
+    if hi_status == "timeout":
+        result.update(status="timeout", error=f"the probe at {hi} tokens timed out (timeout_s): {lo} is the longest "
+                                               "that ran within the time limit, not a memory limit")  # fmt: skip
+    return result
 
 
 def _check_search(search_cfg, base: Point, chunk_tokens: int | None) -> None:
@@ -154,6 +170,12 @@ def main(cfg: DictConfig) -> None:
         granularity = _granularity(base, chunk_tokens)
         _check_search(cfg.search, base, chunk_tokens)
         check_point(base.replace(seq_len=granularity, chunks=1 if chunk_tokens else base.chunks))
+        if granularity > cfg.search.limit:
+            raise ValueError(f"search.limit={cfg.search.limit} is below the smallest length this search can probe "
+                             f"({granularity} tokens: one chunk, or gpus*chunks)")  # fmt: skip
+        if base.max_device_memory is None and not uses_cuda(base):
+            raise ValueError("the simulated device (CPU or fake_tensors) has no size: set max_device_memory=<GiB> "
+                             "(e.g. the GPU's 141 for an H200) so that a probe can run out of it")  # fmt: skip
     except ValueError as exc:  # a bad search is a summary row too, and the sweep goes on
         what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "gpus": cfg.gpus}
         _write_summary({**what, "status": "error", "max_seq_len": 0, "error": str(exc)}, job_dir, hc)
@@ -185,7 +207,9 @@ def main(cfg: DictConfig) -> None:
     _write_summary(summary, job_dir, hc)
     print(f"max_seqlen {label}: {summary['max_seq_len']} tokens ({summary['status']}, {summary['probes']} probes"
           + (f", first failure {summary['first_failure']}: {summary['failure_status']}" if summary["first_failure"]
-             else "") + ")", flush=True)  # fmt: skip
+             else "") + ")" + (f": {summary['error']}" if summary["error"] else ""), flush=True)  # fmt: skip
+    if summary["status"] == "error" and hc.mode == RunMode.RUN:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
