@@ -48,8 +48,9 @@ SUMMARY_FIELDS = [
 
 def _granularity(point: Point, chunk_tokens: int | None) -> int:
     if chunk_tokens:
-        if chunk_tokens % point.gpus:
-            raise ValueError(f"search.chunk_tokens={chunk_tokens} must be a multiple of gpus={point.gpus}")
+        if chunk_tokens % point.sp:  # a chunk is split over the sequence-parallel ranks
+            raise ValueError(f"search.chunk_tokens={chunk_tokens} must be a multiple of sp={point.sp} (the "
+                             "sequence-parallel ranks a chunk is split over)")  # fmt: skip
         return chunk_tokens
     return get_strategy(point.strategy).granule(point.sp, point.chunks, point.ulysses_degree)
 
