@@ -414,3 +414,23 @@ def test_run_rejects_limits_and_presets_that_cannot_mean_anything(overrides, mes
     # A GPU preset describes the device that fake tensors simulate: no MFU is computed there.
     if overrides == ["hardware=h200"]:
         check_point(resolve_point(_compose(["model=llama-tiny", "parallel=fpdt", "fake_tensors=true", *overrides])))
+
+
+def test_max_seqlen_probes_are_reused_from_the_directory(tmp_path, monkeypatch):
+    # A probe with an ok or oom row in this directory is not measured again; error and timeout
+    # rows are (as a sweep re-run treats its points).
+    import experiments.sweep.max_seqlen as ms
+    from experiments.sweep.points import resolve_point
+
+    base = resolve_point(_compose(["model=llama-tiny", "parallel=fpdt", "chunks=2", "max_device_memory=0.01"]))
+    statuses = iter(["ok", "timeout", "oom"])
+    measured = []
+
+    def fake_measure(point, probe_dir):
+        measured.append(point.seq_len)
+        return {"status": next(statuses), "key": ms.point_key(point), "seq_len": point.seq_len, "error": None}
+
+    monkeypatch.setattr(ms, "measure", fake_measure)
+    prober = ms._Prober(base, None, tmp_path)
+    assert [prober(s)["status"] for s in (512, 1024, 512, 1024)] == ["ok", "timeout", "ok", "oom"]
+    assert measured == [512, 1024, 1024]  # the timeout ran again, the ok row was reused

@@ -35,12 +35,13 @@ from ..core.point import Point
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from ..training.loop import uses_cuda
-from .controller import measure
+from .controller import FINAL_STATUSES, measure
 from .points import check_point, resolve_point
-from .results import point_key, record_point
+from .results import find_point, point_key, record_point
 
 SUMMARY_FIELDS = [
-    "status", "model", "strategy", "gpus", "chunks", "chunk_tokens", "max_seq_len", "first_failure",
+    "status", "model", "strategy", "gpus", "n_layers", "sp", "precision", "chunks", "chunk_tokens", "max_seq_len",
+    "first_failure",
     "failure_status", "probes", "hardware", "max_device_memory", "max_host_memory", "fake_tensors",
     "device_name", "error",
 ]  # fmt: skip
@@ -68,14 +69,17 @@ class _Prober:
         point = self.base.replace(seq_len=seq_len)
         if self.chunk_tokens and get_strategy(point.strategy).takes_chunks:
             point = point.replace(chunks=seq_len // self.chunk_tokens)
-        probe_dir = self.job_dir / "probes" / point_key(point)
-        row = measure(point, probe_dir)
-        record_point(self.job_dir, probe_dir, row)
+        key = point_key(point)
+        row, how = find_point(self.job_dir, key), " (reused: already in this directory)"
+        if row is None or row["status"] not in FINAL_STATUSES:  # error and timeout rows run again
+            probe_dir = self.job_dir / "probes" / key
+            row, how = measure(point, probe_dir), ""
+            record_point(self.job_dir, probe_dir, row)
         self.rows.append(row)
         mem = row.get("device_mem_peak_gib")
         peak = f" (device peak {format_bytes(mem * GIB)})" if mem else ""
         why = f": {str(row.get('error') or '')[:300]}" if row["status"] in ("error", "timeout") else ""
-        print(f"  probe seq_len={seq_len}: {row['status']}{peak}{why}", flush=True)
+        print(f"  probe seq_len={seq_len}: {row['status']}{peak}{why}{how}", flush=True)
         return row
 
 
@@ -187,6 +191,10 @@ def main(cfg: DictConfig) -> None:
     label = f"{base.model} {base.strategy} gpus={base.gpus} " + (
         f"chunk_tokens={chunk_tokens}" if chunk_tokens else f"chunks={base.chunks}"
     )
+    label += (f" n_layers={base.n_layers}" if base.n_layers else "") + (
+        f" sp={base.sp}" if base.sp != base.gpus else ""
+    )
+    label += f" {base.precision}"
     print(f"max_seqlen search: {label}", flush=True)
     prober = _Prober(base, chunk_tokens, job_dir)
     result = search(base, prober, cfg.search.start, cfg.search.limit, cfg.search.resolution, granularity)
@@ -194,7 +202,18 @@ def main(cfg: DictConfig) -> None:
     summary = {
         **{
             k: getattr(base, k)
-            for k in ("model", "strategy", "gpus", "hardware", "max_device_memory", "max_host_memory", "fake_tensors")
+            for k in (
+                "model",
+                "strategy",
+                "gpus",
+                "n_layers",
+                "sp",
+                "precision",
+                "hardware",
+                "max_device_memory",
+                "max_host_memory",
+                "fake_tensors",
+            )
         },  # fmt: skip
         "chunks": None if chunk_tokens else base.chunks,
         "chunk_tokens": chunk_tokens,
