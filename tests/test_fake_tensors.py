@@ -48,10 +48,10 @@ def test_fake_ranks_communicate_and_shard(tmp_path):
     # Two ranks with FSDP: the all-to-alls and FSDP's collectives run on fake tensors too. The fake
     # peak is the same every run (1,071,392 B on both ranks here). Real runs give it too when the
     # ranks run alone, but launched by a sweep one rank's peak was 39-70 KB higher in three runs
-    # out of three, varying: buffers of FSDP's asynchronous gloo collectives are freed when the
-    # collective completes, so their overlap with the step depends on timing (fake collectives
-    # complete at once). Without FSDP the two agree to the byte. Hence 10% here; one rank is
-    # compared to the byte above.
+    # out of three, varying; most likely buffers of FSDP's asynchronous gloo collectives, freed
+    # when a collective completes, so their overlap with the step depends on timing (fake
+    # collectives complete at once; not yet proven). Without FSDP the two agree to the byte.
+    # Hence 10% here; one rank is compared to the byte above.
     rows = _rows(tmp_path, "gpus=2", "parallel=fpdt", "parallel.fsdp=true", "chunks=4", "precision=bf16-mixed",
                  "fake_tensors=false,true")  # fmt: skip
     real, fake = _real_and_fake(rows, "fpdt")
