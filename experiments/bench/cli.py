@@ -15,6 +15,8 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from parallel.distributed import divisors
+
 
 def _int(text: str, low: int, what: str) -> int:
     try:
@@ -93,11 +95,6 @@ def _nearest(values: Iterable[int], target: int) -> list[int]:
     below = [v for v in values if v <= target]
     above = [v for v in values if v >= target]
     return sorted({*below[-1:], *above[:1]})
-
-
-def divisors(n: int) -> list[int]:
-    small = [k for k in range(1, int(n**0.5) + 1) if n % k == 0]
-    return sorted({*small, *(n // k for k in small)})
 
 
 def check_divides(parser: argparse.ArgumentParser, flag: str, value: int, of_flag: str, of_value: int) -> None:

@@ -75,10 +75,15 @@ class DataSpec:
             raise ValueError(f"data.path={self.path} has {size} bytes, not a whole number of {self.file_dtype} "
                              f"tokens ({itemsize} bytes each); is data.dtype right?")  # fmt: skip
         tokens = size // itemsize
-        if tokens < self.seq_len + 1:
-            raise ValueError(f"data.path has {tokens} tokens; seq_len={self.seq_len} needs at least {self.seq_len + 1}")
+        _check_length(tokens, self.seq_len)
         if self.index is not None:
             _check_index(self.index, tokens)
+
+
+def _check_length(tokens: int, seq_len: int) -> None:
+    """A token file gives windows of ``seq_len + 1`` ids (inputs and their next tokens)."""
+    if tokens < seq_len + 1:
+        raise ValueError(f"data.path has {tokens} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
 
 
 def _check_index(index: str, tokens: int) -> None:
@@ -110,8 +115,7 @@ def _windows(spec: DataSpec, step: int, n: int) -> tuple[torch.Tensor, list[int]
     if spec.path is None:
         return torch.randint(0, spec.vocab_size, (n, S + 1), generator=gen), None
     data = np.memmap(spec.path, dtype=spec.file_dtype, mode="r")
-    if len(data) < S + 1:
-        raise ValueError(f"data.path has {len(data)} tokens; seq_len={S} needs at least {S + 1}")
+    _check_length(len(data), S)
     starts = torch.randint(0, len(data) - S, (n,), generator=gen).tolist()
     windows = torch.from_numpy(np.stack([np.asarray(data[s : s + S + 1], dtype=np.int64) for s in starts]))
     if int(windows.max()) >= spec.vocab_size:
