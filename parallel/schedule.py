@@ -30,6 +30,7 @@ import enum
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Stream(str, enum.Enum):
@@ -62,8 +63,10 @@ _STREAM_OF = {Kind.OFFLOAD: Stream.D2H, Kind.FETCH: Stream.H2D}
 _COMM = {Kind.A2A_QKV, Kind.A2A_OUT, Kind.A2A_DO, Kind.A2A_DQ, Kind.A2A_DKV}
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
+    """One coarse operation. A named tuple, not a dataclass: a schedule at hundreds of chunks has
+    hundreds of thousands of ops, and building a frozen dataclass costs ten times as much."""
+
     index: int
     kind: Kind
     stream: Stream
@@ -131,23 +134,23 @@ class _Builder:
         self.live: set[str] = set(schedule.inputs)
 
     def add(self, kind: Kind, chunk=(), reads=(), writes=()) -> None:
-        stream = _STREAM_OF.get(kind, Stream.COMM if kind in _COMM else Stream.COMPUTE)
-        deps: set[int] = set()
-        for b in reads:
-            if b in self.last_write:
-                deps.add(self.last_write[b])
+        stream = _STREAM_OF.get(kind) or (Stream.COMM if kind in _COMM else Stream.COMPUTE)
+        last_write, readers, index = self.last_write, self.readers, len(self.s.ops)
+        deps = {last_write[b] for b in reads if b in last_write}
         for b in writes:
-            deps |= self.readers.get(b, set())
-            if b in self.last_write:
-                deps.add(self.last_write[b])
-        op = Op(len(self.s.ops), kind, stream, tuple(chunk), tuple(reads), tuple(writes), tuple(sorted(deps)))
-        self.s.ops.append(op)
+            deps.update(readers.get(b, ()))
+            if b in last_write:
+                deps.add(last_write[b])
+        self.s.ops.append(Op(index, kind, stream, tuple(chunk), tuple(reads), tuple(writes), tuple(sorted(deps))))
         for b in reads:
-            self.readers.setdefault(b, set()).add(op.index)
+            if b in readers:
+                readers[b].add(index)
+            else:
+                readers[b] = {index}
         for b in writes:
-            self.last_write[b] = op.index
-            self.readers[b] = set()
-        self.live |= set(writes)
+            last_write[b] = index
+            readers[b] = set()
+        self.live.update(writes)
 
     def has(self, name: str) -> bool:
         return name in self.live
@@ -307,7 +310,10 @@ def backward_schedule(
 
     # The chunks of the other side each outer chunk meets, and the outer steps each inner chunk meets.
     inners = [[k for k in range(u) if (s.visible(k, o) if kv_outer else s.visible(o, k))] for o in range(u)]
-    outers = [[o for o in range(u) if k in inners[o]] for k in range(u)]
+    outers: list[list[int]] = [[] for _ in range(u)]
+    for o in range(u):
+        for k in inners[o]:
+            outers[k].append(o)
 
     def block(outer: int, k: int) -> tuple[int, int]:  # (KV chunk, query chunk)
         return (outer, k) if kv_outer else (k, outer)
@@ -366,7 +372,9 @@ def backward_schedule(
     # whether an inner chunk leaves the device between two of its blocks (see ``stays`` below).
     flat = [(outer, k) for outer in range(u) for k in inners[outer]]
     next_inner = {block_: after[1] for block_, after in zip(flat, flat[1:], strict=False)}
-    at = [[n for n, (_, k) in enumerate(flat) if k == kk] for kk in range(u)]
+    at: list[list[int]] = [[] for _ in range(u)]
+    for n, (_, k) in enumerate(flat):
+        at[k].append(n)
     refetched = [any(b_ - a_ > 1 for a_, b_ in zip(pos, pos[1:], strict=False)) for pos in at]
     for outer in range(u):
         if not kv_outer:

@@ -1,7 +1,5 @@
 """Invariants of the FPDT chunk-pipeline schedules for u up to 16."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -141,7 +139,7 @@ def test_streams_and_printing():
 
 
 def _tamper(s, index, **changes):
-    s.ops[index] = dataclasses.replace(s.ops[index], **changes)
+    s.ops[index] = s.ops[index]._replace(**changes)
     return s
 
 
@@ -156,7 +154,7 @@ def test_checker_catches_broken_schedules():
     # A fetch removed: its chunk is read while not resident.
     s = forward_schedule(3)
     del s.ops[fetch.index]
-    s.ops = [dataclasses.replace(op, index=k) for k, op in enumerate(s.ops)]
+    s.ops = [op._replace(index=k) for k, op in enumerate(s.ops)]
     with pytest.raises(ScheduleError):
         check_schedule(s)
     # A free moved before a reader: used after its buffer is released.
