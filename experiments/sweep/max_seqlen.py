@@ -15,24 +15,33 @@ no size of its own: the search refuses to run there without it. An ``oom`` or ``
 counts as "does not fit"; when a timeout set the bound, the summary's status is ``timeout`` (the
 length is the longest that ran within ``timeout_s``, not a memory limit). An ``error`` stops the
 search; a single search then exits 1, as ``experiments.run`` does.
+
+Every search's summary is kept under ``searches/<key>.json`` (the key is built from the search's
+configuration, :func:`search_key`), in the job directory and, in a multirun, in the sweep
+directory; ``max_seqlen.csv`` there is rebuilt from them, one row per distinct search, so another
+search into the same directory adds a row and the same search again replaces its row.
+``max_seqlen.json`` is the latest search's summary.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from parallel import get_strategy
 
 from ..core.paths import CONF_DIR
 from ..core.point import Point
-from ..core.tables import write_csv
+from ..core.tables import write_atomic, write_csv
 from ..core.units import GIB, format_bytes
 from ..training.loop import uses_cuda
 from .controller import FINAL_STATUSES, measure
@@ -43,7 +52,7 @@ SUMMARY_FIELDS = [
     "status", "model", "strategy", "gpus", "n_layers", "sp", "precision", "chunks", "chunk_tokens", "max_seq_len",
     "first_failure",
     "failure_status", "probes", "hardware", "max_device_memory", "max_host_memory", "fake_tensors",
-    "device_name", "error",
+    "device_name", "error", "key", "timestamp",
 ]  # fmt: skip
 
 
@@ -154,14 +163,79 @@ def _check_search(search_cfg, base: Point, chunk_tokens: int | None) -> None:
         raise ValueError(f"search.chunk_tokens={chunk_tokens} must be >= 1 tokens, or null for a fixed chunks")
 
 
+def _digest(data) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def search_key(base: Point, chunk_tokens: int | None, start: int, limit: int, resolution: float) -> str:
+    """Readable, unique file name for a search: the base point's key and the search settings that
+    change the answer. ``seq_len`` is what the search varies, and with ``chunk_tokens`` the probes
+    set ``chunks`` themselves, so neither enters the key."""
+    point = base.replace(seq_len=0, chunks=None if chunk_tokens else base.chunks)
+    settings = {"point": point_key(point), "chunk_tokens": chunk_tokens, "start": start, "limit": limit,
+                "resolution": resolution}  # fmt: skip
+    layout = f"t{chunk_tokens}" if chunk_tokens else f"u{base.chunks}"
+    return f"{base.model}_{base.strategy}_g{base.gpus}_{layout}_{_digest(settings)}"
+
+
+def _error_key(cfg: DictConfig, what: dict) -> str:
+    """Key of a search whose configuration was refused: its point may not resolve, so the whole job
+    configuration is hashed. Two different bad configurations keep two rows; a setting the search
+    does not read (``seq_len``) also makes a new row, which for a refused search loses nothing."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    return f"{what['model']}_{what['strategy']}_g{what['gpus']}_error_{_digest(config)}"
+
+
+def _read_summary(path: Path) -> dict | None:
+    """One stored summary, or ``None`` with a warning naming the file if it cannot be read (a disk
+    error, a hand edit): the table is rebuilt from the others."""
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or "status" not in summary:
+            raise ValueError("not a max_seqlen summary")
+        return summary
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"ignoring unreadable max_seqlen summary {path} ({exc}); its row is left out of the table",
+                      stacklevel=3)  # fmt: skip
+        return None
+
+
+def _adopt_old_summaries(directory: Path) -> None:
+    """Keep the summaries written before ``searches/`` existed: ``max_seqlen.json`` without a key,
+    the directory's own or (of a sweep) its jobs'. Each is stored under a key of its content, once,
+    before the job's ``max_seqlen.json`` is replaced by this search's."""
+    for path in [directory / "max_seqlen.json", *sorted(directory.glob("*/max_seqlen.json"))]:
+        old = _read_summary(path) if path.is_file() else None
+        if old is None or "key" in old:
+            continue
+        mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+        old = {**old, "key": f"old_{_digest(old)}", "timestamp": mtime}
+        target = directory / "searches" / f"{old['key']}.json"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, json.dumps(old, indent=2))
+
+
+def _store_summary(summary: dict, directory: Path) -> None:
+    """``searches/<key>.json`` (the same search again replaces its file), then ``max_seqlen.csv``
+    rebuilt from every stored search, oldest first."""
+    searches = directory / "searches"
+    searches.mkdir(parents=True, exist_ok=True)
+    write_atomic(searches / f"{summary['key']}.json", json.dumps(summary, indent=2))
+    rows = [r for p in sorted(searches.glob("*.json")) if (r := _read_summary(p)) is not None]
+    rows.sort(key=lambda r: (str(r.get("timestamp") or ""), str(r.get("key") or "")))
+    write_csv(rows, directory / "max_seqlen.csv", SUMMARY_FIELDS)
+
+
 def _write_summary(summary: dict, job_dir: Path, hc) -> None:
-    """This search's ``max_seqlen.json``/``.csv``, and in a multirun the sweep's table of every search."""
-    (job_dir / "max_seqlen.json").write_text(json.dumps(summary, indent=2))
-    write_csv([summary], job_dir / "max_seqlen.csv", SUMMARY_FIELDS)
-    if hc.mode == RunMode.MULTIRUN:  # one table for the whole sweep
-        sweep_dir = Path(hc.sweep.dir)
-        rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("max_seqlen.json"))]
-        write_csv(rows, sweep_dir / "max_seqlen.csv", SUMMARY_FIELDS)
+    """Store this search in the job directory and, in a multirun, the sweep's (one table of every
+    search run there); ``max_seqlen.json`` becomes this search's summary."""
+    summary = {**summary, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    directories = [job_dir] + ([Path(hc.sweep.dir)] if hc.mode == RunMode.MULTIRUN else [])
+    for directory in directories:
+        _adopt_old_summaries(directory)
+        _store_summary(summary, directory)
+    write_atomic(job_dir / "max_seqlen.json", json.dumps(summary, indent=2))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -183,7 +257,8 @@ def main(cfg: DictConfig) -> None:
                              "(e.g. the GPU's 141 for an H200) so that a probe can run out of it")  # fmt: skip
     except ValueError as exc:  # a bad search is a summary row too, and the sweep goes on
         what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "gpus": cfg.gpus}
-        _write_summary({**what, "status": "error", "max_seq_len": 0, "error": str(exc)}, job_dir, hc)
+        summary = {**what, "status": "error", "max_seq_len": 0, "error": str(exc), "key": _error_key(cfg, what)}
+        _write_summary(summary, job_dir, hc)
         print(f"max_seqlen {what['model']} {what['strategy']} gpus={what['gpus']}: error: {exc}", flush=True)
         if hc.mode == RunMode.RUN:
             sys.exit(1)
@@ -223,6 +298,7 @@ def main(cfg: DictConfig) -> None:
         "failure_status": None,
         "error": None,
         **result,
+        "key": search_key(base, chunk_tokens, cfg.search.start, cfg.search.limit, cfg.search.resolution),
     }
     _write_summary(summary, job_dir, hc)
     print(f"max_seqlen {label}: {summary['max_seq_len']} tokens ({summary['status']}, {summary['probes']} probes"
