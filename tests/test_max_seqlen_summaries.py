@@ -50,7 +50,8 @@ def test_search_key_follows_the_settings_that_change_the_answer():
         others = [search_key(point("chunks=4"), None, 256, 1024, 0.1), search_key(base, None, 512, 1024, 0.1),
                   search_key(base, None, 256, 2048, 0.1), search_key(base, None, 256, 1024, 0.2),
                   search_key(point("chunks=2", "precision=bf16-mixed"), None, 256, 1024, 0.1),
-                  search_key(base, 128, 256, 1024, 0.1)]  # fmt: skip
+                  search_key(base, 128, 256, 1024, 0.1),
+                  search_key(point("chunks=2", "timeout_s=60"), None, 256, 1024, 0.1)]  # fmt: skip
         assert len({key, *others}) == 1 + len(others)
         # With a fixed chunk size the probes choose chunks: the configured chunks do not matter.
         assert search_key(base, 128, 256, 1024, 0.1) == search_key(point("chunks=4"), 128, 256, 1024, 0.1)

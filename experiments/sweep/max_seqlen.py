@@ -169,11 +169,13 @@ def _digest(data) -> str:
 
 def search_key(base: Point, chunk_tokens: int | None, start: int, limit: int, resolution: float) -> str:
     """Readable, unique file name for a search: the base point's key and the search settings that
-    change the answer. ``seq_len`` is what the search varies, and with ``chunk_tokens`` the probes
-    set ``chunks`` themselves, so neither enters the key."""
+    change the answer (``timeout_s`` among them, where set). ``seq_len`` is what the search
+    varies, and with ``chunk_tokens`` the probes set ``chunks`` themselves, so neither enters the key."""
     point = base.replace(seq_len=0, chunks=None if chunk_tokens else base.chunks)
     settings = {"point": point_key(point), "chunk_tokens": chunk_tokens, "start": start, "limit": limit,
                 "resolution": resolution}  # fmt: skip
+    if base.timeout_s is not None:  # a probe's time limit can set the bound (status timeout)
+        settings["timeout_s"] = base.timeout_s
     layout = f"t{chunk_tokens}" if chunk_tokens else f"u{base.chunks}"
     return f"{base.model}_{base.strategy}_g{base.gpus}_{layout}_{_digest(settings)}"
 
