@@ -143,3 +143,11 @@ def test_predicted_vs_measured_skips_what_measured_no_memory():
     fig, ax = plt.subplots()
     assert plots.plot_predicted_vs_measured([dict(ok, status="oom")], ax) and "no ok rows" in ax.get_title()
     plt.close("all")
+
+
+def test_table_keeps_a_failed_rows_error_on_one_short_line():
+    rows = [{"status": "ok", "seq_len": 4096, "mfu": 0.123456, "error": None},
+            {"status": "error", "seq_len": 8192, "mfu": None, "error": "RuntimeError: boom\n" + "x" * 200}]  # fmt: skip
+    lines = plots.table(rows, ["status", "seq_len", "mfu", "error"], max_width=30).splitlines()
+    assert len(lines) == 3 and "0.123" in lines[1]
+    assert lines[2].endswith("RuntimeError: boom xxxxxxxx...") and len(lines[2].split()[-1]) < 30

@@ -140,10 +140,16 @@ def newest_sweep(root="results/sweeps") -> Path:
     return candidates[-1].parent
 
 
-def table(rows, columns, floatfmt="{:.3g}") -> str:
-    """A fixed-width text table of ``columns`` (for notebooks and the CLI)."""
-    cells = [[("" if r.get(c) is None else floatfmt.format(r[c]) if isinstance(r.get(c), float) else str(r[c]))
-              for c in columns] for r in rows]  # fmt: skip
+def table(rows, columns, floatfmt="{:.3g}", max_width: int = 60) -> str:
+    """A fixed-width text table of ``columns`` (for notebooks and the CLI); a cell longer than
+    ``max_width`` characters (an error message) is cut there and ends in ``...``."""
+
+    def cell(value) -> str:
+        text = "" if value is None else floatfmt.format(value) if isinstance(value, float) else str(value)
+        text = " ".join(text.split())  # a multi-line message stays on its row
+        return text if len(text) <= max_width else text[: max_width - 3] + "..."
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
