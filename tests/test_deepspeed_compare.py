@@ -1,6 +1,11 @@
 """The DeepSpeed side-by-side script's own parts (DeepSpeed itself is optional and not needed
-here): a clear error without it, and the CPU stand-in for flash-attn's block kernels."""
+here): a clear error without it, and the CPU stand-in for flash-attn's block kernels; with
+DeepSpeed installed, that DeepSpeed failing on a rank is a CSV row beside our measured rows."""
 
+import csv
+import importlib.util
+import os
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +13,7 @@ import torch
 
 import fpdt_kernels
 from experiments.bench import deepspeed_compare
+from experiments.bench.strategy_memory import FAIL_ENV
 
 
 def test_missing_deepspeed_says_how_to_install(monkeypatch):
@@ -34,3 +40,23 @@ def test_flash_attn_standin_is_causal_attention():
     torch.testing.assert_close(out, ref.transpose(1, 2).detach())
     for got, t in zip(grads, (q, k, v), strict=True):
         torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (optional)")
+def test_deepspeed_failing_on_one_rank_is_an_error_row_beside_ours(tmp_path):
+    out = tmp_path / "rows.csv"
+    cmd = [sys.executable, "-m", "experiments.bench.deepspeed_compare", "--seq-len", "512", "--chunks", "2",
+           "--heads", "2", "--head-dim", "16", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", FAIL_ENV: "deepspeed@1"}  # the rank worker's test hook
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].endswith(f"rows failed (status=error in {out}): deepspeed")
+    with open(out, newline="") as f:
+        rows = {(r["impl"], int(r["rank"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {(impl, rank) for impl in ("ours", "deepspeed") for rank in (0, 1)}
+    for rank in (0, 1):
+        assert rows["ours", rank]["status"] == "ok" and float(rows["ours", rank]["device_peak_mib"]) > 0
+        assert rows["deepspeed", rank]["status"] == "error"
+    assert "injected failure of deepspeed on rank 1" in rows["deepspeed", 1]["error"]
+    assert "not compared (a row failed)" in done.stdout
