@@ -219,3 +219,16 @@ def test_document_schedules_keep_the_invariants_and_drop_the_rest(seed):
 def test_pairs_must_include_every_chunk_with_itself():
     with pytest.raises(ValueError, match="shares a document with itself"):
         forward_schedule(3, pairs={(0, 0), (1, 1)})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_copy_counter_counts_what_the_schedule_copies(seed):
+    # cheaper_backward_order counts copies without building ops; it must see the schedule's own.
+    from parallel.schedule import _backward_copies, copy_counts
+
+    u = 1 + 2 * seed
+    pairs = None if seed % 2 else document_pairs(_random_documents(seed, 1, u * 16), 1, u * 16, u)
+    for causal in (True, False):
+        for order in ("kv", "query"):
+            built = backward_schedule(u, causal=causal, offload=True, pairs=pairs, order=order)
+            assert _backward_copies(u, causal, None if pairs is None else frozenset(pairs), order) == copy_counts(built)

@@ -569,14 +569,19 @@ def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = T
     end: list[float] = []
     free = dict.fromkeys(Stream, 0.0)
     done = 0.0
+    costs: dict[tuple, float] = {}  # an op's cost is a function of its kind, chunk and buffer family
     for op in sched.ops:
         if op.kind == Kind.FREE:
             end.append(max((end[k] for k in op.deps), default=0.0))
             continue
-        cost = _op_seconds(op, st, rates, sizes)
-        if not copies and op.kind in (Kind.FETCH, Kind.OFFLOAD):
+        moves = op.kind in (Kind.FETCH, Kind.OFFLOAD)
+        what = (op.kind, op.chunk, op.buffer.split("[")[0] if moves else None)
+        cost = costs.get(what)
+        if cost is None:
+            cost = costs[what] = _op_seconds(op, st, rates, sizes)
+        if not copies and moves:
             cost = 0.0
-        start = max([free[op.stream], *(end[k] for k in op.deps)])
+        start = max(free[op.stream], max((end[k] for k in op.deps), default=0.0))
         end.append(start + cost)
         free[op.stream] = end[-1]
         # The caller waits for every op but an offload of what it did not give (the executor's
