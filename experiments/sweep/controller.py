@@ -16,17 +16,22 @@ gloo on CPU), waits for them under a timeout, and records one result row, whatev
     python -m experiments.run -m hydra/launcher=slurm +sweep=seqlen gpus=8 hydra.launcher.partition=gpu
 
 An out-of-memory error, a crash or a hung rank becomes a row with ``status`` ``oom``, ``error``
-or ``timeout``; the sweep goes on.
+or ``timeout``; the sweep goes on. Ctrl-C or SIGTERM (a scheduler's preemption) stops the ranks and
+the sweep; the point in progress gets no row and runs when the same command is run again. A row
+is reused by configuration (its key), not by code version: a re-run after the code changed skips
+the points already measured and says at which commit they were (``git_commit`` in the row).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,12 +50,122 @@ from ..core.units import GIB, format_bytes
 from ..training.loop import model_config, uses_cuda
 from . import config as _schema  # noqa: F401  (registers the structured configs)
 from .points import check_point, resolve_point
-from .results import find_point, point_key, record_point
+from .results import csv_has_key, find_point, point_key, rebuild_results_csv, record_point
 from .worker import run_rank, spawn_entry, summarize
 
 FINAL_STATUSES = ("ok", "oom")
 # Point fields that are not part of the row (how to run it, not what was run).
 _NOT_IN_ROW = ("timeout_s", "results_csv", "requested_chunks")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while ranks ran (a scheduler's preemption, ``scancel``, ``kill``): handled as
+    Ctrl-C is, so the ranks are stopped before the controller exits."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` in this block, unless someone else handles SIGTERM
+    (submitit's launcher ignores it on purpose) or this is not the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, theirs, and so on (Linux ``/proc``; elsewhere none)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _stop(ctx) -> None:
+    """SIGKILL every rank still running and what it started (compile workers, helpers), then reap
+    the ranks: nothing of a point outlives it, holding memory or a GPU."""
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for pid in [q for p in alive for q in _descendants(p.pid)]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for p in alive:
+        p.kill()
+    for p in alive:
+        p.join(10)
+
+
+@contextlib.contextmanager
+def _job_dir_lock(job_dir: Path):
+    """Hold ``job_dir`` for this launch. Two sweeps writing into the same ``hydra.sweep.dir`` at
+    once share their job directories (``0``, ``1``, ...), where the ranks' result files would mix
+    (one point's row could carry the other's measurements): the second is refused with a clear
+    error instead (on filesystems without locks, not checked)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = job_dir / ".launch.lock"
+    try:
+        f = path.open("a+b", buffering=0)
+    except OSError:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().decode(errors="replace").strip() or "another process"
+            raise ValueError(
+                f"{job_dir} is in use by {holder}: two runs share an output directory at once (two sweeps into "
+                "one hydra.sweep.dir share their job directories 0, 1, ...); give each its own hydra.sweep.dir "
+                "(or hydra.run.dir), or run them one after the other (a re-run skips the points already measured)"
+            ) from None
+        except OSError:  # a filesystem without locks
+            pass
+        with contextlib.suppress(OSError):  # who holds it, for the message above (a full disk: nobody said)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+
+
+@contextlib.contextmanager
+def _plain_start_method():
+    """A spawned rank sets the start method its parent had as the process default before anything
+    else; where that is a launcher's own (Hydra's joblib launcher runs jobs in loky workers, whose
+    default is ``loky``), no fresh interpreter knows it and every rank dies at start. Ranks are
+    started with ``spawn`` as the default meanwhile."""
+    import multiprocessing
+
+    old = multiprocessing.get_start_method(allow_none=True)
+    if old in (None, "spawn", "fork", "forkserver"):
+        yield
+        return
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            multiprocessing.set_start_method(old, force=True)
 
 
 def _free_port() -> int:
@@ -81,39 +196,62 @@ def _death(exc: BaseException, ctx, job_dir: Path) -> str | None:
         return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
     if isinstance(exc, mp.ProcessExitedException) and silent(exc.error_index, exc.exit_code):
-        return f"rank {exc.error_index} died ({how(exc.exit_code)})"
+        return f"rank {exc.error_index} died ({how(exc.exit_code)}){_SIGNAL_HINTS.get(-exc.exit_code, '')}"
+    if isinstance(exc, mp.ProcessRaisedException) and not (job_dir / f"rank{exc.error_index}_error.json").exists():
+        # It raised but could not say so in its error file (a full disk, an unwritable directory):
+        # the exception it raised is the cause, not its exit code.
+        return f"rank {exc.error_index} failed: {str(exc).strip().splitlines()[-1][:2000]}"
     for rank, p in enumerate(ctx.processes):
         p.join(5)
         if silent(rank, p.exitcode) and p.exitcode != -signal.SIGTERM:
-            return f"rank {rank} died ({how(p.exitcode)})"
+            return f"rank {rank} died ({how(p.exitcode)}){_SIGNAL_HINTS.get(-p.exitcode, '')}"
     return None
+
+
+# What a rank's death by a signal usually means (after "rank r died (signal NAME)").
+_SIGNAL_HINTS = {
+    signal.SIGKILL: ": killed from outside the job, e.g. by the host's out-of-memory killer (dmesg) or the scheduler",
+    signal.SIGTERM: ": stopped from outside the job (a scheduler's preemption or time limit, scancel, kill)",
+    signal.SIGSEGV: ": a crash in native code (the rank's stderr above has more)",
+    signal.SIGBUS: ": a crash in native code, or shared memory (/dev/shm) ran out",
+}
 
 
 def launch(point: Point, job_dir: Path, body=None) -> dict:
     """Spawn the ranks (each runs ``body``, default the sweep's measured steps), wait under the
-    point's ``timeout_s`` (``None``: no limit), and return the raw outcome."""
+    point's ``timeout_s`` (``None``: no limit), and return the raw outcome. However this ends
+    (a result, a failure, the timeout, Ctrl-C or SIGTERM), no rank is left running."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*job_dir.glob("rank*_error.json"), job_dir / "worker_metrics.json"]:
-        stale.unlink(missing_ok=True)
-    port = _free_port()
-    args = (point, point.gpus, port, str(job_dir)) + (() if body is None else (body,))
-    ctx = mp.start_processes(spawn_entry, args=args, nprocs=point.gpus, join=False, start_method="spawn")
+    with _job_dir_lock(job_dir):
+        for stale in [*job_dir.glob("rank*_error.json"), job_dir / "worker_metrics.json"]:
+            stale.unlink(missing_ok=True)
+        port = _free_port()
+        args = (point, point.gpus, port, str(job_dir)) + (() if body is None else (body,))
+        with _plain_start_method():
+            ctx = mp.start_processes(spawn_entry, args=args, nprocs=point.gpus, join=False, start_method="spawn")
+        try:
+            with _sigterm_raises():
+                return _wait(ctx, point, job_dir)
+        finally:
+            _stop(ctx)
+
+
+def _wait(ctx, point: Point, job_dir: Path) -> dict:
+    metrics = job_dir / "worker_metrics.json"
     deadline = None if point.timeout_s is None else time.monotonic() + point.timeout_s
     try:
         while not ctx.join(timeout=1.0):
             if deadline is not None and time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                for p in ctx.processes:
-                    p.join(10)
+                _stop(ctx)
                 message = f"no result after timeout_s={point.timeout_s:.0f} s; ranks killed"
+                if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
+                    return {"status": "ok", "metrics": json.loads(metrics.read_text()),
+                            "warning": f"teardown: ranks still running at timeout_s={point.timeout_s:g} s "
+                                       "after the measurement; killed"}  # fmt: skip
                 return {"status": "timeout", "error": message}
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         time.sleep(1.0)  # let the other ranks fail on their own (their error files say how)
-        for p in ctx.processes:  # the rest wait in a collective for the dead one: stop them
-            if p.is_alive():
-                p.kill()
+        _stop(ctx)  # the rest wait in a collective for the dead one
         death = _death(exc, ctx, job_dir)
         err = _read_errors(job_dir)
         if death is not None:
@@ -122,14 +260,15 @@ def launch(point: Point, job_dir: Path, body=None) -> dict:
         if err is not None:
             return err
         reason = str(exc).strip().splitlines()[-1][:2000]
-        metrics = job_dir / "worker_metrics.json"
-        if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
+        if metrics.exists():
             return {"status": "ok", "metrics": json.loads(metrics.read_text()), "warning": f"teardown: {reason}"}
         return {"status": "error", "error": reason}
     err = _read_errors(job_dir)
     if err is not None:
         return err
-    return {"status": "ok", "metrics": json.loads((job_dir / "worker_metrics.json").read_text())}
+    if not metrics.exists():  # every rank exited 0, but rank 0 never wrote its result
+        return {"status": "error", "error": f"the ranks exited without a result (no {metrics})"}
+    return {"status": "ok", "metrics": json.loads(metrics.read_text())}
 
 
 def _gib(x):
@@ -240,6 +379,29 @@ def _skip_reason(point: Point, sweep_dir: Path) -> str:
     return f"already in {sweep_dir}"
 
 
+def _other_commit(row: dict) -> str:
+    """A note when a reused row was measured at another commit than the one running now."""
+    then, now = row.get("git_commit"), git_commit()
+    if not then or then == now:
+        return ""
+    return (f"; measured at commit {then}, now {now}: delete its points/{row['key']}.json, or use another "
+            "hydra.sweep.dir, to measure it again")  # fmt: skip
+
+
+def _record(sweep_dir: Path, job_dir: Path, row: dict, csv_name: str) -> Path:
+    """``record_point``, or, when the directory cannot take it (a full disk, no permission), the
+    row on stderr and an exit naming the directory: the sweep stops rather than measure points it
+    cannot keep."""
+    try:
+        return record_point(sweep_dir, job_dir, row, csv_name)
+    except OSError as exc:
+        print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+        raise SystemExit(
+            f"experiments.run: could not record the row of {row.get('key')} in {sweep_dir} ({exc}); the row is "
+            "printed above, and the point runs again when the sweep is re-run"
+        ) from exc
+
+
 def run_point(cfg: DictConfig) -> dict:
     """Resolve, check, skip-or-run and record one point; returns its row."""
     hc = HydraConfig.get()
@@ -253,17 +415,27 @@ def run_point(cfg: DictConfig) -> dict:
         what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "seq_len": cfg.seq_len,
                 "chunks": cfg.chunks, "gpus": cfg.gpus, "n_layers": cfg.model.n_layers}  # fmt: skip
         row = {**what, "status": "error", "error": str(exc), "key": point_key(what)}
-        record_point(sweep_dir, job_dir, row, cfg.results_csv)
+        _record(sweep_dir, job_dir, row, cfg.results_csv)
         print(_progress(row, sweep_dir, job_num), flush=True)
         return row
     key = point_key(point)
     existing = find_point(sweep_dir, key)
     # ok and oom rows are measurements and stay; error and timeout rows are retried.
     if existing is not None and existing["status"] in FINAL_STATUSES:
-        print(_progress(existing, sweep_dir, job_num, _skip_reason(point, sweep_dir)), flush=True)
+        if not csv_has_key(sweep_dir / point.results_csv, key):  # recorded, but the table missed it
+            rebuild_results_csv(sweep_dir, point.results_csv)
+        skipped = _skip_reason(point, sweep_dir) + _other_commit(existing)
+        print(_progress(existing, sweep_dir, job_num, skipped), flush=True)
         return existing
-    row = measure(point, job_dir)
-    csv_path = record_point(sweep_dir, job_dir, row, point.results_csv)
+    try:
+        row = measure(point, job_dir)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): launch stopped the ranks
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"experiments.run: {signal.Signals(signum).name} while running {key}: its ranks are stopped and it "
+              f"has no row; run the same command again to measure it (rows already in {sweep_dir} are kept)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(128 + signum) from None
+    csv_path = _record(sweep_dir, job_dir, row, point.results_csv)
     print(_progress(row, sweep_dir, job_num), flush=True)
     if not multirun:
         print(f"row: {csv_path} (and {job_dir / 'result.json'})", flush=True)
@@ -301,6 +473,10 @@ def run_under_torchrun(cfg: DictConfig) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if _under_torchrun():
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Each job would set up the process group again on torchrun's one port: the second hangs.
+            raise SystemExit("experiments.run: under torchrun one launch is one point; drop -m (and sweep presets) "
+                             "and start one torchrun per point")  # fmt: skip
         run_under_torchrun(cfg)
         return
     row = run_point(cfg)

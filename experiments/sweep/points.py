@@ -132,7 +132,15 @@ def check_point(point: Point) -> None:
             "planner predicts it anywhere: python -m experiments.plan offload_states=true"
         )
     if torch.cuda.is_available() and point.gpus > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+        slurm = ""
+        if "SLURM_JOB_ID" in os.environ:  # hydra/launcher=slurm asks every job of a sweep for the same GPUs
+            slurm = (
+                f" (SLURM job {os.environ['SLURM_JOB_ID']}); hydra/launcher=slurm requests "
+                "hydra.launcher.gpus_per_node GPUs for every job of a sweep, by default the gpus given on the "
+                "command line (not the swept or preset values): to sweep gpus, set hydra.launcher.gpus_per_node "
+                "to the largest"
+            )
         raise ValueError(
-            f"gpus={point.gpus} but this machine has {torch.cuda.device_count()} visible GPUs; "
+            f"gpus={point.gpus} but this machine has {torch.cuda.device_count()} visible GPUs{slurm}; "
             "use fewer, or torchrun across nodes"
         )

@@ -3,11 +3,14 @@
 A sweep directory holds ``points/<key>.json`` (one per distinct effective configuration: the
 re-run and de-duplication index) and ``results.csv`` (rebuilt from the points after every point,
 written atomically, so an interrupted sweep loses nothing already measured). Each Hydra job
-directory also gets its own ``result.json``.
+directory also gets its own ``result.json``. Jobs that run at once (Hydra's joblib or submitit
+launchers) record under a lock on ``.results.lock``, so no rebuild writes a table that misses a
+row another job has just recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -16,8 +19,8 @@ from pathlib import Path
 from ..core.point import Point
 from ..core.tables import read_csv, write_csv, write_json
 
-__all__ = ["ROW_FIELDS", "KEY_FIELDS", "find_point", "load_points", "point_key", "read_csv", "record_point",
-           "write_results_csv"]  # fmt: skip
+__all__ = ["ROW_FIELDS", "KEY_FIELDS", "csv_has_key", "find_point", "load_points", "point_key", "read_csv",
+           "rebuild_results_csv", "record_point", "write_results_csv"]  # fmt: skip
 
 # Column order of results.csv. The first block are the fixed names tests outside this
 # repository read; the rest add the configuration echo and provenance.
@@ -88,10 +91,66 @@ def record_point(sweep_dir: Path, job_dir: Path, row: dict, csv_name: str = "res
     sweep_dir, job_dir = Path(sweep_dir), Path(job_dir)
     points = sweep_dir / "points"
     points.mkdir(parents=True, exist_ok=True)
-    write_json(points / f"{row['key']}.json", row)
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json(job_dir / "result.json", row)
-    return write_results_csv(load_points(sweep_dir), sweep_dir / csv_name)
+    with _sweep_lock(sweep_dir):
+        write_json(points / f"{row['key']}.json", row)
+        return _rebuild(sweep_dir, csv_name)
+
+
+def rebuild_results_csv(sweep_dir: Path, csv_name: str = "results.csv") -> Path:
+    """Write the sweep's CSV again from its points (e.g. when a point recorded earlier is missing
+    from it: a job stopped between its point file and the table)."""
+    with _sweep_lock(Path(sweep_dir)):
+        return _rebuild(Path(sweep_dir), csv_name)
+
+
+def _rebuild(sweep_dir: Path, csv_name: str) -> Path:
+    # Where the lock is not honoured (some network filesystems), a point recorded while the table
+    # was being written shows as a change of the listing: write again, until it holds still.
+    for _ in range(10):
+        before = _listing(sweep_dir)
+        path = write_results_csv(load_points(sweep_dir), sweep_dir / csv_name)
+        if _listing(sweep_dir) == before:
+            break
+    return path
+
+
+def _listing(sweep_dir: Path) -> list[tuple]:
+    out = []
+    for p in sorted((sweep_dir / "points").glob("*.json")):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            out.append((p.name, st.st_mtime_ns, st.st_size))
+    return out
+
+
+@contextlib.contextmanager
+def _sweep_lock(sweep_dir: Path):
+    """An exclusive lock on ``<sweep_dir>/.results.lock`` while a row is stored and the table is
+    rebuilt (best effort: without ``fcntl`` or where the filesystem refuses locks, none)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        f = (sweep_dir / ".results.lock").open("a")
+    except OSError:
+        yield
+        return
+    with f:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def csv_has_key(path: Path, key: str) -> bool:
+    """Whether the table at ``path`` exists and has a row with this ``key``."""
+    try:
+        return any(r.get("key") == key for r in read_csv(path))
+    except (OSError, ValueError):
+        return False
 
 
 def load_points(sweep_dir: Path) -> list[dict]:
