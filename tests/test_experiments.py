@@ -244,7 +244,7 @@ def test_hung_point_times_out_and_token_file_is_read(tmp_path):
             "warmup_steps=0", f"data.path={tokens}", "timeout_s=0.5,600", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     proc = _run("experiments.run", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "timeout: no result after timeout_s=0 s; ranks killed" in proc.stdout
+    assert "timeout: no result after timeout_s=0.5 s; ranks killed" in proc.stdout
     rows = read_csv(sweep / "results.csv")
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["data_path"] == str(tokens)
     # A token file shorter than a sequence is a clear error, not a crash of the sweep.

@@ -243,7 +243,7 @@ def _wait(ctx, point: Point, job_dir: Path) -> dict:
         while not ctx.join(timeout=1.0):
             if deadline is not None and time.monotonic() > deadline:
                 _stop(ctx)
-                message = f"no result after timeout_s={point.timeout_s:.0f} s; ranks killed"
+                message = f"no result after timeout_s={point.timeout_s:g} s; ranks killed"
                 if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
                     return {"status": "ok", "metrics": json.loads(metrics.read_text()),
                             "warning": f"teardown: ranks still running at timeout_s={point.timeout_s:g} s "
