@@ -309,3 +309,35 @@ def test_points_run_under_the_joblib_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_csv(sweep / "results.csv")
     assert sorted((int(r["seq_len"]), r["status"]) for r in rows) == [(512, "ok"), (1024, "ok")], rows
+
+
+_DYING_RANK = """
+import os, runpy, sys, time
+import experiments.sweep.controller as controller
+
+def run_rank(point, job_dir):  # rank 1 dies; rank 0 waits as in a collective until torchrun stops it
+    if os.environ["RANK"] == "1":
+        time.sleep(1)
+        os._exit(7)
+    time.sleep(120)
+
+controller.run_rank = run_rank
+sys.argv = ["experiments.run", *sys.argv[1:]]
+runpy.run_module("experiments.run", run_name="__main__")
+"""
+
+
+@pytest.mark.distributed
+def test_under_torchrun_rank0_records_why_it_was_stopped(tmp_path):
+    # torchrun SIGTERMs the other ranks when one fails: rank 0 still writes its row.
+    script = tmp_path / "dying_rank.py"
+    script.write_text(_DYING_RANK)
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           str(script), *TINY, "gpus=2", "steps=1", "warmup_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode != 0
+    row = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert row["status"] == "error" and "stopped by SIGTERM: torchrun stops every rank" in row["error"], row

@@ -453,10 +453,17 @@ def run_under_torchrun(cfg: DictConfig) -> None:
     key, start = point_key(point), time.monotonic()
     rank0 = int(os.environ["RANK"]) == 0
     try:
-        run_rank(point, str(job_dir))
+        # torchrun stops the other ranks with SIGTERM when one fails (and a scheduler preempts the
+        # same way): rank 0 then still records why, instead of dying without a row.
+        with _sigterm_raises():
+            run_rank(point, str(job_dir))
     except BaseException as exc:
         if rank0:  # the row says what happened here; torchrun reports the other ranks
-            err = _read_errors(job_dir) or {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            why = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, Terminated):
+                why = ("stopped by SIGTERM: torchrun stops every rank when one fails (the failed rank's log says "
+                       "why), or the scheduler preempted the job")  # fmt: skip
+            err = _read_errors(job_dir) or {"status": "error", "error": why}
             row = make_row(point, err, key, job_dir, time.monotonic() - start)
             record_point(job_dir, job_dir, row, point.results_csv)
             print(_progress(row, job_dir, None), flush=True)
