@@ -202,7 +202,7 @@ def _parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     p.add_argument("--tokens", type=positive_int, help="B*S per measurement; CUDA 16384, CPU = S")
     p.add_argument("--heads", type=positive_int, help="default 2048 // d on CUDA (H*d = 2048), 2 on CPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", type=out_file, help="CSV path; default results/bench_attention_<dev>.csv")
+    p.add_argument("--out", type=out_file, help="CSV path; default experiments/results/bench_attention_<dev>.csv")
     p.add_argument("--reps", type=positive_int, default=5, help="timed runs per measurement on CPU")
     p.add_argument("--quick", action="store_true", help="CUDA: d=128, S in {1K,16K}; CPU: 3 reps")
     args = p.parse_args(argv)
