@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 
 
@@ -48,6 +49,20 @@ def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_row(path: Path, what: str, if_unreadable: str) -> dict | None:
+    """A JSON row with a ``status`` (a sweep point, a search summary), or ``None`` with a warning
+    naming the file when it cannot be read (a killed write, a disk error, a hand edit): ``what``
+    names the kind of row, ``if_unreadable`` what follows for it."""
+    try:
+        row = json.loads(Path(path).read_text())
+        if not isinstance(row, dict) or "status" not in row:
+            raise ValueError(f"not a {what} row")
+        return row
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"ignoring unreadable {what} {path} ({exc}); {if_unreadable}", stacklevel=4)
+        return None
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -26,10 +26,8 @@ search into the same directory adds a row and the same search again replaces its
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -41,12 +39,12 @@ from parallel import get_strategy
 
 from ..core.paths import CONF_DIR
 from ..core.point import Point
-from ..core.tables import write_atomic, write_csv
+from ..core.tables import read_row, write_atomic, write_csv
 from ..core.units import GIB, format_bytes
 from ..training.loop import uses_cuda
 from .controller import FINAL_STATUSES, measure
 from .points import check_point, resolve_point
-from .results import find_point, point_key, record_point
+from .results import digest, find_point, point_key, record_point
 
 SUMMARY_FIELDS = [
     "status", "model", "strategy", "gpus", "n_layers", "sp", "precision", "chunks", "chunk_tokens", "max_seq_len",
@@ -163,10 +161,6 @@ def _check_search(search_cfg, base: Point, chunk_tokens: int | None) -> None:
         raise ValueError(f"search.chunk_tokens={chunk_tokens} must be >= 1 tokens, or null for a fixed chunks")
 
 
-def _digest(data) -> str:
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def search_key(base: Point, chunk_tokens: int | None, start: int, limit: int, resolution: float) -> str:
     """Readable, unique file name for a search: the base point's key and the search settings that
     change the answer (``timeout_s`` among them, where set). ``seq_len`` is what the search
@@ -177,7 +171,7 @@ def search_key(base: Point, chunk_tokens: int | None, start: int, limit: int, re
     if base.timeout_s is not None:  # a probe's time limit can set the bound (status timeout)
         settings["timeout_s"] = base.timeout_s
     layout = f"t{chunk_tokens}" if chunk_tokens else f"u{base.chunks}"
-    return f"{base.model}_{base.strategy}_g{base.gpus}_{layout}_{_digest(settings)}"
+    return f"{base.model}_{base.strategy}_g{base.gpus}_{layout}_{digest(settings)}"
 
 
 def _error_key(cfg: DictConfig, what: dict) -> str:
@@ -185,21 +179,12 @@ def _error_key(cfg: DictConfig, what: dict) -> str:
     configuration is hashed. Two different bad configurations keep two rows; a setting the search
     does not read (``seq_len``) also makes a new row, which for a refused search loses nothing."""
     config = OmegaConf.to_container(cfg, resolve=False)
-    return f"{what['model']}_{what['strategy']}_g{what['gpus']}_error_{_digest(config)}"
+    return f"{what['model']}_{what['strategy']}_g{what['gpus']}_error_{digest(config)}"
 
 
 def _read_summary(path: Path) -> dict | None:
-    """One stored summary, or ``None`` with a warning naming the file if it cannot be read (a disk
-    error, a hand edit): the table is rebuilt from the others."""
-    try:
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict) or "status" not in summary:
-            raise ValueError("not a max_seqlen summary")
-        return summary
-    except (OSError, ValueError) as exc:
-        warnings.warn(f"ignoring unreadable max_seqlen summary {path} ({exc}); its row is left out of the table",
-                      stacklevel=3)  # fmt: skip
-        return None
+    # An unreadable summary is left out; the table is rebuilt from the others.
+    return read_row(path, "max_seqlen summary", "its row is left out of the table")
 
 
 def _adopt_old_summaries(directory: Path) -> None:
@@ -211,7 +196,7 @@ def _adopt_old_summaries(directory: Path) -> None:
         if old is None or "key" in old:
             continue
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
-        old = {**old, "key": f"old_{_digest(old)}", "timestamp": mtime}
+        old = {**old, "key": f"old_{digest(old)}", "timestamp": mtime}
         target = directory / "searches" / f"{old['key']}.json"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

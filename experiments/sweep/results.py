@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
+from ..core.locks import exclusive_lock
 from ..core.point import Point
-from ..core.tables import read_csv, write_csv, write_json
+from ..core.tables import read_csv, read_row, write_csv, write_json
 
 __all__ = ["ROW_FIELDS", "KEY_FIELDS", "csv_has_key", "find_point", "load_points", "point_key", "read_csv",
            "rebuild_results_csv", "record_point", "write_results_csv"]  # fmt: skip
@@ -63,22 +63,18 @@ def point_key(point: Point | dict) -> str:
         for k in KEY_FIELDS
         if k not in _KEY_FIELD_DEFAULTS or point.get(k, _KEY_FIELD_DEFAULTS[k]) != _KEY_FIELD_DEFAULTS[k]
     }
-    blob = json.dumps(fields, sort_keys=True, default=str)
-    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
-    return f"{point['model']}_{point['strategy']}_s{point['seq_len']}_u{point['chunks']}_g{point['gpus']}_{digest}"
+    return (f"{point['model']}_{point['strategy']}_s{point['seq_len']}_u{point['chunks']}_g{point['gpus']}_"
+            f"{digest(fields)}")  # fmt: skip
+
+
+def digest(data) -> str:
+    """Ten hex digits that tell configurations apart: the SHA-1 of their JSON, keys sorted."""
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _read_point(path: Path) -> dict | None:
-    """One point's row, or ``None`` with a warning naming the file if it is unreadable (a killed
-    write, a disk error): such a point counts as not run, so it runs again and replaces the file."""
-    try:
-        row = json.loads(path.read_text())
-        if not isinstance(row, dict) or "status" not in row:
-            raise ValueError("not a result row")
-        return row
-    except (OSError, ValueError) as exc:
-        warnings.warn(f"ignoring unreadable result {path} ({exc}); the point counts as not run", stacklevel=3)
-        return None
+    # An unreadable point counts as not run, so it runs again and replaces the file.
+    return read_row(path, "result", "the point counts as not run")
 
 
 def find_point(sweep_dir: Path, key: str) -> dict | None:
@@ -125,24 +121,10 @@ def _listing(sweep_dir: Path) -> list[tuple]:
     return out
 
 
-@contextlib.contextmanager
 def _sweep_lock(sweep_dir: Path):
     """An exclusive lock on ``<sweep_dir>/.results.lock`` while a row is stored and the table is
-    rebuilt (best effort: without ``fcntl`` or where the filesystem refuses locks, none)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    try:
-        f = (sweep_dir / ".results.lock").open("a")
-    except OSError:
-        yield
-        return
-    with f:
-        with contextlib.suppress(OSError):
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+    rebuilt (best effort: where locks are not available, none)."""
+    return exclusive_lock(sweep_dir / ".results.lock")
 
 
 def csv_has_key(path: Path, key: str) -> bool:
