@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 
 from ..core.flops import FLOP_CONVENTION, step_flops
 from ..core.hardware import cpu_peak_tflops
+from ..core.locks import exclusive_lock
 from ..core.paths import CONF_DIR
 from ..core.point import Point
 from ..core.provenance import git_commit, versions
@@ -118,33 +119,21 @@ def _job_dir_lock(job_dir: Path):
     once share their job directories (``0``, ``1``, ...), where the ranks' result files would mix
     (one point's row could carry the other's measurements): the second is refused with a clear
     error instead (on filesystems without locks, not checked)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
     path = job_dir / ".launch.lock"
-    try:
-        f = path.open("a+b", buffering=0)
-    except OSError:
-        yield
-        return
-    with f:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f = stack.enter_context(exclusive_lock(path, wait=False))
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().decode(errors="replace").strip() or "another process"
+            holder = path.read_text(errors="replace").strip() or "another process"
             raise ValueError(
                 f"{job_dir} is in use by {holder}: two runs share an output directory at once (two sweeps into "
                 "one hydra.sweep.dir share their job directories 0, 1, ...); give each its own hydra.sweep.dir "
                 "(or hydra.run.dir), or run them one after the other (a re-run skips the points already measured)"
             ) from None
-        except OSError:  # a filesystem without locks
-            pass
-        with contextlib.suppress(OSError):  # who holds it, for the message above (a full disk: nobody said)
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        if f is not None:
+            with contextlib.suppress(OSError):  # who holds it, for the message above (a full disk: nobody said)
+                f.truncate(0)
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
 
 
