@@ -345,20 +345,15 @@ def _our_layer(name: str, group, ctx: dict, opts: dict, usp_groups: dict):
     return lambda x: strategy(x, w, rope), strategy.shard, [], dict(chunks=chunks, ulysses_degree=degree)
 
 
-_deepspeed_comm_ready = False
-
-
 def _deepspeed_layer(ctx: dict):
     """DeepSpeed-Ulysses' layer, its layout (contiguous slices), its RoPE tables, no more columns."""
-    global _deepspeed_comm_ready
     from parallel.layout import shard
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    if not _deepspeed_comm_ready:  # once per process, over the world already initialised
-        import deepspeed.comm as ds_dist
+    import deepspeed.comm as ds_dist
 
-        ds_dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        _deepspeed_comm_ready = True
+    # Over the world already initialised; once its backend exists, a call for another shape is a no-op.
+    ds_dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     fn, extra = _deepspeed_block(ctx["w"], ctx["rope"], ctx["shape"])
     world, rank = ctx["world"], ctx["rank"]
     return fn, lambda t: shard(t, world, 1, rank), extra, {}
