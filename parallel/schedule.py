@@ -336,7 +336,7 @@ def _build_backward(builder: type[_Builder], chunks: int, causal: bool, offload:
 
     # The chunks of the other side each outer chunk meets, and the outer steps each inner chunk meets.
     inners = [[k for k in range(u) if (s.visible(k, o) if kv_outer else s.visible(o, k))] for o in range(u)]
-    outers: list[list[int]] = [[] for _ in range(u)]
+    outers: list[list[int]] = [[] for _ in range(u)]  # ascending: [0] is the first, [-1] the last
     for o in range(u):
         for k in inners[o]:
             outers[k].append(o)
@@ -352,7 +352,7 @@ def _build_backward(builder: type[_Builder], chunks: int, causal: bool, offload:
     # The outer step in which each projection backward is queued: once its gradient is complete.
     queued = {}
     for k in range(u):
-        queued[(acc_in, k)] = max(outers[k])
+        queued[(acc_in, k)] = outers[k][-1]
         queued[(acc_out, k)] = k
     proj = {"dq": Kind.PROJ_BWD_Q, "dkv": Kind.PROJ_BWD_KV}
     a2a = {"dq": Kind.A2A_DQ, "dkv": Kind.A2A_DKV}
@@ -369,9 +369,9 @@ def _build_backward(builder: type[_Builder], chunks: int, causal: bool, offload:
 
     def load(outer: int, k: int) -> None:
         if kv_outer:
-            output_grad(k, outer == min(outers[k]))
+            output_grad(k, outer == outers[k][0])
         if offload:
-            names = per_block + ((acc_in,) if outer > min(outers[k]) else ())
+            names = per_block + ((acc_in,) if outer > outers[k][0] else ())
             for name in names:
                 b.ensure(_n(name, k))
 
@@ -418,7 +418,7 @@ def _build_backward(builder: type[_Builder], chunks: int, causal: bool, offload:
             reads += [name for name in (_n("dq", j), _n("dkv", i)) if b.has(name)]
             b.add(Kind.ATTN_BWD, (i, j), reads=reads, writes=[_n("dq", j), _n("dkv", i)])
             flush()  # projection backwards queued before this block: their all-to-all overlapped it
-            last = outer == max(outers[k])
+            last = outer == outers[k][-1]
             # The next outer step's first block reads the same inner chunk (the last query chunk
             # in "kv" order, the first KV chunk in "query" order): its accumulator and inputs stay
             # on the device rather than make a host round trip the block would wait for.
