@@ -36,6 +36,7 @@ from .schedule import (
     Op,
     Schedule,
     backward_schedule,
+    buffer_family,
     check_backward_order,
     document_pairs,
     forward_schedule,
@@ -209,7 +210,7 @@ class _Runner:
         dt, n = self.dtype, math.prod(self.q_shape)
         kv, loc_kv = math.prod(self.kv_shape), self.c * self.kv_shape[0] * self.spec.n_kv_heads * self.spec.head_dim
         if op.kind == Kind.FETCH:
-            return {op.buffer: [(math.prod(shape), t) for shape, t in self._value(op.buffer.split("[")[0])]}
+            return {op.buffer: [(math.prod(shape), t) for shape, t in self._value(buffer_family(op.buffer))]}
         if op.kind == Kind.A2A_QKV:
             return {op.writes[0]: [(n, dt)], op.writes[1]: [(kv, dt)] * 2}
         if op.kind == Kind.A2A_OUT:

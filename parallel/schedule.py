@@ -186,9 +186,9 @@ class _CopyCounter(_Builder):
 
     def add(self, kind: Kind, chunk=(), reads=(), writes=()) -> None:
         if kind == Kind.OFFLOAD:
-            self.copies[_family(reads[0])] += 1
+            self.copies[buffer_family(reads[0])] += 1
         elif kind == Kind.FETCH:
-            self.copies[_family(writes[0])] += 1
+            self.copies[buffer_family(writes[0])] += 1
         self.live.update(writes)
 
     def free(self, *names: str) -> None:
@@ -438,7 +438,7 @@ def _build_backward(builder: type[_Builder], chunks: int, causal: bool, offload:
 
 def copy_counts(s: Schedule) -> Counter:
     """Host-device copies (fetches and offloads) a schedule makes, per buffer family."""
-    return Counter(_family(op.buffer) for op in s.ops if op.kind in (Kind.FETCH, Kind.OFFLOAD))
+    return Counter(buffer_family(op.buffer) for op in s.ops if op.kind in (Kind.FETCH, Kind.OFFLOAD))
 
 
 @functools.lru_cache(maxsize=256)
@@ -531,7 +531,8 @@ def document_pairs(cu_seqlens, batch: int, seq_len: int, chunks: int) -> frozens
     return frozenset(pairs)
 
 
-def _family(name: str) -> str:
+def buffer_family(name: str) -> str:
+    """The family of a buffer name made by ``_n``: ``"q[3]"`` -> ``"q"``."""
     return name.split("[")[0]
 
 
@@ -582,7 +583,7 @@ def check_schedule(s: Schedule) -> dict[str, int]:
             written[b] += 1
         for b in op.reads:
             readers.setdefault(b, set()).add(op.index)
-        now = Counter(_family(b) for b in live if not b.startswith(HOST) and b not in s.inputs)
+        now = Counter(buffer_family(b) for b in live if not b.startswith(HOST) and b not in s.inputs)
         for fam, n in now.items():
             peak[fam] = max(peak[fam], n)
     u = s.chunks

@@ -29,6 +29,7 @@ from parallel.schedule import (
     Schedule,
     Stream,
     backward_schedule,
+    buffer_family,
     document_pairs,
     forward_schedule,
     resolve_backward_order,
@@ -256,7 +257,7 @@ def replay_peak_bytes(sched: Schedule, sizes: dict[str, int], fetched_x_bytes: i
     """Largest sum of live device buffer bytes over the ops of ``sched`` (inputs excluded)."""
 
     def nbytes(name: str) -> int:
-        fam = name.split("[")[0]
+        fam = buffer_family(name)
         return fetched_x_bytes if fam == "x" else sizes[fam]
 
     live: set[str] = set()
@@ -461,7 +462,7 @@ def replay_host_bytes(sched: Schedule, sizes: dict[str, int]) -> int:
     for op in sched.ops:
         if op.kind != Kind.OFFLOAD or op.reads[0] in sched.inputs:
             continue
-        name, size = op.reads[0], sizes[op.reads[0].split("[")[0]]
+        name, size = op.reads[0], sizes[buffer_family(op.reads[0])]
         peak = max(peak, total + size)
         if name not in held:
             held.add(name)
@@ -536,7 +537,7 @@ def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
     c, hq, d, h = C // P, cfg.n_heads // P, cfg.head_dim, cfg.hidden
     qkv_cols = (cfg.n_heads + 2 * cfg.n_kv_heads) * d
     if op.kind in (Kind.FETCH, Kind.OFFLOAD):
-        return sizes["copy"][op.buffer.split("[")[0]] / rates.pcie_bytes
+        return sizes["copy"][buffer_family(op.buffer)] / rates.pcie_bytes
     if op.kind == Kind.FREE:
         return 0.0
     if op.kind == Kind.PROJECT:
@@ -575,7 +576,7 @@ def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = T
             end.append(max((end[k] for k in op.deps), default=0.0))
             continue
         moves = op.kind in (Kind.FETCH, Kind.OFFLOAD)
-        what = (op.kind, op.chunk, op.buffer.split("[")[0] if moves else None)
+        what = (op.kind, op.chunk, buffer_family(op.buffer) if moves else None)
         cost = costs.get(what)
         if cost is None:
             cost = costs[what] = _op_seconds(op, st, rates, sizes)
