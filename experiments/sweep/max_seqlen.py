@@ -190,7 +190,10 @@ def _read_summary(path: Path) -> dict | None:
 def _adopt_old_summaries(directory: Path) -> None:
     """Keep the summaries written before ``searches/`` existed: ``max_seqlen.json`` without a key,
     the directory's own or (of a sweep) its jobs'. Each is stored under a key of its content, once,
-    before the job's ``max_seqlen.json`` is replaced by this search's."""
+    before the job's ``max_seqlen.json`` is replaced by this search's. Once ``searches/`` exists they
+    have been adopted, and the job folders are not read again."""
+    if (directory / "searches").is_dir():
+        return
     for path in [directory / "max_seqlen.json", *sorted(directory.glob("*/max_seqlen.json"))]:
         old = _read_summary(path) if path.is_file() else None
         if old is None or "key" in old:
