@@ -151,7 +151,10 @@ def test_failed_points_are_marked_and_named(tmp_path, capsys):
     table = _csv(tmp_path / "r.csv", ROWS)  # fpdt u=1 timed out at 2K; empty cells of failed rows are fine
     code, err, written = _run([table, "--out", tmp_path / "figs"], capsys)
     assert code == 0 and {p.name for p in written} == {"memory_mfu.png", "chunks.png"}
-    assert "1 failed row with no value, marked on the figure by status: fpdt u=1 gpus=2 S=2048 timeout (hung)" in err
+    assert (
+        "2 failed rows with no value, marked on the figure by status: fpdt u=1 gpus=2 S=2048 timeout (hung); "
+        "ulysses gpus=2 S=4096 oom (out of memory)"
+    ) in err
 
     rows = plots.load_results(table)
     fig, axes = plt.subplots(1, 2)
@@ -163,6 +166,55 @@ def test_failed_points_are_marked_and_named(tmp_path, capsys):
         assert "timed out (no value)" in ax.get_legend_handles_labels()[1]
         (curve,) = [line for line in ax.get_lines() if line.get_label() == "fpdt u=1, 2 GPUs"]
         assert list(curve.get_xdata()) == [1024, 2048, 4096] and math.isnan(curve.get_ydata()[1])  # broken at 2K
+    plt.close(fig)
+
+
+def _failure_marks(ax):
+    """``(x, marker, y)`` of each failed-point marker on ``ax`` (legend proxies have no point)."""
+    marks = [line for line in ax.get_lines() if line.get_marker() in plots.FAILURE_MARKERS.values()]
+    return sorted((m.get_xdata()[0], m.get_marker(), m.get_ydata()[0]) for m in marks if len(m.get_xdata()))
+
+
+def test_every_failed_point_of_a_curve_is_marked_and_named(tmp_path, capsys):
+    # One curve: ok at 1K, oom at 2K, timeout at 4K, ok at 8K, oom at 16K.
+    failures = {2048: ("oom", "out of memory"), 4096: ("timeout", "hung"), 16384: ("oom", "out of memory")}
+    curve = [_row("fpdt", 1, s, *failures.get(s, ("ok", ""))) for s in (1024, 2048, 4096, 8192, 16384)]
+    table = _csv(tmp_path / "r.csv", curve)
+    code, err, _ = _run([table, "--out", tmp_path / "figs"], capsys)
+    assert code == 0
+    assert (
+        "memory_mfu: 3 failed rows with no value, marked on the figure by status: fpdt u=1 gpus=2 S=2048 oom (out of "
+        "memory); fpdt u=1 gpus=2 S=4096 timeout (hung); fpdt u=1 gpus=2 S=16384 oom (out of memory)"
+    ) in err
+
+    rows = plots.load_results(table)
+    fig, (ax_device, ax_host, ax_mfu) = plt.subplots(1, 3)
+    plots.plot_memory(rows, ax_device, ax_host)
+    plots.plot_mfu(rows, ax_mfu)
+    (limit,) = {line.get_ydata()[0] for line in ax_device.get_lines() if line.get_linestyle() == "--"}
+    # On the device panel each oom is an x on the device-memory line; elsewhere every failure is at the foot.
+    assert _failure_marks(ax_device) == [(2048, "x", limit), (4096, "h", 0), (16384, "x", limit)]
+    for ax in (ax_host, ax_mfu):
+        assert _failure_marks(ax) == [(2048, "x", 0), (4096, "h", 0), (16384, "x", 0)]
+        assert {"out of memory (no value)", "timed out (no value)"} <= set(ax.get_legend_handles_labels()[1])
+    for ax in (ax_device, ax_host, ax_mfu):
+        (line,) = [line for line in ax.get_lines() if line.get_label() == "fpdt u=1, 2 GPUs"]
+        assert list(line.get_xdata()) == [1024, 2048, 4096, 8192]  # the oom at 16K is after its last value
+        assert [math.isnan(y) for y in line.get_ydata()] == [False, True, True, False]  # broken at each failure
+    plt.close(fig)
+
+
+def test_a_chunk_line_breaks_at_every_failed_chunk_count(tmp_path):
+    failures = {2: ("oom", "out of memory"), 8: ("timeout", "hung")}
+    at_4k = [_row("fpdt", u, 4096, *failures.get(u, ("ok", ""))) for u in (1, 2, 4, 8, 16)]
+    rows = plots.load_results(_csv(tmp_path / "r.csv", at_4k))
+    fig, axes = plt.subplots(1, 2)
+    plots.plot_chunks(rows, *axes, seq_len=4096)
+    for ax in axes:
+        (line,) = [line for line in ax.get_lines() if line.get_label() == "llama-tiny fpdt, 2 GPUs"]
+        assert list(line.get_xdata()) == [1, 2, 4, 8, 16]
+        assert [math.isnan(y) for y in line.get_ydata()] == [False, True, False, True, False]
+        assert _failure_marks(ax) == [(2, "x", 0), (8, "h", 0)]
     plt.close(fig)
 
 

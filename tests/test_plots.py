@@ -34,8 +34,10 @@ def test_memory_plot_marks_limit_and_out_of_memory(rows):
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--" and set(line.get_ydata()) == {limit}]
     assert dashed, "the device-memory line is missing"
     crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
-    curves_with_oom = {k for k, pts in curves.items() if any(r["status"] == "oom" for r in pts)}
-    assert len(crosses) == len(curves_with_oom) > 0
+    ooms = sorted((k, r["seq_len"]) for k, pts in curves.items() for r in pts if r["status"] == "oom")
+    assert len(ooms) > len({k for k, _ in ooms}), "the fixture has a curve with several oom points"
+    # One x per oom point (not one per curve), at its seq_len on the device-memory line.
+    assert sorted(line.get_xdata()[0] for line in crosses) == sorted(s for _, s in ooms)
     assert all(line.get_ydata()[0] == limit for line in crosses)
     assert ax.get_xscale() == "log" and "K" in "".join(t.get_text() for t in ax.get_xticklabels())
     assert "simulated" in ax.get_ylabel() and "(MiB)" in ax.get_ylabel()

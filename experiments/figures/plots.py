@@ -3,10 +3,10 @@
 Every function takes rows as returned by :func:`load_results` (dicts with numbers already
 parsed) and draws on matplotlib axes, so notebooks can compose them; :func:`summary_figure`
 is the memory + MFU figure the sweeps write as PNG. Colours mark the strategy, line styles the
-chunk count, markers the GPU count; where a curve ran out of memory, an ``x`` of its colour sits
-on the device-memory line at the first ``seq_len`` that failed, and a point that failed otherwise
-(``error``, ``timeout``) is a hollow marker of its status at the foot of each panel, where its
-curve is broken. Tables are read and checked by :mod:`experiments.figures.inputs`.
+chunk count, markers the GPU count. Every point that failed breaks its curve and is a hollow
+marker of its status in its strategy's colour at the foot of each panel, except that an ``oom`` on
+the device-memory panel is an ``x`` on the device-memory line. Tables are read and checked by
+:mod:`experiments.figures.inputs`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _is_baseline(strategy) -> bool:
 CHUNK_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 GPU_MARKERS = {1: "o", 2: "s", 4: "^", 8: "D", 16: "v", 32: "P"}
 # Failed points have no value: a hollow marker of their status at the foot of the panel. (On the
-# memory panel an ``oom`` is an ``x`` on the device-memory line instead, at the first one of a curve.)
+# device-memory panel an ``oom`` is an ``x`` on the device-memory line instead: where it ran out.)
 FAILURE_MARKERS = {"oom": "x", "error": "*", "timeout": "h"}
 FAILURE_LABELS = {"oom": "out of memory (no value)", "error": "error (no value)", "timeout": "timed out (no value)"}
 
@@ -73,7 +73,7 @@ def describe_row(r) -> str:
 # What each figure needs of its tables (checked by experiments.figures.inputs.check_figure).
 MEMORY_MFU = FigureSpec(
     "memory_mfu", keys=("seq_len", "status", "strategy"), values=("device_mem_peak_gib",),
-    optional={"host_mem_gib": "the host-memory panel", "mfu": "the MFU panel"}, noted=("error", "timeout"),
+    optional={"host_mem_gib": "the host-memory panel", "mfu": "the MFU panel"}, noted=("oom", "error", "timeout"),
     positive=("seq_len",), describe=describe_row,
 )  # fmt: skip
 CHUNKS = FigureSpec(
@@ -194,15 +194,15 @@ def _seq_axis(ax, values):
 
 
 def _with_gaps(pts, x_key, y_key):
-    """A curve's ``ok`` values along ``x_key`` (``pts`` sorted along it); a failed row between two of
-    them, at an x with no ``ok`` value, breaks the line there (a NaN)."""
+    """A curve's ``ok`` values along ``x_key`` (``pts`` sorted along it); each failed row at an x with
+    no ``ok`` value, after the first value and before the last, breaks the line there (a NaN)."""
     valued = {r[x_key] for r in pts if r.get("status") == "ok" and r.get(y_key) is not None}
     xs, ys = [], []
     for r in pts:
         if r.get("status") == "ok" and r.get(y_key) is not None:
             xs.append(r[x_key])
             ys.append(r[y_key])
-        elif r.get("status") in FAILURE_MARKERS and r[x_key] not in valued and ys and not math.isnan(ys[-1]):
+        elif r.get("status") in FAILURE_MARKERS and r[x_key] not in valued and ys:
             xs.append(r[x_key])
             ys.append(math.nan)
     while ys and math.isnan(ys[-1]):
@@ -229,27 +229,26 @@ def _mark_failures(ax, rows, x_key, markers, legend=True):
 
 
 def _draw_curves(ax, rows, y_key, x_key="seq_len", oom_y=None):
-    """One line per (model, strategy, chunks, gpus) over its ``ok`` rows, broken where a point
-    failed; an ``error`` or ``timeout`` point is a hollow marker of its status at the foot of ``ax``.
+    """One line per (model, strategy, chunks, gpus) over its ``ok`` rows, broken at every point that
+    failed; each failed point is a hollow marker of its status at the foot of ``ax``.
 
-    With ``oom_y`` set, the first ``oom`` point of each curve is a red ``x`` at that height
-    (the device limit): where the strategy stopped.
+    With ``oom_y`` set, each ``oom`` point is instead an ``x`` of its curve's colour at that height
+    (the device limit): where the strategy ran out.
     """
     curves = _series(rows, x_key)
     all_chunks = {k[2] for k in curves}
     multi_model = len({k[0] for k in curves}) > 1
-    others = {s: m for s, m in FAILURE_MARKERS.items() if s != "oom"}
     for key, pts in curves.items():
         xs, ys = _with_gaps(pts, x_key, y_key)
         style = _style(key[1], key[2], key[3], all_chunks)
         if xs:
             ax.plot(xs, ys, label=_label(key, multi_model), **style)
-        failed = [r for r in pts if r.get("status") == "oom"]
-        if oom_y is not None and failed:
-            first = min(failed, key=lambda r: r[x_key])
-            ax.plot([first[x_key]], [oom_y], linestyle="none", marker="x", color=style["color"], markersize=12,
+        for r in [r for r in pts if r.get("status") == "oom"] if oom_y is not None else []:
+            ax.plot([r[x_key]], [oom_y], linestyle="none", marker="x", color=style["color"], markersize=12,
                     markeredgewidth=3, zorder=5)  # fmt: skip
-    _mark_failures(ax, [r for pts in curves.values() for r in pts], x_key, others)
+    # Without an oom line, an oom is marked at the foot like any other failure.
+    foot = FAILURE_MARKERS if oom_y is None else {s: m for s, m in FAILURE_MARKERS.items() if s != "oom"}
+    _mark_failures(ax, [r for pts in curves.values() for r in pts], x_key, foot)
     return curves
 
 
@@ -272,8 +271,8 @@ def plot_memory(rows, ax_device, ax_host=None, device_memory_gib=None):
     """Peak device memory (and host offload memory) vs ``seq_len``, in GiB, or MiB for small runs.
 
     The dashed line is ``device_memory_gib``, else the rows' ``max_device_memory`` cap, else the
-    device size of their hardware preset; an ``x`` on it (in the curve's colour) marks the first
-    ``seq_len`` at which each curve ran out of memory.
+    device size of their hardware preset; an ``x`` on it (in the curve's colour) marks each
+    ``seq_len`` at which a curve ran out of memory.
     """
     limit = device_memory_gib or _device_limit(rows)
     shown, unit, factor = _in_unit(rows, ["device_mem_peak_gib"], [limit])
@@ -330,26 +329,27 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
             counts[r["seq_len"]].add(r["chunks"])
         several = [s for s, c in counts.items() if len(c) > 1]
         seq_len = max(several or counts or [None])
-    groups = defaultdict(list)
-    for r in fpdt:
-        if r["seq_len"] == seq_len:
-            groups[(r.get("model"), r.get("strategy"), r.get("gpus"))].append(r)
     _, unit, factor = _in_unit(fpdt, ["device_mem_peak_gib"])
-    nan = math.nan
+    # Every row at this seq_len, failed ones included: a line breaks at each chunk count that failed.
+    at = sorted((r for r in rows if strategy_takes_chunks(r.get("strategy")) and r.get("seq_len") == seq_len
+                 and r.get("chunks")), key=lambda r: r["chunks"])  # fmt: skip
+    groups = defaultdict(list)
+    for r in at:
+        mem = r.get("device_mem_peak_gib")
+        shown = dict(r, mem_shown=None if mem is None else mem * factor)
+        groups[(r.get("model"), r.get("strategy"), r.get("gpus"))].append(shown)
     for (model, strategy, gpus), pts in sorted(groups.items(), key=str):
-        pts.sort(key=lambda r: r["chunks"])
-        xs = [r["chunks"] for r in pts]
+        if not any(r.get("status") == "ok" for r in pts):
+            continue  # nothing ran: its failed chunk counts are marked below
         label = f"{model} {strategy}, {gpus} GPU" + ("s" if gpus != 1 else "")
         kw = dict(color=strategy_color(strategy), marker=GPU_MARKERS.get(gpus, "o"), label=label)
-        ax_time.plot(xs, [nan if r.get("step_time_s") is None else r["step_time_s"] for r in pts], **kw)
-        ax_mem.plot(xs, [nan if r.get("device_mem_peak_gib") is None else r["device_mem_peak_gib"] * factor
-                         for r in pts], **kw)  # fmt: skip
+        ax_time.plot(*_with_gaps(pts, "chunks", "step_time_s"), **kw)
+        ax_mem.plot(*_with_gaps(pts, "chunks", "mem_shown"), **kw)
     # The chunk counts that failed at this seq_len: a marker of their status at the foot of each panel.
-    failed = sorted((r for r in rows if strategy_takes_chunks(r.get("strategy")) and r.get("status") in FAILURE_MARKERS
-                     and r.get("seq_len") == seq_len and r.get("chunks")), key=lambda r: r["chunks"])  # fmt: skip
+    failed = [r for r in at if r.get("status") in FAILURE_MARKERS]
     _mark_failures(ax_time, failed, "chunks", FAILURE_MARKERS)
     _mark_failures(ax_mem, failed, "chunks", FAILURE_MARKERS, legend=False)
-    ticks = sorted({r["chunks"] for pts in groups.values() for r in pts} | {r["chunks"] for r in failed})
+    ticks = sorted({r["chunks"] for r in at})
     for ax in (ax_time, ax_mem):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(ticks or [1]))
