@@ -11,13 +11,15 @@ A first-principles model (:mod:`experiments.planner.model`, formulas in
 Defaults are the paper's recipe for every strategy: activation checkpointing with the
 checkpoints in host memory, FSDP (ZeRO-3) sharding, 64K-token FPDT chunks; offload and MLP/loss
 tiling follow ``conf/parallel/<strategy>.yaml`` (on for ``fpdt``, off for ``ulysses``/``local``).
-Efficiency factors (achieved fraction of peak) are stated defaults: no GPU measurement exists
-in ``experiments/results/`` yet.
+Efficiency factors (achieved fraction of peak): the ``h200`` and ``h100-sxm`` presets carry the ones
+:func:`fit_efficiencies` fitted to the GPU rows in ``experiments/results/``; other presets use
+stated defaults.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -34,7 +36,7 @@ from ..core.hardware import cpu_peak_tflops, load_preset
 from ..core.paths import CONF_DIR
 from ..core.units import GIB
 from ..training.precision import resolve_precision
-from .model import Rates, Setup, attention_layer_seconds, memory, square_tokens, step_seconds
+from .model import Memory, Rates, Setup, attention_layer_seconds, memory, square_tokens, step_seconds
 
 # Achieved fraction of peak FLOP/s where the hardware preset states none: large bf16 GEMMs reach
 # ~70% of the datasheet on A100/H100; FlashAttention-2 reaches ~40-50% (~370 of 989 TFLOP/s
@@ -323,36 +325,9 @@ def estimate(
     size that does not divide ``seq_len``. ``dtype`` (``bf16``: ``bf16-true``, ``fp32``:
     ``32-true``) and ``checkpoint_offload`` (``checkpoint_on_host``) are old names.
     """
-    if checkpoint_offload is not None:
-        warnings.warn("checkpoint_offload is now checkpoint_on_host", DeprecationWarning, stacklevel=2)
-        checkpoint_on_host = checkpoint_offload
-    switches = dict(
-        activation_checkpointing=activation_checkpointing,
-        checkpoint_on_host=checkpoint_on_host,
-        fsdp=fsdp,
-        offload=offload,
-        chunked_mlp=chunked_mlp,
-        chunked_loss=chunked_loss,
-        mlp_tile=mlp_tile,
-        loss_tile=loss_tile,
-        dtype=dtype,
-        n_layers=n_layers,
-        max_device_memory=max_device_memory,
-        peak_tflops=peak_tflops,
-        precision=precision,
-        sp=sp,
-        offload_states=offload_states,
-        doc_len=doc_len,
-        residual_fp32=residual_fp32,
-        ulysses_degree=ulysses_degree,
-        legacy_recompute=legacy_recompute,
-        backward_order=backward_order,
-    )
-    for key, value in (("dense_efficiency", dense_efficiency), ("attention_efficiency", attention_efficiency)):
-        if value is not None:  # above 1 only while a fit searches (fit_efficiencies); the CLI caps it at 1
-            _positive(key, value)
-    st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
-    mem = memory(st)
+    args = dict(locals())  # the arguments as called: this is the function's first statement
+    st, hw, mem = _setup_and_memory(args)
+    fits_device, fits_host = _fits(mem, hw, gpus)
     dense, attention = dense_efficiency or hw["dense_efficiency"], attention_efficiency or hw["attention_efficiency"]
     rates = _rates(st, hw, dense, attention)
     time = step_seconds(st, rates)
@@ -361,9 +336,8 @@ def estimate(
         ideal = attention_layer_seconds(st, rates, copies=False)
         overhead = time.parts["attention"] / (st.cfg.n_layers * ideal) - 1.0
     flops = step_flops(st.cfg, seq_len, square_tokens=square_tokens(st)).causal
-    ranks_per_node = min(gpus, GPUS_PER_NODE)
     dp = gpus // st.gpus
-    host_node = mem.host_total * ranks_per_node
+    host_node = _host_node(mem, gpus)
     return Estimate(
         model=model,
         strategy=strategy,
@@ -385,9 +359,47 @@ def estimate(
         tokens_per_s=dp * seq_len / time.seconds,  # one sequence per data-parallel replica
         mfu=dp * flops / gpus / time.seconds / (hw["peak_tflops"] * 1e12),
         copy_overhead=overhead,
-        fits_device=mem.peak <= hw["device_bytes"],
-        fits_host=hw["host_bytes"] is None or host_node <= hw["host_bytes"],
+        fits_device=fits_device,
+        fits_host=fits_host,
     )
+
+
+def fits(*args, **kwargs) -> bool:
+    """``estimate(*args, **kwargs).fits`` without the step time, whose schedule replays are most of
+    an estimate's cost (what :func:`~.search.max_seq_len` asks at every length it tries)."""
+    bound = inspect.signature(estimate).bind(*args, **kwargs)
+    bound.apply_defaults()
+    _, hw, mem = _setup_and_memory(bound.arguments)
+    return all(_fits(mem, hw, bound.arguments["gpus"]))
+
+
+def _setup_and_memory(args: dict) -> tuple[Setup, dict, Memory]:
+    """The checked :class:`Setup` of :func:`estimate`'s arguments (a dict of all of them), the
+    hardware and the memory."""
+    a = dict(args)
+    model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens = (
+        a.pop(key) for key in ("model", "strategy", "gpus", "hardware", "seq_len", "chunks", "chunk_tokens")
+    )
+    if a["checkpoint_offload"] is not None:
+        warnings.warn("checkpoint_offload is now checkpoint_on_host", DeprecationWarning, stacklevel=3)
+        a["checkpoint_on_host"] = a["checkpoint_offload"]
+    for key in ("dense_efficiency", "attention_efficiency"):
+        if a[key] is not None:  # above 1 only while a fit searches (fit_efficiencies); the CLI caps it at 1
+            _positive(key, a[key])
+    not_switches = ("checkpoint_offload", "dense_efficiency", "attention_efficiency")
+    switches = {k: v for k, v in a.items() if k not in not_switches}
+    st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)
+    return st, hw, memory(st)
+
+
+def _host_node(mem: Memory, gpus: int) -> int:
+    """Host bytes of one node: its ranks' (up to GPUS_PER_NODE) host memory."""
+    return mem.host_total * min(gpus, GPUS_PER_NODE)
+
+
+def _fits(mem: Memory, hw: dict, gpus: int) -> tuple[bool, bool]:
+    """Whether the device peak fits one GPU, and a node's host memory its host."""
+    return mem.peak <= hw["device_bytes"], hw["host_bytes"] is None or _host_node(mem, gpus) <= hw["host_bytes"]
 
 
 def estimate_row(row: dict, **overrides) -> Estimate:

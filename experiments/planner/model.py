@@ -24,10 +24,8 @@ from parallel.all_to_all import kv_heads_per_rank
 from parallel.fpdt import CommRegion
 from parallel.rotary import RotaryEmbedding
 from parallel.schedule import (
-    HOST,
     Kind,
     Schedule,
-    Stream,
     backward_schedule,
     buffer_family,
     document_pairs,
@@ -35,6 +33,8 @@ from parallel.schedule import (
     resolve_backward_order,
 )
 from parallel.strategies import get_strategy
+
+from .replay import Program
 
 FP32 = 4
 INT64 = 8
@@ -253,28 +253,23 @@ def comm_region_bytes(st: Setup) -> int:
     return region.size(moves=P > 1, rope=st.doc_len is None)
 
 
-def replay_peak_bytes(sched: Schedule, sizes: dict[str, int], fetched_x_bytes: int) -> int:
-    """Largest sum of live device buffer bytes over the ops of ``sched`` (inputs excluded)."""
+@functools.lru_cache(maxsize=16)
+def _program(direction: str, chunks: int, offload: bool, save: bool, pairs: frozenset | None, order: str) -> Program:
+    """A schedule compiled for replays, once per process (an estimate replays each several times)."""
+    if direction == "forward":
+        return Program.of(_forward(chunks, offload, save, pairs))
+    return Program.of(backward_schedule(chunks, causal=True, offload=offload, pairs=pairs, order=order))
 
-    def nbytes(name: str) -> int:
-        fam = buffer_family(name)
-        return fetched_x_bytes if fam == "x" else sizes[fam]
 
-    live: set[str] = set()
-    total = peak = 0  # kept as a running sum: a schedule has O(u^2) ops
-    for op in sched.ops:
-        for name in op.writes:
-            if name.startswith(HOST):
-                continue
-            if op.kind == Kind.FREE:
-                if name in live:
-                    live.remove(name)
-                    total -= nbytes(name)
-            elif name not in sched.inputs and name not in live:
-                live.add(name)
-                total += nbytes(name)
-        peak = max(peak, total)
-    return peak
+def backward_program(st: Setup) -> Program:
+    """:func:`backward` compiled for replays."""
+    return _program("backward", st.chunks, st.offload, False, pairs(st), backward_order(st))
+
+
+def forward_program(st: Setup, save: bool) -> Program:
+    """The forward schedule (``save``: the recompute forward that keeps chunks for the backward)
+    compiled for replays."""
+    return _program("forward", st.chunks, st.offload, save, pairs(st), "kv")
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -445,7 +440,9 @@ def _attn_backward_working_set(st: Setup) -> int:
         return _attn_saved(st) + 2 * Q + 2 * KV + ring
     sizes = chunk_bytes(st)
     x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
-    pipeline = replay_peak_bytes(backward(st), sizes, x_chunk) + comm_region_bytes(st)
+    # The block input's chunks are views, except the copies the backward fetches back.
+    nbytes = {**sizes, "x": x_chunk}.__getitem__
+    pipeline = backward_program(st).peak_bytes(nbytes) + comm_region_bytes(st)
     if not st.offload:  # everything the forward saved stays resident
         pipeline += _attn_kept(st)
     # dx [s, h] and the fp32 QKV weight gradient, allocated for the whole call
@@ -453,28 +450,11 @@ def _attn_backward_working_set(st: Setup) -> int:
     return pipeline + st.s * cfg.hidden * b + wqkv * FP32
 
 
-def replay_host_bytes(sched: Schedule, sizes: dict[str, int]) -> int:
-    """Most host-store bytes a pass holds at once in copies it makes itself (the backward's
-    gradient round trips; held until the pass ends): a copy that replaces an older one of the same
-    buffer acquires its new host buffer before it gives the old one back."""
-    held: set[str] = set()
-    total = peak = 0
-    for op in sched.ops:
-        if op.kind != Kind.OFFLOAD or op.reads[0] in sched.inputs:
-            continue
-        name, size = op.reads[0], sizes[buffer_family(op.reads[0])]
-        peak = max(peak, total + size)
-        if name not in held:
-            held.add(name)
-            total += size
-    return peak
-
-
 def _host(st: Setup) -> dict[str, int]:
     """Host bytes per rank: host-kept checkpoints (L layer inputs) and the FPDT host store, which
     with checkpointing holds one layer's saved chunks at a time (the recompute forward saves, its backward frees) in
     buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the backward's gradient round
-    trips (:func:`replay_host_bytes`: the output gradients and fp32 dq of the KV-outer order, or
+    trips (:meth:`Program.host_bytes`: the output gradients and fp32 dq of the KV-outer order, or
     the fp32 dK/dV of the query-outer order)."""
     cfg, b, u = st.cfg, st.dtype_bytes, st.chunks
     host = {"checkpoints": 0, "offload store": 0, "model states": 0}
@@ -485,7 +465,7 @@ def _host(st: Setup) -> dict[str, int]:
     if st.pipelined and st.offload:
         copy = copy_sizes(st)
         per_chunk = copy["x"] + copy["q"] + copy["kv"] + copy["o"]
-        grads = replay_host_bytes(backward(st), copy)
+        grads = backward_program(st).host_bytes(copy.__getitem__)
         # With checkpointing one layer's chunks at a time; without, every layer's forward saves.
         # The output projection's input (the attention output [s, H, d]) waits on the host too.
         layers = 1 if st.activation_checkpointing else cfg.n_layers
@@ -559,47 +539,42 @@ def _op_seconds(op, st: Setup, rates: Rates, sizes: dict[str, int]) -> float:
     return _a2a_seconds(payload, st, rates)
 
 
-def replay_seconds(sched: Schedule, st: Setup, rates: Rates, *, copies: bool = True) -> float:
-    """Makespan of a schedule on four streams: each op starts when its stream is free and its
-    dependencies have finished (CUDA events), in issue order per stream. A ``free`` occupies no
-    stream: the executor drops the reference on the host, and the op that next takes the freed
-    memory waits for its users' events. The replay assumes that memory is free by then (the
-    runner hands out the slot given back longest ago), so no op waits for a ``free``.
-    ``copies=False`` makes host-device copies free (the ideal an overlapped pipeline approaches)."""
+def _pricer(st: Setup, rates: Rates):
+    """An op's seconds (:func:`_op_seconds`), computed once per kind and size: an attention
+    block's cost follows its query-key pairs, any other op's its kind and buffer family."""
     sizes = {**chunk_bytes(st), "copy": copy_sizes(st)}
-    end: list[float] = []
-    free = dict.fromkeys(Stream, 0.0)
-    done = 0.0
-    costs: dict[tuple, float] = {}  # an op's cost is a function of its kind, chunk and buffer family
-    for op in sched.ops:
-        if op.kind == Kind.FREE:
-            end.append(max((end[k] for k in op.deps), default=0.0))
-            continue
-        moves = op.kind in (Kind.FETCH, Kind.OFFLOAD)
-        what = (op.kind, op.chunk, buffer_family(op.buffer) if moves else None)
-        cost = costs.get(what)
-        if cost is None:
-            cost = costs[what] = _op_seconds(op, st, rates, sizes)
-        if not copies and moves:
-            cost = 0.0
-        start = max(free[op.stream], max((end[k] for k in op.deps), default=0.0))
-        end.append(start + cost)
-        free[op.stream] = end[-1]
-        # The caller waits for every op but an offload of what it did not give (the executor's
-        # run_schedule): such an offload is waited for only by the fetch that reads it back.
-        if op.kind != Kind.OFFLOAD or sched.inputs.intersection(op.reads):
-            done = max(done, end[-1])
-    return done
+    memo: dict[tuple, float] = {}
+
+    def price(op) -> float:
+        if op.kind in (Kind.ATTN_FWD, Kind.ATTN_BWD):
+            i, j = op.chunk if op.kind == Kind.ATTN_FWD else op.chunk[::-1]
+            key = (op.kind, block_square(st, i, j))
+        else:
+            key = (op.kind, buffer_family(op.buffer) if op.kind in (Kind.FETCH, Kind.OFFLOAD) else None)
+        if key not in memo:
+            memo[key] = _op_seconds(op, st, rates, sizes)
+        return memo[key]
+
+    return price
 
 
 def attention_layer_seconds(st: Setup, rates: Rates, *, copies: bool = True) -> float:
     """One layer's attention core (QKV projection, all-to-alls, blocks, projection backward) for
-    a training step: the no-grad forward of checkpointing, the recompute forward, the backward."""
+    a training step: the no-grad forward of checkpointing, the recompute forward, the backward.
+
+    The FPDT pipeline's time is the makespan of its schedules replayed on four streams
+    (:meth:`Program.time`): each op starts when its stream is free and its dependencies have
+    finished (CUDA events), in issue order per stream. A ``free`` occupies no stream: the
+    executor drops the reference on the host, and the op that next takes the freed memory waits
+    for its users' events. The replay assumes that memory is free by then (the runner hands out
+    the slot given back longest ago), so no op waits for a ``free``. ``copies=False`` makes
+    host-device copies free (the ideal an overlapped pipeline approaches)."""
     if st.pipelined:
-        passes = [_forward(st.chunks, st.offload, True, pairs(st)), backward(st)]
+        programs = [forward_program(st, True), backward_program(st)]
         if st.activation_checkpointing:
-            passes.append(_forward(st.chunks, st.offload, False, pairs(st)))
-        return sum(replay_seconds(p, st, rates, copies=copies) for p in passes)
+            programs.append(forward_program(st, False))
+        price = _pricer(st, rates)
+        return sum(p.time(p.costs(price), copies=copies) for p in programs)
     # Ulysses/ring/usp/local: the whole sequence's (or one ring position's) attention; the
     # all-to-alls block, the ring's transfers overlap its steps (the zigzag balances them).
     cfg, s = st.cfg, st.s

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from parallel import get_strategy
 
-from .estimate import check_counts, estimate
+from .estimate import check_counts, estimate, fits
 
 # max_seq_len stops bisecting when the gap is within 1/RESOLUTION of the answer (or one granule).
 RESOLUTION = 64
@@ -61,13 +61,13 @@ def max_seq_len(
         **switches,
     )
 
-    def fits(n: int) -> bool:
-        return estimate(model, strategy, gpus, hardware, n, **kw).fits
+    def fits_at(n: int) -> bool:
+        return fits(model, strategy, gpus, hardware, n, **kw)
 
     fixed = switches.get("chunks") if takes_chunks else None  # a fixed u instead of a chunk size
     lo = 0
     n = _granularity(strategy, gpus, 0, chunk_tokens) * (fixed or 1)
-    while n <= limit and fits(n):
+    while n <= limit and fits_at(n):
         lo, n = n, n * 2
     if lo == 0 or n > limit:
         return lo
@@ -77,7 +77,7 @@ def max_seq_len(
         mid = (lo + hi) // 2 // g * g
         if mid <= lo:
             break
-        if fits(mid):
+        if fits_at(mid):
             lo = mid
         else:
             hi = mid
