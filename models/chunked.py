@@ -1,11 +1,13 @@
 """Sequence-tiled MLP, RMSNorm and LM-head loss, as autograd Functions.
 
-Both run over tiles of ``tile`` tokens (rows of the flattened ``[N, h]`` input, ``N = B*S/P``)
-and keep only their input and the weights for the backward, recomputing the per-tile
-intermediate there, so neither the ``[N, ffn]`` MLP activation nor the ``[N, V]`` logits ever
-exist at once. Weight gradients accumulate in fp32. The input gradient is a fresh tensor: the
-saved input is never overwritten (the reference implementation writes ``dx`` into the saved
-``x``, which breaks any other op, e.g. a fused LayerNorm, that saved the same tensor).
+All run over tiles of ``tile`` tokens (rows of the flattened ``[N, h]`` input, ``N = B*S/P``),
+so neither the ``[N, ffn]`` MLP activation nor the ``[N, V]`` logits ever exist at once. The MLP
+and RMSNorm keep only their input and the weights for the backward and recompute each tile's
+intermediate there; the loss, when a backward will follow, makes its gradients in the forward
+with each tile's logits, so the backward only scales them. Weight gradients accumulate in fp32.
+The saved input is never overwritten: the MLP's input gradient is a fresh tensor, or the output
+gradient the caller donates (``donate_grad``) (the reference implementation writes ``dx`` into
+the saved ``x``, which breaks any other op, e.g. a fused LayerNorm, that saved the same tensor).
 
     y = chunked_mlp(x, w1, b1, w3, w2, b2, activation="swiglu", tile=4096)
     loss_sum, count = chunked_cross_entropy(hidden, head_weight, labels, tile=512)

@@ -3,7 +3,7 @@
 GPT presets follow the GPT-3 / Megatron shapes (LayerNorm, GELU MLP with biases, tied
 embeddings) with rotary positions instead of a learned table, which would not scale to millions
 of tokens. Llama presets follow Llama 3 (RMSNorm, SwiGLU without biases, GQA, RoPE theta
-500000, untied embeddings).
+500000, untied embeddings; ``llama3.2-1b`` ties them, as Llama 3.2 does).
 
     cfg = get_config("llama3-8b")
     cfg = get_config("llama-tiny", checkpoint=True, loss_tile=256)   # overrides

@@ -6,8 +6,9 @@
 
 Pre-norm blocks: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; final norm; LM head.
 Attention runs through ``Attention.strategy`` (an :class:`parallel.attention.AttentionStrategy`,
-``local`` by default), which ``parallel.parallelize`` swaps for ``ulysses`` or ``fpdt`` from
-outside. The model then sees only this rank's tokens ``[B, S/P]`` in the strategy's layout.
+``local`` by default), which ``parallel.parallelize`` swaps for another registered strategy
+(``ulysses``, ``fpdt``, ``ring``, ``usp``) from outside. The model then sees only this rank's
+tokens ``[B, S/P]`` in the strategy's layout.
 
 Loss: ``sum of token losses / number of non-ignored tokens``, both passed through
 ``Transformer.sum_across_ranks`` first. That hook is the identity on one process;

@@ -1,4 +1,5 @@
-"""The attention projection weights, shared by the ``local``, ``ulysses`` and ``fpdt`` blocks."""
+"""The attention projection weights, shared by every strategy's block (``local``,
+``ulysses``, ``fpdt``, ``ring``, ``usp``)."""
 
 from __future__ import annotations
 

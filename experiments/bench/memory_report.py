@@ -12,14 +12,14 @@ token ids, labels and positions (3 int64 per token, whatever ``h``)::
     python -m experiments.bench.memory_report                                   # llama-tiny, fpdt, C=1024
     python -m experiments.bench.memory_report --model llama3.2-1b --n-layers 2 --seq-lens 8192 16384 \\
         --chunk-tokens 4096 --precision bf16-mixed
-    python -m experiments.bench.memory_report --model llama3.2-1b --seq-lens 131072 262144 \
+    python -m experiments.bench.memory_report --model llama3.2-1b --seq-lens 131072 262144 \\
         --chunk-tokens 32768 --precision bf16-mixed --fake-tensors          # the real depth, no compute
 
 On CPU the device is simulated (every tensor not kept on the host counts); on CUDA the CUDA
 tensors are recorded the same way. ``--fake-tensors`` runs the steps on fake tensors: the same
 allocations as a CPU run without any compute, so a model's full depth at the lengths a GPU trains
-is reported in minutes. One process, one rank: ``strategy=local`` (one chunk) or
-``fpdt`` (``chunks = S / chunk_tokens``).
+is reported in minutes. One process, one rank, ``gpus=1`` of ``--strategy`` (default ``fpdt``,
+with ``chunks = S / chunk_tokens``; a strategy that takes no chunks runs one).
 """
 
 from __future__ import annotations

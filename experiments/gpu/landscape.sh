@@ -4,8 +4,8 @@
 #   2. the GPU kernel and pipeline tests (the TMA tiles' too), each failure named as it happens (-v, -rf, junit XML),
 #      while four processes compile every autotune config of the benchmark's kernels into Triton's
 #      on-disk cache (so the timed steps below only run them);
-#   3. alone on the GPU: ours (fused backward, and the split one: deterministic=True), SDPA-FA2
-#      and cuDNN side by side (bf16, S=16K, d 128 and 64, causal and not, fwd and bwd);
+#   3. alone on the GPU: ours (the split backward, the default, and the fused one:
+#      deterministic=False), SDPA-FA2 and cuDNN side by side (bf16, S=16K, d 128 and 64, causal and not, fwd and bwd);
 #   4. alone on the GPU: every autotune config of each kernel (fwd, dK/dV, dQ, fused) at d 128/64, S=16K;
 #   5. with what time is left: the FPDT attention block at S=64K (offload vs on-device, timeline).
 #

@@ -1,5 +1,6 @@
 """One rank's model, optimizer and training step, as ``experiments.run`` and ``experiments.train``
-build them from a resolved configuration (a *point*: a flat dict, see ``experiments.sweep.points``)."""
+build them from a resolved configuration (a *point*: :class:`experiments.core.point.Point`, resolved
+by ``experiments.sweep.points``)."""
 
 from __future__ import annotations
 
