@@ -65,8 +65,8 @@ class AttentionStrategy:
 
     ``subgroups``: the process groups a strategy needs besides ``group`` (``usp``: its Ulysses and
     ring groups), as :func:`parallel.parallelize` takes them from the mesh. Left empty, they are
-    created at the first call, on every rank of ``group``, which must then be the whole world
-    (``torch.distributed.new_group`` is collective over the world).
+    created at the first call, which every rank of the world must then make together, each with
+    its own ``group`` (``torch.distributed.new_group`` is collective over the world).
     """
 
     kind: str = "local"
@@ -94,8 +94,8 @@ class AttentionStrategy:
             raise ValueError(f"ulysses_degree={self.ulysses_degree} is for usp, not {self.kind!r}")
         if spec.uses_ulysses_degree:
             if self.ulysses_degree is None:
-                raise ValueError(f"{self.kind!r} needs ulysses_degree (parallel.parallelize and shard_batch resolve "
-                                 "the default from the model's heads)")  # fmt: skip
+                raise ValueError(f"{self.kind!r} needs ulysses_degree (parallel.parallelize resolves the default "
+                                 "from the model's heads)")  # fmt: skip
             spec.head_degree(self.group.size, self.ulysses_degree, 1, 1)  # U must divide the group
 
     def process_groups(self) -> tuple:

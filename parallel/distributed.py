@@ -167,10 +167,11 @@ def init_distributed(
 ) -> SPGroup:
     """Initialise ``torch.distributed`` once and return the world :class:`SPGroup`.
 
-    ``rank``/``world_size`` default to ``RANK``/``WORLD_SIZE`` (torchrun); with neither given,
-    returns ``SPGroup.single()`` without initialising anything. ``backend`` defaults to NCCL
-    when CUDA is available (the device is ``LOCAL_RANK``, or ``rank % device_count``), gloo
-    otherwise. ``init_method`` defaults to ``env://``.
+    ``rank``/``world_size`` default to ``RANK``/``WORLD_SIZE`` (torchrun); without a world size,
+    returns ``SPGroup.single()`` without initialising anything (a rank alone is ignored).
+    ``backend`` defaults to NCCL when CUDA is available (the device is ``LOCAL_RANK``, or
+    ``rank % device_count``), gloo otherwise. ``init_method`` defaults to ``env://``.
+    ``timeout_s``: the process group's timeout for its collectives.
     """
     if dist.is_initialized():
         return SPGroup.world()

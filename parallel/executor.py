@@ -3,22 +3,23 @@
 On CUDA each op is issued on its stream (compute = the caller's current stream, plus one
 host-to-device, one device-to-host and one communication stream per device, created once:
 :func:`side_streams`) after ``wait_event`` on the events of its dependencies on other streams;
-an event is recorded after it. Nothing synchronises the host inside a run, and nothing joins
-whole streams: a side-stream op that touches one of the caller's buffers (the schedule's inputs
-and outputs) first waits for an event recorded on the caller's stream when the run starts, and
-at the end the caller's stream waits only for the ops that wrote the outputs or read the
-caller's inputs on other streams. A buffer an earlier run wrote (the forward's offloads, read
-by the backward) is waited for through that run's events, which :func:`run_schedule` returns.
-So the last offload of a forward overlaps what the caller does next, and the first fetches of
-a backward wait for the forward's copies, not for the caller's stream. Tensors that cross
-streams are protected from early reuse by :class:`Env` (``record_stream``); device memory for
-the side streams comes from :class:`DeviceBuffers`.
+an event is recorded after it. The host waits for the device only to bound how far it runs
+ahead (after each attention block, for the one issued ``max_blocks_ahead`` blocks before it,
+see :func:`run_schedule`), and nothing joins whole streams: a side-stream op that touches one
+of the caller's buffers (the schedule's inputs and outputs) first waits for an event recorded on
+the caller's stream when the run starts, and at the end the caller's stream waits only for the
+ops that wrote the outputs or read the caller's inputs on other streams. A buffer an earlier
+run wrote (the forward's offloads, read by the backward) is waited for through that run's
+events, which :func:`run_schedule` returns. So the last offload of a forward overlaps what the
+caller does next, and the first fetches of a backward wait for the forward's copies, not for
+the caller's stream. Tensors that cross streams are protected from early reuse by :class:`Env`
+(``record_stream``); device memory for the side streams comes from :class:`DeviceBuffers`.
 
 On CPU the ops run in schedule order, synchronously.
 
-A :class:`Timeline` records every op's start/end (CUDA timing events, or ``perf_counter``) so
-copy/compute overlap can be printed or plotted; reading a CUDA timeline synchronises once, after
-the run.
+A :class:`Timeline` records every op's start/end (CUDA timing events, or ``perf_counter``; on
+CUDA the frees, host-side drops of a reference, are left out) so copy/compute overlap can be
+printed or plotted; reading a CUDA timeline synchronises once, after the run.
 """
 
 from __future__ import annotations
@@ -164,9 +165,10 @@ class DeviceBuffers:
 
     Handing over: :meth:`park` keeps the free slots, with their events, for the next run on the
     device, which takes them instead of allocating (one parked set per device; the next run
-    drops the ones it does not need). A saving forward parks its slots for the backward, whose
-    first fetches then wait for the forward's last uses of them, not for the caller's stream at
-    the backward's start (as slots fresh from the caller's pool must).
+    drops the ones it does not need). A saving forward parks its slots; when the next run is its
+    backward (the last block's, or a block recomputed under activation checkpointing), the
+    backward's first fetches wait for the forward's last uses of them, not for the caller's
+    stream at the backward's start (as slots fresh from the caller's pool must).
 
     Scratch regions: ``scratch`` maps a name to a byte count; :meth:`scratch` views the bytes of a
     region from an offset as any shape and dtype that fits. A region serves one stream (the
@@ -323,8 +325,10 @@ def run_schedule(
     """Execute ``schedule`` by calling ``handlers[op.kind](op)`` on the op's stream.
 
     ``buffers``: the run's :class:`DeviceBuffers` (settled after each op). ``ready``: what an
-    earlier run returned, for the buffers it wrote that this one reads. Returns the event of the
-    last writer of every buffer this run wrote (empty on CPU).
+    earlier run returned, for the buffers it wrote that this one reads. ``timeline``: records
+    the ops under ``label`` (default: the schedule's direction). ``max_blocks_ahead``: on CUDA,
+    after issuing an attention block the host waits for the one issued that many blocks before
+    it. Returns the event of the last writer of every buffer this run wrote (empty on CPU).
     """
     label = label or schedule.direction
     if device.type != "cuda":

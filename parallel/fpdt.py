@@ -139,8 +139,9 @@ class _Runner:
     accumulators, from one :class:`DeviceBuffers` made on the caller's stream when the run
     starts: a ring of slots sized from the schedule (:meth:`_slot_counts`) and one scratch region
     for the communication stream (:meth:`_scratch_bytes`). Side streams allocate nothing. A
-    saving forward hands its free slots to the next run (:meth:`DeviceBuffers.park`), the
-    backward, so its first fetches need not wait for the caller's stream.
+    saving forward hands its free slots to the next run on the device
+    (:meth:`DeviceBuffers.park`): when that is its backward, the backward's first fetches need
+    not wait for the caller's stream.
     """
 
     def __init__(self, spec: FPDTSpec, x: torch.Tensor, wqkv, bqkv):
@@ -234,8 +235,9 @@ class _Runner:
 
         Replays the schedule as :class:`Env` and :class:`DeviceBuffers` run it: an op takes its
         slots before the ones it replaces are given back; a buffer's slots are given back when it
-        is freed or rewritten by an op that does not read it (a read-and-write accumulates in
-        place and keeps them).
+        is freed, rewritten by an op that does not read it, or rewritten into new slots
+        (``a2a_out``'s input-dtype copy of ``o``); any other read-and-write accumulates in place
+        and keeps them.
         """
         live: dict[str, list] = {}
         held, peak = Counter(), Counter()
@@ -626,7 +628,8 @@ def fpdt_attention_core(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor 
     Differentiable w.r.t. ``x``, ``wqkv`` and ``bqkv``. Saves for the backward only when grad
     mode is on and an input requires grad (a no-grad forward, e.g. the first pass of
     activation checkpointing, copies nothing to the host except KV chunks a later query chunk
-    of the same forward still needs).
+    of the same forward still needs; non-causal, the chunks it prepares ahead, see
+    :func:`~parallel.schedule.forward_schedule`).
     """
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, wqkv, bqkv))
     return _FPDTAttention.apply(x, wqkv, bqkv, spec, save)

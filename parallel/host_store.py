@@ -44,7 +44,7 @@ def host_allocation():
     """Mark tensors allocated inside as host memory by design (offload buffers, host checkpoints).
 
     On a CPU-only run every tensor is in host memory, so memory accounting (the simulated device
-    of ``experiments.memory``) needs to be told which ones stand for host memory.
+    of ``experiments.core.memory``) needs to be told which ones stand for host memory.
     """
     token = _allocating_on_host.set(True)
     try:

@@ -34,8 +34,9 @@ equal tokens per replica, that is the data-parallel average of the replicas' gra
   parameters, gradients and optimizer states in host memory (``CPUOffloadPolicy``).
 
 Without FSDP, mixed precision is the caller's ``torch.autocast`` around the forward: the
-parameters stay fp32 and are the master weights (the custom autograd Functions run their
-backward in the forward's autocast state, see :mod:`parallel.amp`).
+parameters stay fp32 and are the master weights (the custom autograd Functions compute their
+backward in the forward's precision: the FPDT and ring ones in the dtype their forward computed
+in, with autocast off; others re-enter the forward's autocast state, see :mod:`parallel.amp`).
 
 Parameters and buffers are broadcast from global rank 0 first, so every rank starts from the
 same weights.

@@ -41,7 +41,9 @@ class Stream(str, enum.Enum):
 
 
 class Kind(str, enum.Enum):
-    """Operation types. ``ATTN_FWD`` merges its block into the running fp32 (out, lse)."""
+    """Operation types. ``ATTN_FWD`` merges its block into the running fp32 (out, lse). With
+    packed documents RoPE and its backward run in ``PROJECT`` and the ``PROJ_BWD`` ops instead of
+    the all-to-alls (at each token's position inside its document)."""
 
     PROJECT = "project"  # x[i] -> qkv[i]: local QKV projection of chunk i
     A2A_QKV = "a2a_qkv"  # qkv[i] -> q[i], kv[i]: all-to-all + RoPE at global positions
@@ -65,7 +67,8 @@ _COMM = {Kind.A2A_QKV, Kind.A2A_OUT, Kind.A2A_DO, Kind.A2A_DQ, Kind.A2A_DKV}
 
 class Op(NamedTuple):
     """One coarse operation. A named tuple, not a dataclass: a schedule at hundreds of chunks has
-    hundreds of thousands of ops, and building a frozen dataclass costs ten times as much."""
+    hundreds of thousands of ops, and building a frozen dataclass costs about three times as
+    much."""
 
     index: int
     kind: Kind
@@ -231,8 +234,10 @@ def forward_schedule(
     """Forward of the FPDT attention block over ``chunks`` chunks.
 
     ``save``: keep what the backward needs (in the host store when ``offload``). A no-grad
-    forward (``save=False``) offloads only KV chunks a later query chunk still needs. ``pairs``:
-    the blocks that share a document (:func:`document_pairs`); the others are left out.
+    forward (``save=False``) offloads only KV chunks a later query chunk still needs (non-causal
+    with several chunks, every chunk is prepared before the first block: each q, and each KV
+    chunk another query chunk reads). ``pairs``: the blocks that share a document
+    (:func:`document_pairs`); the others are left out.
     """
     u = chunks
     inputs, outputs = frozenset(_n("x", i) for i in range(u)), frozenset(_n("out", i) for i in range(u))
@@ -538,7 +543,7 @@ def buffer_family(name: str) -> str:
 
 def check_schedule(s: Schedule) -> dict[str, int]:
     """Check the invariants of a schedule; return the peak number of resident device chunks
-    per buffer family (``{"kv": 3, "q": 2, ...}``). Raises :class:`ScheduleError`.
+    per buffer family (``{"kv": 4, "q": 2, ...}``). Raises :class:`ScheduleError`.
 
     Checked: every block of the causal triangle (or the full square; with ``pairs`` only those
     that share a document) exactly once, outer loop

@@ -64,7 +64,7 @@ class AttentionWeights:
         generator: torch.Generator | None = None,
         requires_grad: bool = True,
     ) -> AttentionWeights:
-        """Gaussian weights (std ``1/sqrt(h)``), for tests and benchmarks."""
+        """Gaussian weights (std ``1/sqrt(h)``; ``1/sqrt(H*d)`` for ``wo``), for tests and benchmarks."""
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         head_dim = hidden // n_heads if head_dim is None else head_dim
         rows = (n_heads + 2 * n_kv_heads) * head_dim

@@ -41,7 +41,8 @@ def fpdt_attention(
     ``[B, S]`` sequence (see ``local_attention``): the schedules then omit every chunk block
     whose chunks share no document. ``backward_order``: the backward's outer loop, ``"kv"`` (the
     paper's), ``"query"``, or ``"auto"``, the one that moves fewer bytes between host and device
-    (``"query"`` for GQA with offload: its KV chunks and their gradients are the smaller side).
+    (with offload and GQA usually ``"query"``, whose KV chunks and their gradients are the smaller
+    side; ``"kv"`` at two causal chunks, where the query order fetches one more ``x`` chunk).
     """
     check_block_input(x, w, rope)
     if not isinstance(group, SPGroup):

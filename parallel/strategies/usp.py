@@ -4,8 +4,9 @@ all-to-all, and ``R = sp / U`` ring positions that pass K/V around a ring across
 heads are replicated only when ``U`` exceeds them, so ``sp`` can grow past the head count.
 
 FPDT's chunk pipeline is not stacked on the Ulysses part: the ring already bounds the attention
-state per rank to two K/V blocks of ``S/R`` tokens, and chunking the Ulysses all-to-all as well
-would multiply the ring's point-to-point steps by ``u`` for a saving the ring degree gives anyway.
+state per rank to its own K/V block and two received ones of ``S/R`` tokens, and chunking the
+Ulysses all-to-all as well would multiply the ring's point-to-point steps by ``u`` for a saving
+the ring degree gives anyway.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class USP(Strategy):
 
     def _split(self, sp, ulysses_degree) -> tuple[int, int]:
         if ulysses_degree is None:
-            raise ValueError("usp's layout needs the resolved Ulysses degree (AttentionStrategy resolves it)")
+            raise ValueError("usp's layout needs the resolved Ulysses degree (parallel.parallelize resolves it)")
         return sp // ulysses_degree, ulysses_degree
 
     def permutation(self, seq_len, sp, chunks, ulysses_degree=None) -> torch.Tensor:
