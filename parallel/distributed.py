@@ -120,8 +120,11 @@ def init_mesh(sp: int | None = None, ulysses: int | None = None) -> Mesh:
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} must be >= 1 (or None)")
     if not dist.is_initialized():
-        if sp not in (None, 1) or ulysses not in (None, 1):
-            raise ValueError(f"sp={sp} needs {sp} ranks; torch.distributed is not initialised (one process)")
+        wanted = [f"{name}={value} needs {value} ranks" for name, value in (("sp", sp), ("ulysses", ulysses))
+                  if value not in (None, 1)]  # fmt: skip
+        if wanted:
+            raise ValueError(f"{'; '.join(wanted)}; torch.distributed is not initialised (one process): start "
+                             "the ranks with torchrun, or call init_distributed first")  # fmt: skip
         one = SPGroup.single()
         return Mesh(one, one, one) if ulysses is None else Mesh(one, one, one, ulysses=one, ring=one)
     world = dist.get_world_size()

@@ -154,10 +154,14 @@ class _Block:
     carved several buffers from. ``reserved``: what the allocator holds for it; ``buffers``: how
     many of the store's buffers still view it."""
 
-    __slots__ = ("tensor", "reserved", "buffers", "loose")
+    __slots__ = ("tensor", "reserved", "buffers", "loose", "key")
 
     def __init__(self, tensor: torch.Tensor, reserved: int, loose: bool):
         self.tensor, self.reserved, self.buffers, self.loose = tensor, reserved, 0, loose
+        # Its storage's id; a zero-byte tensor has no storage to name, and each one must still be
+        # a block of its own, so its key is the block itself.
+        key = storage_key(tensor)
+        self.key = self if key is None else key
 
 
 class HostStore:
@@ -188,7 +192,7 @@ class HostStore:
         self.pin_memory = available if pin_memory is None else (pin_memory and available)
         self._free: dict[tuple, list[HostBuffer]] = {}
         self._buffers: list[HostBuffer] = []  # every buffer made and not dropped, in use or idle
-        self._blocks: dict[int, _Block] = {}  # by storage address
+        self._blocks: dict[int | _Block, _Block] = {}  # by storage id (_Block.key)
         self._loose = 0  # loose blocks: while any exist, an idle store may compact
         self._judged_at = -1  # `allocations` when compaction was last found not worth it
         self.allocations = 0
@@ -216,7 +220,7 @@ class HostStore:
             tensor = torch.empty(shape if loose else (nbytes,), dtype=dtype, pin_memory=self.pin_memory)
         reserved = pinned_reserved_bytes(tensor.nbytes) if self.pin_memory else tensor.nbytes
         block = _Block(tensor, reserved, loose)
-        self._blocks[storage_key(tensor)] = block
+        self._blocks[block.key] = block
         self._loose += loose
         return block
 
@@ -303,7 +307,7 @@ class HostStore:
                 block = buf._block
                 block.buffers -= 1
                 if block.buffers == 0:
-                    del self._blocks[storage_key(block.tensor)]
+                    del self._blocks[block.key]
                     self._loose -= block.loose
         self._buffers = [buf for buf in self._buffers if id(buf) not in idle]
         self._free.clear()

@@ -272,6 +272,11 @@ def test_init_mesh_sizes_are_positive():
 
     with pytest.raises(ValueError, match=r"sp=0 must be >= 1 \(or None\)"):
         init_mesh(0)
+    # One process: a mesh of several ranks names what it asked for (either size) and how to get it.
+    with pytest.raises(ValueError, match=r"^ulysses=2 needs 2 ranks; torch.distributed is not initialised .*torchrun"):
+        init_mesh(ulysses=2)
+    with pytest.raises(ValueError, match=r"^sp=4 needs 4 ranks; ulysses=2 needs 2 ranks; "):
+        init_mesh(4, 2)
 
 
 @pytest.mark.parametrize("chunked_loss", [True, False], ids=["chunked", "plain"])

@@ -170,6 +170,23 @@ def test_compaction_carves_exact_views_when_idle():
     assert store.bytes_allocated == store.pinned_bytes == store.buffer_bytes == 0
 
 
+def test_zero_byte_buffers_are_buffers_of_their_own():
+    # An empty tensor has no storage to name: each one must still be its own block, so that two
+    # of them are two holders' buffers, and the store's accounting and clear() still add up.
+    store = HostStore()
+    empty = [store.acquire(shape, dt) for shape, dt in [((0,), torch.float32)] * 2 + [((3, 0), torch.bfloat16)]]
+    full = [store.acquire((5, 1024), torch.float32) for _ in range(3)]  # 1.6x pinned each: worth compacting
+    assert len({id(b) for b in empty}) == 3 and store.allocations == 6
+    assert store.buffer_bytes == 3 * full[0].tensor.nbytes and not store.owns(torch.empty(0))
+    for b in [*empty, *full]:
+        store.release(b)
+    again = store.acquire((0,), torch.float32)  # idle with loose buffers: compacts, empty ones included
+    assert store.compactions == 1 and again.tensor.shape == (0,)
+    store.release(again)
+    store.clear()
+    assert store.bytes_allocated == store.pinned_bytes == store.buffer_bytes == 0
+
+
 def test_compact_refuses_while_buffers_are_in_use():
     store = HostStore()
     buf = store.acquire((5, 100), torch.float32)
