@@ -1,4 +1,6 @@
-"""Training dtypes by the names configs and CLIs use, defined once."""
+"""Torch dtypes by short name (``bf16``, ``fp16``, ``fp32``). The configs' ``precision`` (and
+the old ``dtype`` key, ``bf16``/``fp32`` only) resolve in ``experiments.training.precision``,
+not here."""
 
 from __future__ import annotations
 

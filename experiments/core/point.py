@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Point:
-    """What one measured job runs. Defaults are those of ``conf/config.yaml`` where it has one."""
+    """What one measured job runs. ``resolve_point`` sets every field from the config; the
+    defaults here (one rank on CPU, fp32, one step) serve points built by hand, as tests do."""
 
     model: str
     strategy: str

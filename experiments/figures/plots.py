@@ -1,7 +1,8 @@
-"""Figures from sweep results (``results.csv``): memory and MFU curves, the chunk trade-off.
+"""Figures from sweep results (``results.csv``): memory and MFU curves, the chunk trade-off;
+and from ``max_seqlen.csv``, ``train.csv`` and pipeline timelines.
 
-Every function takes rows as returned by :func:`load_results` (dicts with numbers already
-parsed) and draws on matplotlib axes, so notebooks can compose them; :func:`summary_figure`
+The sweep figures take rows as returned by :func:`load_results` (dicts with numbers already
+parsed) and draw on matplotlib axes, so notebooks can compose them; :func:`summary_figure`
 is the memory + MFU figure the sweeps write as PNG. Colours mark the strategy, line styles the
 chunk count, markers the GPU count. Every point that failed breaks its curve and is a hollow
 marker of its status in its strategy's colour at the foot of each panel, except that an ``oom`` on
@@ -117,8 +118,8 @@ def load_results(*paths) -> list[dict]:
 
     In a sweep directory the per-point files (``points/*.json``) are the record and ``results.csv``
     is rebuilt from them; rows are read from the points where they exist, so a stale table cannot
-    break a figure; a point file that cannot be read is replaced by its row in ``results.csv``
-    (with a warning). A cell that is not a number in a number column raises
+    break a figure; a point file that cannot be read is left out, as not run (a warning says how
+    many rows of ``results.csv`` go with it). A cell that is not a number in a number column raises
     :class:`~experiments.figures.inputs.PlotInputError` naming the file and line.
     """
     return _load(paths, "sweep")

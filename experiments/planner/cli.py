@@ -43,7 +43,7 @@ class PlanConfig:
     ulysses_degree: int | None = None  # usp: ranks per Ulysses group (None: its default)
     chunk_tokens: int = 65536  # FPDT global chunk C in tokens
     min_seq_len: int = 8192  # first row of the table
-    max_seq_len: int | None = None  # last row (default: twice the longest that fits)
+    max_seq_len: int | None = None  # last row (default: the first power of two past the longest that fits)
     activation_checkpointing: bool = True
     checkpoint_on_host: bool = True
     fsdp: bool = True

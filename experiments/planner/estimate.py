@@ -319,6 +319,10 @@ def estimate(
     ``backward_order``: FPDT's backward loop, ``kv``, ``query`` or ``auto`` (the runner's choice:
     the one that moves fewer bytes between host and device; rows measured before 2026-12-06 ran ``kv``).
     ``max_device_memory`` (GiB per rank) caps the device (required for ``hardware=cpu``).
+    ``mlp_tile``, ``loss_tile``: tile tokens (``None``: the paper's ``C/(2P)`` and ``C/(32P)``).
+    ``n_layers`` overrides the preset's depth; ``peak_tflops`` the hardware's peak;
+    ``dense_efficiency``, ``attention_efficiency`` its achieved fractions of the peak (``None``:
+    the preset's, else the stated defaults).
     ``hardware``: a preset's name (``conf/hardware/``), or a mapping with ``name`` whose other
     fields replace the preset's (``{"name": "h200", "host_memory_gib": 128}``).
     ``ValueError`` on an unknown preset, head counts that do not split over ``sp``, or a chunk

@@ -2,7 +2,7 @@
 
 Every term is derived from what the code allocates (``models/transformer.py``,
 ``models/chunked.py``, ``parallel/fpdt.py``, ``parallel/schedule.py``, ``experiments/sweep/worker.py``);
-``experiments/planner/PLANNER.md`` writes the formulas out. Notation as in the README: ``P`` ranks,
+``experiments/planner/PLANNER.md`` writes the formulas out. Notation as there: ``P`` ranks,
 ``S`` tokens, ``u`` chunks, ``C = S/u``, ``s = S/P`` local tokens, ``c = C/P``, ``H``/``Hkv``
 heads, ``d`` head dim, ``h`` hidden, ``f`` MLP width, ``V`` vocabulary, ``L`` layers, ``b`` bytes
 per element of the training dtype. All sizes are per rank unless named ``*_node``.
@@ -63,7 +63,7 @@ HIDDEN_LIVE_ATTENTION = 3
 # exist: the code before that, legacy_recompute, had 3) and 2 at the attention backward, plus 6
 # fp32 [tile, h] temporaries of the norm inside each MLP tile. Read from
 # experiments.bench.memory_report and checked on the CPU calibration rows
-# (tests/fixtures/plan_calibration: every llama-tiny fpdt row within 7%).
+# (tests/fixtures/plan_calibration: every llama-tiny fpdt row within 9.4%).
 TILED_HIDDEN_LIVE = 2
 TILED_HIDDEN_LIVE_ATTENTION = 2
 NORM_TILE_LIVE = 6
@@ -245,8 +245,9 @@ def copy_sizes(st: Setup) -> dict[str, int]:
 
 def comm_region_bytes(st: Setup) -> int:
     """The FPDT backward's communication-stream scratch (``parallel.fpdt.CommRegion``): the
-    all-to-all's send and receive chunks (``P > 1``) or the RoPE tables and angles of a chunk
-    (RoPE at global positions; packed documents rotate per token instead), whichever is larger."""
+    all-to-all's send and receive chunks (``P > 1``) or the RoPE tables of a chunk with their
+    angles or the rotation's work (RoPE at global positions; packed documents rotate per token
+    instead), whichever is larger."""
     cfg, P, C = st.cfg, st.gpus, st.C
     d = cfg.head_dim
     region = CommRegion(1, C, cfg.n_heads // P, d, st.dtype_bytes, P, RotaryEmbedding(d).span_work(C))
@@ -451,11 +452,12 @@ def _attn_backward_working_set(st: Setup) -> int:
 
 
 def _host(st: Setup) -> dict[str, int]:
-    """Host bytes per rank: host-kept checkpoints (L layer inputs) and the FPDT host store, which
-    with checkpointing holds one layer's saved chunks at a time (the recompute forward saves, its backward frees) in
-    buffers allocated once per shape: u x (x, q, k, v, o, lse), plus the backward's gradient round
-    trips (:meth:`Program.host_bytes`: the output gradients and fp32 dq of the KV-outer order, or
-    the fp32 dK/dV of the query-outer order)."""
+    """Host bytes per rank: host-kept checkpoints (L layer inputs), the sharded model states with
+    ``offload_states``, and the FPDT host store, which with checkpointing holds one layer's saved
+    chunks at a time (the recompute forward saves, its backward frees) in buffers allocated once
+    per shape: u x (x, q, k, v, o, lse) and the output projection's saved input (the attention
+    output), plus the backward's gradient round trips (:meth:`Program.host_bytes`: the output
+    gradients and fp32 dq of the KV-outer order, or the fp32 dK/dV of the query-outer order)."""
     cfg, b, u = st.cfg, st.dtype_bytes, st.chunks
     host = {"checkpoints": 0, "offload store": 0, "model states": 0}
     if st.offload_states:

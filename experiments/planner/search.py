@@ -44,10 +44,12 @@ def max_seq_len(
 ) -> int:
     """The longest ``seq_len`` whose device AND host memory fit (0 if none does).
 
-    Doubling over powers of two, then bisection on multiples of the granularity (``gpus``, or
-    ``chunk_tokens`` once FPDT has more than one chunk) until the gap to the first length that
-    does not fit is one granule or ``1/RESOLUTION`` of the answer. ``switches``: the other keywords of
-    :func:`estimate` (``max_device_memory`` for ``hardware=cpu``, ``offload``, ``dtype``, ...).
+    Doubling from the granularity, then bisection on multiples of it (the strategy's granule at
+    ``gpus``: ``gpus``, ``2 gpus`` for ``ring``/``usp``, 1 for ``local``; ``gpus * chunks`` for a
+    fixed ``chunks``; ``chunk_tokens`` once FPDT has more than one chunk) until the gap to the
+    first length that does not fit is one granule or ``1/RESOLUTION`` of the answer, doubling no
+    further than ``limit`` tokens. ``switches``: the other keywords of :func:`estimate`
+    (``max_device_memory`` for ``hardware=cpu``, ``offload``, ``dtype``, ...).
     """
     check_counts(gpus=gpus, limit=limit, chunk_tokens=chunk_tokens)
     takes_chunks = get_strategy(strategy).takes_chunks
@@ -87,7 +89,7 @@ def max_seq_len(
 
 def recommend_chunk_tokens(model: str, gpus: int, hardware: str | Mapping, seq_len: int, *, strategy: str = "fpdt",
                            **switches) -> int | None:  # fmt: skip
-    """The smallest power-of-two chunk (tokens) of ``strategy`` (one that takes chunks; FPDT by
+    """The smallest chunk of ``gpus * 2**k`` tokens of ``strategy`` (one that takes chunks; FPDT by
     default; ``chunk_tokens`` in ``switches`` is tried too) that divides ``seq_len``, fits, and hides
     the host-device traffic behind compute (replayed pipeline within ``HIDE_TOLERANCE`` of the
     same pipeline with free copies); if none hides it, the fitting one with the shortest step.
