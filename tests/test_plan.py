@@ -83,6 +83,34 @@ def test_unchunked_loss_peak_matches_measured():
         assert e.device_peak == pytest.approx(measured, rel=0.02), f"{e.device_peak / MIB:.1f} vs {measured / MIB:.1f}"
 
 
+def test_the_head_weight_copy_exists_only_under_autocast():
+    # bf16-true needs no compute-dtype copy of the head weight: measured on fake tensors,
+    # `python -m experiments.bench.memory_report --model llama3.2-1b --n-layers 1 --strategy local
+    # --seq-lens 2048 4096 --precision bf16-true --fake-tensors`: 4.79 / 7.77 GiB.
+    kw = dict(n_layers=1, fsdp=False, checkpoint_on_host=False, max_device_memory=100.0)
+    for seq_len, measured in ((2048, 4.79), (4096, 7.77)):
+        e = estimate("llama3.2-1b", "local", 1, "cpu", seq_len, precision="bf16-true", **kw)
+        assert e.device_peak / (1 << 30) == pytest.approx(measured, rel=0.005)
+    V, h, s = 128256, 2048, 2048
+    logits = 3 * s * V * 4
+    mixed = estimate("llama3.2-1b", "local", 1, "cpu", s, precision="bf16-mixed", **kw)
+    assert mixed.device["loss transient"] == logits + V * h * 2  # autocast's bf16 copy
+    # FSDP's parameters are bf16 already (MixedPrecisionPolicy, no autocast): no copy.
+    sharded = estimate("llama3.2-1b", "ulysses", 2, "cpu", 2 * s, precision="bf16-mixed", **{**kw, "fsdp": True})
+    assert sharded.device["loss transient"] == logits
+
+
+def test_a_row_is_estimated_with_its_own_order_tiles_and_documents():
+    row = next(r for r in _rows() if r["strategy"] == "fpdt" and int(r["chunks"]) >= 4)
+    kw = dict(mlp_tile=256, loss_tile=128, backward_order="kv", doc_len=1024)
+    as_run = {**row, "mlp_tile": "256", "loss_tile": "128", "backward_order": "kv", "data_doc_len": "1024"}
+    assert estimate_row(as_run).to_dict() == estimate_row(row, **kw).to_dict()
+    assert estimate_row(as_run).to_dict() != estimate_row(row).to_dict()
+    # Without packing the synthetic documents are one sequence.
+    unpacked = estimate_row({**as_run, "data_packing": "False"})
+    assert unpacked.to_dict() == estimate_row(row, **{**kw, "doc_len": None}).to_dict()
+
+
 def test_fpdt_chunks_shrink_the_device_peak_and_grow_the_host_store():
     kw = dict(fsdp=True, max_device_memory=80.0)
     peaks = [estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, chunks=u, **kw) for u in (4, 16, 64)]

@@ -408,7 +408,11 @@ def _fits(mem: Memory, hw: dict, gpus: int) -> tuple[bool, bool]:
 
 def estimate_row(row: dict, **overrides) -> Estimate:
     """The estimate for a measured result row (``results.csv`` / ``experiments.figures.plots.load_results``),
-    with the row's model, strategy, sizes, switches, precision and device cap; ``overrides`` win."""
+    with the row's model, strategy, sizes, switches, tiles, backward order, precision and device
+    cap; ``overrides`` win. A row of synthetic packed documents (``data_doc_len``: lengths drawn
+    around that mean) is estimated as documents of exactly that length; documents of a token file
+    (``data_eos_id``, ``data_index``) have lengths the row does not record, and are estimated as
+    one sequence."""
 
     def flag(key):
         value = row.get(key)
@@ -417,6 +421,10 @@ def estimate_row(row: dict, **overrides) -> Estimate:
     def number(key):
         value = row.get(key)
         return None if value in (None, "", "None") else float(value)
+
+    def integer(key):
+        value = number(key)
+        return None if value is None else int(value)
 
     hardware = row.get("hardware") or "cpu"
     kwargs = dict(
@@ -430,11 +438,15 @@ def estimate_row(row: dict, **overrides) -> Estimate:
         # Rows before the precision key recorded the old dtype setting (auto, fp32, bf16).
         precision=row.get("precision") or "auto",
         dtype=row.get("dtype") if not row.get("precision") and row.get("dtype") in ("fp32", "bf16") else "auto",
-        sp=None if number("sp") is None else int(number("sp")),
+        sp=integer("sp"),
         offload_states=flag("offload_states"),
         residual_fp32=flag("residual_fp32"),
-        n_layers=None if number("n_layers") is None else int(number("n_layers")),
-        ulysses_degree=None if number("ulysses_degree") is None else int(number("ulysses_degree")),
+        n_layers=integer("n_layers"),
+        ulysses_degree=integer("ulysses_degree"),
+        mlp_tile=integer("mlp_tile"),
+        loss_tile=integer("loss_tile"),
+        backward_order=row.get("backward_order") or "auto",
+        doc_len=integer("data_doc_len") if flag("data_packing") else None,
         max_device_memory=number("max_device_memory") or (1.0 if hardware == "cpu" else None),
         peak_tflops=number("peak_tflops") or (1.0 if hardware == "cpu" else None),
     )

@@ -131,6 +131,12 @@ class Setup:
         return self.param_bytes or self.dtype_bytes
 
     @property
+    def autocast(self) -> bool:
+        """The forward runs under autocast: mixed precision (parameters stored wider than the
+        compute dtype) without FSDP (``experiments.training.precision``)."""
+        return self.pb != self.dtype_bytes and not self.fsdp
+
+    @property
     def rb(self) -> int:
         """Bytes per element of the residual stream: the compute dtype's, or 4 (``residual_fp32``)."""
         return FP32 if self.residual_fp32 else self.dtype_bytes
@@ -364,9 +370,10 @@ def memory(st: Setup) -> Memory:
     if st.chunked_loss:
         logits = LOSS_LIVE * st.loss_tile * V * FP32 + s * (FP32 + INT64 + 1)  # tile + lse/labels/mask
     else:
-        # Beside the fp32 logits, their log-softmax and gradient: autocast's compute-dtype copy of
-        # the head weight, which the matmul saves for its backward.
-        logits = LOSS_LIVE * s * V * FP32 + (V * h * b if b != FP32 else 0)
+        # Beside the fp32 logits, their log-softmax and gradient: under autocast (mixed precision
+        # without FSDP, whose parameters are already in the compute dtype) its compute-dtype copy
+        # of the head weight, which the matmul saves for its backward.
+        logits = LOSS_LIVE * s * V * FP32 + (V * h * b if st.autocast else 0)
     loss_ckpt = (L + 1) * R if (st.activation_checkpointing and not st.checkpoint_on_host) else 0
     # The loss is the first thing the backward runs, and every step starts with the gradients set
     # to None (zero_grad(set_to_none=True)): at the loss's peak no parameter has a gradient yet,
