@@ -177,25 +177,129 @@ class _Builder:
                 del self.last_write[name]
 
 
-class _CopyCounter(_Builder):
-    """A builder that only counts the host-device copies a schedule makes, per buffer family, and
-    keeps no ops: what :func:`cheaper_backward_order` compares, built by the same code as the
-    schedule at a fraction of its cost (a schedule at hundreds of chunks has ~10^6 ops)."""
+# Count vectors are this long while a tally runs: more than the buffer families of any schedule.
+_FAMILY_SLOTS = 32
+
+
+@dataclass(frozen=True)
+class Residency:
+    """What a schedule holds, per buffer family (``families``), without its ops.
+
+    ``resident``: each distinct count of the device buffers resident after an op (what ops wrote,
+    less what was freed; the schedule's inputs and host copies apart). ``held``: each distinct
+    count of the host copies the schedule made of its own buffers, at the moment it makes one
+    (a copy that replaces an older one of the same buffer is taken before the old one is given
+    back). ``copies``: host-device copies (fetches and offloads) per family. Sizes are not
+    negative, so the largest byte sum over the distinct counts is the largest over the ops.
+    """
+
+    families: tuple[str, ...]
+    resident: tuple[tuple[int, ...], ...]
+    held: tuple[tuple[int, ...], ...]
+    copies: Counter
+
+    @classmethod
+    def of(cls, s: Schedule) -> Residency:
+        """The residency of a built schedule."""
+        tally = _Tally(s.inputs)
+        for op in s.ops:
+            tally.observe(op.kind, op.reads, op.writes)
+        return tally.residency()
+
+    def _largest(self, counts, nbytes) -> int:
+        sizes = [nbytes(fam) for fam in self.families]
+        return max((sum(n * size for n, size in zip(c, sizes, strict=True)) for c in counts), default=0)
+
+    def peak_bytes(self, nbytes) -> int:
+        """Most device bytes resident after any op, a buffer of family ``f`` being ``nbytes(f)``."""
+        return self._largest(self.resident, nbytes)
+
+    def host_bytes(self, nbytes) -> int:
+        """Most host bytes the schedule's own copies hold at once (what a replacing copy needs)."""
+        return self._largest(self.held, nbytes)
+
+
+class _Tally:
+    """Counts what :class:`Residency` reports, one op at a time: the one rule for a schedule's
+    ops (:meth:`Residency.of`) and for a builder that makes none (:class:`_ResidencyCounter`)."""
+
+    def __init__(self, inputs: frozenset[str]):
+        self.inputs = inputs
+        self.slots: dict[str, int] = {}  # family -> index in the count vectors
+        self.slot_of: dict[str, int] = {}  # buffer name -> its family's index, -1 for host copies
+        self.resident_names: set[str] = set()
+        self.held_names: set[str] = set()
+        self.resident = [0] * _FAMILY_SLOTS
+        self.held = [0] * _FAMILY_SLOTS
+        self.resident_seen: dict[tuple[int, ...], None] = {}
+        self.held_seen: dict[tuple[int, ...], None] = {}
+        self.copies: Counter = Counter()
+
+    def slot(self, name: str) -> int:
+        k = self.slot_of.get(name)
+        if k is None:
+            k = -1 if name.startswith(HOST) else self.slots.setdefault(buffer_family(name), len(self.slots))
+            if k >= _FAMILY_SLOTS:
+                raise ValueError(f"a schedule with more than {_FAMILY_SLOTS} buffer families: raise _FAMILY_SLOTS")
+            self.slot_of[name] = k
+        return k
+
+    def observe(self, kind: Kind, reads, writes) -> None:
+        for name in writes:
+            k = self.slot(name)
+            if k < 0:
+                continue
+            if kind == Kind.FREE:
+                if name in self.resident_names:
+                    self.resident_names.remove(name)
+                    self.resident[k] -= 1
+            elif name not in self.inputs and name not in self.resident_names:
+                self.resident_names.add(name)
+                self.resident[k] += 1
+        self.resident_seen[tuple(self.resident)] = None
+        if kind == Kind.FETCH:
+            self.copies[buffer_family(writes[0])] += 1
+        elif kind == Kind.OFFLOAD:
+            name = reads[0]
+            self.copies[buffer_family(name)] += 1
+            if name not in self.inputs:
+                k = self.slot(name)
+                self.held[k] += 1
+                self.held_seen[tuple(self.held)] = None
+                if name in self.held_names:
+                    self.held[k] -= 1
+                else:
+                    self.held_names.add(name)
+
+    def residency(self) -> Residency:
+        n = len(self.slots)
+        return Residency(
+            tuple(self.slots),
+            tuple(c[:n] for c in self.resident_seen),
+            tuple(c[:n] for c in self.held_seen),
+            self.copies,
+        )
+
+
+class _ResidencyCounter(_Builder):
+    """A builder that keeps no ops and only tallies the :class:`Residency` of the schedule its
+    construction makes: built by the same code at a fraction of the cost (a schedule at hundreds
+    of chunks has ~10^6 ops), for :func:`cheaper_backward_order` and memory models."""
 
     def __init__(self, schedule: Schedule):
         self.s = schedule
         self.live: set[str] = set(schedule.inputs)
-        self.copies: Counter = Counter()
+        self.tally = _Tally(schedule.inputs)
 
     def add(self, kind: Kind, chunk=(), reads=(), writes=()) -> None:
-        if kind == Kind.OFFLOAD:
-            self.copies[buffer_family(reads[0])] += 1
-        elif kind == Kind.FETCH:
-            self.copies[buffer_family(writes[0])] += 1
+        self.tally.observe(kind, reads, writes)
         self.live.update(writes)
 
     def free(self, *names: str) -> None:
-        self.live.difference_update(names)
+        for name in names:  # as _Builder.free: one free op per resident name
+            if name in self.live:
+                self.add(Kind.FREE, writes=(name,))
+                self.live.discard(name)
 
 
 def _n(name: str, i: int) -> str:
@@ -446,10 +550,25 @@ def copy_counts(s: Schedule) -> Counter:
     return Counter(buffer_family(op.buffer) for op in s.ops if op.kind in (Kind.FETCH, Kind.OFFLOAD))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
+def backward_residency(
+    chunks: int,
+    *,
+    causal: bool = True,
+    offload: bool = True,
+    pairs: frozenset[tuple[int, int]] | None = None,
+    order: str = "kv",
+) -> Residency:
+    """The :class:`Residency` of :func:`backward_schedule` with these arguments, without building
+    its ops (``Residency.of(backward_schedule(...))``, at a fraction of the cost)."""
+    return _build_backward(
+        _ResidencyCounter, chunks, causal, offload, _checked_pairs(pairs, chunks), order
+    ).tally.residency()
+
+
 def _backward_copies(chunks: int, causal: bool, pairs, order: str) -> Counter:
     """``copy_counts`` of the offloading backward schedule, without building its ops."""
-    return _build_backward(_CopyCounter, chunks, causal, True, pairs, order).copies
+    return backward_residency(chunks, causal=causal, offload=True, pairs=pairs, order=order).copies
 
 
 def check_backward_order(order: str) -> str:

@@ -10,8 +10,7 @@ from experiments import plan
 from experiments.plan import estimate, max_seq_len, recommend_chunk_tokens
 from experiments.planner.estimate import DENSE_EFFICIENCY, _setup, estimate_row
 from experiments.planner.model import chunk_bytes
-from experiments.planner.replay import Program
-from parallel.schedule import backward_schedule, check_schedule
+from parallel.schedule import Residency, backward_schedule, check_schedule
 
 FIXTURE = Path(__file__).parent / "fixtures" / "plan_calibration" / "results.csv"
 MIB = float(1 << 20)
@@ -246,7 +245,7 @@ def test_memory_replay_of_the_backward_schedule_is_o_of_one_chunk():
     peaks = {}
     for u in (4, 8, 16):
         sched = backward_schedule(u, causal=True, offload=True)
-        peaks[u] = Program.of(sched).peak_bytes({**sizes, "x": 1}.__getitem__)
+        peaks[u] = Residency.of(sched).peak_bytes({**sizes, "x": 1}.__getitem__)
         per_family = check_schedule(sched)  # each family's own peak: an upper bound on the sum
         assert peaks[u] <= sum(n for fam, n in per_family.items() if sizes.get(fam, 1))
     # The device holds a fixed number of chunks (kv, dkv, current and prefetched q/o/do/dq, ...)

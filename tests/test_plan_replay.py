@@ -1,5 +1,6 @@
-"""The planner's compiled schedule replays (experiments/planner/replay.py) give what a plain walk
-over a schedule's ops gives, and the memory-only fit check answers as the full estimate does."""
+"""The planner's compiled time replays (experiments/planner/replay.py) and the schedules'
+residency tallies (parallel.schedule.Residency, backward_residency) give what a plain walk over a
+schedule's ops gives, and the memory-only fit check answers as the full estimate does."""
 
 import random
 
@@ -8,7 +9,17 @@ import pytest
 from experiments.plan import estimate
 from experiments.planner.estimate import fits
 from experiments.planner.replay import Program
-from parallel.schedule import HOST, Kind, Stream, backward_schedule, buffer_family, document_pairs, forward_schedule
+from parallel.schedule import (
+    HOST,
+    Kind,
+    Residency,
+    Stream,
+    backward_residency,
+    backward_schedule,
+    buffer_family,
+    document_pairs,
+    forward_schedule,
+)
 
 
 def walk_peak(sched, nbytes):
@@ -57,17 +68,20 @@ def walk_time(sched, cost, copies=True):
 
 
 def schedules():
+    """(schedule, the arguments of a backward one or None)."""
     for u in (1, 2, 5, 9):
         for causal in (True, False):
             for offload in (True, False):
-                yield forward_schedule(u, causal=causal, offload=offload, save=True)
-                yield forward_schedule(u, causal=causal, offload=offload, save=False)
+                yield forward_schedule(u, causal=causal, offload=offload, save=True), None
+                yield forward_schedule(u, causal=causal, offload=offload, save=False), None
                 for order in ("kv", "query"):
-                    yield backward_schedule(u, causal=causal, offload=offload, order=order)
+                    args = dict(chunks=u, causal=causal, offload=offload, order=order)
+                    yield backward_schedule(**args), args
     docs = document_pairs([0, 700, 1500, 2048], 1, 2048, 8)
-    yield forward_schedule(8, causal=True, offload=True, save=True, pairs=docs)
+    yield forward_schedule(8, causal=True, offload=True, save=True, pairs=docs), None
     for order in ("kv", "query"):
-        yield backward_schedule(8, causal=True, offload=True, pairs=docs, order=order)
+        args = dict(chunks=8, causal=True, offload=True, pairs=docs, order=order)
+        yield backward_schedule(**args), args
 
 
 def random_prices(rng):
@@ -85,14 +99,18 @@ def random_prices(rng):
 def test_the_compiled_replays_equal_a_walk_over_the_ops(seed):
     rng = random.Random(seed)
     checked = 0
-    for sched in schedules():
+    for sched, backward in schedules():
+        tallies = [Residency.of(sched)]
+        if backward is not None:  # the same tally from a builder that makes no ops
+            counted = backward_residency(**backward)
+            assert counted == tallies[0], str(sched)[:80]
+            tallies.append(counted)
+        for residency in tallies:
+            sizes = {fam: rng.randrange(0, 1 << 30) for fam in residency.families}
+            assert residency.peak_bytes(sizes.__getitem__) == walk_peak(sched, sizes.__getitem__), str(sched)[:80]
+            assert residency.host_bytes(sizes.__getitem__) == walk_host(sched, sizes.__getitem__), str(sched)[:80]
         program = Program.of(sched)
-        sizes = {fam: rng.randrange(0, 1 << 30) for fam in program.families}
-        # a cost per op that depends on its kind, chunk and buffer family, as the planner's does
         cost = random_prices(rng)
-
-        assert program.peak_bytes(sizes.__getitem__) == walk_peak(sched, sizes.__getitem__), str(sched)[:80]
-        assert program.host_bytes(sizes.__getitem__) == walk_host(sched, sizes.__getitem__), str(sched)[:80]
         costs = program.costs(cost)
         for copies in (True, False):
             assert program.time(costs, copies=copies) == walk_time(sched, cost, copies), str(sched)[:80]
@@ -101,12 +119,12 @@ def test_the_compiled_replays_equal_a_walk_over_the_ops(seed):
 
 
 def test_the_count_vectors_are_few():
-    # Memory replays visit distinct live-count vectors, not ops: at u=40 a backward has about
+    # Memory replays visit distinct resident-count vectors, not ops: at u=40 a backward has about
     # 5,000 ops and far fewer distinct vectors.
     sched = backward_schedule(40, causal=True, offload=True, order="query")
-    program = Program.of(sched)
+    residency = Residency.of(sched)
     assert len(sched.ops) > 4000
-    assert len(program.live) < len(sched.ops) / 4
+    assert len(residency.resident) < len(sched.ops) / 4
 
 
 H200_BOX = {"name": "h200", "host_memory_gib": 128}

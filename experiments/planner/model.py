@@ -25,7 +25,9 @@ from parallel.fpdt import CommRegion
 from parallel.rotary import RotaryEmbedding
 from parallel.schedule import (
     Kind,
+    Residency,
     Schedule,
+    backward_residency,
     backward_schedule,
     buffer_family,
     document_pairs,
@@ -279,6 +281,13 @@ def forward_program(st: Setup, save: bool) -> Program:
     return _program("forward", st.chunks, st.offload, save, pairs(st), "kv")
 
 
+def backward_residency_of(st: Setup) -> Residency:
+    """What :func:`backward` holds per buffer family, tallied without building its ops (memory
+    needs no op list: a ``max_seq_len`` search asks memory alone at hundreds of chunks)."""
+    order = backward_order(st)
+    return backward_residency(st.chunks, causal=True, offload=st.offload, pairs=pairs(st), order=order)
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 
@@ -450,7 +459,7 @@ def _attn_backward_working_set(st: Setup) -> int:
     x_chunk = (st.C // P) * cfg.hidden * b if st.offload else 0
     # The block input's chunks are views, except the copies the backward fetches back.
     nbytes = {**sizes, "x": x_chunk}.__getitem__
-    pipeline = backward_program(st).peak_bytes(nbytes) + comm_region_bytes(st)
+    pipeline = backward_residency_of(st).peak_bytes(nbytes) + comm_region_bytes(st)
     if not st.offload:  # everything the forward saved stays resident
         pipeline += _attn_kept(st)
     # dx [s, h] and the fp32 QKV weight gradient, allocated for the whole call
@@ -463,7 +472,7 @@ def _host(st: Setup) -> dict[str, int]:
     ``offload_states``, and the FPDT host store, which with checkpointing holds one layer's saved
     chunks at a time (the recompute forward saves, its backward frees) in buffers allocated once
     per shape: u x (x, q, k, v, o, lse) and the output projection's saved input (the attention
-    output), plus the backward's gradient round trips (:meth:`Program.host_bytes`: the output
+    output), plus the backward's gradient round trips (:meth:`Residency.host_bytes`: the output
     gradients and fp32 dq of the KV-outer order, or the fp32 dK/dV of the query-outer order)."""
     cfg, b, u = st.cfg, st.dtype_bytes, st.chunks
     host = {"checkpoints": 0, "offload store": 0, "model states": 0}
@@ -474,7 +483,7 @@ def _host(st: Setup) -> dict[str, int]:
     if st.pipelined and st.offload:
         copy = copy_sizes(st)
         per_chunk = copy["x"] + copy["q"] + copy["kv"] + copy["o"]
-        grads = backward_program(st).host_bytes(copy.__getitem__)
+        grads = backward_residency_of(st).host_bytes(copy.__getitem__)
         # With checkpointing one layer's chunks at a time; without, every layer's forward saves.
         # The output projection's input (the attention output [s, H, d]) waits on the host too.
         layers = 1 if st.activation_checkpointing else cfg.n_layers
