@@ -311,33 +311,111 @@ def test_points_run_under_the_joblib_launcher(tmp_path):
     assert sorted((int(r["seq_len"]), r["status"]) for r in rows) == [(512, "ok"), (1024, "ok")], rows
 
 
-_DYING_RANK = """
+# torchrun's rank script: experiments.run with its run_rank replaced by one of the bodies below.
+_TORCHRUN_RANK = """
 import os, runpy, sys, time
 import experiments.sweep.controller as controller
+from experiments.sweep import worker
 
-def run_rank(point, job_dir):  # rank 1 dies; rank 0 waits as in a collective until torchrun stops it
-    if os.environ["RANK"] == "1":
-        time.sleep(1)
-        os._exit(7)
-    time.sleep(120)
+{body}
 
 controller.run_rank = run_rank
 sys.argv = ["experiments.run", *sys.argv[1:]]
 runpy.run_module("experiments.run", run_name="__main__")
 """
 
+_DYING_RANK = """
+def run_rank(point, job_dir):  # rank 1 dies; rank 0 waits as in a collective until torchrun stops it
+    if os.environ["RANK"] == "1":
+        time.sleep(1)
+        os._exit(7)
+    time.sleep(120)
+"""
+
+_RAISING_RANK = """
+def failing(point, out):  # rank 1 joins the process group, then fails; rank 0 measures, waiting for it
+    if os.environ["RANK"] == "1":
+        from experiments.training.loop import setup_rank
+        setup_rank(point)
+        time.sleep(float(os.environ["DELAY"]))
+        raise ValueError("rank one's distinctive failure")
+    return worker.measure_steps(point, out)
+
+def run_rank(point, job_dir):
+    worker.run_rank(point, job_dir, failing)
+"""
+
+
+def _torchrun(tmp_path, body, *overrides, env=None):
+    """A 2-rank torchrun job of the tiny point, each rank running ``body`` (None: the real one);
+    returns how torchrun ended (a CompletedProcess) and rank 0's row."""
+    if body is None:
+        rank_script = ["-m", "experiments.run"]
+    else:
+        script = tmp_path / "rank.py"
+        script.write_text(_TORCHRUN_RANK.format(body=body))
+        rank_script = [str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *rank_script,
+           *TINY, "gpus=2", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=100)
+    except BaseException:  # a hung job leaks no rank (torchrun starts each in a session of its own)
+        for pid in controller._descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        raise
+    result = tmp_path / "run" / "result.json"
+    assert result.exists(), f"rank 0 wrote no row:\n{err[-5000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), json.loads(result.read_text())
+
 
 @pytest.mark.distributed
+@pytest.mark.timeout(120)
 def test_under_torchrun_rank0_records_why_it_was_stopped(tmp_path):
     # torchrun SIGTERMs the other ranks when one fails: rank 0 still writes its row.
-    script = tmp_path / "dying_rank.py"
-    script.write_text(_DYING_RANK)
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           str(script), *TINY, "gpus=2", "steps=1", "warmup_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=100)
+    proc, row = _torchrun(tmp_path, _DYING_RANK, "steps=1", "warmup_steps=0")
     assert proc.returncode != 0
-    row = json.loads((tmp_path / "run" / "result.json").read_text())
     assert row["status"] == "error" and "stopped by SIGTERM: torchrun stops every rank" in row["error"], row
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("delay", [0, 3], ids=["stopped-by-torchrun", "peer-connection-closed"])
+def test_under_torchrun_rank0_records_the_failed_ranks_cause(tmp_path, delay):
+    """Rank 0 sees only the consequence of rank 1's failure: torchrun's SIGTERM (rank 1 fails while
+    rank 0 still builds its model) or gloo's closed connection (rank 0 already waits in a
+    collective). Its row names rank 1 and what rank 1 raised, then its own error."""
+    proc, row = _torchrun(tmp_path, _RAISING_RANK, "steps=1", "warmup_steps=0", env=dict(_env(), DELAY=str(delay)))
+    assert proc.returncode != 0
+    assert row["status"] == "error", row
+    assert row["error"].startswith("rank 1: ValueError: rank one's distinctive failure; then rank 0: "), row
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_under_torchrun_a_point_past_timeout_s_gets_a_timeout_row(tmp_path):
+    start = time.monotonic()
+    proc, row = _torchrun(tmp_path, None, "steps=100000", "warmup_steps=0", "timeout_s=5")
+    assert time.monotonic() - start < 60, "the ranks were not stopped at timeout_s"
+    assert proc.returncode != 0 and "exitcode  : 124" in proc.stderr, proc.stderr[-3000:]
+    assert row["status"] == "timeout", row
+    assert row["error"] == "no result after timeout_s=5 s; rank 0 exited, so torchrun stopped the other ranks"
+
+
+def test_the_cause_is_the_rank_that_failed_first_not_the_peers_it_took_down(tmp_path):
+    def error(rank, message, status="error", knock_on=False):
+        row = {"status": status, "error": message, "knock_on": knock_on, "device_peak_bytes": None}
+        (tmp_path / f"rank{rank}_error.json").write_text(json.dumps(row))
+
+    closed = "RuntimeError: [pair.cc:553] Connection closed by peer"
+    error(0, closed + "\nmore", knock_on=True)
+    error(2, "ValueError: bad shard")
+    error(10, "ValueError: another")
+    assert controller._read_errors(tmp_path, 12)["error"] == f"rank 2: ValueError: bad shard; then rank 0: {closed}"
+    error(10, "OutOfMemoryError: out of memory", status="oom")  # an OOM anywhere is the cause
+    assert controller._read_errors(tmp_path, 12)["error"].startswith("rank 10: OutOfMemoryError")
+    assert controller._read_errors(tmp_path, 1)["error"] == closed + "\nmore"  # one rank: no rank named

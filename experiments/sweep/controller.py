@@ -52,7 +52,7 @@ from ..training.loop import model_config, uses_cuda
 from . import config as _schema  # noqa: F401  (registers the structured configs)
 from .points import check_point, resolve_point
 from .results import csv_has_key, find_point, point_key, rebuild_results_csv, record_point
-from .worker import run_rank, spawn_entry, summarize
+from .worker import is_knock_on, run_rank, spawn_entry, summarize
 
 FINAL_STATUSES = ("ok", "oom")
 # Point fields that are not part of the row (how to run it, not what was run).
@@ -163,14 +163,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_errors(job_dir: Path) -> dict | None:
-    errors = sorted(job_dir.glob("rank*_error.json"))
-    if not errors:
+def _read_errors(job_dir: Path, ranks: int) -> dict | None:
+    """What the ranks' ``rank<r>_error.json`` say: the cause (an OOM on any rank, else the lowest
+    rank whose error is not only the consequence of another's, e.g. a peer's closed connection),
+    then the first such consequence as context. ``knock_on``: no rank said more than that."""
+    found = []
+    for rank in range(ranks):
+        with contextlib.suppress(OSError, ValueError):  # none, or one being written
+            found.append({**json.loads((job_dir / f"rank{rank}_error.json").read_text()), "rank": rank})
+    if not found:
         return None
-    found = [json.loads(p.read_text()) for p in errors]
-    # An OOM on any rank is the cause; the others usually fail in a collective after it.
-    err = next((e for e in found if e["status"] == "oom"), found[0])
-    return {k: err.get(k) for k in ("status", "error", "device_peak_bytes")}
+    cause = min(found, key=lambda e: (e["status"] != "oom", bool(e.get("knock_on"))))  # the first of equals
+    error = cause["error"] if ranks == 1 else f"rank {cause['rank']}: {cause['error']}"
+    then = [e for e in found if e is not cause and e.get("knock_on")]
+    if then and not cause.get("knock_on"):
+        error += f"; then rank {then[0]['rank']}: {then[0]['error'].splitlines()[0][:300]}"
+    return {"status": cause["status"], "error": error, "device_peak_bytes": cause.get("device_peak_bytes"),
+            "knock_on": bool(cause.get("knock_on"))}  # fmt: skip
 
 
 def _death(exc: BaseException, ctx, job_dir: Path) -> str | None:
@@ -225,6 +234,15 @@ def launch(point: Point, job_dir: Path, body=None) -> dict:
             _stop(ctx)
 
 
+def _timed_out(point: Point, metrics: Path, stopped: str) -> dict:
+    """The outcome of a point still running at ``timeout_s`` (``stopped``: what became of its ranks)."""
+    if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
+        return {"status": "ok", "metrics": json.loads(metrics.read_text()),
+                "warning": f"teardown: ranks still running at timeout_s={point.timeout_s:g} s after the "
+                           f"measurement; {stopped}"}  # fmt: skip
+    return {"status": "timeout", "error": f"no result after timeout_s={point.timeout_s:g} s; {stopped}"}
+
+
 def _wait(ctx, point: Point, job_dir: Path) -> dict:
     metrics = job_dir / "worker_metrics.json"
     deadline = None if point.timeout_s is None else time.monotonic() + point.timeout_s
@@ -232,17 +250,12 @@ def _wait(ctx, point: Point, job_dir: Path) -> dict:
         while not ctx.join(timeout=1.0):
             if deadline is not None and time.monotonic() > deadline:
                 _stop(ctx)
-                message = f"no result after timeout_s={point.timeout_s:g} s; ranks killed"
-                if metrics.exists():  # rank 0 wrote it after every rank had finished measuring
-                    return {"status": "ok", "metrics": json.loads(metrics.read_text()),
-                            "warning": f"teardown: ranks still running at timeout_s={point.timeout_s:g} s "
-                                       "after the measurement; killed"}  # fmt: skip
-                return {"status": "timeout", "error": message}
+                return _timed_out(point, metrics, "ranks killed")
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         time.sleep(1.0)  # let the other ranks fail on their own (their error files say how)
         _stop(ctx)  # the rest wait in a collective for the dead one
         death = _death(exc, ctx, job_dir)
-        err = _read_errors(job_dir)
+        err = _read_errors(job_dir, point.gpus)
         if death is not None:
             then = f"; then {err['error']}" if err is not None else ""
             return {"status": "error", "error": death + then}
@@ -252,7 +265,7 @@ def _wait(ctx, point: Point, job_dir: Path) -> dict:
         if metrics.exists():
             return {"status": "ok", "metrics": json.loads(metrics.read_text()), "warning": f"teardown: {reason}"}
         return {"status": "error", "error": reason}
-    err = _read_errors(job_dir)
+    err = _read_errors(job_dir, point.gpus)
     if err is not None:
         return err
     if not metrics.exists():  # every rank exited 0, but rank 0 never wrote its result
@@ -431,6 +444,57 @@ def run_point(cfg: DictConfig) -> dict:
     return row
 
 
+# How long rank 0 of a torchrun job waits for the error file of the rank that failed first, when
+# it saw only the consequence (on a shared filesystem another node's file can take a moment to show).
+_PEER_ERROR_WAIT_S = 5.0
+
+
+def _torchrun_failure(exc: BaseException, point: Point, job_dir: Path) -> dict:
+    """Rank 0's outcome after it raised ``exc``. Where that is only the consequence of another
+    rank's failure (torchrun's SIGTERM, a peer's closed connection), the row names that rank and
+    what it raised, with rank 0's error as context."""
+    why = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, Terminated):
+        why = ("stopped by SIGTERM: torchrun stops every rank when one fails (the failed rank's log says "
+               "why), or the scheduler preempted the job")  # fmt: skip
+    elif is_knock_on(exc):
+        why += "; no other rank said why it failed (torchrun's summary names the rank that exited first)"
+    deadline = time.monotonic() + (_PEER_ERROR_WAIT_S if is_knock_on(exc) else 0.0)
+    while (err := _read_errors(job_dir, point.gpus)) is None or err["knock_on"]:
+        if time.monotonic() >= deadline:
+            return {"status": "error", "error": why}
+        time.sleep(0.2)
+    return err
+
+
+def _watchdog(point: Point, metrics: Path, record) -> threading.Lock:
+    """``timeout_s`` for a torchrun job, which has no controller to enforce it: at ``timeout_s`` a
+    thread of rank 0 records the timeout row and ends rank 0, and torchrun then stops the other
+    ranks. Whoever takes the returned lock first, this thread or rank 0's own ending, records the row."""
+    claim = threading.Lock()
+    if point.timeout_s is None:
+        return claim
+
+    def expire():
+        if not claim.acquire(blocking=False):
+            return
+        for pid in _descendants(os.getpid()):  # what rank 0 started (compile workers, helpers)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            record(_timed_out(point, metrics, "rank 0 exited, so torchrun stopped the other ranks"))
+        finally:
+            print(f"experiments.run: timeout_s={point.timeout_s:g} s reached; rank 0 exits (124)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            sys.stdout.flush()
+            os._exit(124)
+
+    timer = threading.Timer(point.timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    return claim
+
+
 def run_under_torchrun(cfg: DictConfig) -> None:
     """This process is one rank started by torchrun: train, and rank 0 records the row."""
     point = resolve_point(cfg)
@@ -439,29 +503,38 @@ def run_under_torchrun(cfg: DictConfig) -> None:
     check_point(point)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    key, start = point_key(point), time.monotonic()
     rank0 = int(os.environ["RANK"]) == 0
+    metrics = job_dir / "worker_metrics.json"
+    # An earlier launch into this directory may have left its files; each rank clears its own (a
+    # peer's is gone once that peer has joined the process group, before anyone can fail in it).
+    (job_dir / f"rank{os.environ['RANK']}_error.json").unlink(missing_ok=True)
+    if rank0:
+        metrics.unlink(missing_ok=True)
+    start = time.monotonic()
+
+    def record(outcome: dict) -> Path:
+        row = make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start)
+        csv_path = record_point(job_dir, job_dir, row, point.results_csv)
+        print(_progress(row, job_dir, None), flush=True)
+        return csv_path
+
+    claim = _watchdog(point, metrics, record) if rank0 else None
     try:
         # torchrun stops the other ranks with SIGTERM when one fails (and a scheduler preempts the
         # same way): rank 0 then still records why, instead of dying without a row.
         with _sigterm_raises():
             run_rank(point, str(job_dir))
     except BaseException as exc:
-        if rank0:  # the row says what happened here; torchrun reports the other ranks
-            why = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, Terminated):
-                why = ("stopped by SIGTERM: torchrun stops every rank when one fails (the failed rank's log says "
-                       "why), or the scheduler preempted the job")  # fmt: skip
-            err = _read_errors(job_dir) or {"status": "error", "error": why}
-            row = make_row(point, err, key, job_dir, time.monotonic() - start)
-            record_point(job_dir, job_dir, row, point.results_csv)
-            print(_progress(row, job_dir, None), flush=True)
+        if rank0:  # the row says what happened; torchrun's summary lists every rank's exit
+            # A later SIGTERM would kill rank 0 half way through its row (torchrun follows it
+            # with SIGKILL after its grace period anyway).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            claim.acquire()
+            record(_torchrun_failure(exc, point, job_dir))
         raise
     if rank0:
-        metrics = json.loads((job_dir / "worker_metrics.json").read_text())
-        row = make_row(point, {"status": "ok", "metrics": metrics}, key, job_dir, time.monotonic() - start)
-        csv_path = record_point(job_dir, job_dir, row, point.results_csv)
-        print(_progress(row, job_dir, None), flush=True)
+        claim.acquire()
+        csv_path = record({"status": "ok", "metrics": json.loads(metrics.read_text())})
         print(f"row: {csv_path} (rank 0 of this torchrun job wrote it: keep the output directory on a "
               "filesystem every node shares)", flush=True)  # fmt: skip
 

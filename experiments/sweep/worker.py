@@ -7,13 +7,16 @@ controller turns them into the result row (maxima over ranks where it matters).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import multiprocessing
 import os
+import re
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -126,9 +129,39 @@ def measure_steps(point: Point, out_dir: Path) -> dict:
     return {"ranks": [metrics]}
 
 
+# What a rank raises when another rank failed first: its peer's connection closes under a
+# collective (gloo, NCCL), or a collective times out waiting for a hung peer.
+_PEER_GONE = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|remote process exited|communicator was aborted|timed out waiting",
+    re.IGNORECASE,
+)
+
+
+def is_knock_on(exc: BaseException) -> bool:
+    """Whether ``exc`` is the consequence of another rank's failure rather than a cause: a lost or
+    timed-out peer, or a stop from outside (the launcher's SIGTERM after another rank failed)."""
+    return isinstance(exc, (KeyboardInterrupt, dist.DistError)) or bool(_PEER_GONE.search(str(exc)))
+
+
+@contextlib.contextmanager
+def _sigterm_ignored():
+    """Ignore SIGTERM in this block (main thread only): a rank that has failed is on its way out,
+    and torchrun's SIGTERM after another rank's failure must not cut off the file that says why."""
+    old = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or old is None:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_rank(point: Point, out_dir: str, body: Callable[[dict, Path], dict] = measure_steps) -> None:
     """Run ``body`` (default: :func:`measure_steps`) on this rank; rank 0 writes what it returns
-    to ``worker_metrics.json``, a failing rank writes ``rank<r>_error.json``."""
+    to ``worker_metrics.json``, a failing rank writes ``rank<r>_error.json`` (what it raised, and
+    whether that was only the consequence of another rank's failure)."""
     out = Path(out_dir)
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -139,11 +172,13 @@ def run_rank(point: Point, out_dir: str, body: Callable[[dict, Path], dict] = me
         if dist.is_initialized():
             dist.barrier()
     except BaseException as exc:
-        status = "oom" if is_out_of_memory(exc) else "error"
-        message = f"{type(exc).__name__}: {exc}".strip()
-        write_json(out / f"rank{rank}_error.json", {"status": status, "error": message[:2000],
-                                                    "device_peak_bytes": _peak_device_bytes(),
-                                                    "traceback": traceback.format_exc()[-8000:]})  # fmt: skip
+        with _sigterm_ignored():
+            status = "oom" if is_out_of_memory(exc) else "error"
+            message = f"{type(exc).__name__}: {exc}".strip()
+            write_json(out / f"rank{rank}_error.json", {"status": status, "error": message[:2000],
+                                                        "knock_on": is_knock_on(exc),
+                                                        "device_peak_bytes": _peak_device_bytes(),
+                                                        "traceback": traceback.format_exc()[-8000:]})  # fmt: skip
         raise
     finally:
         destroy_distributed()
