@@ -29,7 +29,7 @@ from .core.paths import CONF_DIR
 from .core.point import TrainPoint
 from .core.tables import read_csv, write_json
 from .sweep import config as _schema  # noqa: F401  (registers the structured configs)
-from .sweep.controller import launch
+from .sweep.controller import launch, stopped
 from .sweep.points import check_point, resolve_point
 from .sweep.worker import run_rank
 from .training import checkpoint
@@ -134,7 +134,14 @@ def main(cfg: DictConfig) -> None:
         # run_rank has rank 0 write what the ranks measured, as the spawned ranks do for launch()
         outcome = {"status": "ok", "metrics": json.loads((run_dir / "worker_metrics.json").read_text())}
     else:
-        outcome = launch(point, run_dir, train_rank)
+        try:
+            outcome = launch(point, run_dir, train_rank)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: launch stopped the ranks
+            last = checkpoint.latest(point.checkpoint_dir)
+            kept = f"the last complete checkpoint is {last}; add resume=true to go on from it"
+            if last is None:
+                kept = f"no complete checkpoint in {point.checkpoint_dir} (checkpoint.every sets how often one is made)"
+            raise stopped(exc, "experiments.train", f"training: the ranks are stopped; {kept}") from None
     write_json(run_dir / "train_result.json", {**outcome, "point": point.as_dict()})
     figure = _loss_figure(run_dir)
     if figure is not None:

@@ -71,20 +71,22 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def _long_point(tmp_path, sweep, ignore_sigint):
-    """A long 2-rank point of a sweep; yields the controller and its ranks once both are running,
-    and kills whatever of them is left afterwards (a test that fails leaks nothing).
-    ``ignore_sigint``: as a controller started with ``&`` from a script, which inherits SIGINT ignored."""
+def _long_point(tmp_path, sweep, ignore_sigint, module="experiments.run", args=None):
+    """A long 2-rank point of a sweep (or ``module`` with ``args``); yields the controller and its
+    ranks once both are running, and kills whatever of them is left afterwards (a test that fails
+    leaks nothing). ``ignore_sigint``: as a controller started with ``&`` from a script, which
+    inherits SIGINT ignored."""
 
     def pre():
         os.setsid()
         if ignore_sigint:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    args = ["-m", *TINY, "gpus=2", "steps=100000", "warmup_steps=0", f"hydra.sweep.dir={sweep}"]
+    if args is None:
+        args = ["-m", *TINY, "gpus=2", "steps=100000", "warmup_steps=0", f"hydra.sweep.dir={sweep}"]
     # Files, not pipes: a rank that outlives the controller would hold a pipe open.
     with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, env=_env(),
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=tmp_path, env=_env(),
                                 stdout=out, stderr=err, text=True, preexec_fn=pre)  # fmt: skip
     ranks = []
     try:
@@ -120,6 +122,29 @@ def test_sigterm_mid_point_stops_the_ranks_and_leaves_the_point_to_rerun(tmp_pat
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM while running llama-tiny_fpdt_s512_u2_g2" in err and "has no row" in err, err[-3000:]
     assert not (sweep / "points").exists() and not (sweep / "results.csv").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("module", ["experiments.max_seqlen", "experiments.train"])
+def test_sigterm_ends_max_seqlen_and_train_with_one_line_not_a_traceback(tmp_path, module):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "gpus=2", "steps=100000", f"hydra.run.dir={run_dir}"]
+    if module == "experiments.max_seqlen":
+        args += ["warmup_steps=0", "max_device_memory=100", "search.start=512"]
+    with _long_point(tmp_path, None, False, module, args) as (proc, ranks):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        assert _gone(ranks), "a rank outlived its controller"
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    if module == "experiments.max_seqlen":
+        assert "experiments.max_seqlen: SIGTERM while probing (llama-tiny fpdt gpus=2" in err, err[-3000:]
+        assert "the 0 finished probes are kept" in err, err[-3000:]
+    else:
+        assert "experiments.train: SIGTERM while training: the ranks are stopped; no complete checkpoint" in err, err
+        assert "add resume=true" not in err
 
 
 @pytest.mark.distributed

@@ -68,6 +68,15 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+def stopped(exc: KeyboardInterrupt, command: str, what: str) -> SystemExit:
+    """Ctrl-C or SIGTERM (:class:`Terminated`) ended ``command`` while it was ``what`` (``launch``
+    has stopped the ranks): say so in one line, and exit as a process killed by that signal does
+    (``128 + signum``) instead of with a traceback."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    print(f"{command}: {signal.Signals(signum).name} while {what}", file=sys.stderr, flush=True)
+    return SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def _sigterm_raises():
     """Turn SIGTERM into :class:`Terminated` in this block, unless someone else handles SIGTERM
@@ -432,11 +441,8 @@ def run_point(cfg: DictConfig) -> dict:
     try:
         row = measure(point, job_dir)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): launch stopped the ranks
-        signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"experiments.run: {signal.Signals(signum).name} while running {key}: its ranks are stopped and it "
-              f"has no row; run the same command again to measure it (rows already in {sweep_dir} are kept)",
-              file=sys.stderr, flush=True)  # fmt: skip
-        raise SystemExit(128 + signum) from None
+        raise stopped(exc, "experiments.run", f"running {key}: its ranks are stopped and it has no row; run the "
+                      f"same command again to measure it (rows already in {sweep_dir} are kept)") from None  # fmt: skip
     csv_path = _record(sweep_dir, job_dir, row, point.results_csv)
     print(_progress(row, sweep_dir, job_num), flush=True)
     if not multirun:

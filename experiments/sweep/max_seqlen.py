@@ -42,7 +42,7 @@ from ..core.point import Point
 from ..core.tables import read_row, write_atomic, write_csv
 from ..core.units import GIB, format_bytes
 from ..training.loop import uses_cuda
-from .controller import FINAL_STATUSES, measure
+from .controller import FINAL_STATUSES, measure, stopped
 from .points import check_point, resolve_point
 from .results import digest, find_point, point_key, record_point
 
@@ -262,7 +262,15 @@ def main(cfg: DictConfig) -> None:
     label += f" {base.precision}"
     print(f"max_seqlen search: {label}", flush=True)
     prober = _Prober(base, chunk_tokens, job_dir)
-    result = search(base, prober, cfg.search.start, cfg.search.limit, cfg.search.resolution, granularity)
+    try:
+        result = search(base, prober, cfg.search.start, cfg.search.limit, cfg.search.resolution, granularity)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during a probe: launch stopped its ranks
+        done = sum(r["status"] in FINAL_STATUSES for r in prober.rows)
+        why = (
+            f"probing ({label}): the probe running has no row; the {done} finished probes are kept in "
+            f"{job_dir} and the same command again reuses them"
+        )
+        raise stopped(exc, "experiments.max_seqlen", why) from None
     ok_rows = [r for r in prober.rows if r["status"] == "ok"]
     summary = {
         **{
