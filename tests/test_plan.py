@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from experiments import plan
 from experiments.plan import estimate, max_seq_len, recommend_chunk_tokens
 from experiments.planner.estimate import DENSE_EFFICIENCY, _setup, estimate_row
-from experiments.planner.model import chunk_bytes
+from experiments.planner.model import chunk_bytes, memory
 from parallel.schedule import Residency, backward_schedule, check_schedule
 
 FIXTURE = Path(__file__).parent / "fixtures" / "plan_calibration" / "results.csv"
@@ -97,6 +97,22 @@ def test_the_head_weight_copy_exists_only_under_autocast():
     # FSDP's parameters are bf16 already (MixedPrecisionPolicy, no autocast): no copy.
     sharded = estimate("llama3.2-1b", "ulysses", 2, "cpu", 2 * s, precision="bf16-mixed", **{**kw, "fsdp": True})
     assert sharded.device["loss transient"] == logits
+
+
+def test_tied_embeddings_peak_at_the_end_of_the_backward():
+    # The shared weight's head gradient, embedding gradient and their sum are live at once (fp32
+    # masters): measured on fake tensors, `python -m experiments.bench.memory_report --model
+    # llama3.2-1b --n-layers 2 --strategy fpdt --seq-lens 1024 2048 --chunk-tokens 1024
+    # --precision bf16-mixed --fake-tensors`: 7.68 GiB at both lengths.
+    for seq_len in (1024, 2048):
+        e = estimate("llama3.2-1b", "fpdt", 1, "cpu", seq_len, chunks=seq_len // 1024, n_layers=2,
+                     precision="bf16-mixed", fsdp=False, max_device_memory=100.0)  # fmt: skip
+        assert e.peak_phase == "embedding backward" and sum(e.device.values()) == e.device_peak
+        assert e.device_peak / (1 << 30) == pytest.approx(7.68, abs=0.01)
+    # An untied model has no such moment.
+    switches = dict(activation_checkpointing=True, checkpoint_on_host=True, fsdp=False)
+    st, _ = _setup("llama3-8b", "fpdt", 1, "a100-80g", 1 << 12, 1, 1 << 12, switches)
+    assert set(memory(st).phases) == {"mlp backward", "attention backward", "loss"}
 
 
 def test_a_row_is_estimated_with_its_own_order_tiles_and_documents():
