@@ -6,6 +6,12 @@ storages that live in host memory by design (the FPDT offload store, host-kept a
 checkpoints) — those are reported as host memory instead. With ``cap_bytes`` it raises
 :class:`SimulatedOutOfMemory` the moment the live bytes exceed the cap, like a GPU would, so
 out-of-memory handling and the maximum-sequence-length search work on a laptop.
+
+Two ways memory changes without a new storage are followed too: a tensor subclass that wraps
+others (FSDP2's parameters, gradients and AdamW moments are ``DTensor`` s) is counted through the
+local tensors its own dispatch makes, never as itself, and a storage resized in place
+(``UntypedStorage.resize_``, how FSDP2 frees and re-allocates its unsharded parameters) counts
+its new size.
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+    is_traceable_wrapper_subclass_type,
+)
 from torch.utils._pytree import tree_flatten
 
 from parallel.tensors import real_tensors, storage_key
@@ -32,6 +42,70 @@ from .units import format_bytes
 
 class SimulatedOutOfMemory(RuntimeError):
     """The simulated device ran out of memory (its message mimics CUDA's)."""
+
+
+_entered: list[MemoryTracker] = []  # the trackers active now, innermost last
+_resize = torch.UntypedStorage.resize_
+
+
+_metadata_only = 0  # > 0 while DTensor computes an op's global output shape on fake tensors
+
+
+def _shapes_only(propagate):
+    """DTensor's sharding propagation runs each op once more on fake tensors of the *global* shape
+    to learn the output's metadata (``ShardingPropagator._propagate_tensor_meta_non_cached``):
+    no memory, on any device, so the trackers count nothing it makes."""
+
+    def wrapped(*args, **kwargs):
+        global _metadata_only
+        _metadata_only += 1
+        try:
+            return propagate(*args, **kwargs)
+        finally:
+            _metadata_only -= 1
+
+    return wrapped
+
+
+_PROPAGATE = "_propagate_tensor_meta_non_cached"
+_propagate = None  # ShardingPropagator's own, once looked up
+
+
+def _follow(on: bool) -> None:
+    """Patch in (``on``) or restore what the dispatch mode cannot see by itself."""
+    global _propagate
+    torch.UntypedStorage.resize_ = _resize_followed if on else _resize
+    module = sys.modules.get("torch.distributed.tensor._sharding_prop")
+    if module is None:  # no DTensor has been made yet; one made now would import it: do it first
+        try:
+            import torch.distributed.tensor._sharding_prop as module
+        except ImportError:  # a build without torch.distributed: no DTensors either
+            return
+    cls = module.ShardingPropagator
+    if _propagate is None:
+        _propagate = cls.__dict__.get(_PROPAGATE)
+    if _propagate is not None:
+        setattr(cls, _PROPAGATE, _shapes_only(_propagate) if on else _propagate)
+
+
+def _resize_followed(storage: torch.UntypedStorage, nbytes: int):
+    """``UntypedStorage.resize_`` while a tracker is active: resize, then tell the trackers.
+
+    Storage resizes do not pass through the dispatcher, so no dispatch mode sees them."""
+    out = _resize(storage, nbytes)
+    for tracker in list(_entered):
+        tracker._resized(storage)
+    return out
+
+
+def local_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s memory: ``t`` itself, or the inner tensors of a wrapper
+    subclass (a ``DTensor``'s local shard), recursively."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = (getattr(t, name) for name in names)  # a DTensor also names its device mesh
+    return [leaf for x in inner if isinstance(x, torch.Tensor) for leaf in local_tensors(x)]
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -65,10 +139,35 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = {"device": 0, "host": 0}
         self._live: dict[int, tuple[str, int]] = {}
         # Storages made before the mode (inputs, weights): views of them are not new memory.
-        self._ignored = {storage_key(t) for t in ignore}
+        self._ignored = {storage_key(local) for t in ignore for local in local_tensors(t)}
         self.exclude = exclude
 
+    def __enter__(self):
+        if not _entered:
+            _follow(True)
+        _entered.append(self)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._leave()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        _entered.remove(self)
+        if not _entered:
+            _follow(False)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(is_traceable_wrapper_subclass_type(t) for t in types):
+            # A wrapper subclass (DTensor): let its own dispatch run, with this mode active again,
+            # so the local tensors it makes come back here as plain ops and are counted there.
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -76,15 +175,20 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     def track(self, tensors) -> None:
-        """Count tensors that existed before the mode started (e.g. a model built earlier)."""
+        """Count tensors that existed before the mode started (e.g. a model built earlier; a
+        ``DTensor`` by its local shard)."""
         for t in tensors:
-            self._track(t)
+            for local in local_tensors(t):
+                self._track(local)
 
     def reset_peak(self) -> None:
+        """The peaks from now on: what is live now, until more is."""
         self.peak = dict(self.current)
+        for pool in self.peak:
+            self._new_peak(pool)
 
     def _track(self, t: torch.Tensor, func=None) -> None:
-        if t.device.type != "cpu":
+        if t.device.type != "cpu" or _metadata_only:
             return
         key = storage_key(t)
         if key is None:  # a wrapper subclass (FSDP's DTensors): its inner tensors are counted
@@ -95,11 +199,17 @@ class MemoryTracker(TorchDispatchMode):
             return
         if self.exclude is not None and self.exclude(st):
             return
-        pool = "host" if (not self.simulate_device or self.on_host()) else "device"
+        pool = self._pool()
         self._live[key] = (pool, nbytes)
         self._allocated(key, t, nbytes, func)
         # PyTorch keeps one Python object per live storage, so this fires when it is freed.
         weakref.finalize(st, self._free, key)
+        self._add(pool, nbytes)
+
+    def _pool(self) -> str:
+        return "host" if (not self.simulate_device or self.on_host()) else "device"
+
+    def _add(self, pool: str, nbytes: int) -> None:
         self.current[pool] += nbytes
         if self.current[pool] > self.peak[pool]:
             self.peak[pool] = self.current[pool]
@@ -115,8 +225,27 @@ class MemoryTracker(TorchDispatchMode):
         pool, nbytes = self._live.pop(key, ("device", 0))
         self.current[pool] -= nbytes
 
-    # Hooks for subclasses (RecordingMemoryTracker): a storage counted, a new peak of a pool.
-    def _allocated(self, key: int, t: torch.Tensor, nbytes: int, func) -> None:
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        """A storage was resized in place: a counted one counts its new size (0 after FSDP frees
+        it); one not counted yet that grew is new memory, counted like an allocation."""
+        if st.device.type not in ("cpu", "meta"):  # meta: a fake tensor's storage
+            return
+        key = storage_key(st)
+        nbytes = st.nbytes()
+        if key in self._live:
+            pool, before = self._live[key]
+            self._live[key] = (pool, nbytes)
+            self._add(pool, nbytes - before)
+        elif nbytes and key not in self._ignored and (self.exclude is None or not self.exclude(st)):
+            pool = self._pool()
+            self._live[key] = (pool, nbytes)
+            self._allocated(key, None, nbytes, "resize_")
+            weakref.finalize(st, self._free, key)
+            self._add(pool, nbytes)
+
+    # Hooks for subclasses (RecordingMemoryTracker): a storage counted (``t`` its first view, None
+    # for one counted when resized; ``func`` the op that made it), a new peak of a pool.
+    def _allocated(self, key: int, t: torch.Tensor | None, nbytes: int, func) -> None:
         pass
 
     def _new_peak(self, pool: str) -> None:
@@ -196,7 +325,7 @@ class RecordingMemoryTracker(MemoryTracker):
         super().__init__(*args, **kwargs)
         self._sites: dict[int, Allocation] = {}
         self._saved: set[int] = set()
-        self._peak: list[tuple[Allocation, bool]] = []
+        self._peak: list[tuple[Allocation, bool, int]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def __enter__(self):
@@ -214,7 +343,8 @@ class RecordingMemoryTracker(MemoryTracker):
 
     def _allocated(self, key, t, nbytes, func) -> None:
         op = getattr(func, "__name__", str(func)) if func is not None else "(tracked)"
-        self._sites[key] = Allocation(op, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes, _site())
+        shape, dtype = (tuple(t.shape), str(t.dtype).removeprefix("torch.")) if t is not None else ((nbytes,), "uint8")
+        self._sites[key] = Allocation(op, shape, dtype, nbytes, _site())
 
     def _free(self, key: int) -> None:
         super()._free(key)
@@ -224,12 +354,25 @@ class RecordingMemoryTracker(MemoryTracker):
     def _new_peak(self, pool: str) -> None:
         # Every new peak replaces the last: keep references only, build the records once, at the end.
         if pool == "device":
-            self._peak = [(self._sites[k], k in self._saved) for k, (p, _) in self._live.items() if p == "device"]
+            self._peak = [
+                (self._sites[k], k in self._saved, n) for k, (p, n) in self._live.items() if p == "device" and n
+            ]
 
     @property
     def at_peak(self) -> list[Allocation]:
-        """The device storages live at the device peak."""
-        return [dataclasses.replace(a, saved=saved) for a, saved in self._peak]
+        """The device storages live at the device peak (at their size then: FSDP resizes some)."""
+        return [dataclasses.replace(a, saved=saved, nbytes=n) for a, saved, n in self._peak]
+
+
+def start_peak(tracker: MemoryTracker | None, device: torch.device) -> None:
+    """Start the device (and tracked host) peak afresh from what is live now: called once the
+    model and optimizer are built, so a step's peak is not the build's (every rank first holds
+    the whole model in its parameter dtype, before FSDP shards it), on a CUDA device as in the
+    simulated one."""
+    if tracker is not None:
+        tracker.reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_rss_bytes() -> int:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from parallel.host_store import default_host_store
 
+from ..core.memory import start_peak
 from ..core.point import Point
 from ..core.units import GIB
 from . import checkpoint
@@ -82,6 +83,7 @@ def train_rank(point: Point, run_dir: Path) -> dict:
     tokens_per_step = point.batch_size * mesh.dp.size * point.seq_len
     log = _Log(Path(run_dir) / "train.csv", enabled=rank == 0)
     t_start, loss = time.perf_counter(), float("nan")
+    start_peak(None, device)  # train.csv's device peak is the steps', not the build's or the restore's
     try:
         for step in range(start, stop):
             tokens, labels, cu_seqlens = replica_batch(data, step, mesh.dp.size, mesh.replica)
