@@ -30,7 +30,7 @@ from parallel import destroy_distributed
 from parallel.host_store import allocating_on_host, default_host_store
 from parallel.tensors import has_values
 
-from ..core.memory import SHAPES_ONLY_DEVICE, MemoryTracker, ShapesOnly, is_out_of_memory, peak_rss_bytes
+from ..core.memory import SHAPES_ONLY_DEVICE, MemoryTracker, ShapesOnly, is_out_of_memory, peak_rss_bytes, start_peak
 from ..core.point import Point
 from ..core.tables import write_json
 from ..core.units import GIB
@@ -77,6 +77,7 @@ def measure_steps(point: Point, out_dir: Path) -> dict:
     with shapes, tracker:
         model = build_model(point, mesh, device, precision)
         optimizer = build_optimizer(model, point)
+        start_peak(tracker, device)  # the steps' peak, not the build's
         for step in range(point.warmup_steps + point.steps):
             tokens, labels, cu_seqlens = shapes.batch(replica_batch, data, step, mesh.dp.size, mesh.replica)
             _sync(device, world)
