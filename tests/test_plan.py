@@ -109,6 +109,14 @@ def test_tied_embeddings_peak_at_the_end_of_the_backward():
                      precision="bf16-mixed", fsdp=False, max_device_memory=100.0)  # fmt: skip
         assert e.peak_phase == "embedding backward" and sum(e.device.values()) == e.device_peak
         assert e.device_peak / (1 << 30) == pytest.approx(7.68, abs=0.01)
+    # Under FSDP the three are the unsharded root's compute-dtype gradients: `python -m experiments.run
+    # model=llama3.2-1b model.n_layers=1 parallel=ulysses parallel.fsdp=true gpus=2 precision=bf16-mixed
+    # fake_tensors=true max_device_memory=100 steps=1 warmup_steps=1 seq_len=2048` (and 4096, where the
+    # loss sets the peak): 4.1046 and 5.3927 GiB.
+    for seq_len, measured, phase in ((2048, 4.1046, "embedding backward"), (4096, 5.3927, "loss")):
+        e = estimate("llama3.2-1b", "ulysses", 2, "cpu", seq_len, n_layers=1, precision="bf16-mixed", fsdp=True,
+                     max_device_memory=100.0)  # fmt: skip
+        assert e.peak_phase == phase and e.device_peak / (1 << 30) == pytest.approx(measured, rel=0.02)
     # An untied model has no such moment.
     switches = dict(activation_checkpointing=True, checkpoint_on_host=True, fsdp=False)
     st, _ = _setup("llama3-8b", "fpdt", 1, "a100-80g", 1 << 12, 1, 1 << 12, switches)
