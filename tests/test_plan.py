@@ -116,7 +116,7 @@ def test_tied_embeddings_peak_at_the_end_of_the_backward():
     for seq_len, measured, phase in ((2048, 4.1046, "embedding backward"), (4096, 5.3927, "loss")):
         e = estimate("llama3.2-1b", "ulysses", 2, "cpu", seq_len, n_layers=1, precision="bf16-mixed", fsdp=True,
                      max_device_memory=100.0)  # fmt: skip
-        assert e.peak_phase == phase and e.device_peak / (1 << 30) == pytest.approx(measured, rel=0.02)
+        assert e.peak_phase == phase and e.device_peak / (1 << 30) == pytest.approx(measured, rel=0.01)
     # An untied model has no such moment.
     switches = dict(activation_checkpointing=True, checkpoint_on_host=True, fsdp=False)
     st, _ = _setup("llama3-8b", "fpdt", 1, "a100-80g", 1 << 12, 1, 1 << 12, switches)

@@ -329,7 +329,8 @@ def model_state_bytes(st: Setup) -> dict[str, int]:
     cfg, cb = st.cfg, st.dtype_bytes
     blk = cfg.layer_params()
     root = cfg.num_params() - cfg.n_layers * blk
-    device = {"params": (2 * blk + root) * cb, "grads": blk * max(cb, st.pb), "optimizer": 0}
+    gathered = min(2, cfg.n_layers)  # the block in use and the next one, of as many as there are
+    device = {"params": (gathered * blk + root) * cb, "grads": blk * max(cb, st.pb), "optimizer": 0}
     if st.offload_states:
         return device
     return {k: states[k] + device[k] for k in states}
@@ -411,7 +412,7 @@ def memory(st: Setup) -> Memory:
         # on 2 ranks, 2K tokens: 4.1046 GiB, as predicted.
         blk = cfg.layer_params()
         root = cfg.num_params() - L * blk
-        tied = 3 * V * h * b - (0 if st.offload_states else root * st.pb // st.ranks) - 2 * blk * b
+        tied = 3 * V * h * b - (0 if st.offload_states else root * st.pb // st.ranks) - min(2, L) * blk * b
     embed_phase = tied - layers_saved  # the layers' saved tensors are gone by then
 
     phases = {"mlp backward": mlp_phase, "attention backward": attn_phase, "loss": loss_phase}
