@@ -36,3 +36,15 @@ def nan_buffer():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     return make
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group (FSDP needs one), torn down afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -15,18 +15,6 @@ from experiments.core.memory import MemoryTracker, RecordingMemoryTracker
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo process group (FSDP needs one), torn down afterwards."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_resized_storage_counts_its_new_size():
     with MemoryTracker() as tracker:
         t = torch.empty(1024)  # 4 KiB

@@ -77,18 +77,6 @@ def test_precision_names_and_bytes_per_parameter():
         resolve_precision("fp16-mixed", cuda=True)
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo process group (FSDP needs one), torn down afterwards."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _full(t):
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 

@@ -52,7 +52,7 @@ from ..training.loop import model_config, uses_cuda
 from . import config as _schema  # noqa: F401  (registers the structured configs)
 from .points import check_point, resolve_point
 from .results import csv_has_key, find_point, point_key, rebuild_results_csv, record_point
-from .worker import is_knock_on, run_rank, spawn_entry, summarize
+from .worker import is_knock_on, run_rank, sigterm_ignored, spawn_entry, summarize
 
 FINAL_STATUSES = ("ok", "oom")
 # Point fields that are not part of the row (how to run it, not what was run).
@@ -534,9 +534,9 @@ def run_under_torchrun(cfg: DictConfig) -> None:
         if rank0:  # the row says what happened; torchrun's summary lists every rank's exit
             # A later SIGTERM would kill rank 0 half way through its row (torchrun follows it
             # with SIGKILL after its grace period anyway).
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            claim.acquire()
-            record(_torchrun_failure(exc, point, job_dir))
+            with sigterm_ignored():
+                claim.acquire()
+                record(_torchrun_failure(exc, point, job_dir))
         raise
     if rank0:
         claim.acquire()

@@ -145,7 +145,7 @@ def is_knock_on(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_ignored():
+def sigterm_ignored():
     """Ignore SIGTERM in this block (main thread only): a rank that has failed is on its way out,
     and torchrun's SIGTERM after another rank's failure must not cut off the file that says why."""
     old = signal.getsignal(signal.SIGTERM)
@@ -173,7 +173,7 @@ def run_rank(point: Point, out_dir: str, body: Callable[[dict, Path], dict] = me
         if dist.is_initialized():
             dist.barrier()
     except BaseException as exc:
-        with _sigterm_ignored():
+        with sigterm_ignored():
             status = "oom" if is_out_of_memory(exc) else "error"
             message = f"{type(exc).__name__}: {exc}".strip()
             write_json(out / f"rank{rank}_error.json", {"status": status, "error": message[:2000],
