@@ -418,72 +418,156 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return naive.merge_attention(out_a, lse_a, out_b, lse_b)
 
 
-class _FlashAttention(torch.autograd.Function):
-    """Forward and backward of ``flash_attention``: gradients come back in the input dtype.
+def _whole_path(q, k, causal: bool, backend: str) -> str:
+    """Which implementation runs ``flash_attention`` on these shapes: ``empty`` (no (query, key)
+    pair), ``torch_whole`` (one call of PyTorch's CPU flash kernel covers the block), or the backend."""
+    if _empty(q, k):
+        return "empty"
+    if backend == "torch" and torch_cpu.covers_whole_block(q.shape[1], k.shape[1], k.shape[1] - q.shape[1], causal):
+        return "torch_whole"
+    return backend
 
-    Triton: the kernels write the output and the gradients in the input dtype (fp32 only inside
-    the kernels, except GQA dK/dV, see ``triton_bwd``). torch: when one call of PyTorch's CPU
-    flash kernel covers the whole block, it runs alone, holding what SDPA would; otherwise (causal
-    with ``Sq != Sk``) the chunk path with fp32 accumulators. naive: the chunk path.
+
+def _whole_forward(q, k, v, causal: bool, scale: float, backend: str):
+    """``flash_attention``'s forward: ``(out, lse, (q, k, v) as the backward takes them)``.
+
+    Triton: the kernels write the output in the input dtype (fp32 only inside the kernels); q, k,
+    v come back zero-padded where the head dim is off 16 bytes. torch: when one call of PyTorch's
+    CPU flash kernel covers the whole block, it runs alone, holding what SDPA would; otherwise
+    (causal with ``Sq != Sk``) the chunk path with fp32 accumulators. naive: the chunk path.
     """
+    B, Sq, H, D = q.shape
+    # Bottom-right causal alignment (flash-attn): query m sees keys n <= m + Sk - Sq.
+    q_start = k.shape[1] - Sq
+    path = _whole_path(q, k, causal, backend)
+    if backend == "cudnn":
+        cudnn.check_inputs(q)
+    if path == "empty":  # no rows, or rows that see no key: out 0 (lse -inf), zero gradients
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((B, H, Sq), float("-inf"), dtype=accumulator_dtype(q.dtype), device=q.device)
+    elif path == "triton":
+        from . import triton_fwd
+
+        q, k, v = triton_fwd.pad_inputs(q, k, v)  # copies only for head dims off 16 bytes
+        out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        triton_fwd.chunk_forward(q, k, v, q_start, 0, causal, scale, out, lse, False)
+    elif path == "cudnn":
+        out, lse = cudnn.flash_forward(q, k, v, causal, scale)
+    elif path == "torch_whole":
+        out, lse = torch_cpu.flash_forward(q, k, v, causal, scale)
+    else:
+        acc = accumulator_dtype(q.dtype)
+        out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
+        lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
+        _run_forward(backend, q, k, v, q_start, 0, causal, scale, out, lse, False)
+        out = out.to(q.dtype)
+    return out, lse, (q, k, v)
+
+
+def _whole_backward(do, q, k, v, out, lse, causal: bool, scale: float, backend: str, deterministic: bool):
+    """``flash_attention``'s backward: ``(dq, dk, dv)`` in the input dtype; ``q, k, v`` as
+    ``_whole_forward`` returned them."""
+    path = _whole_path(q, k, causal, backend)
+    q_start = k.shape[1] - q.shape[1]
+    do = _last_dim_contiguous(do)
+    if path == "empty":
+        return tuple(torch.zeros_like(t) for t in (q, k, v))
+    if path == "triton":
+        from . import triton_bwd
+
+        return triton_bwd.flash_backward(do, q, k, v, out, lse, q_start, causal, scale, deterministic=deterministic)
+    if path == "cudnn":
+        return cudnn.flash_backward(do, q, k, v, out, lse, causal, scale)
+    if path == "torch_whole":
+        return torch_cpu.flash_backward(do, q, k, v, out, lse, causal, scale)
+    acc = accumulator_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+    _run_backward(backend, do, q, k, v, out, lse, None, q_start, 0, causal, scale, dq, dk, dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """``flash_attention`` in eager mode: gradients come back in the input dtype, and the forward's
+    padded copies (Triton, odd head dims) are saved for the backward instead of made again."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, backend, deterministic):
-        B, Sq, H, D = q.shape
-        # Bottom-right causal alignment (flash-attn): query m sees keys n <= m + Sk - Sq.
-        q_start = k.shape[1] - Sq
-        ctx.path = backend
-        if backend == "cudnn":
-            cudnn.check_inputs(q)
-        if _empty(q, k):  # no rows, or rows that see no key: out 0 (lse -inf), zero gradients
-            ctx.path = "empty"
-            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.full((B, H, Sq), float("-inf"), dtype=accumulator_dtype(q.dtype), device=q.device)
-        elif backend == "triton":
-            from . import triton_fwd
-
-            q, k, v = triton_fwd.pad_inputs(q, k, v)  # copies only for head dims off 16 bytes
-            out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
-            lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-            triton_fwd.chunk_forward(q, k, v, q_start, 0, causal, scale, out, lse, False)
-        elif backend == "cudnn":
-            out, lse = cudnn.flash_forward(q, k, v, causal, scale)
-        elif backend == "torch" and torch_cpu.covers_whole_block(Sq, k.shape[1], q_start, causal):
-            ctx.path = "torch_whole"
-            out, lse = torch_cpu.flash_forward(q, k, v, causal, scale)
-        else:
-            acc = accumulator_dtype(q.dtype)
-            out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
-            lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
-            _run_forward(backend, q, k, v, q_start, 0, causal, scale, out, lse, False)
-            out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.backend, ctx.q_start = causal, scale, backend, q_start
-        ctx.deterministic = deterministic
+        out, lse, saved = _whole_forward(q, k, v, causal, scale, backend)
+        ctx.save_for_backward(*saved, out, lse)
+        ctx.causal, ctx.scale, ctx.backend, ctx.deterministic = causal, scale, backend, deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        do = _last_dim_contiguous(do)
-        if ctx.path == "empty":
-            dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
-        elif ctx.path == "triton":
-            from . import triton_bwd
+        grads = _whole_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic)
+        return (*grads, None, None, None, None)
 
-            dq, dk, dv = triton_bwd.flash_backward(
-                do, q, k, v, out, lse, ctx.q_start, ctx.causal, ctx.scale, deterministic=ctx.deterministic
-            )
-        elif ctx.path == "cudnn":
-            dq, dk, dv = cudnn.flash_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale)
-        elif ctx.path == "torch_whole":
-            dq, dk, dv = torch_cpu.flash_backward(do, q, k, v, out, lse, ctx.causal, ctx.scale)
-        else:
-            acc = accumulator_dtype(q.dtype)
-            dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-            _run_backward(ctx.backend, do, q, k, v, out, lse, None, ctx.q_start, 0, ctx.causal, ctx.scale, dq, dk, dv)
-            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-        return dq, dk, dv, None, None, None, None
+
+# Under torch.compile the same forward and backward run as two opaque custom ops: Dynamo cannot
+# trace the Triton launches' host code (autotuning, document spans), and an op keeps the whole
+# call one node of the graph (no graph break, fullgraph=True works). Their outputs are
+# contiguous, as the fake (shape-only) versions below say; eager calls keep _FlashAttention, so
+# eager steps (and the fake-tensor memory counts, which see every tensor the kernels allocate)
+# are unchanged.
+@torch.library.custom_op("fpdt_kernels::flash_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    del deterministic  # the backward's choice, kept with the forward's inputs for it
+    out, lse, _ = _whole_forward(q, k, v, causal, scale, backend)
+    return out.contiguous(), lse.contiguous()
+
+
+@_forward_op.register_fake
+def _(q, k, v, causal, scale, backend, deterministic):
+    B, Sq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (B, H, Sq), dtype=accumulator_dtype(q.dtype)
+    )
+
+
+@torch.library.custom_op("fpdt_kernels::flash_attention_backward", mutates_args=())
+def _backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _whole_path(q, k, causal, backend) == "triton":  # the forward's padding, made again
+        from . import triton_fwd
+
+        q, k, v = triton_fwd.pad_inputs(q, k, v)
+    grads = _whole_backward(do, q, k, v, out, lse, causal, scale, backend, deterministic)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, out, lse, causal, scale, backend, deterministic):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.backend, ctx.deterministic = causal, scale, backend, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_of_op(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grads = _backward_op(do, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic)
+    return (*grads, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
 
 
 def flash_attention(
@@ -519,4 +603,7 @@ def flash_attention(
     """
     backend, causal, scale = _check_inputs(q, k, v, causal, softmax_scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, causal, scale, backend, resolve_deterministic(deterministic))
+    deterministic = resolve_deterministic(deterministic)
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, causal, scale, backend, deterministic)[0]
+    return _FlashAttention.apply(q, k, v, causal, scale, backend, deterministic)
