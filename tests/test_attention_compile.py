@@ -21,9 +21,10 @@ CASES = {
     "empty-keys": (1, 5, 0, 2, 2, 16, False),  # no (query, key) pair: out 0, zero gradients
 }
 BACKENDS = ["triton", "torch", "naive"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(case, dtype=torch.float32, device="cpu"):
+def _inputs(case, dtype=torch.float32, device=DEVICE):
     B, Sq, Sk, H, Hkv, d, causal = CASES[case]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Sq, H, d, generator=g, dtype=dtype).to(device)
@@ -51,10 +52,14 @@ def test_compiled_equals_eager(backend, case):
     with fpdt_kernels.use_backend(backend):
         eager = _fwd_bwd(fpdt_kernels.flash_attention, q, k, v, do, causal)
         compiled = _fwd_bwd(_compiled(), q, k, v, do, causal)
+    H, Hkv = CASES[case][3:5]
+    # GPU kernels sum GQA dK/dV over a group's query heads with atomics, in any order.
+    atomics = DEVICE == "cuda" and backend == "triton" and H > Hkv
     for name, e, c in zip(("out", "dq", "dk", "dv"), eager, compiled, strict=True):
         assert c.shape == e.shape and c.dtype == e.dtype, name
-        # The same kernels on the same inputs: equal to the bit.
-        torch.testing.assert_close(c, e, rtol=0, atol=0, msg=f"{name} differs from the eager call")
+        # The same kernels on the same inputs: equal to the bit (but for the order of atomic adds).
+        tol = 1e-5 if atomics and name in ("dk", "dv") else 0
+        torch.testing.assert_close(c, e, rtol=tol, atol=tol, msg=f"{name} differs from the eager call")
 
 
 def test_compiled_graph_is_one_node_of_ours():
@@ -93,7 +98,7 @@ def test_dynamic_lengths_compile_once():
     )
     g = torch.Generator().manual_seed(0)
     for S in (17, 33, 50):
-        q, k, v = (torch.randn(1, S, 2, 16, generator=g) for _ in range(3))
+        q, k, v = (torch.randn(1, S, 2, 16, generator=g).to(DEVICE) for _ in range(3))
         torch.testing.assert_close(
             compiled(q, k, v), fpdt_kernels.flash_attention(q, k, v, causal=True), rtol=0, atol=0
         )
@@ -116,7 +121,7 @@ def test_compiled_in_a_model_trains_like_eager():
             return self.proj(fpdt_kernels.flash_attention(q, k, v, causal=True).reshape(B, S, 32))
 
     torch.manual_seed(0)
-    block, x = Block(), torch.randn(2, 11, 32)
+    block, x = Block().to(DEVICE), torch.randn(2, 11, 32, device=DEVICE)
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     results = []

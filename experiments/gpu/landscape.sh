@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kernel landscape in one GPU window (at most ~7 minutes, one GPU):
 #   1. smoke (as every prepared script);
-#   2. the GPU kernel and pipeline tests (the TMA tiles' too), each failure named as it happens (-v, -rf, junit XML),
+#   2. the GPU kernel and pipeline tests (the TMA tiles' and Inductor's around our op too), each failure named as it happens (-v, -rf, junit XML),
 #      while four processes compile every autotune config of the benchmark's kernels into Triton's
 #      on-disk cache (so the timed steps below only run them);
 #   3. alone on the GPU: ours (the split backward, the default, and the fused one:
@@ -26,7 +26,7 @@ smoke_or_exit
 # What to run (defaults: the whole landscape). LANDSCAPE_TESTS: pytest arguments (node ids or
 # -k); LANDSCAPE_KERNELS: the kernels whose autotune configs are timed; LANDSCAPE_FPDT=0 skips
 # the FPDT block.
-TESTS=${LANDSCAPE_TESTS:-tests/test_attention.py tests/test_attention_tma.py tests/test_kernels_varlen.py tests/test_gpu_pipeline.py -k "bf16 or fp32 or varlen or fpdt or gqa or chunked or docs or tma"}
+TESTS=${LANDSCAPE_TESTS:-tests/test_attention.py tests/test_attention_tma.py tests/test_attention_compile.py tests/test_kernels_varlen.py tests/test_gpu_pipeline.py -k "bf16 or fp32 or varlen or fpdt or gqa or chunked or docs or tma or inductor"}
 KERNELS=${LANDSCAPE_KERNELS:-fwd,dkdv,dq,fused}
 
 mkdir -p "$OUT/warm"
