@@ -1,5 +1,7 @@
-"""``flash_attention`` under ``torch.compile``: one opaque op in the graph (``fullgraph=True``
-works), with the same output and gradients as the eager call, on every backend and path.
+"""The public attention ops under ``torch.compile``: ``flash_attention`` and
+``flash_attention_varlen`` are each one opaque op in the graph, the chunk ops two ops that write
+into their buffers; ``fullgraph=True`` works, and compiled calls compute what eager ones do, to
+the bit, on every backend and path.
 
 Without CUDA the ``triton`` backend runs in the Triton interpreter; the ops run the same Python
 either way, so what is checked here is the graph capture, the ops' registrations (schema, fake
@@ -11,7 +13,8 @@ import pytest
 import torch
 
 import fpdt_kernels
-from fpdt_kernels.attention.api import _backward_op, _forward_op
+from fpdt_kernels.attention import varlen
+from fpdt_kernels.attention.api import _backward_op, _chunk_backward_op, _chunk_forward_op, _forward_op
 
 # (B, Sq, Sk, H, Hkv, d, causal): each reaches a different path of the forward and backward.
 CASES = {
@@ -155,6 +158,126 @@ def test_ops_pass_opcheck(backend, case, dtype):
     torch.library.opcheck(_forward_op, (q, k, v, causal, scale, backend, True))
     out, lse = _forward_op(q.detach(), k, v, causal, scale, backend, True)
     torch.library.opcheck(_backward_op, (do, q.detach(), k, v, out, lse, causal, scale, backend, True))
+
+
+# (query lengths, key lengths, H, Hkv, d, causal): odd lengths, empty documents on either side
+# (rows that see no key), Sq != Sk per document, GQA, an odd head dim.
+VARLEN_CASES = {
+    "gqa-causal": ([7, 1, 19], [7, 1, 19], 4, 2, 16, True),
+    "mqa-empty-docs-odd-d": ([5, 0, 9, 3], [0, 6, 4, 11], 2, 1, 24, False),
+}
+
+
+def _varlen_inputs(case, dtype=torch.float32):
+    lq, lk, H, Hkv, d, causal = VARLEN_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (lq, lk))
+    q, do = (torch.randn(sum(lq), H, d, generator=g, dtype=dtype).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(sum(lk), Hkv, d, generator=g, dtype=dtype).to(DEVICE) for _ in range(2))
+    return q, k, v, do, (cu_q, cu_k, max(lq), max(lk)), causal
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen_compiled_equals_eager(backend, case):
+    q, k, v, do, docs, causal = _varlen_inputs(case)
+
+    def fn(q, k, v):
+        return fpdt_kernels.flash_attention_varlen(q, k, v, *docs, causal=causal)
+
+    with fpdt_kernels.use_backend(backend):
+        results = []
+        for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+            q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+            out = f(q_, k_, v_)
+            results.append((out, *torch.autograd.grad(out, (q_, k_, v_), do)))
+    torch._dynamo.reset()
+    H, Hkv = VARLEN_CASES[case][2:4]
+    atomics = DEVICE == "cuda" and backend == "triton" and H > Hkv
+    for name, e, c in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        tol = 1e-5 if atomics and name in ("dk", "dv") else 0
+        torch.testing.assert_close(c, e, rtol=tol, atol=tol, msg=f"{name} differs from the eager call")
+
+
+def test_varlen_bad_offsets_raise_when_compiled():
+    """The offsets are checked inside the op, so a compiled call still names what is wrong."""
+    q, k, v, _, (cu_q, cu_k, max_q, max_k), causal = _varlen_inputs("gqa-causal")
+    torch._dynamo.reset()
+    compiled = torch.compile(fpdt_kernels.flash_attention_varlen, backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="max_seqlen_q=3 is shorter than the longest document"):
+        compiled(q, k, v, cu_q, cu_k, 3, max_k, causal=causal)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_ops_pass_opcheck(backend):
+    q, k, v, do, (cu_q, cu_k, max_q, max_k), causal = _varlen_inputs("mqa-empty-docs-odd-d")
+    scale = q.shape[-1] ** -0.5
+    args = (cu_q, cu_k, max_q, max_k, causal, scale, backend, True)
+    torch.library.opcheck(varlen._forward_op, (q.requires_grad_(), k, v, *args))
+    out, lse = varlen._forward_op(q.detach(), k, v, *args)
+    torch.library.opcheck(
+        varlen._backward_op, (do, q.detach(), k, v, out, lse, cu_q, cu_k, causal, scale, backend, True)
+    )
+
+
+def _chunked_attention(q, k, v, do, u, cu_seqlens):
+    """FPDT's inner loop with the chunk ops: ``u`` causal chunks, each query chunk merged over the
+    key chunks it sees, then the backward of every (query, key) chunk pair into fp32 gradients."""
+    C = q.shape[1] // u
+    chunk = [lambda t, i=i: t[:, i * C : (i + 1) * C] for i in range(u)]
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+    outs, lses = [], []
+    for i in range(u):
+        out = lse = None
+        for j in range(i + 1):
+            out, lse = fpdt_kernels.attention_chunk_forward(
+                chunk[i](q), chunk[j](k), chunk[j](v), q_start=i * C, k_start=j * C, causal=True,
+                out=out, lse=lse, cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    for i in range(u):
+        for j in range(i + 1):
+            fpdt_kernels.attention_chunk_backward(
+                chunk[i](do), chunk[i](q), chunk[j](k), chunk[j](v), outs[i], lses[i], q_start=i * C, k_start=j * C,
+                causal=True, dq=chunk[i](dq), dk=chunk[j](dk), dv=chunk[j](dv), cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+    return torch.cat(outs, 1), torch.cat(lses, 2), dq, dk, dv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("documents", [False, True], ids=["whole", "packed"])
+def test_chunk_ops_compiled_equal_eager(backend, documents):
+    """The chunk ops in FPDT's loop (GQA, odd head dim, 3 chunks, accumulating buffers, gradient
+    buffers that are views): compiled with ``fullgraph=True``, the same outputs, LSEs and
+    gradients as eager, to the bit."""
+    g = torch.Generator().manual_seed(0)
+    B, S, H, Hkv, d, u = 2, 21, 4, 2, 24, 3
+    q, do = (torch.randn(B, S, H, d, generator=g).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(B, S, Hkv, d, generator=g).to(DEVICE) for _ in range(2))
+    # Two documents per row (flattened [B * S] offsets), one boundary inside a chunk.
+    cu = torch.tensor([0, 10, S, S + 4, 2 * S], dtype=torch.int32) if documents else None
+    with fpdt_kernels.use_backend(backend):
+        eager = _chunked_attention(q, k, v, do, u, cu)
+        torch._dynamo.reset()
+        compiled = torch.compile(_chunked_attention, backend="aot_eager", fullgraph=True)(q, k, v, do, u, cu)
+    atomics = DEVICE == "cuda" and backend == "triton"  # GQA dK/dV: atomic adds in any order
+    for name, e, c in zip(("out", "lse", "dq", "dk", "dv"), eager, compiled, strict=True):
+        tol = 1e-5 if atomics and name in ("dk", "dv") else 0
+        torch.testing.assert_close(c, e, rtol=tol, atol=tol, msg=f"{name} differs from the eager call")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_ops_pass_opcheck(backend):
+    g = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(1, 9, 2, 24, generator=g).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(1, 13, 1, 24, generator=g).to(DEVICE) for _ in range(2))
+    out, lse = torch.zeros(1, 9, 2, 24, device=DEVICE), torch.full((1, 2, 9), float("-inf"), device=DEVICE)
+    cu = torch.tensor([0, 5, 22], dtype=torch.int32)
+    common = (4, 0, True, 0.2)
+    torch.library.opcheck(_chunk_forward_op, (q, k, v, out, lse, *common, True, cu, backend))
+    dq, dk, dv = (torch.zeros(t.shape, device=DEVICE) for t in (q, k, v))
+    torch.library.opcheck(_chunk_backward_op, (do, q, k, v, out, lse, None, dq, dk, dv, *common, cu, backend, True))
 
 
 @pytest.mark.gpu

@@ -310,12 +310,39 @@ def attention_chunk_forward(
         acc = accumulator_dtype(q.dtype)
         out = torch.empty(B, Sq, H, D, dtype=acc, device=q.device)
         lse = torch.empty(B, H, Sq, dtype=acc, device=q.device)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    run = _chunk_forward_op if torch.compiler.is_compiling() else _chunk_forward
+    run(q, k, v, out, lse, q_start, k_start, causal, scale, accumulate, cu_seqlens, backend)
+    return out, lse
+
+
+def _chunk_forward(q, k, v, out, lse, q_start, k_start, causal, scale, accumulate, cu_seqlens, backend) -> None:
+    """``attention_chunk_forward`` after its checks: the documents' offsets, then the backend."""
     offsets = None
     if cu_seqlens is not None:
-        offsets = documents.check_chunk(cu_seqlens, B, q_start, Sq, k_start, k.shape[1], q.device)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        offsets = documents.check_chunk(cu_seqlens, q.shape[0], q_start, q.shape[1], k_start, k.shape[1], q.device)
     _run_forward(backend, q, k, v, q_start, k_start, causal, scale, out, lse, accumulate, cu_seqlens, offsets)
-    return out, lse
+
+
+# Under torch.compile the chunk ops run as two custom ops that write into their buffers (Dynamo
+# cannot trace the Triton launches' host code; flash_attention's ops below say more). The
+# document offsets are read and checked inside them, where Dynamo does not trace.
+@torch.library.custom_op("fpdt_kernels::attention_chunk_forward_", mutates_args=("out", "lse"))
+def _chunk_forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    scale: float,
+    accumulate: bool,
+    cu_seqlens: torch.Tensor | None,
+    backend: str,
+) -> None:
+    _chunk_forward(q, k, v, out, lse, q_start, k_start, causal, scale, accumulate, cu_seqlens, backend)
 
 
 @torch.no_grad()
@@ -368,15 +395,49 @@ def attention_chunk_backward(
             _check_buffer(name, g, ref.shape, q.device)
         grads.append(g)
     dq, dk, dv = grads
+    q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
+    deterministic = resolve_deterministic(deterministic)
+    run = _chunk_backward_op if torch.compiler.is_compiling() else _chunk_backward
+    run(do, q, k, v, out, lse, delta, dq, dk, dv, q_start, k_start, causal, scale, cu_seqlens, backend, deterministic)
+    return dq, dk, dv
+
+
+def _chunk_backward(
+    do, q, k, v, out, lse, delta, dq, dk, dv, q_start, k_start, causal, scale, cu_seqlens, backend, deterministic
+) -> None:
+    """``attention_chunk_backward`` after its checks: the documents' offsets, then the backend."""
     offsets = None
     if cu_seqlens is not None:
-        offsets = documents.check_chunk(cu_seqlens, B, q_start, Sq, k_start, k.shape[1], q.device)
-    q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
+        offsets = documents.check_chunk(cu_seqlens, q.shape[0], q_start, q.shape[1], k_start, k.shape[1], q.device)
     _run_backward(
         backend, do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, dq, dk, dv, cu_seqlens, offsets,
-        resolve_deterministic(deterministic),
+        deterministic,
     )  # fmt: skip
-    return dq, dk, dv
+
+
+@torch.library.custom_op("fpdt_kernels::attention_chunk_backward_", mutates_args=("dq", "dk", "dv"))
+def _chunk_backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor | None,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    q_start: int,
+    k_start: int,
+    causal: bool,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+    backend: str,
+    deterministic: bool,
+) -> None:
+    _chunk_backward(
+        do, q, k, v, out, lse, delta, dq, dk, dv, q_start, k_start, causal, scale, cu_seqlens, backend, deterministic
+    )
 
 
 def _check_partials(out_a, lse_a, out_b, lse_b) -> None:

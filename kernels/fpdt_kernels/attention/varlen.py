@@ -15,52 +15,145 @@ from .api import _check_qkv, _last_dim_contiguous, resolve_deterministic
 from .common import accumulator_dtype, default_scale
 
 
+def _varlen_forward(q, k, v, cu_q, cu_k, pieces, causal: bool, scale: float, backend: str):
+    """``flash_attention_varlen``'s forward (triton or torch): ``(out [total_q, H, d], lse [1, H,
+    total_q], (q, k, v) as the backward takes them: one batch row, padded for Triton))``.
+    ``pieces``: the documents' pieces (``documents.varlen_pieces``) for torch, else None."""
+    (Tq, H, D), Tk = q.shape, k.shape[0]
+    if backend == "triton":
+        from . import triton_fwd
+
+        rows = documents.varlen_spans(cu_q, cu_k, Tq, Tk, causal, q.device)
+        q, k, v = triton_fwd.pad_inputs(q[None], k[None], v[None])
+        out = torch.empty(1, Tq, H, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(1, H, Tq, dtype=torch.float32, device=q.device)
+        triton_fwd.chunk_forward(q, k, v, 0, 0, causal, scale, out, lse, False, rows)
+        return out[0], lse, (q, k, v)
+    acc = accumulator_dtype(q.dtype)
+    q, k, v = q[None], k[None], v[None]
+    out = torch.zeros(1, Tq, H, D, dtype=acc, device=q.device)
+    lse = torch.full((1, H, Tq), float("-inf"), dtype=acc, device=q.device)
+    torch_cpu.pieces_forward(q, k, v, pieces, causal, scale, out, lse)
+    return out.to(q.dtype)[0], lse, (q, k, v)
+
+
+def _varlen_backward(do, q, k, v, out, lse, cu_q, cu_k, pieces, causal, scale, backend, deterministic):
+    """``flash_attention_varlen``'s backward: ``(dq, dk, dv)`` as ``[total, heads, d]`` in the
+    input dtype; ``q, k, v, out`` as one batch row (``_varlen_forward``'s)."""
+    do = _last_dim_contiguous(do)[None]
+    if backend == "triton":
+        from . import triton_bwd
+
+        rows = documents.varlen_spans(cu_q, cu_k, q.shape[1], k.shape[1], causal, q.device)
+        spans = (rows, documents.key_spans(rows, k.shape[1]))
+        dq, dk, dv = triton_bwd.flash_backward(
+            do, q, k, v, out, lse, 0, causal, scale, spans, deterministic=deterministic
+        )
+    else:
+        acc = accumulator_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        torch_cpu.pieces_backward(do, q, k, v, out, lse, pieces, causal, scale, dq, dk, dv)
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq[0], dk[0], dv[0]
+
+
 class _FlashAttentionVarlen(torch.autograd.Function):
-    """Forward and backward of ``flash_attention_varlen`` (triton or torch): gradients in the
-    input dtype. Tensors are handled as one batch row: ``[total, H, d] -> [1, total, H, d]``."""
+    """``flash_attention_varlen`` in eager mode (triton or torch): gradients in the input dtype.
+    Tensors are handled as one batch row: ``[total, H, d] -> [1, total, H, d]``."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, pieces, causal, scale, backend, deterministic):
-        (Tq, H, D), Tk = q.shape, k.shape[0]
+        out, lse, saved = _varlen_forward(q, k, v, cu_q, cu_k, pieces, causal, scale, backend)
+        ctx.save_for_backward(*saved, out[None], lse, cu_q, cu_k)
         ctx.causal, ctx.scale, ctx.backend, ctx.pieces = causal, scale, backend, pieces
         ctx.deterministic = deterministic
-        if backend == "triton":
-            from . import triton_fwd
-
-            rows = documents.varlen_spans(cu_q, cu_k, Tq, Tk, causal, q.device)
-            q, k, v = triton_fwd.pad_inputs(q[None], k[None], v[None])
-            out = torch.empty(1, Tq, H, D, dtype=q.dtype, device=q.device)
-            lse = torch.empty(1, H, Tq, dtype=torch.float32, device=q.device)
-            triton_fwd.chunk_forward(q, k, v, 0, 0, causal, scale, out, lse, False, rows)
-            ctx.save_for_backward(q, k, v, out, lse, rows)
-            return out[0]
-        acc = accumulator_dtype(q.dtype)
-        q, k, v = q[None], k[None], v[None]
-        out = torch.zeros(1, Tq, H, D, dtype=acc, device=q.device)
-        lse = torch.full((1, H, Tq), float("-inf"), dtype=acc, device=q.device)
-        torch_cpu.pieces_forward(q, k, v, pieces, causal, scale, out, lse)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out[0]
+        return out
 
     @staticmethod
     def backward(ctx, do):
-        do = _last_dim_contiguous(do)[None]
-        if ctx.backend == "triton":
-            from . import triton_bwd
+        grads = _varlen_backward(
+            do, *ctx.saved_tensors, ctx.pieces, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic
+        )
+        return (*grads, None, None, None, None, None, None, None)
 
-            q, k, v, out, lse, rows = ctx.saved_tensors
-            spans = (rows, documents.key_spans(rows, k.shape[1]))
-            dq, dk, dv = triton_bwd.flash_backward(
-                do, q, k, v, out, lse, 0, ctx.causal, ctx.scale, spans, deterministic=ctx.deterministic
-            )
-        else:
-            q, k, v, out, lse = ctx.saved_tensors
-            acc = accumulator_dtype(q.dtype)
-            dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-            torch_cpu.pieces_backward(do, q, k, v, out, lse, ctx.pieces, ctx.causal, ctx.scale, dq, dk, dv)
-            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-        return dq[0], dk[0], dv[0], None, None, None, None, None, None, None
+
+# Under torch.compile: two opaque custom ops, as for flash_attention (api.py says why). The
+# offsets are read and checked inside the forward op, where Dynamo does not trace.
+@torch.library.custom_op("fpdt_kernels::flash_attention_varlen_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    causal: bool,
+    scale: float,
+    backend: str,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    del deterministic  # the backward's choice, kept with the forward's inputs for it
+    offsets_q, offsets_k = documents.check_varlen(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, q.device)
+    pieces = documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
+    out, lse, _ = _varlen_forward(q, k, v, cu_q, cu_k, pieces, causal, scale, backend)
+    return out.contiguous(), lse.contiguous()
+
+
+@_forward_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic):
+    Tq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (1, H, Tq), dtype=accumulator_dtype(q.dtype)
+    )
+
+
+@torch.library.custom_op("fpdt_kernels::flash_attention_varlen_backward", mutates_args=())
+def _backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, out = q[None], k[None], v[None], out[None]
+    pieces = None
+    if backend == "triton":  # the forward's padding, made again
+        from . import triton_fwd
+
+        q, k, v = triton_fwd.pad_inputs(q, k, v)
+    else:
+        pieces = documents.varlen_pieces(cu_q.tolist(), cu_k.tolist())
+    grads = _varlen_backward(do, q, k, v, out, lse, cu_q, cu_k, pieces, causal, scale, backend, deterministic)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, out, lse, cu_q, cu_k, causal, scale, backend, deterministic):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, _, _, causal, scale, backend, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.causal, ctx.scale, ctx.backend, ctx.deterministic = causal, scale, backend, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_of_op(ctx, do, _dlse):
+    grads = _backward_op(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic)
+    return (*grads, *[None] * 8)
+
+
+_forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
 
 
 def flash_attention_varlen(
@@ -110,16 +203,21 @@ def flash_attention_varlen(
     if backend == "cudnn":
         raise ValueError("the cudnn backend does not take packed documents; use the triton backend (or torch on CPU)")
     _check_qkv(q[None], k[None], v[None], backend)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    scale = default_scale(q.shape[-1], softmax_scale)
+    deterministic = resolve_deterministic(deterministic)
+    if torch.compiler.is_compiling() and backend != "naive":  # naive's per-document loop is traced
+        return _forward_op(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, backend, deterministic
+        )[0]
     offsets_q, offsets_k = documents.check_varlen(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
     )
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    scale = default_scale(q.shape[-1], softmax_scale)
     if backend == "naive":
         return naive.flash_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
         )
     pieces = documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
     return _FlashAttentionVarlen.apply(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend, resolve_deterministic(deterministic)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend, deterministic
     )
