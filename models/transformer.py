@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -168,8 +167,18 @@ class Block(nn.Module):
         # and saves only the layer input, which saved_tensors_on_host then moves to host memory.
         # Parameter gradients are accumulated into ``.grad`` by the recompute's own backward, so
         # use ``loss.backward()`` rather than ``torch.autograd.grad``.
-        with saved_tensors_on_host() if self.cfg.checkpoint_on_host else nullcontext():
-            return _CheckpointedLayer.apply(functools.partial(self._layer, mlp_tile=mlp_tile, cu_seqlens=cu_seqlens), x)
+        run = functools.partial(self._layer, mlp_tile=mlp_tile, cu_seqlens=cu_seqlens)
+        if self.cfg.checkpoint_on_host:
+            return _checkpoint_on_host(run, x)
+        return _CheckpointedLayer.apply(run, x)
+
+
+# torch.compile runs this layer as it is (a graph break around it): Dynamo cannot capture the
+# saved-tensor hooks that move the checkpoint to host memory.
+@torch.compiler.disable
+def _checkpoint_on_host(run, x: torch.Tensor) -> torch.Tensor:
+    with saved_tensors_on_host():
+        return _CheckpointedLayer.apply(run, x)
 
 
 # Backward nodes that never read their forward's output (what a layer may end in).

@@ -28,7 +28,11 @@ def storage_key(t: torch.Tensor | torch.UntypedStorage) -> int | None:
 
 
 def has_values(t: torch.Tensor) -> bool:
-    """False for tensors that carry only shapes (fake or meta): checks that read values skip them."""
+    """False for tensors that carry only shapes (fake or meta), and for every tensor while
+    ``torch.compile`` traces (reading a value there would break the graph): checks that read
+    values skip them."""
+    if torch.compiler.is_compiling():
+        return False
     return not isinstance(t, FakeTensor) and t.device.type != "meta"
 
 

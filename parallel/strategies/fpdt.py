@@ -19,6 +19,9 @@ from ..weights import AttentionWeights, check_block_input, project_out
 from .base import Strategy, register
 
 
+# torch.compile leaves the pipeline to run as it is (a graph break around it): its streams, host
+# copies and schedules are Python that Dynamo cannot capture; the rest of a block still compiles.
+@torch.compiler.disable
 def fpdt_attention(
     x: torch.Tensor,
     w: AttentionWeights,
