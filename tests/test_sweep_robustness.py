@@ -444,3 +444,18 @@ def test_the_cause_is_the_rank_that_failed_first_not_the_peers_it_took_down(tmp_
     error(10, "OutOfMemoryError: out of memory", status="oom")  # an OOM anywhere is the cause
     assert controller._read_errors(tmp_path, 12)["error"].startswith("rank 10: OutOfMemoryError")
     assert controller._read_errors(tmp_path, 1)["error"] == closed + "\nmore"  # one rank: no rank named
+
+
+def test_of_two_causes_the_first_raised_is_the_cause(tmp_path):
+    """A knock-on error in wording that is not recognised still comes after its cause: the
+    earliest of the errors that are not known knock-ons wins, whatever the ranks' order."""
+
+    def error(rank, message, at):
+        row = {"status": "error", "error": message, "knock_on": False, "device_peak_bytes": None, "time": at}
+        (tmp_path / f"rank{rank}_error.json").write_text(json.dumps(row))
+
+    error(0, "RuntimeError: some new wording of a lost peer", at=1000.5)
+    error(3, "ValueError: bad shard", at=1000.0)
+    assert controller._read_errors(tmp_path, 4)["error"].startswith("rank 3: ValueError: bad shard")
+    error(1, "ValueError: also bad", at=1000.0)  # equal times: the lower rank
+    assert controller._read_errors(tmp_path, 4)["error"].startswith("rank 1: ValueError: also bad")

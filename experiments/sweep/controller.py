@@ -173,16 +173,18 @@ def _free_port() -> int:
 
 
 def _read_errors(job_dir: Path, ranks: int) -> dict | None:
-    """What the ranks' ``rank<r>_error.json`` say: the cause (an OOM on any rank, else the lowest
-    rank whose error is not only the consequence of another's, e.g. a peer's closed connection),
-    then the first such consequence as context. ``knock_on``: no rank said more than that."""
+    """What the ranks' ``rank<r>_error.json`` say: the cause (an OOM on any rank, else the error
+    that is not only the consequence of another's, e.g. a peer's closed connection, and of those
+    the one raised first, then the lowest rank: a knock-on whose wording ``is_knock_on`` does not
+    know still comes after its cause), then the first such consequence as context.
+    ``knock_on``: no rank said more than that."""
     found = []
     for rank in range(ranks):
         with contextlib.suppress(OSError, ValueError):  # none, or one being written
             found.append({**json.loads((job_dir / f"rank{rank}_error.json").read_text()), "rank": rank})
     if not found:
         return None
-    cause = min(found, key=lambda e: (e["status"] != "oom", bool(e.get("knock_on"))))  # the first of equals
+    cause = min(found, key=lambda e: (e["status"] != "oom", bool(e.get("knock_on")), e.get("time", 0.0), e["rank"]))
     error = cause["error"] if ranks == 1 else f"rank {cause['rank']}: {cause['error']}"
     then = [e for e in found if e is not cause and e.get("knock_on")]
     if then and not cause.get("knock_on"):

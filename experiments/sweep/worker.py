@@ -177,7 +177,7 @@ def run_rank(point: Point, out_dir: str, body: Callable[[dict, Path], dict] = me
             status = "oom" if is_out_of_memory(exc) else "error"
             message = f"{type(exc).__name__}: {exc}".strip()
             write_json(out / f"rank{rank}_error.json", {"status": status, "error": message[:2000],
-                                                        "knock_on": is_knock_on(exc),
+                                                        "knock_on": is_knock_on(exc), "time": time.time(),
                                                         "device_peak_bytes": _peak_device_bytes(),
                                                         "traceback": traceback.format_exc()[-8000:]})  # fmt: skip
         raise
