@@ -459,3 +459,17 @@ def test_of_two_causes_the_first_raised_is_the_cause(tmp_path):
     assert controller._read_errors(tmp_path, 4)["error"].startswith("rank 3: ValueError: bad shard")
     error(1, "ValueError: also bad", at=1000.0)  # equal times: the lower rank
     assert controller._read_errors(tmp_path, 4)["error"].startswith("rank 1: ValueError: also bad")
+
+
+def test_a_row_names_the_commit_its_ranks_started_at(monkeypatch, tmp_path):
+    """A tree committed to (or edited) while a long point runs is not the code its ranks
+    imported: the row keeps the commit of when they started."""
+    commits = iter(["aaaa00000000", "bbbb00000000-dirty"])
+    monkeypatch.setattr(controller, "git_commit", lambda: next(commits))
+
+    def launch(point, job_dir):
+        return {"status": "error", "error": "RuntimeError: stopped"}  # the tree changes meanwhile
+
+    monkeypatch.setattr(controller, "launch", launch)
+    row = controller.measure(_point("gpus=1", "steps=1", "warmup_steps=0"), tmp_path)
+    assert row["git_commit"] == "aaaa00000000"

@@ -288,7 +288,9 @@ def _gib(x):
     return None if x is None else x / GIB
 
 
-def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float) -> dict:
+def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float, commit: str | None = None) -> dict:
+    """The point's row. ``commit``: the code that ran, as ``git_commit()`` said when its
+    processes started (default: now), since a tree edited during a long point is not what ran."""
     row = {k: v for k, v in point.as_dict().items() if k not in _NOT_IN_ROW}
     row.update(
         status=outcome["status"],
@@ -296,7 +298,7 @@ def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float
         warning=outcome.get("warning"),
         key=key,
         job_dir=str(job_dir),
-        git_commit=git_commit(),
+        git_commit=git_commit() if commit is None else commit,
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         wall_s=round(wall_s, 2),
         flop_convention=FLOP_CONVENTION,
@@ -350,13 +352,13 @@ def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float
 
 def measure(point: Point, job_dir: Path) -> dict:
     """Check the point, run it in fresh processes and return its row (a bad point is a row too)."""
-    start = time.monotonic()
+    start, commit = time.monotonic(), git_commit()  # the ranks import the tree as it is now
     try:
         check_point(point)
         outcome = launch(point, job_dir)
     except ValueError as exc:
         outcome = {"status": "error", "error": str(exc)}
-    return make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start)
+    return make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start, commit)
 
 
 def _progress(row: dict, sweep_dir: Path, job_num: int | None, skipped: str | None = None) -> str:
@@ -518,10 +520,10 @@ def run_under_torchrun(cfg: DictConfig) -> None:
     (job_dir / f"rank{os.environ['RANK']}_error.json").unlink(missing_ok=True)
     if rank0:
         metrics.unlink(missing_ok=True)
-    start = time.monotonic()
+    start, commit = time.monotonic(), git_commit()
 
     def record(outcome: dict) -> Path:
-        row = make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start)
+        row = make_row(point, outcome, point_key(point), job_dir, time.monotonic() - start, commit)
         csv_path = record_point(job_dir, job_dir, row, point.results_csv)
         print(_progress(row, job_dir, None), flush=True)
         return csv_path
