@@ -1,5 +1,6 @@
 """``torch.compile`` around a parallelised ``Transformer``: the same loss and gradients as eager,
-to the bit (``aot_eager`` runs the captured graphs op by op), on one rank and on two gloo ranks.
+to the bit (``aot_eager`` runs the captured graphs op by op), on one rank and on two gloo ranks
+(``ulysses`` and ``fpdt``).
 
 What compiles: everything but the FPDT pipeline and a layer whose checkpoint goes to host memory,
 which run as they are (a graph break around each); value checks on the inputs are skipped while
@@ -22,7 +23,6 @@ SEQ_LEN = 64
 
 # (strategy, parallelize kwargs, model overrides, packed documents)
 ONE_RANK = {
-    "local": ("local", {}, {}, False),
     "local-host-ckpt-packed": ("local", {}, {"checkpoint": True, "checkpoint_on_host": True}, True),
     "fpdt-offload-ckpt": ("fpdt", {"chunks": 4, "offload": True}, {"checkpoint": True}, False),
     "fpdt-host-ckpt-packed": ("fpdt", {"chunks": 2}, {"checkpoint": True, "checkpoint_on_host": True}, True),
@@ -66,14 +66,15 @@ def test_compiled_model_equals_eager(case, one_rank_group):
         _assert_equal(*_eager_and_compiled(*ONE_RANK[case]))
 
 
-def test_compiled_model_without_fpdt_is_one_graph(one_rank_group):
+def test_compiled_local_model_is_one_graph_and_equals_eager(one_rank_group):
     """``local`` without host checkpoints: one graph, no break (the attention ops are opaque
-    nodes, the input checks read no values while tracing)."""
-    torch.manual_seed(0)
-    model = models.Transformer(models.get_config("llama-tiny"))
-    parallel.parallelize(model, "local")
-    tokens = torch.randint(0, model.cfg.vocab_size, (1, SEQ_LEN))
+    nodes, the input checks read no values while tracing), and eager's loss and gradients."""
     with torch_backend():
+        _assert_equal(*_eager_and_compiled("local", {}, {}, False))
+        torch.manual_seed(0)
+        model = models.Transformer(models.get_config("llama-tiny", n_layers=1))
+        parallel.parallelize(model, "local")
+        tokens = torch.randint(0, model.cfg.vocab_size, (1, SEQ_LEN))
         explained = torch._dynamo.explain(model)(tokens, labels=tokens)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
@@ -84,7 +85,7 @@ def torch_backend():
     return fpdt_kernels.use_backend("torch")
 
 
-TWO_RANKS = {"ulysses": {}, "ring": {}, "fpdt": {"chunks": 2, "offload": True}}
+TWO_RANKS = {"ulysses": {}, "fpdt": {"chunks": 2, "offload": True}}
 
 
 def _worker(rank, world, init_file, out):
