@@ -108,6 +108,24 @@ def test_dynamic_lengths_compile_once():
     assert counter.frame_count == 1
 
 
+def test_dynamic_chunk_offsets_stay_symbolic():
+    """A chunk op placed by a length (``q_start = Sq``): one graph for three lengths."""
+    from torch._dynamo.testing import CompileCounter
+
+    def block(q, k, v):
+        return fpdt_kernels.attention_chunk_forward(q, k, v, q_start=q.shape[1], k_start=0, causal=True)
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for S in (8, 13, 21):
+        q, k, v = (torch.randn(1, S, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+        for got, want in zip(compiled(q, k, v), block(q, k, v), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
 def test_compiled_in_a_model_trains_like_eager():
     """A projection + attention + projection module: compiled (fullgraph) and eager give the same
     loss and parameter gradients."""

@@ -123,6 +123,8 @@ def _check_scale(softmax_scale, head_dim: int) -> float:
 def _check_offset(name: str, value) -> int:
     """A block's global start: a Python int (or an integer-valued 0-d integer tensor / numpy
     integer); negative positions are valid. Floats are not truncated, bools are refused."""
+    if torch.compiler.is_compiling() and not isinstance(value, (bool, float, torch.Tensor)):
+        return value  # e.g. a symbolic length: operator.index would fix the graph to one value
     bad = isinstance(value, bool) or (
         isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool)
     )
