@@ -16,9 +16,11 @@ from .common import accumulator_dtype, default_scale
 
 
 def _varlen_forward(q, k, v, cu_q, cu_k, pieces, causal: bool, scale: float, backend: str):
-    """``flash_attention_varlen``'s forward (triton or torch): ``(out [total_q, H, d], lse [1, H,
-    total_q], (q, k, v) as the backward takes them: one batch row, padded for Triton))``.
-    ``pieces``: the documents' pieces (``documents.varlen_pieces``) for torch, else None."""
+    """``flash_attention_varlen``'s forward (triton or torch): ``(out, lse, (q, k, v))`` with
+    ``out [total_q, H, d]``, ``lse [1, H, total_q]`` and q, k, v as the backward takes them (one
+    batch row, padded for Triton). ``pieces``: the documents' pieces
+    (``documents.varlen_pieces``) for torch, else None. The backward makes the Triton document
+    spans again from the offsets rather than keeping them."""
     (Tq, H, D), Tk = q.shape, k.shape[0]
     if backend == "triton":
         from . import triton_fwd
