@@ -582,12 +582,21 @@ def _forward_op(
     return out.contiguous(), lse.contiguous()
 
 
+def fake_outputs(q: torch.Tensor, lse_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a forward op returns, as shapes only: ``out`` like ``q`` and the LSE in the
+    accumulator dtype, both contiguous (the ops make their outputs so)."""
+    return empty_contiguous(q)[0], q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
+
+
+def empty_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Contiguous empty tensors shaped like ``tensors``: a backward op's gradients, shapes only."""
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors)
+
+
 @_forward_op.register_fake
 def _(q, k, v, causal, scale, backend, deterministic):
     B, Sq, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, Sq), dtype=accumulator_dtype(q.dtype)
-    )
+    return fake_outputs(q, (B, H, Sq))
 
 
 @torch.library.custom_op("fpdt_kernels::flash_attention_backward", mutates_args=())
@@ -613,7 +622,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(do, q, k, v, out, lse, causal, scale, backend, deterministic):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return empty_contiguous(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,8 +11,15 @@ import torch
 
 from ..backend import resolve_backend
 from . import documents, naive, torch_cpu
-from .api import _check_qkv, _last_dim_contiguous, resolve_deterministic
+from .api import _check_qkv, _last_dim_contiguous, empty_contiguous, fake_outputs, resolve_deterministic
 from .common import accumulator_dtype, default_scale
+
+
+def _checked_pieces(q, k, cu_q, cu_k, max_q, max_k, backend: str):
+    """Check the offsets and maxima against ``q, k`` (reading the offsets on the host); return
+    the documents' pieces for the torch backend, else None."""
+    offsets_q, offsets_k = documents.check_varlen(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, q.device)
+    return documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
 
 
 def _varlen_forward(q, k, v, cu_q, cu_k, pieces, causal: bool, scale: float, backend: str):
@@ -96,8 +103,7 @@ def _forward_op(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     del deterministic  # the backward's choice, kept with the forward's inputs for it
-    offsets_q, offsets_k = documents.check_varlen(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k, q.device)
-    pieces = documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
+    pieces = _checked_pieces(q, k, cu_q, cu_k, max_q, max_k, backend)
     out, lse, _ = _varlen_forward(q, k, v, cu_q, cu_k, pieces, causal, scale, backend)
     return out.contiguous(), lse.contiguous()
 
@@ -105,9 +111,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic):
     Tq, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (1, H, Tq), dtype=accumulator_dtype(q.dtype)
-    )
+    return fake_outputs(q, (1, H, Tq))
 
 
 @torch.library.custom_op("fpdt_kernels::flash_attention_varlen_backward", mutates_args=())
@@ -139,7 +143,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(do, q, k, v, out, lse, cu_q, cu_k, causal, scale, backend, deterministic):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return empty_contiguous(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -212,14 +216,11 @@ def flash_attention_varlen(
         return _forward_op(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, backend, deterministic
         )[0]
-    offsets_q, offsets_k = documents.check_varlen(
-        cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
-    )
+    pieces = _checked_pieces(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend)
     if backend == "naive":
         return naive.flash_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
         )
-    pieces = documents.varlen_pieces(offsets_q, offsets_k) if backend == "torch" else None
     return _FlashAttentionVarlen.apply(
         q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend, deterministic
     )
