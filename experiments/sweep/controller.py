@@ -288,9 +288,9 @@ def _gib(x):
     return None if x is None else x / GIB
 
 
-def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float, commit: str | None = None) -> dict:
+def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float, commit: str) -> dict:
     """The point's row. ``commit``: the code that ran, as ``git_commit()`` said when its
-    processes started (default: now), since a tree edited during a long point is not what ran."""
+    processes started, since a tree edited during a long point is not what ran."""
     row = {k: v for k, v in point.as_dict().items() if k not in _NOT_IN_ROW}
     row.update(
         status=outcome["status"],
@@ -298,7 +298,7 @@ def make_row(point: Point, outcome: dict, key: str, job_dir: Path, wall_s: float
         warning=outcome.get("warning"),
         key=key,
         job_dir=str(job_dir),
-        git_commit=git_commit() if commit is None else commit,
+        git_commit=commit,
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         wall_s=round(wall_s, 2),
         flop_convention=FLOP_CONVENTION,
