@@ -193,11 +193,13 @@ class MemoryTracker(TorchDispatchMode):
         key = storage_key(t)
         if key is None:  # a wrapper subclass (FSDP's DTensors): its inner tensors are counted
             return
-        st = t.untyped_storage()
+        if key not in self._live:
+            self._count_new(key, t.untyped_storage(), t, func)
+
+    def _count_new(self, key: int, st: torch.UntypedStorage, t: torch.Tensor | None, func) -> None:
+        """Count a storage not counted yet, unless it is empty, predates the mode or is excluded."""
         nbytes = st.nbytes()
-        if nbytes == 0 or key in self._live or key in self._ignored:
-            return
-        if self.exclude is not None and self.exclude(st):
+        if nbytes == 0 or key in self._ignored or (self.exclude is not None and self.exclude(st)):
             return
         pool = self._pool()
         self._live[key] = (pool, nbytes)
@@ -231,17 +233,12 @@ class MemoryTracker(TorchDispatchMode):
         if st.device.type not in ("cpu", "meta"):  # meta: a fake tensor's storage
             return
         key = storage_key(st)
-        nbytes = st.nbytes()
         if key in self._live:
             pool, before = self._live[key]
-            self._live[key] = (pool, nbytes)
-            self._add(pool, nbytes - before)
-        elif nbytes and key not in self._ignored and (self.exclude is None or not self.exclude(st)):
-            pool = self._pool()
-            self._live[key] = (pool, nbytes)
-            self._allocated(key, None, nbytes, "resize_")
-            weakref.finalize(st, self._free, key)
-            self._add(pool, nbytes)
+            self._live[key] = (pool, st.nbytes())
+            self._add(pool, st.nbytes() - before)
+        else:
+            self._count_new(key, st, None, "resize_")
 
     # Hooks for subclasses (RecordingMemoryTracker): a storage counted (``t`` its first view, None
     # for one counted when resized; ``func`` the op that made it), a new peak of a pool.
