@@ -195,7 +195,7 @@ def split_dkdv(monkeypatch):
     from fpdt_kernels.attention import triton_bwd
     from fpdt_kernels.attention.triton_common import tile
 
-    monkeypatch.setattr(triton_bwd._dkdv_kernel, "configs", [tile(16, 32, 4, 2, SPLIT=True)])
+    monkeypatch.setattr(triton_bwd._dkdv_kernel, "configs", [tile(16, 32, 4, 2, SPLIT=True, TMA=False, WS=False)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -1,15 +1,21 @@
-"""The forward's tensor-descriptor (TMA) tiles, with and without warp specialisation, against a
-float64 reference and against the pointer path: in the Triton interpreter (which runs
-descriptors) or on an sm_90 GPU, one forced config each (``FPDT_TMA=1`` lets autotune pick them).
-Forward only: out and LSE, written and merged into running fp32 accumulators (the chunk API),
-causal at offsets, MHA and GQA.
+"""The tensor-descriptor (TMA) tiles, with and without warp specialisation, against a float64
+reference and against the pointer path: in the Triton interpreter (which runs descriptors) or on
+an sm_90 GPU, one forced config each (``FPDT_TMA=1`` lets autotune pick them).
+
+Forward: out and LSE, written and merged into running fp32 accumulators (the chunk API), causal
+at offsets, MHA and GQA. Backward: the split backward's dK/dV kernel and the fused kernel (dQ
+added by descriptor reductions), written (``flash_attention``'s) and added into running fp32
+sums (the chunk API's), MHA and GQA; the warp-specialised dK/dV tiles where they apply (MHA,
+written).
 """
+
+import copy
 
 import pytest
 import torch
 
 from fpdt_kernels import naive
-from fpdt_kernels.attention import triton_common, triton_fwd
+from fpdt_kernels.attention import triton_bwd, triton_common, triton_fwd
 from fpdt_kernels.attention.triton_common import tile, tile_name
 
 DEVICE = "cpu" if triton_common.INTERPRET else "cuda"
@@ -156,3 +162,111 @@ def test_tma_tiles_are_opt_in(monkeypatch):
     assert triton_common.autotune_configs(configs) == configs
     names = {tile_name(c) for c in configs}
     assert {"128x128 w8 s3 tma", "128x64 w4 s3 tma ws", "128x64 w8 s3"} <= names
+
+
+# The backward's TMA tiles.
+
+
+def _bwd_configs(tma, ws):
+    """The dK/dV (and fused) kernel's config and the dQ kernel's."""
+    if triton_common.INTERPRET:
+        return tile(32, 32, 4, 2, SPLIT=False, TMA=tma, WS=ws), tile(32, 32, 4, 2, TMA=tma, WS=ws)
+    # Clean on sm_90 at d <= 64 (compile_check); warp specialisation runs num_warps=4 per consumer group.
+    return tile(32, 128, 4 if ws else 8, 2, SPLIT=False, TMA=tma, WS=ws), tile(64, 64, 4, 2, TMA=tma, WS=ws)
+
+
+def _backward(configs, fused, q, k, v, do, q_start, k_start, causal, accumulate, monkeypatch):
+    """``(dq, dk, dv)`` of one block with the dK/dV and dQ kernels (or, ``fused``, the fused
+    kernel) forced to ``configs``: added into running fp32 sums of 0.5 (``accumulate``, the chunk
+    API) or written in the input dtype (``flash_attention``'s backward, keys from 0)."""
+    if fused:
+        monkeypatch.setattr(triton_bwd._fused_kernel, "configs", configs[:1])
+    else:
+        monkeypatch.setattr(triton_bwd._dkdv_kernel, "configs", configs[:1])
+        monkeypatch.setattr(triton_bwd._dq_kernel, "configs", configs[1:])
+    if q.is_cuda:  # a forced TMA tile needs the descriptors' scratch
+        triton_common.set_tma_allocator()
+    out, lse = (t.float() for t in _reference(q, k, v, q_start, k_start, causal))
+    scale = q.shape[-1] ** -0.5
+    if accumulate:
+        grads = [torch.full(t.shape, 0.5, device=t.device) for t in (q, k, v)]
+        triton_bwd.chunk_backward(
+            do, q, k, v, out, lse, None, q_start, k_start, causal, scale, *grads, deterministic=not fused
+        )
+        return grads
+    assert k_start == 0
+    padded = triton_fwd.pad_inputs(q, k, v)
+    return triton_bwd.flash_backward(do, *padded, out, lse, q_start, causal, scale, deterministic=not fused)
+
+
+def _backward_reference(q, k, v, do, q_start, k_start, causal, accumulate):
+    q, k, v, do = (t.double() for t in (q, k, v, do))
+    out, lse = _reference(q, k, v, q_start, k_start, causal)
+    grads = naive.attention_chunk_backward(do, q, k, v, out, lse, q_start=q_start, k_start=k_start, causal=causal)
+    return [g + 0.5 for g in grads] if accumulate else grads
+
+
+def _assert_backward(configs, fused, shape, causal, accumulate, monkeypatch):
+    q, k, v = _inputs(shape, torch.float16)
+    do = _inputs(shape, torch.float16, seed=2)[0]
+    q_start, k_start = shape[5:]
+    if not accumulate:  # flash_attention's backward places the keys at 0
+        q_start, k_start = q_start - k_start, 0
+    ref = _backward_reference(q, k, v, do, q_start, k_start, causal, accumulate)
+    # The config under test, then the pointer path in the same tile on the same warps.
+    pointers = [copy.deepcopy(c) for c in configs]
+    for c in pointers:
+        c.kwargs.update(TMA=False, WS=False)
+    results = {
+        name: _backward(forced, fused, q, k, v, do, q_start, k_start, causal, accumulate, monkeypatch)
+        for name, forced in (("tma", configs), ("pointers", pointers))
+    }
+    # The interpreter computes in fp32 (UPCAST) and rounds written gradients to fp16; a GPU
+    # multiplies P and dS in fp16.
+    tol = (2e-3 if not accumulate else 1e-4) if triton_common.INTERPRET else 3e-2
+    for name, g, r, p in zip(("dq", "dk", "dv"), results["tma"], ref, results["pointers"], strict=True):
+        assert g.dtype == (torch.float32 if accumulate else q.dtype), name
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+        # dQ of the fused kernel and GQA's dK/dV add in whatever order the programs run.
+        ulp = 1e-5 if accumulate or not triton_common.INTERPRET else 1e-3
+        torch.testing.assert_close(
+            g, p, rtol=ulp if triton_common.INTERPRET else tol, atol=ulp, msg=lambda m, n=name: f"{n} vs pointers: {m}"
+        )
+
+
+@runs_tma
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "add"])
+@pytest.mark.parametrize(
+    "shape,causal",
+    [(SHAPES[0], True), (SHAPES[1], False), (SHAPES[2], True)],
+    ids=lambda x: _ids(x) if isinstance(x, tuple) else ("causal" if x else "full"),
+)
+def test_tma_backward_matches_reference_and_pointer_path(shape, causal, accumulate, fused, monkeypatch):
+    _assert_backward(_bwd_configs(True, False), fused, shape, causal, accumulate, monkeypatch)
+
+
+@runs_tma
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ws_dkdv_matches_reference_and_pointer_path(causal, monkeypatch):
+    """The warp-specialised dK/dV and dQ tiles: one loop over every visible tile, all masked
+    (MHA, written: where ``ws_applies``)."""
+    _assert_backward(_bwd_configs(True, True), False, SHAPES[1], causal, False, monkeypatch)
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "accumulate", "docs"])
+@pytest.mark.parametrize("kernel", ["dkdv", "dq", "fused"])
+def test_backward_tma_and_ws_tiles_only_where_they_apply(kernel, variant):
+    """The backward's launches (as compile_check builds them, bf16, d=64) offer TMA tiles on sm_90
+    only without document spans, and warp-specialised ones only where no atomic add follows the
+    loop: dK/dV for MHA written once, dQ written once, the fused kernel never."""
+    from fpdt_kernels import compile_check
+
+    (launch,) = compile_check._launches(kernel, variant, "bf16", 64, True)
+    tiles = compile_check._tiles(kernel)
+    assert launch.args["TMA_OK"] is (variant != "docs")
+    ws_expected = variant != "docs" and kernel != "fused" and (variant == "mha" or (kernel, variant) == ("dq", "gqa"))
+    for arch in (90, 80):
+        usable = tiles.launch_usable(tiles.configs, launch.args, arch)
+        assert any(triton_common.uses_tma(c) for c in usable) == (arch == 90 and variant != "docs"), arch
+        assert any(triton_common.uses_ws(c) for c in usable) == (arch == 90 and ws_expected), arch

@@ -40,13 +40,17 @@ def test_quick_compile_check_passes(quick_run):
 
 
 def test_compile_check_reports_hopper_features(quick_run):
-    """Each row says whether the kernel uses TMA, warp specialisation, asynchronous wgmma and
-    atomics; the fused backward adds dQ with atomics, the split dQ kernel writes it with stores."""
+    """Each row says whether the kernel uses TMA, warp specialisation, asynchronous wgmma,
+    atomics and bulk reductions; the fused backward adds dQ with atomics (bulk reductions in its
+    TMA tiles), the split dQ kernel writes it with stores."""
     rows = _rows(quick_run.stdout)
     for r in rows:
-        for name in ("tma", "setmaxnreg", "wgmma-pending", "atomics"):
+        for name in ("tma", "setmaxnreg", "wgmma-pending", "atomics", "bulk-reduce"):
             assert int(_field(r, name)) >= 0, " ".join(r)
-    assert all(int(_field(r, "atomics")) > 0 for r in rows if r[1] == "fused")
+    # The fused TMA tile adds dQ by the copy engine's reductions, the others by atomics.
+    fused = [r for r in rows if r[1] == "fused"]
+    assert any("tma" in r for r in fused)
+    assert all(int(_field(r, "bulk-reduce" if "tma" in r else "atomics")) > 0 for r in fused)
     assert all(int(_field(r, "atomics")) == 0 for r in rows if r[1] == "dq" and r[2] == "mha")
 
 
@@ -56,12 +60,13 @@ def _field(row, name):
 
 def test_main_loops_are_pipelined_with_vector_loads(quick_run):
     """Every multi-stage tile of the attention kernels (odd d=40 included) pipelines its loop
-    (cp.async) with 16-byte loads, or, the forward's TMA tiles, with tensor-memory copies (and the
+    (cp.async) with 16-byte loads, or, the TMA tiles, with tensor-memory copies (and the
     warp-specialised ones reallocate registers between warp groups); every kernel has wgmma tiles
-    on sm_90 at every head dim."""
+    on sm_90 at every head dim, and the forward, dK/dV and dQ kernels TMA and ws tiles."""
     rows = [r for r in _rows(quick_run.stdout) if r[1] != "delta"]
     assert rows, quick_run.stdout[-2000:]
-    assert any("tma" in r for r in rows) and any("ws" in r for r in rows)
+    for kernel in ("fwd", "dkdv", "dq"):
+        assert any("tma" in r and "ws" in r for r in rows if r[1] == kernel), kernel
     for r in rows:
         if "tma" in r:
             assert int(_field(r, "tma")) > 0, " ".join(r)

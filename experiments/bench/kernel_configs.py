@@ -6,7 +6,7 @@ dQ) at bf16, ``B*S`` tokens, ``H*d = 2048``, and times each config autotune may 
 (``--all``: every config) with ``triton.testing.do_bench`` (p50). A config that fails to compile
 or launch is a row with its error, not the end of the sweep. ``clean`` says whether the kernel's
 tile table lists the config as spill-free on this GPU's family (autotune only considers those).
-The forward's tensor-descriptor tiles (names ending ``tma``/``tma ws``; sm_90) are timed beside
+Every kernel's tensor-descriptor tiles (names ending ``tma``/``tma ws``; sm_90) are timed beside
 the others whatever ``FPDT_TMA`` says: that variable only lets autotune pick them.
 
 TFLOP/s per kernel under the flash-attn convention: the forward ``4*B*H*S^2*d`` (halved when
@@ -91,9 +91,7 @@ def sweep(args, writer=None, meta=None) -> list[dict]:
             for name, (launch, tiles) in launches.items():
                 if name not in args.kernels:
                     continue
-                tma = bool(launch.args.get("TMA_OK"))
-                usable = tiles.usable(tiles.configs, launch.args["BD"], 2, current_arch(), tma=tma)
-                usable = {tile_name(c) for c in usable}
+                usable = {tile_name(c) for c in tiles.launch_usable(tiles.configs, launch.args, current_arch())}
                 for config in tiles.configs:
                     if not (args.all or tile_name(config) in usable):
                         continue

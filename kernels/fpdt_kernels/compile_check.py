@@ -5,11 +5,13 @@ cubin, with the ``ptxas`` that ships in the triton wheel. For every kernel x eve
 autotune may choose there (after pruning by head dim, dtype and target), this prints registers,
 spill bytes, shared memory and what the PTX contains (``wgmma``/``mma.sync``, ``cp.async``
 pipelining, 16-byte loads, TMA copies, ``setmaxnreg`` for warp specialisation, wgmma groups left
-in flight, atomics), and exits non-zero on a compile error, a spill, or shared memory over
-the target's limit. The launches are built by the same functions the GPU path uses
-(``forward_launch``, ``backward_launches``) on meta tensors, so what is checked is what runs.
-The forward's tensor-descriptor tiles (``tma``, ``tma ws``) are checked on sm_90 wherever the
-launch allows them (``TMA_OK``), whether or not ``FPDT_TMA`` lets autotune pick them.
+in flight, atomics, the copy engine's bulk reductions), and exits non-zero on a compile error, a
+spill, or shared memory over the target's limit. The launches are built by the same functions
+the GPU path uses (``forward_launch``, ``backward_launches``) on meta tensors, so what is checked
+is what runs.
+Every kernel's tensor-descriptor tiles (``tma``, ``tma ws``) are checked on sm_90 wherever the
+launch allows them (``TMA_OK``, and for ``ws`` the kernel's ``ws_applies``), whether or not
+``FPDT_TMA`` lets autotune pick them.
 
 Usage (the interpreter must be off: ``TRITON_INTERPRET`` unset or 0)::
 
@@ -91,6 +93,7 @@ class Result(Case):
     setmaxnreg: int = 0  # register reallocation between warp groups (warp specialisation)
     wgmma_pending: int = 0  # most wgmma groups left in flight at a wait (>0: asynchronous wgmma)
     atomics: int = 0  # global reductions/atomics (red/atom), e.g. the fused backward's dQ adds
+    bulk_reduce: int = 0  # the copy engine's tile reductions (cp.reduce.async.bulk), its TMA tiles' dQ adds
     seconds: float = 0.0
     error: str = ""
 
@@ -176,15 +179,7 @@ def _jobs_for(kernel, variant, arch, dtype, d, causal, all_configs, limit=None) 
         if tiles is None:
             configs, usable = [triton.Config({})], None
         else:
-            usable = tiles.usable(
-                tiles.configs,
-                launch.args["BD"],
-                _dtype(dtype).itemsize,
-                arch,
-                launch.args["ACCUMULATE"],
-                launch.args["DOCS"],
-                bool(launch.args.get("TMA_OK")),
-            )
+            usable = tiles.launch_usable(tiles.configs, launch.args, arch)
             configs = tiles.configs if all_configs else usable[:limit]
         for config in configs:
             args = dict(launch.args, **config.kwargs)
@@ -240,9 +235,10 @@ def _ptx_features(ptx: str) -> dict:
     setmaxnreg = len(re.findall(r"setmaxnreg", ptx))
     pending = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     atomics = len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:red|atom)\.global", ptx, re.M))
+    bulk_reduce = len(re.findall(r"cp\.reduce\.async\.bulk", ptx))
     return dict(
         mma=mma, cp_async=cp_async, vec16=vec16, scalar=scalar, tma=tma, setmaxnreg=setmaxnreg,
-        wgmma_pending=max(pending, default=0), atomics=atomics,
+        wgmma_pending=max(pending, default=0), atomics=atomics, bulk_reduce=bulk_reduce,
     )  # fmt: skip
 
 
@@ -323,11 +319,12 @@ def _applies(kernel, variant):
     return True
 
 
-# The CI subset (about a minute and a half on 2 cores): sm_90, bf16, causal, every kernel at
-# d=64 and 128 (the forward's TMA tiles too), the forward at the odd d=40 (16-byte loads through
+# The CI subset (about a minute and a quarter on 2 cores): sm_90, bf16, causal, every kernel at
+# d=64 and 128 (their TMA and ws tiles too), the forward at the odd d=40 (16-byte loads through
 # the head-dim mask, a TMA box wider than the rows), the
 # packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64), the
-# split dK/dV at d=256 and the fused backward's first two tiles (MHA, GQA, accumulating).
+# split dK/dV at d=256 and the fused backward's first two tiles (MHA, GQA, accumulating) and
+# every fused tile at d=128 (GQA).
 QUICK = (
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha",),
          kernels=("fwd", "dkdv", "dq", "delta")),
@@ -340,10 +337,13 @@ QUICK = (
          limit=1),  # the split dK/dV (wgmma at d=256)
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha", "gqa", "accumulate"),
          kernels=("fused",), limit=2),  # the fused backward's preferred tiles
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(128,), causals=(True,), variants=("gqa",), kernels=("fused",)),
+    # every fused tile at d=128, its TMA one (dQ by bulk reductions) too
 )  # fmt: skip
 
 _COLUMNS = ("arch", "kernel", "variant", "dtype", "d", "causal", "config", "regs", "spill", "smem", "mma", "cp_async",
-            "vec16", "scalar", "tma", "setmaxnreg", "wgmma_pending", "atomics", "seconds", "status")  # fmt: skip
+            "vec16", "scalar", "tma", "setmaxnreg", "wgmma_pending", "atomics", "bulk_reduce", "seconds",
+            "status")  # fmt: skip
 
 
 def _row(r: Result) -> str:
@@ -354,7 +354,8 @@ def _row(r: Result) -> str:
         f"sm_{r.arch} {r.kernel:5} {r.variant:15} {r.dtype:4} d={r.d:<3} {'causal' if r.causal else 'full  '} "
         f"{r.config:13} regs={r.regs:<3} spill={r.spill:<5} smem={r.smem / 1024:6.1f}K {r.mma:5} "
         f"cp.async={r.cp_async:<3} vec16={r.vec16:<3} scalar={r.scalar:<4} tma={r.tma:<3} setmaxnreg={r.setmaxnreg} "
-        f"wgmma-pending={r.wgmma_pending} atomics={r.atomics:<4} {r.seconds:5.1f}s  {status}"
+        f"wgmma-pending={r.wgmma_pending} atomics={r.atomics:<4} bulk-reduce={r.bulk_reduce} "
+        f"{r.seconds:5.1f}s  {status}"
     )
 
 

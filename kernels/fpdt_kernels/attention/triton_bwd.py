@@ -26,11 +26,24 @@ needs no load of the old values, so no second tile in registers.
 Split dK/dV (configs with ``SPLIT``, listed for sm_90 at d=256): two programs per KV block, one
 for dV and one for dK, each holding one fp32 accumulator; the only way found to give d=256 a
 wgmma tile (``BN >= 64``) without register spills. Autotune weighs it against the fused tiles.
+
+Tensor descriptors (``TMA``, a config switch of all three kernels; sm_90, as in ``triton_fwd``):
+Q, K, V and dO are read through per-head 2-D descriptors whose bounds replace the load masks,
+and the fused kernel adds its dQ parts by the copy engine's bulk reduction instead of one atomic
+per element. Only for launches with ``TMA_OK`` (16-bit inputs, 16-byte aligned rows, the fused
+kernel's fp32 dQ too, no ``DOCS``); autotune considers them only with ``FPDT_TMA=1``. ``WS`` (with
+``TMA``; the dK/dV and dQ kernels) warp-specialises the loop: a producer warp issues the copies
+and two consumer warp groups split the resident block's rows. Triton 3.6 builds it only for one
+loop with no loop after it (so every tile of it is masked) and no atomic add after it, so those
+tiles serve launches that write their outputs once: dK/dV for MHA without ``ACCUMULATE``, dQ
+without ``ACCUMULATE`` (``Tiles.ws_applies``); the fused kernel has none (its dQ reductions in
+the loop fail that pass too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -82,13 +95,29 @@ def _delta_kernel(
     tl.store(Delta + i_b * stride_lb + i_h * stride_lh + m_start + o_m, b_delta, mask=m_m)
 
 
+# The TMA tiles clean on triton 3.6 and 3.9 (sm_90, 16-bit; TMA_OK launches only, the ws ones only
+# where ws_applies). At d=128 the ws tiles with BM=64 spill on both (72-248 B), 64x128 w8 and
+# 64x64 w4 on 3.6 (68-172 B); the fused 32x128 tiles spill at d=128 on 3.6 (16-148 B).
+_DKDV_TMA_CLEAN = {
+    64: ("64x128 w4 s2 tma ws", "64x128 w4 s3 tma ws", "32x128 w4 s2 tma ws", "32x128 w4 s3 tma ws",
+         "64x64 w4 s2 tma ws", "64x128 w8 s2 tma", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w4 s2 tma",
+         "64x64 w8 s2 tma"),
+    128: ("32x128 w4 s2 tma ws", "32x128 w4 s3 tma ws", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w8 s2 tma"),
+}  # fmt: skip
+_DQ_TMA_CLEAN = ("128x64 w8 s2 tma", "128x64 w8 s3 tma", "64x64 w4 s2 tma", "64x64 w4 s2 tma ws",
+                 "64x64 w4 s3 tma ws", "64x128 w4 s2 tma ws")  # fmt: skip
+_FUSED_TMA_CLEAN = {
+    64: ("64x128 w8 s2 tma", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w4 s2 tma", "64x64 w8 s2 tma"),
+    128: ("64x64 w8 s2 tma",),
+}
 # dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no fused tile
 # with BN >= 64 (what wgmma needs) avoids spilling: there the fused kernel runs mma.sync tiles and
 # the split ones (one accumulator per program, see _dkdv_kernel) run wgmma; autotune picks.
 # 32x64 w4 s3 and 32x128 w8 s3 at d=128 (sm_90): clean on triton 3.9, spill on 3.6.
 _DKDV_CLEAN_16BIT = {
-    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x128 w8 s2", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2"),
-    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
+    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x128 w8 s2", "64x64 w8 s2", "32x64 w4 s3", "32x32 w8 s2",
+                  *_DKDV_TMA_CLEAN[64]),
+    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2", *_DKDV_TMA_CLEAN[128]),
     (90, 2, 256): ("32x128 w8 s3 split", "16x128 w8 s3 split", "16x64 w8 s2 split", "16x32 w8 s2", "64x32 w8 s2",
                    "32x32 w8 s2"),
     (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
@@ -97,9 +126,9 @@ _DKDV_CLEAN_16BIT = {
 }  # fmt: skip
 _DQ_CLEAN_16BIT = {
     (90, 2, 64): ("128x64 w8 s2", "128x64 w8 s3", "64x64 w4 s2", "64x64 w4 s3", "128x32 w8 s2", "64x32 w4 s3",
-                  "32x32 w8 s2"),
+                  "32x32 w8 s2", *_DQ_TMA_CLEAN),
     (90, 2, 128): ("128x64 w8 s2", "128x64 w8 s3", "64x64 w4 s2", "64x64 w4 s3", "128x32 w8 s2", "64x32 w4 s3",
-                   "32x32 w8 s2"),
+                   "32x32 w8 s2", *_DQ_TMA_CLEAN),
     (90, 2, 256): ("64x32 w8 s2", "128x32 w8 s2", "32x32 w8 s2"),
     (80, 2, 64): ("128x32 w8 s2", "64x32 w4 s3", "32x64 w4 s3", "32x128 w8 s2", "32x32 w8 s2"),
     (80, 2, 128): ("64x32 w4 s3", "32x64 w4 s3", "32x128 w8 s2", "32x32 w8 s2"),
@@ -123,49 +152,75 @@ _DQ_CLEAN_32BIT = {
     (80, 4, 256): ("16x16 w4 s2",),
 }  # fmt: skip
 
+_tile = functools.partial(tile, SPLIT=False, TMA=False, WS=False)
+
 DKDV_TILES = Tiles(
     [
-        tile(32, 128, 8, 3, SPLIT=True),
-        tile(16, 128, 8, 3, SPLIT=True),
-        tile(16, 64, 8, 2, SPLIT=True),
-        tile(32, 128, 8, 2, SPLIT=False),
-        tile(32, 128, 8, 3, SPLIT=False),
-        tile(64, 128, 8, 2, SPLIT=False),
-        tile(16, 128, 8, 3, SPLIT=False),
-        tile(64, 64, 8, 2, SPLIT=False),
-        tile(32, 64, 8, 3, SPLIT=False),
-        tile(32, 64, 4, 3, SPLIT=False),
-        tile(16, 32, 8, 2, SPLIT=False),
-        tile(64, 32, 8, 2, SPLIT=False),
-        tile(16, 32, 4, 2, SPLIT=False),
-        tile(16, 16, 8, 2, SPLIT=False),
-        tile(32, 16, 8, 2, SPLIT=False),
-        tile(32, 32, 8, 2, SPLIT=False),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+        _tile(32, 128, 8, 3, SPLIT=True),
+        _tile(16, 128, 8, 3, SPLIT=True),
+        _tile(16, 64, 8, 2, SPLIT=True),
+        _tile(32, 128, 8, 2),
+        _tile(32, 128, 8, 3),
+        _tile(64, 128, 8, 2),
+        _tile(16, 128, 8, 3),
+        _tile(64, 64, 8, 2),
+        _tile(32, 64, 8, 3),
+        _tile(32, 64, 4, 3),
+        _tile(16, 32, 8, 2),
+        _tile(64, 32, 8, 2),
+        _tile(16, 32, 4, 2),
+        _tile(16, 16, 8, 2),
+        _tile(32, 16, 8, 2),
+        # Tensor-descriptor (TMA) tiles, sm_90, opt-in (FPDT_TMA=1) as the forward's. Warp-specialised
+        # ones (ws) run num_warps=4 per consumer group: triton 3.6 adds a producer warp group and a
+        # second consumer group, each consumer holding half the KV block's dK/dV rows.
+        _tile(64, 128, 4, 2, TMA=True, WS=True),
+        _tile(64, 128, 4, 3, TMA=True, WS=True),
+        _tile(32, 128, 4, 2, TMA=True, WS=True),
+        _tile(32, 128, 4, 3, TMA=True, WS=True),
+        _tile(64, 64, 4, 2, TMA=True, WS=True),
+        _tile(64, 128, 8, 2, TMA=True),
+        _tile(32, 128, 8, 2, TMA=True),
+        _tile(32, 128, 8, 3, TMA=True),
+        _tile(64, 64, 4, 2, TMA=True),
+        _tile(64, 64, 8, 2, TMA=True),
+        _tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT,
     # With the keys' document spans (triton 3.9): 16 B at sm_80 d=64, 24 B at sm_90 d=256.
     spill_docs={(80, 2, 64): ("32x32 w8 s2",), (90, 2, 256): ("64x32 w8 s2",)},
+    # The kernel's static assert says why: no atomic add may follow a warp-specialised loop.
+    ws_applies=lambda args: args["GROUPS"] == 1 and not args["ACCUMULATE"],
 )
+_dq_tile = functools.partial(tile, TMA=False, WS=False)
 DQ_TILES = Tiles(
     [
-        tile(128, 64, 8, 2),
-        tile(128, 64, 8, 3),
-        tile(64, 64, 4, 2),
-        tile(64, 64, 4, 3),
-        tile(128, 32, 8, 2),
-        tile(64, 32, 4, 3),
-        tile(32, 64, 4, 3),
-        tile(32, 128, 8, 2),
-        tile(64, 32, 8, 2),
-        tile(64, 32, 4, 2),
-        tile(64, 16, 4, 2),
-        tile(16, 32, 4, 2),
-        tile(16, 16, 4, 2),
-        tile(32, 32, 4, 2),
-        tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
+        _dq_tile(128, 64, 8, 2),
+        _dq_tile(128, 64, 8, 3),
+        _dq_tile(64, 64, 4, 2),
+        _dq_tile(64, 64, 4, 3),
+        _dq_tile(128, 32, 8, 2),
+        _dq_tile(64, 32, 4, 3),
+        _dq_tile(32, 64, 4, 3),
+        _dq_tile(32, 128, 8, 2),
+        _dq_tile(64, 32, 8, 2),
+        _dq_tile(64, 32, 4, 2),
+        _dq_tile(64, 16, 4, 2),
+        _dq_tile(16, 32, 4, 2),
+        _dq_tile(16, 16, 4, 2),
+        _dq_tile(32, 32, 4, 2),
+        # TMA tiles (sm_90, FPDT_TMA=1); ws: two consumer groups of num_warps=4 split the rows.
+        _dq_tile(128, 64, 8, 2, TMA=True),
+        _dq_tile(128, 64, 8, 3, TMA=True),
+        _dq_tile(64, 64, 4, 2, TMA=True),
+        _dq_tile(64, 64, 4, 2, TMA=True, WS=True),
+        _dq_tile(64, 64, 4, 3, TMA=True, WS=True),
+        _dq_tile(64, 128, 4, 2, TMA=True, WS=True),
+        _dq_tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _DQ_CLEAN_16BIT | _DQ_CLEAN_32BIT,
     spill_docs={(90, 2, 128): ("128x64 w8 s3",)},  # 8 B with the rows' document spans (triton 3.6)
+    ws_applies=lambda args: not args["ACCUMULATE"],  # the kernel's static assert says why
 )
 
 # The fused backward's tiles: the dK/dV kernel's, whose programs also hold a [BM, BD] fp32 dQ part
@@ -173,8 +228,8 @@ DQ_TILES = Tiles(
 # 3.9 (compile_check --kernel fused): 64x128 at d=64 spills on 3.9 (8-28 B), every split config at
 # d=256 on one version or the other (smem or spills), so d=256 runs mma.sync tiles here.
 _FUSED_CLEAN = {
-    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x64 w8 s2", "32x64 w4 s3"),
-    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2"),
+    (90, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "64x64 w8 s2", "32x64 w4 s3", *_FUSED_TMA_CLEAN[64]),
+    (90, 2, 128): ("32x128 w8 s2", "16x128 w8 s3", "32x64 w8 s3", "32x32 w8 s2", *_FUSED_TMA_CLEAN[128]),
     (90, 2, 256): ("16x32 w8 s2", "32x32 w8 s2"),
     (80, 2, 64): ("32x128 w8 s2", "32x128 w8 s3", "16x128 w8 s3", "32x64 w8 s3", "32x64 w4 s3", "32x32 w8 s2"),
     (80, 2, 128): ("32x64 w8 s3", "32x32 w8 s2"),
@@ -188,7 +243,8 @@ _FUSED_CLEAN = {
     (80, 4, 256): ("16x16 w8 s2",),
 }  # fmt: skip
 FUSED_TILES = Tiles(
-    DKDV_TILES.configs,
+    # Warp specialisation fails triton 3.6's pass with the dQ matmul and its reduction in the loop.
+    [c for c in DKDV_TILES.configs if not c.kwargs["WS"]],
     _FUSED_CLEAN,
     # With the keys' document spans: 32x128 at d=128 (sm_90) and 32x32 at d=256 (sm_90, 3.9),
     # 32x64 w4 at d<=64 (sm_80, 3.9) spill.
@@ -211,6 +267,7 @@ def _dkdv_inner(
     DP: tl.constexpr,
     PART: tl.constexpr,
     FUSED: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """One query block's contribution to the resident KV block's (dK, dV) (``PART`` 0), its dV
     only (1) or its dK only (2). ``FUSED``: where dK is computed, also add the block's part of
@@ -221,17 +278,27 @@ def _dkdv_inner(
     rows past ``Sq`` load as zeros with lse = +inf (so P = 0), and the causal mask applies (with
     ``DOCS``: the keys' row spans ``b_lo <= m < b_hi``). Keys past ``Sk`` need no mask: they only
     touch their own dK/dV rows, which are never stored.
+
+    ``p_q``, ``p_do`` and ``p_dq`` point at the block's first row; with ``TMA`` they are the head's
+    descriptors instead, read (and dQ added into) at row ``m0``.
     """
     m_d = o_d < DP  # folds away when DP == BD
-    if MASKED:
+    if TMA:
+        # The copy engine zero-fills rows past Sq and columns past DP: no masks on these loads.
+        b_qt = tl.trans(p_q.load([m0, 0]))
+        b_do = p_do.load([m0, 0])
+    elif MASKED:
         m_m = (m0 + o_m) < Sq
         b_qt = tl.load(p_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_m[None, :] & m_d[:, None], other=0.0)
         b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_lse = tl.load(p_l + m0 + o_m, mask=m_m, other=float("inf"))
-        b_delta = tl.load(p_dl + m0 + o_m, mask=m_m, other=0.0)
     else:
         b_qt = tl.load(p_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_d[:, None], other=0.0)
         b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_d[None, :], other=0.0)
+    if MASKED:
+        m_m = (m0 + o_m) < Sq
+        b_lse = tl.load(p_l + m0 + o_m, mask=m_m, other=float("inf"))
+        b_delta = tl.load(p_dl + m0 + o_m, mask=m_m, other=0.0)
+    else:
         b_lse = tl.load(p_l + m0 + o_m)
         b_delta = tl.load(p_dl + m0 + o_m)
     if UPCAST:
@@ -258,10 +325,14 @@ def _dkdv_inner(
         b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
         if FUSED:
             b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PRECISION) * sm_scale  # [BM, BD]
-            m_dq = (o_d < D)[None, :]
-            if MASKED:
-                m_dq = m_dq & ((m0 + o_m) < Sq)[:, None]
-            tl.atomic_add(p_dq + o_m[:, None] * stride_dqs + o_d[None, :], b_dq, mask=m_dq, sem="relaxed")
+            if TMA:
+                # One bulk reduction by the copy engine, clipped to the descriptor's [Sq, D].
+                p_dq.atomic_add([m0, 0], b_dq)
+            else:
+                m_dq = (o_d < D)[None, :]
+                if MASKED:
+                    m_dq = m_dq & ((m0 + o_m) < Sq)[:, None]
+                tl.atomic_add(p_dq + o_m[:, None] * stride_dqs + o_d[None, :], b_dq, mask=m_dq, sem="relaxed")
     return b_dk, b_dv
 
 
@@ -295,9 +366,14 @@ def _dkdv_program(
     PART: tl.constexpr,
     FUSED: tl.constexpr,
     QV: tl.constexpr,
+    TMA_OK: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):  # fmt: skip
     """``_dkdv_kernel``'s body: the dK/dV of KV block ``i_n`` (``PART`` 0), its dV (1) or its dK (2);
-    with ``FUSED``, the dQ parts too (strides of fp32 ``dQ`` divided by ``QV``)."""
+    with ``FUSED``, the dQ parts too (strides of fp32 ``dQ`` divided by ``QV``). ``TMA``: K, V, Q
+    and dO are read (and dQ added) through per-head tensor descriptors; ``WS`` (with ``TMA``)
+    warp-specialises the query loop (module docstring)."""
     stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
     stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
     stride_vb, stride_vs, stride_vh = stride_vb * IV, stride_vs * IV, stride_vh * IV
@@ -316,13 +392,32 @@ def _dkdv_program(
     o_d = tl.arange(0, BD)
     m_n = (n_start + o_n) < Sk
 
-    p_k = K + i_b * stride_kb + i_hk * stride_kh + n_start.to(tl.int64) * stride_ks
-    p_v = V + i_b * stride_vb + i_hk * stride_vh + n_start.to(tl.int64) * stride_vs
-    m_in = m_n[:, None] & (o_d < DP)[None, :]
-    b_k = tl.load(p_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_in, other=0.0)
-    b_v = b_k
-    if PART != 1:  # dV alone needs no V
-        b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_in, other=0.0)
+    tl.static_assert(TMA or not WS, "warp specialisation needs the TMA loads")
+    # Triton 3.6's warp-specialisation pass fails on any atomic add after the loop (pointers or
+    # descriptors alike): WS tiles write dK/dV once, so MHA without ACCUMULATE only.
+    tl.static_assert(not WS or (GROUPS == 1 and not ACCUMULATE), "WS tiles need MHA without ACCUMULATE")
+    if TMA:
+        tl.static_assert(TMA_OK and not DOCS, "TMA tiles need 16-byte aligned rows and no document spans")
+        # Descriptors built in the kernel (the scratch set_tma_allocator provides); their bounds
+        # zero-fill rows past Sk and columns past DP.
+        k_desc = tl.make_tensor_descriptor(
+            K + i_b * stride_kb + i_hk * stride_kh, shape=[Sk, DP], strides=[stride_ks, 1], block_shape=[BN, BD]
+        )
+        b_k = k_desc.load([n_start, 0])
+        b_v = b_k
+        if PART != 1:  # dV alone needs no V
+            v_desc = tl.make_tensor_descriptor(
+                V + i_b * stride_vb + i_hk * stride_vh, shape=[Sk, DP], strides=[stride_vs, 1], block_shape=[BN, BD]
+            )
+            b_v = v_desc.load([n_start, 0])
+    else:
+        p_k = K + i_b * stride_kb + i_hk * stride_kh + n_start.to(tl.int64) * stride_ks
+        p_v = V + i_b * stride_vb + i_hk * stride_vh + n_start.to(tl.int64) * stride_vs
+        m_in = m_n[:, None] & (o_d < DP)[None, :]
+        b_k = tl.load(p_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_in, other=0.0)
+        b_v = b_k
+        if PART != 1:  # dV alone needs no V
+            b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_in, other=0.0)
     if UPCAST:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -354,7 +449,7 @@ def _dkdv_program(
                 b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
                 b_lo, b_hi, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
                 MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
-                PART=PART, FUSED=FUSED,
+                PART=PART, FUSED=FUSED, TMA=False,
             )  # fmt: skip
             p_qm += BM * stride_qs
             p_dom += BM * stride_ds
@@ -366,7 +461,7 @@ def _dkdv_program(
                 p_l, p_dl, p_dq + m0.to(tl.int64) * stride_dqs, m0, n_start, b_lo, b_hi, o_m, o_n, o_d,
                 stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
                 MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
-                PART=PART, FUSED=FUSED,
+                PART=PART, FUSED=FUSED, TMA=False,
             )  # fmt: skip
     else:
         # Query blocks (aligned to BM): [m_lo, m_mid) cross the causal diagonal and [m_tail, Sq) is
@@ -395,28 +490,54 @@ def _dkdv_program(
         p_dq = p_dl  # a placeholder of the same type (fp32 rows) where dQ is not FUSED's
         if FUSED:
             p_dq = dQ + i_b * stride_dqb + i_h * stride_dqh
-        p_qm = p_q + m_mid.to(tl.int64) * stride_qs
-        p_dom = p_do + m_mid.to(tl.int64) * stride_ds
-        p_dqm = p_dq + m_mid.to(tl.int64) * stride_dqs
-        for m0 in range(m_mid, m_tail, BM):
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
-                o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
-                PART=PART, FUSED=FUSED,
-            )  # fmt: skip
-            p_qm += BM * stride_qs
-            p_dom += BM * stride_ds
-            p_dqm += BM * stride_dqs
-        for j in range(0, n_masked):
-            m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
-            b_dk, b_dv = _dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_q + m0.to(tl.int64) * stride_qs, p_do + m0.to(tl.int64) * stride_ds,
-                p_l, p_dl, p_dq + m0.to(tl.int64) * stride_dqs, m0, n_start, o_n, o_n, o_m, o_n, o_d,
-                stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
-                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
-                PART=PART, FUSED=FUSED,
-            )  # fmt: skip
+        if TMA:
+            # The head's descriptors stand in for the row pointers; the inner step reads them at m0.
+            p_q = tl.make_tensor_descriptor(p_q, shape=[Sq, DP], strides=[stride_qs, 1], block_shape=[BM, BD])
+            p_do = tl.make_tensor_descriptor(p_do, shape=[Sq, DP], strides=[stride_ds, 1], block_shape=[BM, BD])
+            if FUSED:
+                p_dq = tl.make_tensor_descriptor(p_dq, shape=[Sq, D], strides=[stride_dqs, 1], block_shape=[BM, BD])
+            p_qm, p_dom, p_dqm = p_q, p_do, p_dq
+        else:
+            p_qm = p_q + m_mid.to(tl.int64) * stride_qs
+            p_dom = p_do + m_mid.to(tl.int64) * stride_ds
+            p_dqm = p_dq + m_mid.to(tl.int64) * stride_dqs
+        if WS:
+            # Triton 3.6 warp-specialises a loop (a producer warp issues the TMA copies, two
+            # consumer warp groups split the KV block's rows) only when no loop follows it: one loop
+            # over every query tile that sees these keys, all masked.
+            for m0 in tl.range(m_lo, tl.cdiv(Sq, BM) * BM, BM, warp_specialize=WS):
+                b_dk, b_dv = _dkdv_inner(
+                    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, p_dq, m0, n_start,
+                    o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                    MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                    PART=PART, FUSED=FUSED, TMA=TMA,
+                )  # fmt: skip
+        else:
+            for m0 in range(m_mid, m_tail, BM):
+                b_dk, b_dv = _dkdv_inner(
+                    b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
+                    o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                    MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                    PART=PART, FUSED=FUSED, TMA=TMA,
+                )  # fmt: skip
+                if not TMA:
+                    p_qm += BM * stride_qs
+                    p_dom += BM * stride_ds
+                    p_dqm += BM * stride_dqs
+            for j in range(0, n_masked):
+                m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
+                if TMA:
+                    p_qj, p_doj, p_dqj = p_q, p_do, p_dq
+                else:
+                    p_qj = p_q + m0.to(tl.int64) * stride_qs
+                    p_doj = p_do + m0.to(tl.int64) * stride_ds
+                    p_dqj = p_dq + m0.to(tl.int64) * stride_dqs
+                b_dk, b_dv = _dkdv_inner(
+                    b_k, b_v, b_dk, b_dv, p_qj, p_doj, p_l, p_dl, p_dqj, m0, n_start, o_n, o_n, o_m, o_n, o_d,
+                    stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                    MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                    PART=PART, FUSED=FUSED, TMA=TMA,
+                )  # fmt: skip
 
     b_dk = b_dk * sm_scale
     p_dk = dK + i_b * stride_dkb + i_hk * stride_dkh + n_start.to(tl.int64) * stride_dks
@@ -463,9 +584,12 @@ def _dkdv_body(
     OV: tl.constexpr,
     QV: tl.constexpr,
     FUSED: tl.constexpr,
+    TMA_OK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     SPLIT: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):  # fmt: skip
     # SPLIT: programs 2i and 2i + 1 compute KV block i's dV and its dK, each holding one [BN, BD]
     # fp32 accumulator instead of two, for computing P twice (5 matmuls instead of 4). At d=256
@@ -481,7 +605,7 @@ def _dkdv_body(
                 stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
                 Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
                 GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
-                i_n // 2, PART=1, FUSED=FUSED, QV=QV,
+                i_n // 2, PART=1, FUSED=FUSED, QV=QV, TMA_OK=TMA_OK, TMA=TMA, WS=WS,
             )  # fmt: skip
         else:
             _dkdv_program(
@@ -491,7 +615,7 @@ def _dkdv_body(
                 stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
                 Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
                 GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
-                i_n // 2, PART=2, FUSED=FUSED, QV=QV,
+                i_n // 2, PART=2, FUSED=FUSED, QV=QV, TMA_OK=TMA_OK, TMA=TMA, WS=WS,
             )  # fmt: skip
     else:
         _dkdv_program(
@@ -501,7 +625,7 @@ def _dkdv_body(
             stride_dvb, stride_dvs, stride_dvh, stride_dqb, stride_dqs, stride_dqh,
             Sq, Sk, H, DELTA, sm_scale, qk_scale, SQ_BUCKET, SK_BUCKET,
             GROUPS, CAUSAL, DOCS, ACCUMULATE, UPCAST, PRECISION, D, DP, BD, IV, OV, BM, BN,
-            i_n, PART=0, FUSED=FUSED, QV=QV,
+            i_n, PART=0, FUSED=FUSED, QV=QV, TMA_OK=TMA_OK, TMA=TMA, WS=WS,
         )  # fmt: skip
 
 
@@ -532,16 +656,23 @@ def _dq_inner(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     DP: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    """One key block's contribution to the resident query block's dQ (masks as ``_fwd_inner``)."""
+    """One key block's contribution to the resident query block's dQ (masks as ``_fwd_inner``;
+    with ``TMA``, ``p_kn, p_vn`` are the head's K/V descriptors, read at row ``n0``)."""
     m_d = o_d < DP  # folds away when DP == BD
     if MASKED:
         m_n = (n0 + o_n) < Sk
         m_kv = m_n[None, :] & m_d[:, None]
     else:
         m_kv = m_d[:, None]
-    b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_kv, other=0.0)
-    b_vt = tl.load(p_vn + o_n[None, :] * stride_vs + o_d[:, None], mask=m_kv, other=0.0)
+    if TMA:
+        # The copy engine zero-fills rows past Sk and columns past DP: no masks on the loads.
+        b_kt = tl.trans(p_kn.load([n0, 0]))
+        b_vt = tl.trans(p_vn.load([n0, 0]))
+    else:
+        b_kt = tl.load(p_kn + o_n[None, :] * stride_ks + o_d[:, None], mask=m_kv, other=0.0)
+        b_vt = tl.load(p_vn + o_n[None, :] * stride_vs + o_d[:, None], mask=m_kv, other=0.0)
     if UPCAST:
         b_kt = b_kt.to(tl.float32)
         b_vt = b_vt.to(tl.float32)
@@ -589,8 +720,11 @@ def _dq_kernel(
     BD: tl.constexpr,
     IV: tl.constexpr,
     OV: tl.constexpr,
+    TMA_OK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):  # fmt: skip
     stride_qb, stride_qs, stride_qh = stride_qb * IV, stride_qs * IV, stride_qh * IV
     stride_kb, stride_ks, stride_kh = stride_kb * IV, stride_ks * IV, stride_kh * IV
@@ -613,11 +747,26 @@ def _dq_kernel(
     m_m = (m_start + o_m) < Sq
     m_in = m_m[:, None] & (o_d < DP)[None, :]
 
+    tl.static_assert(TMA or not WS, "warp specialisation needs the TMA loads")
+    # Triton 3.6's warp-specialisation pass fails on an atomic add after the loop.
+    tl.static_assert(not WS or not ACCUMULATE, "WS tiles write dQ once: no ACCUMULATE")
     # Rows past Sq load as zeros with lse = +inf: P = 0 there, so the loops need no row mask.
-    p_q = Q + i_b * stride_qb + i_h * stride_qh + m_start.to(tl.int64) * stride_qs
-    p_do = dO + i_b * stride_db + i_h * stride_dh + m_start.to(tl.int64) * stride_ds
-    b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_in, other=0.0)
-    b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_in, other=0.0)
+    if TMA:
+        tl.static_assert(TMA_OK and not DOCS, "TMA tiles need 16-byte aligned rows and no document spans")
+        # Per-head descriptors built in the kernel (the scratch set_tma_allocator provides).
+        q_desc = tl.make_tensor_descriptor(
+            Q + i_b * stride_qb + i_h * stride_qh, shape=[Sq, DP], strides=[stride_qs, 1], block_shape=[BM, BD]
+        )
+        do_desc = tl.make_tensor_descriptor(
+            dO + i_b * stride_db + i_h * stride_dh, shape=[Sq, DP], strides=[stride_ds, 1], block_shape=[BM, BD]
+        )
+        b_q = q_desc.load([m_start, 0])
+        b_do = do_desc.load([m_start, 0])
+    else:
+        p_q = Q + i_b * stride_qb + i_h * stride_qh + m_start.to(tl.int64) * stride_qs
+        p_do = dO + i_b * stride_db + i_h * stride_dh + m_start.to(tl.int64) * stride_ds
+        b_q = tl.load(p_q + o_m[:, None] * stride_qs + o_d[None, :], mask=m_in, other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_ds + o_d[None, :], mask=m_in, other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -644,7 +793,7 @@ def _dq_kernel(
             b_dq = _dq_inner(
                 b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks,
                 stride_vs, Sk, DELTA, qk_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP, TMA=False,
             )  # fmt: skip
             p_kn += BN * stride_ks
             p_vn += BN * stride_vs
@@ -653,7 +802,7 @@ def _dq_kernel(
             b_dq = _dq_inner(
                 b_q, b_do, b_lse, b_delta, b_dq, p_k + n0.to(tl.int64) * stride_ks, p_v + n0.to(tl.int64) * stride_vs,
                 n0, m_start + o_m, b_lo, b_hi, o_n, o_d, stride_ks, stride_vs, Sk, DELTA, qk_scale,
-                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP, TMA=False,
             )  # fmt: skip
     else:
         # Key ranges as in the forward: [0, n_full) unmasked, [n_full, n_end) masked.
@@ -664,25 +813,41 @@ def _dq_kernel(
             n_end = Sk
             n_full = Sk // BN * BN
 
-        p_kn = K + i_b * stride_kb + i_hk * stride_kh
-        p_vn = V + i_b * stride_vb + i_hk * stride_vh
+        if TMA:
+            # Descriptors are read at n0 instead of advancing pointers.
+            p_kn = tl.make_tensor_descriptor(
+                K + i_b * stride_kb + i_hk * stride_kh, shape=[Sk, DP], strides=[stride_ks, 1], block_shape=[BN, BD]
+            )
+            p_vn = tl.make_tensor_descriptor(
+                V + i_b * stride_vb + i_hk * stride_vh, shape=[Sk, DP], strides=[stride_vs, 1], block_shape=[BN, BD]
+            )
+        else:
+            p_kn = K + i_b * stride_kb + i_hk * stride_kh
+            p_vn = V + i_b * stride_vb + i_hk * stride_vh
         b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-        for n0 in range(0, n_full, BN):
+        if WS:
+            # As in the forward: triton 3.6 warp-specialises a loop only when no loop follows it,
+            # so one loop over every visible key tile, all masked.
+            n_full = 0
+        else:
+            for n0 in range(0, n_full, BN):
+                b_dq = _dq_inner(
+                    b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks,
+                    stride_vs, Sk, DELTA, qk_scale,
+                    MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP, TMA=TMA,
+                )  # fmt: skip
+                if not TMA:
+                    p_kn += BN * stride_ks
+                    p_vn += BN * stride_vs
+        for n0 in tl.range(n_full, n_end, BN, warp_specialize=WS):
             b_dq = _dq_inner(
                 b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks,
                 stride_vs, Sk, DELTA, qk_scale,
-                MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
+                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP, TMA=TMA,
             )  # fmt: skip
-            p_kn += BN * stride_ks
-            p_vn += BN * stride_vs
-        for n0 in range(n_full, n_end, BN):
-            b_dq = _dq_inner(
-                b_q, b_do, b_lse, b_delta, b_dq, p_kn, p_vn, n0, m_start + o_m, o_m, o_m, o_n, o_d, stride_ks,
-                stride_vs, Sk, DELTA, qk_scale,
-                MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, DP=DP,
-            )  # fmt: skip
-            p_kn += BN * stride_ks
-            p_vn += BN * stride_vs
+            if not TMA:
+                p_kn += BN * stride_ks
+                p_vn += BN * stride_vs
 
     b_dq = b_dq * sm_scale
     p_dq = dQ + i_b * stride_dqb + i_h * stride_dqh + m_start.to(tl.int64) * stride_dqs
@@ -750,8 +915,12 @@ def backward_launches(
     if fused and dq.dtype != torch.float32:
         raise TypeError(f"the fused backward adds dQ into an fp32 buffer, got {dq.dtype}")
     qv = vector_width(dq) if fused else 1
+    # Tensor descriptors need 16-byte aligned bases and rows (16-bit inputs; the fused kernel's
+    # fp32 dQ too) and apply to the dense path only; the tiles with TMA are pruned elsewhere.
+    tma_ok = spans is None and q.element_size() == 2 and iv * 2 == 16 and (not fused or qv * 4 == 16)
     dkdv = dict(
         common, dK=dk, dV=dv, KeySpans=keys, H=H, OV=ov, dQ=dq if fused else None, QV=qv, FUSED=fused,
+        TMA_OK=tma_ok,
         **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
         **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
         **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, qv) if fused else (0, 0, 0), strict=True)),
@@ -764,7 +933,7 @@ def backward_launches(
         return launches
     ov = vector_width(dq)
     dqa = dict(
-        common, dQ=dq, Spans=rows, H=H, OV=ov,
+        common, dQ=dq, Spans=rows, H=H, OV=ov, TMA_OK=spans is None and q.element_size() == 2 and iv * 2 == 16,
         **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, ov), strict=True)),
     )  # fmt: skip
     launches.append(Launch(_dq_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), dqa))

@@ -25,6 +25,30 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # numpy does the work in few steps (32x32 tiles: ~2x faster than 16x16 on the test shapes).
 INTERPRET = triton_interpreter_on()
 
+
+def _teach_interpreter_descriptor_add() -> None:
+    """The interpreter runs tensor-descriptor loads and stores but not their reductions, which the
+    fused backward's TMA tiles add dQ with: give it the add, an atomic add through the pointers and
+    bounds mask it already derives for a store (the GPU's reduction is clipped to the same bounds)."""
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduction {kind} in the interpreter")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+        return self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if INTERPRET:
+    _teach_interpreter_descriptor_add()
+
 AUTOTUNE_ENV_VAR = "FPDT_AUTOTUNE"
 TMA_ENV_VAR = "FPDT_TMA"
 FP32_PRECISION_ENV_VAR = "FPDT_FP32_PRECISION"
@@ -92,6 +116,11 @@ def uses_tma(config: triton.Config) -> bool:
     return bool(config.kwargs.get("TMA"))
 
 
+def uses_ws(config: triton.Config) -> bool:
+    """Whether a config warp-specialises its loop."""
+    return bool(config.kwargs.get("WS"))
+
+
 def tma_opted_in() -> bool:
     """``FPDT_TMA=1``: autotune also considers the tensor-descriptor (TMA) tiles where a launch
     supports them (its config list is fixed when the kernel module is imported). Off by default
@@ -154,17 +183,24 @@ class Tiles:
     overrides it for launches with ``ACCUMULATE`` (the forward's merge epilogue holds a second
     output tile). ``spill_docs`` names, per key, the clean configs that spill once ``DOCS`` (packed
     documents: each row's key span is loaded and tested) adds its registers; launches with
-    ``DOCS`` skip them. The last config is the fallback when nothing is listed, and the one the
-    interpreter and ``FPDT_AUTOTUNE=0`` run.
+    ``DOCS`` skip them. ``ws_applies(args)`` says whether a launch with these kernel arguments may
+    run the warp-specialised tiles (default: wherever TMA tiles may). The last config is the
+    fallback when nothing is listed, and the one the interpreter and ``FPDT_AUTOTUNE=0`` run.
     """
 
     def __init__(
-        self, configs: list[triton.Config], clean: dict, clean_accumulate: dict | None = None, spill_docs=None
+        self,
+        configs: list[triton.Config],
+        clean: dict,
+        clean_accumulate: dict | None = None,
+        spill_docs=None,
+        ws_applies: Callable[[dict], bool] | None = None,
     ):
         self.configs = configs
         self.clean = clean
         self.clean_accumulate = clean if clean_accumulate is None else clean_accumulate
         self.spill_docs = spill_docs or {}
+        self.ws_applies = ws_applies or (lambda args: True)
         names = {tile_name(c) for c in configs}
         tables = (clean, self.clean_accumulate, self.spill_docs)
         listed = {n for table in tables for kept in table.values() for n in kept}
@@ -172,31 +208,36 @@ class Tiles:
             raise ValueError(f"clean tiles {sorted(listed - names)} are not among the configs {sorted(names)}")
 
     def usable(
-        self, configs, bd: int, element_bytes: int, arch: int, accumulate=False, docs=False, tma=False
+        self, configs, bd: int, element_bytes: int, arch: int, accumulate=False, docs=False, tma=False, ws=True
     ) -> list[triton.Config]:
         """The configs of ``configs`` listed as clean for this launch (or the last one); ``tma``:
-        the launch supports tensor descriptors (its ``TMA_OK``; sm_90 is the table's key)."""
+        the launch supports tensor descriptors (its ``TMA_OK``; sm_90 is the table's key); ``ws``:
+        it may run warp-specialised tiles (``ws_applies``)."""
         table = self.clean_accumulate if accumulate else self.clean
         measured = next((b for b in (64, 128, 256) if bd <= b), 256)
         key = (arch_family(arch), element_bytes, measured)
         names = set(table.get(key, ())) - set(self.spill_docs.get(key, ()) if docs else ())
-        kept = [c for c in configs if tile_name(c) in names and (tma or not uses_tma(c))]
+        kept = [c for c in configs if tile_name(c) in names and (tma or not uses_tma(c)) and (ws or not uses_ws(c))]
         return kept or configs[-1:]
+
+    def launch_usable(self, configs, args: dict, arch: int) -> list[triton.Config]:
+        """``usable`` for a launch with kernel arguments ``args`` (its ``Q``, ``BD``, ...)."""
+        return self.usable(
+            configs,
+            args["BD"],
+            args["Q"].element_size(),
+            arch,
+            bool(args["ACCUMULATE"]),
+            bool(args["DOCS"]),
+            bool(args.get("TMA_OK")),
+            self.ws_applies(args),
+        )
 
     def prune(self, configs, named_args, **kwargs):
         """Autotune's ``early_config_prune``: the usable configs for this launch's device."""
         if INTERPRET:
             return configs
-        get = lambda name: named_args.get(name, kwargs.get(name))
-        return self.usable(
-            configs,
-            get("BD"),
-            get("Q").element_size(),
-            current_arch(),
-            bool(get("ACCUMULATE")),
-            bool(get("DOCS")),
-            bool(get("TMA_OK")),
-        )
+        return self.launch_usable(configs, {**kwargs, **named_args}, current_arch())
 
 
 def head_dim_block(d: int) -> int:
