@@ -248,7 +248,7 @@ def test_tma_backward_matches_reference_and_pointer_path(shape, causal, accumula
 
 @runs_tma
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ws_dkdv_matches_reference_and_pointer_path(causal, monkeypatch):
+def test_tma_ws_backward_matches_reference_and_pointer_path(causal, monkeypatch):
     """The warp-specialised dK/dV and dQ tiles: one loop over every visible tile, all masked
     (MHA, written: where ``ws_applies``)."""
     _assert_backward(_bwd_configs(True, True), False, SHAPES[1], causal, False, monkeypatch)

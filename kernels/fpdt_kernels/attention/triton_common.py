@@ -3,7 +3,7 @@ widths, dot precision, autotune keys, the ``Launch`` record the compile check re
 loop ranges of the document (span) variant.
 
 Environment (read at import): ``FPDT_AUTOTUNE=0`` autotunes nothing (one small tile per kernel);
-``FPDT_TMA=1`` lets autotune also pick the forward's tensor-descriptor (TMA) tiles on sm_90, off
+``FPDT_TMA=1`` lets autotune also pick the kernels' tensor-descriptor (TMA) tiles on sm_90, off
 by default until GPU timings show they pay."""
 
 from __future__ import annotations
