@@ -11,9 +11,14 @@ those figures say the code path works, not how fast the kernels are.
 TFLOP/s convention (as FlashAttention's benchmarks): forward ``4*B*H*Sq*Sk*d``, half of it when
 causal; backward 2.5x forward; forward+backward 3.5x forward. Computed at the p50 time.
 
+Our rows are ``ours_triton`` (the split backward, the default) and ``ours_triton_fused``; with
+``FPDT_TMA=1`` autotune may also pick the kernels' tensor-descriptor tiles on sm_90, and the rows
+are named ``ours_triton_tma`` and ``ours_triton_fused_tma``.
+
 Usage::
 
     python -m experiments.bench_attention                      # full sweep (CUDA), CSV in results/
+    FPDT_TMA=1 python -m experiments.bench_attention --seq-lens 16384 --out tma.csv   # with the TMA tiles
     python -m experiments.bench_attention --quick              # d=128, S in {1K, 16K}
     python -m experiments.bench_attention --seq-lens 4096 --head-dims 128 --causal true --modes fwd
 """
@@ -92,13 +97,22 @@ def _sdpa_with(backend_name: str) -> Callable:
 _sdpa = _sdpa_with("FLASH_ATTENTION")  # FlashAttention-2 inside PyTorch: the reference of every row
 
 
+def _ours_suffix() -> str:
+    """``_tma`` when autotune may pick the kernels' tensor-descriptor tiles (``FPDT_TMA=1``, read
+    when the kernels are imported): the rows then name what they timed."""
+    from fpdt_kernels.attention.triton_common import TMA_AUTOTUNED
+
+    return "_tma" if TMA_AUTOTUNED else ""
+
+
 # impl name -> (attention fn, whether it takes [B, H, S, d] instead of [B, S, H, d])
 def _impls(cuda: bool) -> dict[str, tuple[Callable, bool]]:
     impls = {"sdpa_flash": (_sdpa, True)}
     if cuda:
+        suffix = _ours_suffix()
         impls["sdpa_cudnn"] = (_sdpa_with("CUDNN_ATTENTION"), True)
-        impls["ours_triton"] = (_ours("triton"), False)  # the default: the split backward
-        impls["ours_triton_fused"] = (_ours("triton", deterministic=False), False)  # the fused backward
+        impls["ours_triton" + suffix] = (_ours("triton"), False)  # the default: the split backward
+        impls["ours_triton_fused" + suffix] = (_ours("triton", deterministic=False), False)  # the fused backward
     elif os.environ.get("TRITON_INTERPRET") == "1":
         impls["ours_triton_interp"] = (_ours("triton"), False)
     else:
@@ -386,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.flush()  # rows survive a timeout that cuts the sweep short
     if cuda:
         for impl in ("ours_triton", "ours_triton_fused"):
-            print_targets(tflops_at, impl)
+            print_targets(tflops_at, impl + _ours_suffix())
     print(f"wrote {out_path}" + (f"; {failures} measurement(s) FAILED" if failures else ""))
     return 1 if failures else 0
 
