@@ -98,17 +98,18 @@ def _delta_kernel(
 # The TMA tiles clean on triton 3.6 and 3.9 (sm_90, 16-bit; TMA_OK launches only, the ws ones only
 # where ws_applies). At d=128 the ws tiles with BM=64 spill on both (72-248 B), 64x128 w8 and
 # 64x64 w4 on 3.6 (68-172 B); the fused 32x128 tiles spill at d=128 on 3.6 (16-148 B).
+_BOTH_TMA_CLEAN = ("64x64 w8 s2 tma", "64x64 w8 s3 tma", "32x64 w8 s2 tma", "32x64 w8 s3 tma")  # dK/dV and fused
 _DKDV_TMA_CLEAN = {
     64: ("64x128 w4 s2 tma ws", "64x128 w4 s3 tma ws", "32x128 w4 s2 tma ws", "32x128 w4 s3 tma ws",
          "64x64 w4 s2 tma ws", "64x128 w8 s2 tma", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w4 s2 tma",
-         "64x64 w8 s2 tma"),
-    128: ("32x128 w4 s2 tma ws", "32x128 w4 s3 tma ws", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w8 s2 tma"),
+         *_BOTH_TMA_CLEAN),
+    128: ("32x128 w4 s2 tma ws", "32x128 w4 s3 tma ws", "32x128 w8 s2 tma", "32x128 w8 s3 tma", *_BOTH_TMA_CLEAN),
 }  # fmt: skip
 _DQ_TMA_CLEAN = ("128x64 w8 s2 tma", "128x64 w8 s3 tma", "64x64 w4 s2 tma", "64x64 w4 s2 tma ws",
                  "64x64 w4 s3 tma ws", "64x128 w4 s2 tma ws")  # fmt: skip
 _FUSED_TMA_CLEAN = {
-    64: ("64x128 w8 s2 tma", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w4 s2 tma", "64x64 w8 s2 tma"),
-    128: ("64x64 w8 s2 tma",),
+    64: ("64x128 w8 s2 tma", "32x128 w8 s2 tma", "32x128 w8 s3 tma", "64x64 w4 s2 tma", *_BOTH_TMA_CLEAN),
+    128: _BOTH_TMA_CLEAN,
 }
 # dK/dV holds two [BN, BD] fp32 accumulators: large BN needs 8 warps, and at d=256 no fused tile
 # with BN >= 64 (what wgmma needs) avoids spilling: there the fused kernel runs mma.sync tiles and
@@ -184,6 +185,9 @@ DKDV_TILES = Tiles(
         _tile(32, 128, 8, 3, TMA=True),
         _tile(64, 64, 4, 2, TMA=True),
         _tile(64, 64, 8, 2, TMA=True),
+        _tile(64, 64, 8, 3, TMA=True),
+        _tile(32, 64, 8, 2, TMA=True),
+        _tile(32, 64, 8, 3, TMA=True),
         _tile(32, 32, 8, 2),  # the fallback: clean at every head dim on both targets (bf16/fp16)
     ],
     _DKDV_CLEAN_16BIT | _DKDV_CLEAN_32BIT,
