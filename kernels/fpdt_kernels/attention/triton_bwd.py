@@ -62,6 +62,7 @@ from .triton_common import (
     span_blocks,
     strides,
     tile,
+    tma_allowed,
     vector_elements,
     vector_width,
 )
@@ -919,12 +920,9 @@ def backward_launches(
     if fused and dq.dtype != torch.float32:
         raise TypeError(f"the fused backward adds dQ into an fp32 buffer, got {dq.dtype}")
     qv = vector_width(dq) if fused else 1
-    # Tensor descriptors need 16-byte aligned bases and rows (16-bit inputs; the fused kernel's
-    # fp32 dQ too) and apply to the dense path only; the tiles with TMA are pruned elsewhere.
-    tma_ok = spans is None and q.element_size() == 2 and iv * 2 == 16 and (not fused or qv * 4 == 16)
     dkdv = dict(
         common, dK=dk, dV=dv, KeySpans=keys, H=H, OV=ov, dQ=dq if fused else None, QV=qv, FUSED=fused,
-        TMA_OK=tma_ok,
+        TMA_OK=tma_allowed(spans, q, iv, *([(qv, dq)] if fused else [])),  # the fused kernel reduces into dQ
         **dict(zip(("stride_dkb", "stride_dks", "stride_dkh"), strides(dk, ov), strict=True)),
         **dict(zip(("stride_dvb", "stride_dvs", "stride_dvh"), strides(dv, ov), strict=True)),
         **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, qv) if fused else (0, 0, 0), strict=True)),
@@ -937,7 +935,7 @@ def backward_launches(
         return launches
     ov = vector_width(dq)
     dqa = dict(
-        common, dQ=dq, Spans=rows, H=H, OV=ov, TMA_OK=spans is None and q.element_size() == 2 and iv * 2 == 16,
+        common, dQ=dq, Spans=rows, H=H, OV=ov, TMA_OK=tma_allowed(spans, q, iv),
         **dict(zip(("stride_dqb", "stride_dqs", "stride_dqh"), strides(dq, ov), strict=True)),
     )  # fmt: skip
     launches.append(Launch(_dq_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), dqa))

@@ -250,6 +250,15 @@ def vector_elements(dtype: torch.dtype) -> int:
     return 16 // dtype.itemsize
 
 
+def tma_allowed(spans, q: torch.Tensor, iv: int, *written: tuple[int, torch.Tensor]) -> bool:
+    """A launch's ``TMA_OK``: the TMA tiles need 16-bit inputs whose rows start on whole 16-byte
+    vectors (``iv``, their ``vector_width``), the same of every ``(vector width, tensor)`` the kernel
+    stores or reduces into through a descriptor, and no document spans (the dense path only). The
+    tiles themselves are pruned by ``Tiles``."""
+    aligned = all(width * t.element_size() == 16 for width, t in written)
+    return spans is None and q.element_size() == 2 and iv * 2 == 16 and aligned
+
+
 def vector_width(*tensors: torch.Tensor) -> int:
     """The largest power of two ``v <= 16 bytes / element size`` such that every stride but the
     last and every start offset of ``tensors`` is a multiple of ``v`` elements.

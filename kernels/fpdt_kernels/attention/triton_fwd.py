@@ -47,6 +47,7 @@ from .triton_common import (
     span_blocks,
     strides,
     tile,
+    tma_allowed,
     vector_width,
 )
 
@@ -394,9 +395,6 @@ def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulat
     B, Sq, H, DP = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     iv, ov = vector_width(q, k, v), vector_width(out)
-    # Tensor descriptors need 16-byte aligned bases and rows (one whole vector of 16-bit elements)
-    # and apply to the dense path only; the tiles with TMA are pruned elsewhere.
-    tma_ok = spans is None and q.element_size() == 2 and iv * 2 == 16 and ov * out.element_size() == 16
     args = dict(
         Q=q, K=k, V=v, Out=out, Lse=lse, Spans=spans,
         **dict(zip(("stride_qb", "stride_qs", "stride_qh"), strides(q, iv), strict=True)),
@@ -408,7 +406,7 @@ def forward_launch(q, k, v, q_start, k_start, causal, scale, out, lse, accumulat
         SQ_BUCKET=seq_bucket(Sq), SK_BUCKET=seq_bucket(Sk),
         GROUPS=H // Hkv, CAUSAL=causal, DOCS=spans is not None, ACCUMULATE=accumulate, UPCAST=INTERPRET,
         PRECISION=dot_precision(q.dtype), D=out.shape[-1], DP=DP, BD=head_dim_block(DP), IV=iv, OV=ov,
-        TMA_OK=tma_ok,
+        TMA_OK=tma_allowed(spans, q, iv, (ov, out)),
     )  # fmt: skip
     return Launch(_fwd_kernel, lambda meta: (triton.cdiv(Sq, meta["BM"]), B * H), args)
 
