@@ -510,25 +510,20 @@ def _dkdv_program(
             # Triton 3.6 warp-specialises a loop (a producer warp issues the TMA copies, two
             # consumer warp groups split the KV block's rows) only when no loop follows it: one loop
             # over every query tile that sees these keys, all masked.
-            for m0 in tl.range(m_lo, tl.cdiv(Sq, BM) * BM, BM, warp_specialize=WS):
-                b_dk, b_dv = _dkdv_inner(
-                    b_k, b_v, b_dk, b_dv, p_q, p_do, p_l, p_dl, p_dq, m0, n_start,
-                    o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
-                    MASKED=True, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
-                    PART=PART, FUSED=FUSED, TMA=TMA,
-                )  # fmt: skip
-        else:
-            for m0 in range(m_mid, m_tail, BM):
-                b_dk, b_dv = _dkdv_inner(
-                    b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
-                    o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
-                    MASKED=False, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
-                    PART=PART, FUSED=FUSED, TMA=TMA,
-                )  # fmt: skip
-                if not TMA:
-                    p_qm += BM * stride_qs
-                    p_dom += BM * stride_ds
-                    p_dqm += BM * stride_dqs
+            m_mid = m_lo
+            m_tail = tl.cdiv(Sq, BM) * BM
+        for m0 in tl.range(m_mid, m_tail, BM, warp_specialize=WS):
+            b_dk, b_dv = _dkdv_inner(
+                b_k, b_v, b_dk, b_dv, p_qm, p_dom, p_l, p_dl, p_dqm, m0, n_start,
+                o_n, o_n, o_m, o_n, o_d, stride_qs, stride_ds, stride_dqs, Sq, DELTA, qk_scale, sm_scale,
+                MASKED=WS, CAUSAL=CAUSAL, DOCS=DOCS, UPCAST=UPCAST, PRECISION=PRECISION, D=D, DP=DP,
+                PART=PART, FUSED=FUSED, TMA=TMA,
+            )  # fmt: skip
+            if not TMA:
+                p_qm += BM * stride_qs
+                p_dom += BM * stride_ds
+                p_dqm += BM * stride_dqs
+        if not WS:
             for j in range(0, n_masked):
                 m0 = tl.where(j < n_diag, m_lo + j * BM, m_rest + (j - n_diag) * BM)
                 if TMA:
