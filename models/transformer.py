@@ -45,7 +45,7 @@ from parallel.attention import AttentionStrategy
 from parallel.host_store import saved_tensors_on_host
 from parallel.layout import check_cu_seqlens, document_positions
 from parallel.rotary import RotaryEmbedding
-from parallel.tensors import has_values
+from parallel.tensors import eager_under_compile, has_values
 from parallel.weights import AttentionWeights
 
 from .chunked import chunked_cross_entropy, chunked_mlp, cross_entropy_reference, mlp_reference, tiled_rms_norm
@@ -175,7 +175,7 @@ class Block(nn.Module):
 
 # torch.compile runs this layer as it is (a graph break around it): Dynamo cannot capture the
 # saved-tensor hooks that move the checkpoint to host memory.
-@torch.compiler.disable
+@eager_under_compile
 def _checkpoint_on_host(run, x: torch.Tensor) -> torch.Tensor:
     with saved_tensors_on_host():
         return _CheckpointedLayer.apply(run, x)

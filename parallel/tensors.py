@@ -36,6 +36,15 @@ def has_values(t: torch.Tensor) -> bool:
     return not isinstance(t, FakeTensor) and t.device.type != "meta"
 
 
+def eager_under_compile(fn):
+    """``torch.compiler.disable(fn)``: ``torch.compile`` runs ``fn`` as it is, behind a graph break.
+    Dynamo is imported at the first call rather than when the decorator runs: its import costs
+    about 2.5 s of every process that imports us (each rank, each command-line run), which most
+    never compile. ``torch._disable_dynamo`` is torch's own lazy form of the decorator."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
+
 def real_tensors():
     """A context in which tensors are real even inside a fake run: for metadata that is read back
     as values (a device mesh's rank table), never for the step's data."""

@@ -15,13 +15,14 @@ from ..fpdt import FPDTSpec, fpdt_attention_core
 from ..host_store import HostStore, default_host_store, saved_tensors_on_host
 from ..layout import check_cu_seqlens, check_layout, permutation
 from ..rotary import RotaryEmbedding
+from ..tensors import eager_under_compile
 from ..weights import AttentionWeights, check_block_input, project_out
 from .base import Strategy, register
 
 
 # torch.compile leaves the pipeline to run as it is (a graph break around it): its streams, host
 # copies and schedules are Python that Dynamo cannot capture; the rest of a block still compiles.
-@torch.compiler.disable
+@eager_under_compile
 def fpdt_attention(
     x: torch.Tensor,
     w: AttentionWeights,
