@@ -319,26 +319,28 @@ def _applies(kernel, variant):
     return True
 
 
-# The CI subset (about a minute and a quarter on 2 cores): sm_90, bf16, causal, every kernel at
-# d=64 and 128 (their TMA and ws tiles too), the forward at the odd d=40 (16-byte loads through
-# the head-dim mask, a TMA box wider than the rows), the
-# packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at d=64), the
-# split dK/dV at d=256 and the fused backward's first two tiles (MHA, GQA, accumulating) and
-# every fused tile at d=128 (GQA).
+# The CI subset (about a minute on 2 cores): sm_90, bf16, causal; every tile of the forward,
+# dK/dV and dQ kernels at d=128 (their TMA and ws tiles too), the first two at d=64; the forward's
+# first three at the odd d=40 (16-byte loads through the head-dim mask, a TMA box wider than the
+# rows); the packed-document kernels' first (preferred) tile at d=128 (and the chunk API's at
+# d=64); the split dK/dV at d=256; the fused backward's first two tiles (MHA, accumulating) and
+# every fused tile for GQA (its TMA tiles add dQ by bulk reductions), at d=128.
 QUICK = (
-    dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha",),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(128,), causals=(True,), variants=("mha",),
          kernels=("fwd", "dkdv", "dq", "delta")),
-    dict(archs=(90,), dtypes=("bf16",), head_dims=(40,), causals=(True,), variants=("mha",), kernels=("fwd",)),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(64,), causals=(True,), variants=("mha",),
+         kernels=("fwd", "dkdv", "dq", "delta"), limit=2),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(40,), causals=(True,), variants=("mha",), kernels=("fwd",),
+         limit=3),
     dict(archs=(90,), dtypes=("bf16",), head_dims=(128,), causals=(True,), variants=("docs", "docs-accumulate"),
          kernels=("fwd", "dkdv", "dq"), limit=1),
     dict(archs=(90,), dtypes=("bf16",), head_dims=(64,), causals=(True,), variants=("docs-accumulate",),
          kernels=("fwd", "dkdv", "dq"), limit=1),
     dict(archs=(90,), dtypes=("bf16",), head_dims=(256,), causals=(True,), variants=("gqa",), kernels=("dkdv",),
          limit=1),  # the split dK/dV (wgmma at d=256)
-    dict(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), causals=(True,), variants=("mha", "gqa", "accumulate"),
+    dict(archs=(90,), dtypes=("bf16",), head_dims=(128,), causals=(True,), variants=("mha", "accumulate"),
          kernels=("fused",), limit=2),  # the fused backward's preferred tiles
     dict(archs=(90,), dtypes=("bf16",), head_dims=(128,), causals=(True,), variants=("gqa",), kernels=("fused",)),
-    # every fused tile at d=128, its TMA one (dQ by bulk reductions) too
 )  # fmt: skip
 
 _COLUMNS = ("arch", "kernel", "variant", "dtype", "d", "causal", "config", "regs", "spill", "smem", "mma", "cp_async",
