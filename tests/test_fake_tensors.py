@@ -60,9 +60,10 @@ def test_fake_ranks_communicate_and_shard(tmp_path):
 
 
 def test_fake_search_finds_the_real_longest_sequence(tmp_path):
+    # Both searches probe 256 (fits), 512 and 384 (do not) and 320 (fits, at 97% of the cap).
     cmd = [sys.executable, "-m", "experiments.max_seqlen", "-m", "model=llama-tiny", "parallel=fpdt", "gpus=1",
-           "chunks=2", "max_device_memory=0.001", "search.start=256", "search.limit=1024", "fake_tensors=false,true",
-           f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+           "chunks=2", "max_device_memory=0.001", "search.start=256", "search.limit=1024", "search.resolution=0.3",
+           "fake_tensors=false,true", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with open(tmp_path / "max_seqlen.csv") as f:
