@@ -15,7 +15,8 @@ from experiments.core.tables import read_csv, write_csv, write_json
 # (module of experiments.bench, argv, text the usage error must contain), by audit item.
 USAGE_ERRORS = [
     # 14: kernel_configs (checked before its CUDA check, so on any machine)
-    ("kernel_configs", ["--kernels", "fwdd"], "unknown kernel(s) ['fwdd']; use a comma list of fwd,dkdv,dq,fused"),
+    ("kernel_configs", ["--kernels", "fwdd"],
+     "unknown kernel(s) ['fwdd']; use a comma list of fwd,fwd_scale_first,dkdv,dq,fused"),
     ("kernel_configs", ["--kernels", "fwd,dq,nope"], "unknown kernel(s) ['nope']"),
     ("kernel_configs", ["--seq-len", "16384", "--tokens", "1000"], "--seq-len 16384 does not divide --tokens 1000"),
     ("kernel_configs", ["--seq-len", "0"], "argument --seq-len: '0' is out of range; use an integer >= 1"),

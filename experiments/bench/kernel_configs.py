@@ -8,6 +8,8 @@ or launch is a row with its error, not the end of the sweep. ``clean`` says whet
 tile table lists the config as spill-free on this GPU's family (autotune only considers those).
 Every kernel's tensor-descriptor tiles (names ending ``tma``/``tma ws``; sm_90) are timed beside
 the others whatever ``FPDT_TMA`` says: that variable only lets autotune pick them.
+``fwd_scale_first`` is the forward as it was before it scaled only the row maxima (every score
+scaled, then shifted: one multiply more per score), timed config by config beside ``fwd``.
 
 TFLOP/s per kernel under the flash-attn convention: the forward ``4*B*H*S^2*d`` (halved when
 causal); the dK/dV kernel is credited 4 of the backward's 5 matmuls, the dQ kernel 3 (it
@@ -33,7 +35,7 @@ CSV_FIELDS = (
     "p50_ms", "tflops", "error",
 )  # fmt: skip
 # Matmuls of the kernel, in units of one forward matmul (2*B*H*S^2*d FLOPs, halved when causal).
-_MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3, "fused": 5}
+_MATMULS = {"fwd": 2, "fwd_scale_first": 2, "dkdv": 4, "dq": 3, "fused": 5}
 
 
 def _launches(d: int, causal: bool, S: int, tokens: int, dtype: torch.dtype):
@@ -60,6 +62,7 @@ def _launches(d: int, causal: bool, S: int, tokens: int, dtype: torch.dtype):
     shape = dict(S=S, B=B, H=H, d=d, causal=causal)
     return shape, {
         "fwd": (fwd, triton_fwd.TILES),
+        "fwd_scale_first": (fwd._replace(args={**fwd.args, "SCALE_POSITIVE": False}), triton_fwd.TILES),
         "dkdv": (bwd[-2], triton_bwd.DKDV_TILES),
         "dq": (bwd[-1], triton_bwd.DQ_TILES),
         "fused": (fused[-1], triton_bwd.FUSED_TILES),
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--head-dims", type=positive_ints, default=[128, 64])
     p.add_argument("--kernels", type=names_list(_MATMULS, "kernel"), default=list(_MATMULS),
-                   help="comma list of fwd,dkdv,dq,fused")  # fmt: skip
+                   help="comma list of " + ",".join(_MATMULS))  # fmt: skip
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
     p.add_argument("--seq-len", type=positive_int, default=16384)
     p.add_argument("--tokens", type=positive_int, default=None,

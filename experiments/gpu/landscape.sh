@@ -31,14 +31,14 @@ smoke_or_exit
 # -k); LANDSCAPE_KERNELS: the kernels whose autotune configs are timed; LANDSCAPE_TMA=0 skips
 # the second table (FPDT_TMA=1); LANDSCAPE_FPDT=1 adds the FPDT block.
 TESTS=${LANDSCAPE_TESTS:-tests/test_attention.py tests/test_attention_tma.py tests/test_attention_compile.py tests/test_kernels_varlen.py tests/test_gpu_pipeline.py -k "bf16 or fp32 or varlen or fpdt or gqa or chunked or docs or tma or inductor"}
-KERNELS=${LANDSCAPE_KERNELS:-fwd,dkdv,dq,fused}
+KERNELS=${LANDSCAPE_KERNELS:-fwd,fwd_scale_first,dkdv,dq,fused}
 
 mkdir -p "$OUT/warm"
 warmers=()
 for d in 128 64; do
     for causal in true false; do
         timeout "${WARM_LIMIT_S:-200}" python3 -m experiments.bench.kernel_configs --compile-only --head-dims "$d" \
-            --causal "$causal" --kernels fwd,dkdv,dq,fused >"$OUT/warm/configs_d${d}_$causal.log" 2>&1 &
+            --causal "$causal" --kernels "$KERNELS" >"$OUT/warm/configs_d${d}_$causal.log" 2>&1 &
         warmers+=($!)
     done
 done
