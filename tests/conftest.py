@@ -18,6 +18,24 @@ if not _HAS_CUDA:
 
 import pytest  # noqa: E402
 
+# Most of the suite is the Triton interpreter (one core per process) or small torch ops; the rest
+# spawns ranks that set their own thread counts. With one pytest worker per core (`-n auto`, see
+# pyproject.toml), each worker's torch gets its share of the cores: more threads than cores makes
+# OpenMP's waiting threads spin on cores another worker needs.
+_MAX_WORKERS = 8  # each worker is a torch process (~0.5 GB) whose tests may spawn up to 8 ranks
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(_cores(), _MAX_WORKERS))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# One worker runs this module: its tests share the one compile run (`quick_run`).
+pytestmark = pytest.mark.xdist_group("compile_check")
 
 
 def _rows(text):

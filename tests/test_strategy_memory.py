@@ -23,7 +23,8 @@ RANKS = 2
 MHA = Shape(S=1024, H=8, Hkv=8, d=32)
 GQA = Shape(S=1024, H=8, Hkv=2, d=32)
 
-pytestmark = pytest.mark.distributed
+# One worker runs this module: its tests share one measurement (`rows`).
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("strategy_memory")]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ smoke_or_exit
 step compile_check 60 compile_check.log 0 python3 -m fpdt_kernels.compile_check --quick --jobs 16
 
 (
-    timeout 150 env TORCH_CUDA_SANITIZER=1 FPDT_ATTENTION_BACKEND=naive python3 -m pytest -q -p no:cacheprovider \
+    timeout 150 env TORCH_CUDA_SANITIZER=1 FPDT_ATTENTION_BACKEND=naive python3 -m pytest -q -n 0 -p no:cacheprovider \
         tests/test_gpu_pipeline.py -k "sanitizer or host_checkpoints" >"$OUT/sanitizer.log" 2>&1
     echo "exit $?" >>"$OUT/sanitizer.log"
 ) &
