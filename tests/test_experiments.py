@@ -360,6 +360,14 @@ def test_library_layers_point_one_way():
         code = (f"import sys, {package}; bad = [m for m in sys.modules if m.split('.')[0] in {forbidden!r}]; "
                 "assert not bad, bad; assert 'torch._dynamo' not in sys.modules")  # fmt: skip
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    # Nor does an eager FPDT step through the functions torch.compile must run behind a graph
+    # break (the pipeline, the layer checkpointed to host memory).
+    code = ("import sys, torch; from models import Transformer, get_config; from parallel import SPGroup, parallelize; "
+            "cfg = get_config('llama-tiny', n_layers=1, checkpoint=True, checkpoint_on_host=True); "
+            "m = parallelize(Transformer(cfg), 'fpdt', group=SPGroup.single(), chunks=2, offload=True); "
+            "t = torch.randint(0, 96, (1, 64)); m(t, labels=t).backward(); "
+            "assert 'torch._dynamo' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_backward_order_reaches_the_fpdt_runner(monkeypatch):
