@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._compile import _disable_dynamo  # torch >= 2.0; imports Dynamo only when called
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 
@@ -47,10 +48,7 @@ def eager_under_compile(fn):
     plain flag and ``fn`` runs directly; while Dynamo traces the wrapper, ``is_compiling()`` is
     True and the call goes through ``torch._disable_dynamo`` (torch's lazy form of the decorator),
     the graph break."""
-    lazy = getattr(torch, "_disable_dynamo", None)
-    if lazy is None:  # a torch without the lazy form
-        return torch.compiler.disable(fn)
-    disabled = lazy(fn)
+    disabled = _disable_dynamo(fn)
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
