@@ -361,12 +361,15 @@ def test_library_layers_point_one_way():
                 "assert not bad, bad; assert 'torch._dynamo' not in sys.modules")  # fmt: skip
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     # Nor does an eager FPDT step through the functions torch.compile must run behind a graph
-    # break (the pipeline, the layer checkpointed to host memory).
+    # break (the pipeline, the layer checkpointed to host memory), nor the simulated device's
+    # tracker (a dispatch mode, which torch would wrap in its lazy Dynamo disable).
     code = ("import sys, torch; from models import Transformer, get_config; from parallel import SPGroup, parallelize; "
+            "from experiments.core.memory import MemoryTracker; "
             "cfg = get_config('llama-tiny', n_layers=1, checkpoint=True, checkpoint_on_host=True); "
             "m = parallelize(Transformer(cfg), 'fpdt', group=SPGroup.single(), chunks=2, offload=True); "
-            "t = torch.randint(0, 96, (1, 64)); m(t, labels=t).backward(); "
-            "assert 'torch._dynamo' not in sys.modules")  # fmt: skip
+            "t = torch.randint(0, 96, (1, 64)); tracker = MemoryTracker(); "
+            "exec('with tracker: m(t, labels=t).backward()'); "
+            "assert tracker.peak['device'] > 0, tracker.peak; assert 'torch._dynamo' not in sys.modules")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

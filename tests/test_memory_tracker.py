@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.core import memory
 from experiments.core.memory import MemoryTracker, RecordingMemoryTracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,23 +30,36 @@ def test_resized_storage_counts_its_new_size():
     assert torch.UntypedStorage.resize_ is torch._C.StorageBase.resize_  # restored
 
 
-@pytest.mark.parametrize("recording", [False, True])
-def test_fsdp_adamw_step_counts_shards_moments_and_frees_unsharded_params(one_rank_group, recording):
+@pytest.mark.parametrize(
+    "recording, dtensor_imported_late, width", [(False, False, 256), (True, False, 256), (False, True, 192)]
+)
+def test_fsdp_adamw_step_counts_shards_moments_and_frees_unsharded_params(
+    one_rank_group, recording, dtensor_imported_late, width, monkeypatch
+):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    # Two FSDP blocks (a 256x256 and a 256x128 weight) and the root: 384 KiB of fp32 parameters.
-    model = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 128, bias=False))
+    # Two FSDP blocks (a width x width and a width x width/2 weight) and the root.
+    model = torch.nn.Sequential(
+        torch.nn.Linear(width, width, bias=False), torch.nn.Linear(width, width // 2, bias=False)
+    )
     for block in model:
         fully_shard(block)
     fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-    p_bytes = (256 * 256 + 256 * 128) * 4
-    biggest = 256 * 256 * 4
+    p_bytes = (width * width + width * width // 2) * 4
+    biggest = width * width * 4
     steps = 2 * 4  # each parameter's fp32 step counter
-    x = torch.randn(4, 256)
+    x = torch.randn(4, width)
     tracker = (RecordingMemoryTracker if recording else MemoryTracker)()
+    sharding_prop = sys.modules[memory._SHARDING_PROP]
+    if dtensor_imported_late:
+        # As in a rank whose first DTensor is made while it is tracked: DTensor's propagator is
+        # imported after the tracker started. (A width of its own: DTensor caches propagations by
+        # shape, so shapes an earlier test in this process ran would not be propagated again.)
+        monkeypatch.delitem(sys.modules, memory._SHARDING_PROP)
     with tracker:
+        sys.modules[memory._SHARDING_PROP] = sharding_prop
         tracker.track(model.parameters())  # DTensors: counted by their local shards
         assert tracker.current["device"] == p_bytes
         model(x).sum().backward()
@@ -65,10 +79,12 @@ def test_fsdp_adamw_step_counts_shards_moments_and_frees_unsharded_params(one_ra
         model(x).sum().backward()
         # The second step's forward/backward: the unsharded copies of both blocks (the root keeps its
         # own parameters, none here, unsharded) and at most both blocks' unsharded and sharded grads.
-        assert 4 * p_bytes + steps <= tracker.peak["device"] <= 3 * p_bytes + steps + 3 * p_bytes + 4 * 256 * 4
+        assert 4 * p_bytes + steps <= tracker.peak["device"] <= 3 * p_bytes + steps + 3 * p_bytes + x.numel() * 4
         assert tracker.current["device"] == 4 * p_bytes + steps
     if recording:
         assert sum(a.nbytes for a in tracker.at_peak) == tracker.peak["device"]
+    propagator = sharding_prop.ShardingPropagator
+    assert propagator.__dict__[memory._PROPAGATE] is memory._propagate  # restored
 
 
 _BUILD_THEN_STEPS = """

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_flatten
 
-from parallel.tensors import real_tensors, storage_key
+from parallel.tensors import eager_under_compile, real_tensors, storage_key
 
 from .paths import REPO
 from .units import format_bytes
@@ -68,24 +68,33 @@ def _shapes_only(propagate):
 
 
 _PROPAGATE = "_propagate_tensor_meta_non_cached"
+_SHARDING_PROP = "torch.distributed.tensor._sharding_prop"
 _propagate = None  # ShardingPropagator's own, once looked up
+_sharding_followed = False  # whether ShardingPropagator is patched now
 
 
 def _follow(on: bool) -> None:
     """Patch in (``on``) or restore what the dispatch mode cannot see by itself."""
-    global _propagate
     torch.UntypedStorage.resize_ = _resize_followed if on else _resize
-    module = sys.modules.get("torch.distributed.tensor._sharding_prop")
-    if module is None:  # no DTensor has been made yet; one made now would import it: do it first
-        try:
-            import torch.distributed.tensor._sharding_prop as module
-        except ImportError:  # a build without torch.distributed: no DTensors either
-            return
+    _follow_sharding(on)
+
+
+def _follow_sharding(on: bool) -> None:
+    """Patch DTensor's sharding propagator in or out, if DTensor's package is imported.
+
+    It is not imported for it: most ranks never make a DTensor, and the import (sympy's) costs
+    about a second. A DTensor made later imports it first, and its first op reaches the tracker's
+    dispatch (modes go before subclasses) before any propagation: the dispatch calls this then."""
+    global _propagate, _sharding_followed
+    module = sys.modules.get(_SHARDING_PROP)
+    if module is None or _sharding_followed == on:
+        return
     cls = module.ShardingPropagator
     if _propagate is None:
         _propagate = cls.__dict__.get(_PROPAGATE)
     if _propagate is not None:
         setattr(cls, _PROPAGATE, _shapes_only(_propagate) if on else _propagate)
+    _sharding_followed = on
 
 
 def _resize_followed(storage: torch.UntypedStorage, nbytes: int):
@@ -163,10 +172,21 @@ class MemoryTracker(TorchDispatchMode):
         if not _entered:
             _follow(False)
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # True (torch's default) has torch wrap ``__torch_dispatch__`` in its lazy Dynamo disable,
+        # which imports Dynamo (about 2 s) at the first tracked op, compiling or not: the only
+        # import of it in a rank without an optimizer (torch's optimizers import it themselves).
+        # ``eager_under_compile`` below gives the same graph break without the import.
+        return False
+
+    @eager_under_compile
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             # A wrapper subclass (DTensor): let its own dispatch run, with this mode active again,
             # so the local tensors it makes come back here as plain ops and are counted there.
+            if not _sharding_followed:
+                _follow_sharding(True)
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
