@@ -119,3 +119,23 @@ def test_run_peak_is_the_steps_not_the_model_build(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     peak = int(run.stdout.split("PEAK")[-1])
     assert 0 < peak < 2**20
+
+
+def test_recorded_sites_name_this_repositorys_code_innermost_first():
+    from models import Transformer, get_config
+
+    with RecordingMemoryTracker() as tracker:
+        model = Transformer(get_config("llama-tiny", n_layers=1))
+    assert sum(a.nbytes for a in tracker.at_peak) == tracker.peak["device"] > 0
+    for allocation in tracker.at_peak:
+        frames = allocation.site.split(" < ")
+        assert 1 <= len(frames) <= 3, allocation.site
+        for frame in frames:  # "path/in/repo.py:LINE function", never a test's nor the tracker's
+            where, function = frame.split(" ")
+            path, line = where.split(":")
+            assert function.isidentifier() or function in ("<module>", "<genexpr>", "<lambda>"), frame
+            assert not path.startswith("tests/") and path != "experiments/core/memory.py", frame
+            assert 1 <= int(line) <= len((REPO / path).read_text().splitlines()), frame
+    # The weights are made in the model's own constructors: the innermost frame is models' code.
+    assert all(a.site.startswith("models/") for a in tracker.at_peak), [a.site for a in tracker.at_peak]
+    del model
