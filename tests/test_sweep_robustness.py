@@ -51,15 +51,19 @@ def _children(pid):
 
 
 def _ranks(pid):
-    """The controller's spawned rank processes (not multiprocessing's resource tracker)."""
+    """The controller's rank processes, in rank order: spawned ones are its children, forked ones
+    the children of its fork server (not multiprocessing's resource tracker)."""
     ranks = []
     for child in _children(pid):
         try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                ranks.append(child)
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
-            pass
-    return ranks
+            continue
+        if b"spawn_main" in cmdline:
+            ranks.append(child)
+        elif b"multiprocessing.forkserver" in cmdline:
+            ranks += _children(child)
+    return sorted(ranks)
 
 
 def _alive(pid):

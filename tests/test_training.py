@@ -185,15 +185,18 @@ def _children(pid):
 
 
 def _workers(pid):
-    """The controller's rank processes, in rank order (spawned one after another)."""
+    """The controller's rank processes, in rank order (started one after another): spawned ones
+    are its children, forked ones the children of its fork server (not the resource tracker)."""
     ranks = []
     for child in _children(pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"spawn_main" in cmdline:  # not multiprocessing's resource tracker
+        if b"spawn_main" in cmdline:
             ranks.append(child)
+        elif b"multiprocessing.forkserver" in cmdline:
+            ranks += _children(child)
     return sorted(ranks)
 
 

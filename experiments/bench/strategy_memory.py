@@ -214,14 +214,13 @@ def spawn_items(worker, items: list, ranks: int, args: tuple, error_row: ErrorRo
     (through :class:`RankRows`). A rank that fails or dies makes its item's rows ``status=error``
     ones (``error_row``), and the items after it run in a fresh world. ``label(item)`` names an
     item in what is printed."""
-    import torch.multiprocessing as mp
+    from ..core.ranks import start_ranks
 
     rows, start = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         while start < len(items):
             todo = list(enumerate(items))[start:]
-            ctx = mp.start_processes(worker, args=(ranks, f"{tmp}/rdzv{start}", todo, *args, tmp), nprocs=ranks,
-                                     join=False, start_method="spawn")  # fmt: skip
+            ctx = start_ranks(worker, (ranks, f"{tmp}/rdzv{start}", todo, *args, tmp), ranks)
             first = _wait(ctx)
             done, start = _collect(tmp, todo, ranks, [p.exitcode for p in ctx.processes], first, error_row)
             rows += done

@@ -1,8 +1,9 @@
 """One sweep point per Hydra job: ``python -m experiments.run``.
 
 The job is a controller: it resolves and checks the configuration once, skips it if the sweep
-already has its row, spawns ``gpus`` fresh worker processes (NCCL with one GPU each on CUDA,
-gloo on CPU), waits for them under a timeout, and records one result row, whatever happened::
+already has its row, starts ``gpus`` fresh worker processes (NCCL with one GPU each on CUDA,
+gloo on CPU; forked from a server that imported torch once, ``experiments.core.ranks``), waits
+for them under a timeout, and records one result row, whatever happened::
 
     # one point, 2 ranks
     python -m experiments.run model=llama-tiny parallel=fpdt seq_len=8192 chunks=4 gpus=2
@@ -47,6 +48,7 @@ from ..core.locks import exclusive_lock
 from ..core.paths import CONF_DIR
 from ..core.point import Point
 from ..core.provenance import git_commit, versions
+from ..core.ranks import start_ranks
 from ..core.units import GIB, format_bytes
 from ..training.loop import model_config, uses_cuda
 from . import config as _schema  # noqa: F401  (registers the structured configs)
@@ -237,7 +239,7 @@ def launch(point: Point, job_dir: Path, body=None) -> dict:
         port = _free_port()
         args = (point, point.gpus, port, str(job_dir)) + (() if body is None else (body,))
         with _plain_start_method():
-            ctx = mp.start_processes(spawn_entry, args=args, nprocs=point.gpus, join=False, start_method="spawn")
+            ctx = start_ranks(spawn_entry, args, point.gpus)
         try:
             with _sigterm_raises():
                 return _wait(ctx, point, job_dir)

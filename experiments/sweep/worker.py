@@ -8,9 +8,7 @@ controller turns them into the result row (maxima over ranks where it matters).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import multiprocessing
 import os
 import re
 import signal
@@ -185,27 +183,9 @@ def run_rank(point: Point, out_dir: str, body: Callable[[dict, Path], dict] = me
         destroy_distributed()
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this rank when the controller that spawned it dies, however it dies (Linux).
-
-    torch.multiprocessing asks for SIGINT instead, which a rank does not act on while it waits in a
-    collective, nor at all where SIGINT is ignored (a controller started with ``&`` from a script):
-    such ranks outlived a killed controller, holding their memory."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
-        os._exit(1)
-
-
 def spawn_entry(local_rank: int, point: Point, world: int, port: int, out_dir: str,
                 body: Callable[[dict, Path], dict] = measure_steps) -> None:  # fmt: skip
-    """``torch.multiprocessing`` target: one fresh process per rank on this machine."""
-    _die_with_parent()
+    """``experiments.core.ranks.start_ranks`` target: one process per rank on this machine."""
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
