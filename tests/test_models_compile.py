@@ -14,10 +14,10 @@ import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import models
 import parallel
+from experiments.core.ranks import run_ranks
 
 SEQ_LEN = 64
 
@@ -104,7 +104,7 @@ def _worker(rank, world, init_file, out):
 def _two_ranks():
     """One launch of two ranks runs every strategy of ``TWO_RANKS``: ``[rank 0's, rank 1's]`` results."""
     directory = tempfile.mkdtemp()
-    mp.spawn(_worker, args=(2, f"{directory}/rdzv", directory), nprocs=2)
+    run_ranks(_worker, (2, f"{directory}/rdzv", directory), 2)
     return [torch.load(f"{directory}/{rank}.pt") for rank in range(2)]
 
 

@@ -17,7 +17,8 @@ import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from experiments.core.ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -149,9 +150,7 @@ def _launch(world):
     """Run every case for ``world`` ranks once; returns ``[per-rank results]`` or the error."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.start_processes(
-                _worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, start_method="spawn"
-            )
+            run_ranks(_worker, (world, os.path.join(tmp, "init"), tmp), world)
         except Exception as e:  # reported by every test of this launch, not relaunched
             return e
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]

@@ -17,7 +17,8 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from experiments.core.ranks import run_ranks
 
 CONFIG_KEYS = ("kind", "H", "Hkv", "chunks", "offload", "causal", "bias", "rope", "order")
 
@@ -182,7 +183,7 @@ def _worker(rank: int, world: int, rdzv: str, result_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_blocks_match_local(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=world, join=True)
+    run_ranks(_worker, (world, str(tmp_path / "rdzv"), str(tmp_path)), world)
     failures = []
     for rank in range(world):
         text = (tmp_path / f"rank{rank}.txt").read_text()

@@ -17,7 +17,8 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from experiments.core.ranks import run_ranks
 
 B, S, D = 2, 32, 8
 # Packed documents over the flattened [B * S] tokens: some cross piece boundaries (pieces are 8
@@ -313,7 +314,7 @@ def _worker(rank: int, world: int, rdzv: str, result_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_and_usp_match_local(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=world, join=True)
+    run_ranks(_worker, (world, str(tmp_path / "rdzv"), str(tmp_path)), world)
     failures = []
     for rank in range(world):
         text = (tmp_path / f"rank{rank}.txt").read_text()
@@ -357,6 +358,6 @@ def _mesh_worker(rank: int, world: int, rdzv: str, result_dir: str) -> None:
 @pytest.mark.distributed
 def test_usp_with_data_parallel_replicas_on_eight_ranks(tmp_path):
     world = 8
-    mp.spawn(_mesh_worker, args=(world, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=world, join=True)
+    run_ranks(_mesh_worker, (world, str(tmp_path / "rdzv"), str(tmp_path)), world)
     failures = [f"rank {r}:\n{t}" for r in range(world) if (t := (tmp_path / f"rank{r}.txt").read_text())]
     assert not failures, "\n".join(failures)

@@ -79,3 +79,11 @@ def _die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
+def run_ranks(fn: Callable, args: tuple, nprocs: int) -> None:
+    """:func:`start_ranks`, then wait for every rank; a rank's failure raises as in
+    ``torch.multiprocessing.spawn`` (the others are stopped)."""
+    ranks = start_ranks(fn, args, nprocs)
+    while not ranks.join():
+        pass

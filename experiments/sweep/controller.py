@@ -150,10 +150,10 @@ def _job_dir_lock(job_dir: Path):
 
 @contextlib.contextmanager
 def _plain_start_method():
-    """A spawned rank sets the start method its parent had as the process default before anything
-    else; where that is a launcher's own (Hydra's joblib launcher runs jobs in loky workers, whose
-    default is ``loky``), no fresh interpreter knows it and every rank dies at start. Ranks are
-    started with ``spawn`` as the default meanwhile."""
+    """A rank (spawned, or forked from the fork server) sets the start method its launcher had as
+    the process default before anything else; where that is a launcher's own (Hydra's joblib
+    launcher runs jobs in loky workers, whose default is ``loky``), no fresh interpreter knows it
+    and every rank dies at start. Ranks are started with ``spawn`` as the default meanwhile."""
     import multiprocessing
 
     old = multiprocessing.get_start_method(allow_none=True)
