@@ -18,6 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import experiments.sweep.config  # noqa: F401  (registers the schema)
+from experiments.core.ranks import rank_pids
 from experiments.sweep import controller, results
 from experiments.sweep.points import check_point, resolve_point
 from experiments.sweep.results import point_key, read_csv, record_point
@@ -40,30 +41,6 @@ def _env():
 def _run(*args, cwd, env=None, timeout=120):
     cmd = [sys.executable, "-m", "experiments.run", *args]
     return subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _children(pid):
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _ranks(pid):
-    """The controller's rank processes, in rank order: spawned ones are its children, forked ones
-    the children of its fork server (not multiprocessing's resource tracker)."""
-    ranks = []
-    for child in _children(pid):
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline:
-            ranks.append(child)
-        elif b"multiprocessing.forkserver" in cmdline:
-            ranks += _children(child)
-    return sorted(ranks)
 
 
 def _alive(pid):
@@ -95,7 +72,7 @@ def _long_point(tmp_path, sweep, ignore_sigint, module="experiments.run", args=N
     ranks = []
     try:
         deadline = time.monotonic() + 90
-        while len(ranks := _ranks(proc.pid)) < 2:
+        while len(ranks := rank_pids(proc.pid)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
             time.sleep(0.2)
         time.sleep(1.0)  # the controller is waiting on them now

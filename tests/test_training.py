@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from experiments.core.point import Point
+from experiments.core.ranks import rank_pids
 from experiments.core.tables import read_csv
 from experiments.training import checkpoint
 from experiments.training.precision import resolve_precision
@@ -172,34 +173,6 @@ def test_incomplete_checkpoints_are_skipped(tmp_path):
     assert checkpoint.latest(tmp_path / "none") is None
 
 
-def _children(pid):
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _workers(pid):
-    """The controller's rank processes, in rank order (started one after another): spawned ones
-    are its children, forked ones the children of its fork server (not the resource tracker)."""
-    ranks = []
-    for child in _children(pid):
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline:
-            ranks.append(child)
-        elif b"multiprocessing.forkserver" in cmdline:
-            ranks += _children(child)
-    return sorted(ranks)
-
-
 @pytest.mark.distributed
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc (Linux)")
 def test_a_dead_rank_is_reported_and_the_last_checkpoint_survives(tmp_path):
@@ -213,7 +186,7 @@ def test_a_dead_rank_is_reported_and_the_last_checkpoint_survives(tmp_path):
         while checkpoint.latest(tmp_path / "ck") is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.5)
-        victim = _workers(proc.pid)[1]
+        victim = rank_pids(proc.pid)[1]
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:

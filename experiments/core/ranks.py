@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -46,9 +47,28 @@ def start_ranks(fn: Callable, args: tuple, nprocs: int) -> mp.ProcessContext:
     method = start_method()
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(PRELOAD)  # used when the server starts (once)
-    return mp.start_processes(
-        _rank_main, args=(fn, dict(os.environ), args), nprocs=nprocs, join=False, start_method=method
-    )
+    with _plain_default_start_method():
+        return mp.start_processes(
+            _rank_main, args=(fn, dict(os.environ), args), nprocs=nprocs, join=False, start_method=method
+        )
+
+
+@contextlib.contextmanager
+def _plain_default_start_method():
+    """A rank sets the start method its launcher had as the process default before anything else;
+    where that is a launcher's own (Hydra's joblib launcher runs jobs in loky workers, whose
+    default is ``loky``), no fresh interpreter knows it and every rank dies at start. Ranks are
+    started with ``spawn`` as the default meanwhile."""
+    old = multiprocessing.get_start_method(allow_none=True)
+    if old in (None, "spawn", "fork", "forkserver"):
+        yield
+        return
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            multiprocessing.set_start_method(old, force=True)
 
 
 def _rank_main(local_rank: int, fn: Callable, environ: dict, args: tuple) -> None:
@@ -87,3 +107,39 @@ def run_ranks(fn: Callable, args: tuple, nprocs: int) -> None:
     ranks = start_ranks(fn, args, nprocs)
     while not ranks.join():
         pass
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux ``/proc``; elsewhere none)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, theirs, and so on (Linux ``/proc``; elsewhere none)."""
+    found, todo = [], [pid]
+    while todo:
+        new = children(todo.pop())
+        found += new
+        todo += new
+    return found
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The live ranks :func:`start_ranks` started in process ``launcher``, in rank order (they are
+    started one after another): spawned ones are its children, forked ones its fork server's; not
+    multiprocessing's resource tracker (Linux ``/proc``)."""
+    ranks = []
+    for child in children(launcher):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            ranks.append(child)
+        elif b"multiprocessing.forkserver" in cmdline:
+            ranks += children(child)
+    return sorted(ranks)

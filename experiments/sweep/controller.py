@@ -48,7 +48,7 @@ from ..core.locks import exclusive_lock
 from ..core.paths import CONF_DIR
 from ..core.point import Point
 from ..core.provenance import git_commit, versions
-from ..core.ranks import start_ranks
+from ..core.ranks import descendants, start_ranks
 from ..core.units import GIB, format_bytes
 from ..training.loop import model_config, uses_cuda
 from . import config as _schema  # noqa: F401  (registers the structured configs)
@@ -97,25 +97,11 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, theirs, and so on (Linux ``/proc``; elsewhere none)."""
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except (OSError, ValueError):
-                continue
-            found += children
-            todo += children
-    return found
-
-
 def _stop(ctx) -> None:
     """SIGKILL every rank still running and what it started (compile workers, helpers), then reap
     the ranks: nothing of a point outlives it, holding memory or a GPU."""
     alive = [p for p in ctx.processes if p.is_alive()]
-    for pid in [q for p in alive for q in _descendants(p.pid)]:
+    for pid in [q for p in alive for q in descendants(p.pid)]:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     for p in alive:
@@ -146,26 +132,6 @@ def _job_dir_lock(job_dir: Path):
                 f.truncate(0)
                 f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
-
-
-@contextlib.contextmanager
-def _plain_start_method():
-    """A rank (spawned, or forked from the fork server) sets the start method its launcher had as
-    the process default before anything else; where that is a launcher's own (Hydra's joblib
-    launcher runs jobs in loky workers, whose default is ``loky``), no fresh interpreter knows it
-    and every rank dies at start. Ranks are started with ``spawn`` as the default meanwhile."""
-    import multiprocessing
-
-    old = multiprocessing.get_start_method(allow_none=True)
-    if old in (None, "spawn", "fork", "forkserver"):
-        yield
-        return
-    multiprocessing.set_start_method("spawn", force=True)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            multiprocessing.set_start_method(old, force=True)
 
 
 def _free_port() -> int:
@@ -238,8 +204,7 @@ def launch(point: Point, job_dir: Path, body=None) -> dict:
             stale.unlink(missing_ok=True)
         port = _free_port()
         args = (point, point.gpus, port, str(job_dir)) + (() if body is None else (body,))
-        with _plain_start_method():
-            ctx = start_ranks(spawn_entry, args, point.gpus)
+        ctx = start_ranks(spawn_entry, args, point.gpus)
         try:
             with _sigterm_raises():
                 return _wait(ctx, point, job_dir)
@@ -490,7 +455,7 @@ def _watchdog(point: Point, metrics: Path, record) -> threading.Lock:
     def expire():
         if not claim.acquire(blocking=False):
             return
-        for pid in _descendants(os.getpid()):  # what rank 0 started (compile workers, helpers)
+        for pid in descendants(os.getpid()):  # what rank 0 started (compile workers, helpers)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         try:
