@@ -56,3 +56,16 @@ def test_a_failing_rank_raises_in_the_launcher():
 
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails"):
         run_ranks(_fail, (), 2)
+
+
+def test_cuda_ranks_are_spawned_children_of_the_launcher(tmp_path, monkeypatch):
+    """Where the launcher sees a CUDA device, ranks are spawned (a fork server that ever queried
+    the driver would hand out ranks that cannot use CUDA); the spawn path runs here on CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert start_method() == "spawn"
+    monkeypatch.setenv("RANKS_TEST_VALUE", "spawned")
+    run_ranks(_report, (str(tmp_path),), 1)
+    rank = _reports(tmp_path, 1)[0]
+    assert rank["env"] == "spawned" and rank["parent"] == os.getpid()

@@ -1,4 +1,5 @@
-"""Starting the ranks of a run on this machine: processes forked from a server that imported torch once.
+"""Starting the ranks of a run on this machine: processes forked from a server that imported torch
+once (on CPU; CUDA ranks are spawned, see :func:`start_method`).
 
 A rank started with ``spawn`` is a new interpreter that imports torch and Dynamo (torch's
 optimizers import it) all over again: about 4.5 s of CPU per rank on a laptop, more where the
@@ -37,8 +38,18 @@ PRELOAD = ["torch", "torch.distributed", "torch._dynamo"]
 
 
 def start_method() -> str:
-    """``forkserver`` where the platform has it (Linux, macOS), else ``spawn``."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    """``forkserver`` where the platform has it (Linux, macOS) and the launcher sees no CUDA
+    device, else ``spawn``.
+
+    CUDA ranks are spawned: torch marks a process whose CUDA driver was queried (even a
+    ``torch.cuda.device_count()``) as unable to use CUDA in its forked children, so one such call
+    at import in any preloaded module, in any torch version, would fail every rank at its first
+    CUDA call. A GPU step takes seconds to minutes, so the import it saves there hardly counts."""
+    import torch
+
+    if torch.cuda.is_available() or "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return "forkserver"
 
 
 def start_ranks(fn: Callable, args: tuple, nprocs: int) -> mp.ProcessContext:
