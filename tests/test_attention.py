@@ -188,6 +188,46 @@ def test_chunk_backward_accumulates_at_offsets(deterministic):
         torch.testing.assert_close(g.double(), r + 0.5, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["split", "fused"])
+def test_launches_past_the_grid_limit_run_over_batch_slices(monkeypatch, deterministic):
+    """CUDA caps a grid's second axis, where every kernel puts (batch, head) pairs, at 65535
+    blocks: a launch with more runs over slices of the batch (B=4096 and H=16 would not launch).
+    With the cap at 9 and H=4, batch 3 runs as slices of 2 and 1: bit for bit what one launch
+    gives, for flash_attention and for packed documents accumulated at offsets."""
+    from fpdt_kernels.attention import triton_common
+
+    q, k, v, do = _make((21, 29, 16, 4, 2), torch.float32, batch=3)
+    cu = torch.tensor([0, 10, 29, 40, 58, 70, 87], dtype=torch.int32, device=q.device)  # rows of S=29
+    kw = dict(q_start=8, k_start=0, causal=True)
+
+    def run_all():
+        whole = _fwd_bwd(
+            functools.partial(fpdt_kernels.flash_attention, deterministic=deterministic), q, k, v, do, True
+        )
+        out = torch.full(q.shape, 0.25, device=q.device)
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], device=q.device)
+        fpdt_kernels.attention_chunk_forward(q, k, v, **kw, out=out, lse=lse, cu_seqlens=cu)
+        grads = fpdt_kernels.attention_chunk_backward(
+            do, q, k, v, out, lse, **kw, cu_seqlens=cu, deterministic=deterministic
+        )
+        return [*whole, out, lse, *grads]
+
+    with fpdt_kernels.use_backend("triton"):
+        want = run_all()
+        slices = []
+        real = triton_common.batch_slices
+        monkeypatch.setattr(triton_common, "MAX_GRID_Y", 9)
+        monkeypatch.setattr(triton_common, "batch_slices", lambda launch: slices.append(real(launch)) or slices[-1])
+        got = run_all()
+        assert slices and all([part.args["Q" if "Q" in part.args else "Out"].shape[0] for part in parts] == [2, 1]
+                              for parts in slices)  # fmt: skip
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+        monkeypatch.setattr(triton_common, "MAX_GRID_Y", 3)
+        with pytest.raises(ValueError, match="4 query heads exceed the 3 a CUDA grid dimension holds"):
+            fpdt_kernels.flash_attention(q, k, v)
+
+
 @pytest.fixture
 def split_dkdv(monkeypatch):
     """The dK/dV kernel runs its split variant (dV and dK by separate programs) in one small tile:

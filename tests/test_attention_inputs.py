@@ -149,8 +149,12 @@ def test_chunk_backward_takes_out_in_q_dtype_or_as_the_forward_left_it():
 
 def _call(entry, q, k, v, **kw):
     """Run one entry point with keyword overrides (``q_start``/``k_start`` only for the chunk ops)."""
-    if entry == "flash_attention":
-        return fpdt_kernels.flash_attention(q, k, v, **{n: kw[n] for n in kw if n in ("causal", "softmax_scale")})
+    if entry in ("flash_attention", "varlen"):
+        kw = {n: kw[n] for n in kw if n in ("causal", "softmax_scale")}
+        if entry == "flash_attention":
+            return fpdt_kernels.flash_attention(q, k, v, **kw)
+        cu = torch.tensor([0, q.shape[1]], dtype=torch.int32)  # one document per sequence
+        return fpdt_kernels.flash_attention_varlen(q[0], k[0], v[0], cu, cu, q.shape[1], k.shape[1], **kw)
     args = {**CHUNK, **kw}
     if entry == "chunk_forward":
         return fpdt_kernels.attention_chunk_forward(q, k, v, **args)
@@ -183,7 +187,7 @@ def test_integer_offsets_are_accepted_negative_too(value):
 # ---------------------------------------------------------------------------- 4: softmax_scale, causal
 
 
-@pytest.mark.parametrize("entry", ["flash_attention", "chunk_forward", "chunk_backward"])
+@pytest.mark.parametrize("entry", ["flash_attention", "varlen", "chunk_forward", "chunk_backward"])
 @pytest.mark.parametrize(
     "kw, error, match",
     [
@@ -213,6 +217,15 @@ def test_scale_and_causal_are_checked(entry, kw, error, match):
     q, k, v = _qkv()
     with pytest.raises(error, match=match):
         _call(entry, q, k, v, **kw)
+
+
+def test_varlen_in_flash_attns_positional_order_is_refused():
+    """flash-attn's ``flash_attn_varlen_func`` takes ``dropout_p, softmax_scale, causal`` after the
+    maxima; ours ``causal, softmax_scale``. Their order must fail, not run a non-causal attention."""
+    q, k, v = (t[0] for t in _qkv())
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"causal must be a bool .* got 0.0 \(float\)"):
+        fpdt_kernels.flash_attention_varlen(q, k, v, cu, cu, 6, 6, 0.0, None, True)
 
 
 @pytest.mark.parametrize("scale", [1, 0.25, np.float32(0.25), torch.tensor(0.25), 0.0], ids=str)
@@ -384,3 +397,75 @@ def test_an_empty_batch_of_packed_documents():
     assert out.shape == (0, 4, 2, 8) and lse.shape == (0, 2, 4)
     with pytest.raises(ValueError, match=r"cu_seqlens ends at 4, but q has B=0 rows; an empty batch takes"):
         fpdt_kernels.attention_chunk_forward(q, q, q, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), **CHUNK)
+
+
+# ---------------------------------------------------------------------------- what the ops promise
+
+
+@pytest.mark.parametrize("entry", ["flash_attention", "varlen"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+def test_a_double_backward_raises_on_every_backend(backend, device, entry):
+    """The backward is first-order. Differentiating it (a gradient penalty) must raise, not give a
+    second-order term of 0 (the Triton backward returned gradients with no graph)."""
+    if entry == "varlen" and backend == "naive":
+        pytest.skip("naive's packed documents are plain autograd math: they have a second order")
+    q, k, v = (t.requires_grad_() for t in _qkv(device=device))
+    with fpdt_kernels.use_backend(backend):
+        out = _call(entry, q, k, v, causal=True)
+        (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            dq.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+def test_one_row_buffers_take_any_stride_along_their_one_row(backend, device):
+    """A block of one query row: ``delta`` and a running ``lse`` made by the docstring's recipe
+    (``.transpose(1, 2).contiguous()``) have a stride of 2 along their one-element last dim,
+    which no kernel reads; they are accepted and give what unit-stride buffers give."""
+    q, k, v = _qkv(sq=1, sk=6, device=device)
+    do = torch.randn_like(q)
+    with fpdt_kernels.use_backend(backend):
+        out, lse = fpdt_kernels.attention_chunk_forward(q, k, v, q_start=5, k_start=0, causal=True)
+        delta = (do.float() * out).sum(-1).transpose(1, 2).contiguous()
+        assert delta.stride(-1) != 1
+        want = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, q_start=5, k_start=0, causal=True)
+        got = fpdt_kernels.attention_chunk_backward(
+            do, q, k, v, out, lse, q_start=5, k_start=0, causal=True, delta=delta
+        )
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+        run_out = torch.zeros_like(out)
+        run_lse = torch.full((1, 1, 4), float("-inf"), device=device).transpose(1, 2).contiguous()
+        assert run_lse.shape == lse.shape and run_lse.stride(-1) != 1
+        fpdt_kernels.attention_chunk_forward(q, k, v, q_start=5, k_start=0, causal=True, out=run_out, lse=run_lse)
+        torch.testing.assert_close(run_out, out)
+        torch.testing.assert_close(run_lse, lse)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["split", "fused"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+def test_float64_gradient_buffers_on_the_cpu(backend, device, deterministic):
+    """float64 accumulators are accepted on the CPU by every backend and backward, the fused
+    Triton one too (its dQ atomics add into an fp32 buffer, then into the caller's)."""
+    if device != "cpu":
+        pytest.skip("float64 accumulators are a CPU (oracle) feature; GPU kernels accumulate in fp32")
+    q, k, v = _qkv()
+    do, out, lse = _chunk_state(q, k, v)
+    with fpdt_kernels.use_backend(backend):
+        want = fpdt_kernels.attention_chunk_backward(do, q, k, v, out, lse, **CHUNK, deterministic=deterministic)
+        buffers = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
+        fpdt_kernels.attention_chunk_backward(
+            do, q, k, v, out, lse, **CHUNK, dq=buffers[0], dk=buffers[1], dv=buffers[2], deterministic=deterministic
+        )
+    for g, w in zip(buffers, want, strict=True):
+        torch.testing.assert_close(g, w.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_naive_takes_the_public_ops_arguments():
+    """``fpdt_kernels.naive`` stands in for the public ops: the same argument names, in order."""
+    import inspect
+
+    for name in ("flash_attention", "flash_attention_varlen", "attention_chunk_forward",
+                 "attention_chunk_backward", "merge_attention"):  # fmt: skip
+        public = list(inspect.signature(getattr(fpdt_kernels, name)).parameters)
+        assert list(inspect.signature(getattr(naive, name)).parameters) == public, name

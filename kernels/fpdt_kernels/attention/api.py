@@ -12,6 +12,7 @@ import numbers
 import operator
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..backend import resolve_backend
 from . import cudnn, documents, naive, torch_cpu
@@ -98,9 +99,15 @@ def _check_inputs(q, k, v, causal, softmax_scale) -> tuple[str, bool, float]:
     _check_qkv_tensors(q, k, v)
     backend = resolve_backend(q.device)
     _check_qkv(q, k, v, backend)
+    return backend, *_check_causal_and_scale(causal, softmax_scale, q.shape[-1])
+
+
+def _check_causal_and_scale(causal, softmax_scale, head_dim: int) -> tuple[bool, float]:
+    """``causal`` is a bool (a string or a number passed positionally is refused, not truthy);
+    ``softmax_scale`` as ``_check_scale`` takes it. Returns ``(causal, scale)``."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool (True or False), got {_describe(causal)}")
-    return backend, causal, _check_scale(softmax_scale, q.shape[-1])
+    return causal, _check_scale(softmax_scale, head_dim)
 
 
 def _check_scale(softmax_scale, head_dim: int) -> float:
@@ -152,9 +159,10 @@ def resolve_deterministic(deterministic: bool | None) -> bool:
 
 
 def _check_buffer(name, t, shape, device) -> None:
-    """An fp32 accumulator the op writes into (float64 too on the CPU), unit stride along its last dim."""
+    """An fp32 accumulator the op writes into (float64 too on the CPU), unit stride along its last
+    dim (where that dim has one element its stride is never used: ``delta`` of a one-row block)."""
     _check_operand(name, t, shape, device, _accumulator_dtypes(device), "a float32 accumulator")
-    if t.stride(-1) != 1:
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
 
 
@@ -471,7 +479,8 @@ def _check_partials(out_a, lse_a, out_b, lse_b) -> None:
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
-    """Combine partial attentions over disjoint key sets: fp32 ``(out [B,S,H,d], lse [B,H,S])``.
+    """Combine partial attentions over disjoint key sets: fp32 ``(out [B,S,H,d], lse [B,H,S])``
+    (float64 where ``out_a`` is float64, the oracle's accumulator dtype).
 
     Safe when either LSE is ``-inf`` (that side saw no key). Elementwise, so plain PyTorch ops
     run it on any device. ``out_*``: fp16, bf16, fp32 or float64; ``lse_*``: fp32 (or float64);
@@ -552,7 +561,9 @@ def _whole_backward(do, q, k, v, out, lse, causal: bool, scale: float, backend: 
 
 class _FlashAttention(torch.autograd.Function):
     """``flash_attention`` in eager mode: gradients come back in the input dtype, and the forward's
-    padded copies (Triton, odd head dims) are saved for the backward instead of made again."""
+    padded copies (Triton, odd head dims) are saved for the backward instead of made again. The
+    backward is first-order: differentiating it (``create_graph=True``, a gradient penalty) raises
+    on every backend rather than silently dropping the second-order terms."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, backend, deterministic):
@@ -562,6 +573,7 @@ class _FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # first-order only: a double backward raises instead of dropping terms
     def backward(ctx, do):
         grads = _whole_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic)
         return (*grads, None, None, None, None)

@@ -82,7 +82,8 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     """Combine two partial attentions over disjoint key sets (online softmax, fp32).
 
     ``out_*``: ``[B, S, H, d]``; ``lse_*``: ``[B, H, S]``. Safe when either side is ``-inf``
-    (a row that saw no key in that part). Returns fp32 ``(out, lse)``.
+    (a row that saw no key in that part). Returns ``(out, lse)`` in fp32 (float64 for a float64
+    ``out_a``).
     """
     acc = accumulator_dtype(out_a.dtype)
     out, lse = out_a.to(acc, copy=True), lse_a.to(acc, copy=True)
@@ -139,13 +140,15 @@ def attention_chunk_backward(
     dk=None,
     dv=None,
     cu_seqlens=None,
+    deterministic=None,
 ):
     """Gradient of one block given the MERGED ``out``/``lse`` of the full attention row.
 
     ``P = exp(S - lse)``, ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ = scale dS K``,
     ``dK = scale dS^T Q`` with ``delta = rowsum(dO * out)``. Accumulates into fp32 ``dq, dk, dv``
     (allocated as zeros when not given; float64 for float64 inputs) and returns them; GQA
-    gradients are summed per KV head.
+    gradients are summed per KV head. ``deterministic`` is taken for the public op's signature
+    and ignored: this math has no atomics.
     """
     scale = default_scale(q.shape[-1], softmax_scale)
     B, Sq, H, D = q.shape
@@ -178,10 +181,11 @@ def attention_chunk_backward(
     return dq, dk, dv
 
 
-def flash_attention(q, k, v, causal=False, softmax_scale=None):
+def flash_attention(q, k, v, causal=False, softmax_scale=None, deterministic=None):
     """Differentiable reference with flash-attn semantics (bottom-right causal, zero unseen rows).
 
-    Math in the input dtype; autograd gives the gradients.
+    Math in the input dtype; autograd gives the gradients. ``deterministic``: ignored, as in
+    ``attention_chunk_backward``.
     """
     scale = default_scale(q.shape[-1], softmax_scale)
     Sq, Sk = q.shape[1], k.shape[1]
@@ -192,10 +196,12 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None):
 
 
 def flash_attention_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, softmax_scale=None
-):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, softmax_scale=None,
+    deterministic=None,
+):  # fmt: skip
     """Differentiable reference for ``flash_attn_varlen_func``: ``flash_attention`` on each
-    document (``q [total_q, H, d]``, ``k, v [total_k, Hkv, d]``), outputs concatenated."""
+    document (``q [total_q, H, d]``, ``k, v [total_k, Hkv, d]``), outputs concatenated.
+    ``deterministic``: ignored, as in ``attention_chunk_backward``."""
     scale = default_scale(q.shape[-1], softmax_scale)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []

@@ -955,6 +955,8 @@ def chunk_backward(
     q, k, v, do = pad_inputs(q, k, v, do)
     D = dq.shape[-1]
     work = [_vector_aligned(g, q.shape[-1]) for g in (dq, dk, dv)]
+    if not deterministic and work[0].dtype != torch.float32:  # a float64 dq (the CPU oracle's):
+        work[0] = dq.new_zeros(*dq.shape[:-1], q.shape[-1], dtype=torch.float32)  # atomics add fp32
     launches = backward_launches(
         do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True, spans, fused=not deterministic
     )

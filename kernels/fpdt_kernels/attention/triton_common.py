@@ -87,12 +87,42 @@ class Launch(NamedTuple):
     args: dict
 
 
+# CUDA caps a grid's second (and third) dimension at 65535 blocks. Every kernel here puts
+# (batch, head) pairs on the second, so a launch with more is run over slices of the batch.
+MAX_GRID_Y = 65535
+
+
+def batch_slices(launch: Launch) -> list[Launch]:
+    """``launch`` as launches over consecutive slices of the batch whose grids' second axis
+    (batch x heads) is at most ``MAX_GRID_Y``. Every tensor argument of these kernels is indexed
+    by batch first, so a slice is the same launch on views of a batch range."""
+    heads = launch.args["H"]
+    tensors = {name: t for name, t in launch.args.items() if isinstance(t, torch.Tensor)}
+    batch = next(iter(tensors.values())).shape[0]
+    if batch * heads <= MAX_GRID_Y:
+        return [launch]
+    if heads > MAX_GRID_Y:
+        raise ValueError(f"{heads} query heads exceed the {MAX_GRID_Y} a CUDA grid dimension holds; use fewer heads")
+    if any(t.shape[0] != batch for t in tensors.values()):
+        raise RuntimeError(f"{launch.kernel}: a tensor argument is not batch-first: {[t.shape for t in tensors.values()]}")
+    per = MAX_GRID_Y // heads
+    slices = []
+    for start in range(0, batch, per):
+        rows = min(per, batch - start) * heads
+        grid = launch.grid
+        sliced = (lambda meta, g=grid, r=rows: (g(meta)[0], r)) if callable(grid) else (grid[0], rows)
+        args = dict(launch.args, **{name: t[start : start + per] for name, t in tensors.items()})
+        slices.append(Launch(launch.kernel, sliced, args))
+    return slices
+
+
 def run(launch: Launch) -> None:
     # Autotune may pick a TMA tile only where the launch allows them and the config lists (built
     # at import) hold them: only then does the launch need the descriptors' scratch.
     if TMA_AUTOTUNED and launch.args.get("TMA_OK"):
         set_tma_allocator()
-    launch.kernel[launch.grid](**launch.args)
+    for part in batch_slices(launch):
+        part.kernel[part.grid](**part.args)
 
 
 def tile(bm: int, bn: int, warps: int, stages: int, **constexprs) -> triton.Config:

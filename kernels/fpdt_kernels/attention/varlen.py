@@ -8,11 +8,19 @@ torch runs PyTorch's CPU flash kernel on each document; naive is the per-documen
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..backend import resolve_backend
 from . import documents, naive, torch_cpu
-from .api import _check_qkv, _last_dim_contiguous, empty_contiguous, fake_outputs, resolve_deterministic
-from .common import accumulator_dtype, default_scale
+from .api import (
+    _check_causal_and_scale,
+    _check_qkv,
+    _last_dim_contiguous,
+    empty_contiguous,
+    fake_outputs,
+    resolve_deterministic,
+)
+from .common import accumulator_dtype
 
 
 def _checked_pieces(q, k, cu_q, cu_k, max_q, max_k, backend: str):
@@ -79,6 +87,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # first-order only, as flash_attention's
     def backward(ctx, do):
         grads = _varlen_backward(
             do, *ctx.saved_tensors, ctx.pieces, ctx.causal, ctx.scale, ctx.backend, ctx.deterministic
@@ -210,17 +219,17 @@ def flash_attention_varlen(
         raise ValueError("the cudnn backend does not take packed documents; use the triton backend (or torch on CPU)")
     _check_qkv(q[None], k[None], v[None], backend)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    scale = default_scale(q.shape[-1], softmax_scale)
+    causal, scale = _check_causal_and_scale(causal, softmax_scale, q.shape[-1])
     deterministic = resolve_deterministic(deterministic)
     if torch.compiler.is_compiling() and backend != "naive":  # naive's per-document loop is traced
         return _forward_op(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, backend, deterministic
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend, deterministic
         )[0]
     pieces = _checked_pieces(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend)
     if backend == "naive":
         return naive.flash_attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
         )
     return _FlashAttentionVarlen.apply(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, bool(causal), scale, backend, deterministic
+        q, k, v, cu_seqlens_q, cu_seqlens_k, pieces, causal, scale, backend, deterministic
     )
