@@ -414,6 +414,8 @@ def test_backward_order_reaches_the_fpdt_runner(monkeypatch):
         (["max_host_memory=0"], r"max_host_memory=0.0 must be > 0"),
         (["timeout_s=0"], r"timeout_s=0.0 must be > 0"),
         (["hardware=h200"], r"hardware=h200 is a GPU preset .* use hardware=auto"),
+        (["hardware.peak_tflops=-5"], r"hardware.peak_tflops=-5.0 must be a number > 0"),
+        (["parallel=ulysses", "gpus=2", "chunks=-3"], r"chunks=-3 must be >= 1"),
     ],
 )
 def test_run_rejects_limits_and_presets_that_cannot_mean_anything(overrides, message):
@@ -426,6 +428,19 @@ def test_run_rejects_limits_and_presets_that_cannot_mean_anything(overrides, mes
     # A GPU preset describes the device that fake tensors simulate: no MFU is computed there.
     if overrides == ["hardware=h200"]:
         check_point(resolve_point(_compose(["model=llama-tiny", "parallel=fpdt", "fake_tensors=true", *overrides])))
+
+
+def test_fields_given_with_hardware_auto_override_the_detected_preset():
+    """``hardware.peak_tflops=...`` with the default ``hardware=auto`` is the peak MFU divides by
+    (it was dropped for the detected preset's) and the row's source says it was given."""
+    from experiments.core.hardware import detect_preset_name, load_preset
+    from experiments.sweep.points import resolve_point
+
+    point = resolve_point(_compose(["model=llama-tiny", "parallel=fpdt", "hardware.peak_tflops=2.5"]))
+    assert point.peak_tflops == 2.5 and point.hardware == detect_preset_name()
+    name = detect_preset_name()
+    source = load_preset(name).get("source")
+    assert point.peak_tflops_source == f"hardware.peak_tflops=2.5 given, over preset {name}'s values ({name}: {source})"
 
 
 def test_max_seqlen_probes_are_reused_from_the_directory(tmp_path, monkeypatch):

@@ -86,8 +86,8 @@ BAD = [
      ["{0}: column chunks is missing (needed for the chunks figure)"]),
     ("seq-len-4k", lambda t: [_csv(t / "r.csv", _edit(ROWS, 0, seq_len="4k"))],
      ["{0} line 2: seq_len='4k' is not a number"]),
-    ("seq-len-zero", lambda t: [_csv(t / "r.csv", _edit(ROWS, 1, seq_len=0))],
-     ["{0} line 3: seq_len=0 must be > 0 (the memory_mfu figure's axis is logarithmic)"]),
+    ("seq-len-zero", lambda t: [_csv(t / "r.csv", _edit(ROWS, 0, seq_len=0))],  # an ok row: a failed one is left out
+     ["{0} line 2: seq_len=0 must be > 0 (the memory_mfu figure's axis is logarithmic)"]),
     ("empty-seq-len", lambda t: [_csv(t / "r.csv", _edit(ROWS, 2, seq_len=""))],
      ["{0} line 4: seq_len is empty (every row needs one for the memory_mfu figure)"]),
     ("mfu-abc", lambda t: [_csv(t / "r.csv", _edit(ROWS, 0, mfu="abc", device_mem_peak_gib="n/a"))],
@@ -167,6 +167,17 @@ def test_failed_points_are_marked_and_named(tmp_path, capsys):
         (curve,) = [line for line in ax.get_lines() if line.get_label() == "fpdt u=1, 2 GPUs"]
         assert list(curve.get_xdata()) == [1024, 2048, 4096] and math.isnan(curve.get_ydata()[1])  # broken at 2K
     plt.close(fig)
+
+
+def test_failed_points_with_settings_off_the_axes_are_left_out_and_named(tmp_path, capsys):
+    """A sweep records a point that failed on its own bad setting (chunks=0, seq_len=-4) as an
+    error row; the figures of the rest are drawn, and a note names what had no place on the axes."""
+    bad = [_row("fpdt", 0, 1024, "error", "chunks=0 must be >= 1"), _row("fpdt", 2, -4, "error", "seq_len=-4")]
+    table = _csv(tmp_path / "r.csv", ROWS + bad)
+    code, err, written = _run([table, "--out", tmp_path / "figs"], capsys)
+    assert code == 0 and {p.name for p in written} == {"memory_mfu.png", "chunks.png"}, err
+    assert f"memory_mfu: 1 failed row left out, with no place on its axes: {table} line 12 (error): seq_len=-4" in err
+    assert "chunks: 2 failed rows left out, with no place on its axes" in err and "chunks=0 must be > 0" in err
 
 
 def _failure_marks(ax):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -50,11 +51,41 @@ def detect_preset_name() -> str:
     )
 
 
+# A preset's fields: the ones that are numbers must be positive (the planner's efficiencies at most 1).
+HARDWARE_NUMBERS = ("peak_tflops", "device_memory_gib", "host_memory_gib", "pcie_gbps", "nvlink_gbps",
+                    "dense_efficiency", "attention_efficiency")  # fmt: skip
+HARDWARE_FIELDS = ("name", "source", "detected", *HARDWARE_NUMBERS)
+
+
+def positive(name: str, value, at_most: float | None = None) -> None:
+    """Raise unless ``value`` is a finite number > 0 (and <= ``at_most``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (at_most is not None and value > at_most):
+        limit = f" and at most {at_most}" if at_most is not None else ""
+        raise ValueError(f"{name}={value!r} must be a number > 0{limit}")
+
+
+def check_hardware_numbers(hw: dict) -> None:
+    """Every numeric field a preset (or its command-line override) gives is a number > 0."""
+    for key in HARDWARE_NUMBERS:
+        if hw.get(key) is not None:
+            positive(f"hardware.{key}", hw[key], 1.0 if key.endswith("efficiency") else None)
+
+
 def resolve_hardware(hw: dict) -> dict:
-    """Fill an ``auto`` selection from the detected preset; other presets pass through."""
+    """Fill an ``auto`` selection from the detected preset, keeping the fields given with it
+    (``hardware.peak_tflops=...`` on the command line) over the preset's; check every number.
+    Numbers that differ from the preset's file are named in ``source``, beside the preset's own."""
     hw = dict(hw)
     if hw.get("name") == "auto":
-        hw = {**load_preset(detect_preset_name()), "detected": True}
+        given = {k: v for k, v in hw.items() if k != "name" and v is not None and v != ""}
+        hw = {**load_preset(detect_preset_name()), **given, "detected": True}
+    check_hardware_numbers(hw)
+    preset = load_preset(hw["name"])
+    changed = [f"hardware.{k}={hw[k]}" for k in HARDWARE_NUMBERS if hw.get(k) is not None and hw[k] != preset.get(k)]
+    if changed:
+        own = f": {preset['source']}" if preset.get("source") else ""
+        hw["source"] = f"{', '.join(changed)} given, over preset {hw['name']}'s values ({hw['name']}{own})"
     return hw
 
 

@@ -129,7 +129,7 @@ def _plan(sweeps, maxlens, trains, args, notes: list):
             if any(strategy_takes_chunks(r.get("strategy")) and r.get("status") == "ok" for r in rows):
                 chunk_rows, _ = check(CHUNKS, tables["sweep"])
                 if chunk_rows is not None:
-                    figures.append(("chunks", chunks_figure, rows, {}))
+                    figures.append(("chunks", chunks_figure, chunk_rows, {}))
     elif args.device_memory is not None or args.both_conventions:
         notes.append("--device-memory and --both-conventions are for the memory_mfu figure: no results.csv given")
     if tables["max_seqlen"]:

@@ -256,7 +256,7 @@ def check_figure(spec: FigureSpec, tables: list[Table]) -> tuple[list[dict], lis
     """The rows ``spec``'s figure is drawn from (every table's selected rows, in order), the notes
     on what it leaves out, and the optional columns present in some table (their panels are drawn).
     Raises :class:`PlotInputError` listing every problem."""
-    problems, notes = [], []
+    problems, notes, unplaced = [], [], []
     context = f" (needed for the {spec.name} figure)"
     selected = {id(t): [r for r in t.rows if spec.select is None or spec.select(r)] for t in tables}
     for t in tables:
@@ -265,15 +265,23 @@ def check_figure(spec: FigureSpec, tables: list[Table]) -> tuple[list[dict], lis
             cols = f"column {missing[0]} is" if len(missing) == 1 else f"columns {', '.join(missing)} are"
             problems.append(f"{t.name}: {cols} missing{context}")
             continue
-        for r in selected[id(t)]:
-            for k in spec.keys:
-                if r.get(k) is None:
-                    problems.append(f"{t.where(r)}: {k} is empty (every row needs one for the {spec.name} figure)")
-            for k in spec.positive:
-                v = r.get(k)
-                if _has_value(v) and not v > 0:
-                    problems.append(f"{t.where(r)}: {k}={v} must be > 0 (the {spec.name} figure's axis is logarithmic)")
+        for r in list(selected[id(t)]):
+            bad = [
+                f"{k} is empty (every row needs one for the {spec.name} figure)" for k in spec.keys if r.get(k) is None
+            ]
+            bad += [f"{k}={r[k]} must be > 0 (the {spec.name} figure's axis is logarithmic)"
+                    for k in spec.positive if _has_value(r.get(k)) and not r[k] > 0]  # fmt: skip
+            if bad and r.get("status") not in (None, "ok"):
+                # A point that failed on its own bad setting (chunks=0, seq_len=-4): the sweep
+                # recorded it as it should; it has no place on the axes, and the rest still plots.
+                selected[id(t)].remove(r)
+                unplaced.append(f"{t.where(r)} ({r['status']}): {bad[0].split(' (')[0]}")
+            else:
+                problems += [f"{t.where(r)}: {b}" for b in bad]
     _raise(problems)
+    if unplaced:
+        notes.append(f"{spec.name}: {_plural(len(unplaced), 'failed row')} left out, with no place on its axes: "
+                     + _listed(unplaced))  # fmt: skip
 
     present = {c for c in spec.optional if any(c in t.columns for t in tables)}
     for c, panel in spec.optional.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from models.transformer import default_tiles
 from parallel import check_backward_order, check_mesh, get_strategy
 
 from ..core.flops import step_flops
-from ..core.hardware import cpu_peak_tflops, load_preset
+from ..core.hardware import HARDWARE_FIELDS, check_hardware_numbers, cpu_peak_tflops, load_preset, positive
 from ..core.paths import CONF_DIR
 from ..core.units import GIB
 from ..training.precision import resolve_precision
@@ -105,20 +104,6 @@ def _strategy_preset(strategy: str) -> dict:
     return {k: bool(conf.get(k, False)) for k in ("offload", "chunked_mlp", "chunked_loss")}
 
 
-# A preset's fields: the ones that are numbers must be positive (the efficiencies at most 1).
-HARDWARE_NUMBERS = ("peak_tflops", "device_memory_gib", "host_memory_gib", "pcie_gbps", "nvlink_gbps",
-                    "dense_efficiency", "attention_efficiency")  # fmt: skip
-HARDWARE_FIELDS = ("name", "source", "detected", *HARDWARE_NUMBERS)
-
-
-def _positive(name: str, value, at_most: float | None = None) -> None:
-    """Raise unless ``value`` is a finite number > 0 (and <= ``at_most``)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok or (at_most is not None and value > at_most):
-        limit = f" and at most {at_most}" if at_most is not None else ""
-        raise ValueError(f"{name}={value!r} must be a number > 0{limit}")
-
-
 def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tflops: float | None) -> dict:
     """The machine to plan for: a preset's name, or a preset as Hydra composed it (``name`` plus
     its fields, some overridden on the command line, e.g. ``hardware.host_memory_gib=128``):
@@ -134,12 +119,10 @@ def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tfl
         hw = {**load_preset(hardware["name"]), **given}
     else:
         hw = load_preset(hardware)
-    for key in HARDWARE_NUMBERS:
-        if hw.get(key) is not None:
-            _positive(f"hardware.{key}", hw[key], 1.0 if key.endswith("efficiency") else None)
+    check_hardware_numbers(hw)
     for key, value in (("max_device_memory", max_device_memory), ("peak_tflops", peak_tflops)):
         if value is not None:
-            _positive(key, value)
+            positive(key, value)
     if hw["name"] == "auto":
         raise ValueError("hardware=auto detects the machine at run time; name a preset to plan for, e.g. a100-80g")
     cpu = hw["name"] == "cpu"
@@ -389,7 +372,7 @@ def _setup_and_memory(args: dict) -> tuple[Setup, dict, Memory]:
         a["checkpoint_on_host"] = a["checkpoint_offload"]
     for key in ("dense_efficiency", "attention_efficiency"):
         if a[key] is not None:  # above 1 only while a fit searches (fit_efficiencies); the CLI caps it at 1
-            _positive(key, a[key])
+            positive(key, a[key])
     not_switches = ("checkpoint_offload", "dense_efficiency", "attention_efficiency")
     switches = {k: v for k, v in a.items() if k not in not_switches}
     st, hw = _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switches)

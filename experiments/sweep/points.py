@@ -100,6 +100,8 @@ def check_point(point: Point) -> None:
     for key in ("seq_len", "chunks", "gpus", "batch_size", "steps"):
         if getattr(point, key) < 1:
             raise ValueError(f"{key}={getattr(point, key)} must be >= 1")
+    if point.requested_chunks < 1:  # also where the strategy takes no chunks (its row says 1)
+        raise ValueError(f"chunks={point.requested_chunks} must be >= 1")
     if point.warmup_steps < 0:
         raise ValueError(f"warmup_steps={point.warmup_steps} must be >= 0")
     if point.n_layers is not None and point.n_layers < 1:
