@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import experiments.sweep.config  # noqa: F401  (registers the schema)
-from experiments.core.ranks import rank_pids
+from experiments.core.ranks import descendants, rank_pids
 from experiments.sweep import controller, results
 from experiments.sweep.points import check_point, resolve_point
 from experiments.sweep.results import point_key, read_csv, record_point
@@ -368,7 +368,7 @@ def _torchrun(tmp_path, body, *overrides, env=None):
     try:
         out, err = proc.communicate(timeout=100)
     except BaseException:  # a hung job leaks no rank (torchrun starts each in a session of its own)
-        for pid in controller._descendants(proc.pid):
+        for pid in descendants(proc.pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         proc.kill()
@@ -377,6 +377,25 @@ def _torchrun(tmp_path, body, *overrides, env=None):
     result = tmp_path / "run" / "result.json"
     assert result.exists(), f"rank 0 wrote no row:\n{err[-5000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), json.loads(result.read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (["chunks=3"], "seq_len=512 is not divisible by gpus*chunks=6"),
+        (["gpus=4"], "gpus=4 but torchrun started WORLD_SIZE=2"),
+    ],
+    ids=["indivisible", "world-size"],
+)
+def test_under_torchrun_a_bad_point_is_a_row_and_one_line_per_rank(tmp_path, overrides, error):
+    """The checks run on every rank before any process group: rank 0 records the error row, and
+    each rank ends with the reason in one line, not a traceback."""
+    proc, row = _torchrun(tmp_path, None, *overrides)
+    assert proc.returncode != 0 and row["status"] == "error" and error in row["error"], row
+    ours = "experiments/sweep/"  # a traceback through our code (torchrun prints one of its own)
+    assert proc.stderr.count(f"experiments.run: {row['error']}") == 2 and ours not in proc.stderr, proc.stderr
 
 
 @pytest.mark.distributed

@@ -384,6 +384,13 @@ def _record(sweep_dir: Path, job_dir: Path, row: dict, csv_name: str) -> Path:
         ) from exc
 
 
+def _unresolved_row(cfg: DictConfig, exc: ValueError) -> dict:
+    """The error row of a point whose configuration could not be resolved: the settings as given."""
+    what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "seq_len": cfg.seq_len,
+            "chunks": cfg.chunks, "gpus": cfg.gpus, "n_layers": cfg.model.n_layers}  # fmt: skip
+    return {**what, "status": "error", "error": str(exc), "key": point_key(what)}
+
+
 def run_point(cfg: DictConfig) -> dict:
     """Resolve, check, skip-or-run and record one point; returns its row."""
     hc = HydraConfig.get()
@@ -394,9 +401,7 @@ def run_point(cfg: DictConfig) -> dict:
     try:
         point = resolve_point(cfg)
     except ValueError as exc:  # e.g. an undetectable GPU
-        what = {"model": cfg.model.name, "strategy": str(cfg.parallel.strategy.value), "seq_len": cfg.seq_len,
-                "chunks": cfg.chunks, "gpus": cfg.gpus, "n_layers": cfg.model.n_layers}  # fmt: skip
-        row = {**what, "status": "error", "error": str(exc), "key": point_key(what)}
+        row = _unresolved_row(cfg, exc)
         _record(sweep_dir, job_dir, row, cfg.results_csv)
         print(_progress(row, sweep_dir, job_num), flush=True)
         return row
@@ -474,13 +479,24 @@ def _watchdog(point: Point, metrics: Path, record) -> threading.Lock:
 
 def run_under_torchrun(cfg: DictConfig) -> None:
     """This process is one rank started by torchrun: train, and rank 0 records the row."""
-    point = resolve_point(cfg)
-    if point.gpus != int(os.environ["WORLD_SIZE"]):
-        raise ValueError(f"gpus={point.gpus} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} ranks")
-    check_point(point)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     rank0 = int(os.environ["RANK"]) == 0
+    point = None
+    try:
+        point = resolve_point(cfg)
+        if point.gpus != int(os.environ["WORLD_SIZE"]):
+            raise ValueError(f"gpus={point.gpus} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                             f"ranks; give gpus={os.environ['WORLD_SIZE']} or start that many")  # fmt: skip
+        check_point(point)
+    except ValueError as exc:  # every rank sees the same: rank 0 records the row, each ends in one line
+        if rank0:
+            outcome = {"status": "error", "error": str(exc)}
+            row = (_unresolved_row(cfg, exc) if point is None
+                   else make_row(point, outcome, point_key(point), job_dir, 0.0, git_commit()))  # fmt: skip
+            _record(job_dir, job_dir, row, cfg.results_csv)
+            print(_progress(row, job_dir, None), flush=True)
+        raise SystemExit(f"experiments.run: {exc}") from None
     metrics = job_dir / "worker_metrics.json"
     # An earlier launch into this directory may have left its files; each rank clears its own (a
     # peer's is gone once that peer has joined the process group, before anyone can fail in it).
