@@ -175,7 +175,7 @@ def test_oom_is_a_row_the_sweep_goes_on_and_reruns_skip(tmp_path):
     assert "MiB" in oom["error"] and "0.000 GiB" not in oom["error"]
     assert 0 < float(oom["device_mem_peak_gib"]) and float(oom["max_device_memory"]) == 0.005
     assert rows[512]["status"] == "ok"
-    assert proc.stdout.count("skipped: same point as chunks=1 (ulysses ignores chunks)") == 2
+    assert proc.stdout.count(f"skipped: already in {sweep} (as chunks=1: ulysses takes no chunks)") == 2
     again = _run("experiments.run", *args, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("skipped") == 4
     assert again.stdout.count("skipped: already in") == 2
@@ -290,7 +290,7 @@ def test_skip_reason_names_the_collapsed_point():
     from experiments.sweep.controller import _skip_reason
 
     point = Point(model="llama-tiny", strategy="ulysses", seq_len=64, chunks=1, requested_chunks=4)
-    assert _skip_reason(point, Path("s")) == "same point as chunks=1 (ulysses ignores chunks)"
+    assert _skip_reason(point, Path("s")) == "already in s (as chunks=1: ulysses takes no chunks)"
     assert _skip_reason(point.replace(requested_chunks=1), Path("s")) == "already in s"
 
 

@@ -356,8 +356,10 @@ def _under_torchrun() -> bool:
 
 
 def _skip_reason(point: Point, sweep_dir: Path) -> str:
+    """Why a point is not measured: its row is in the sweep directory (from this sweep or an
+    earlier one), and, for a strategy without chunks, that row stands for every chunk count."""
     if point.requested_chunks != point.chunks:
-        return f"same point as chunks={point.chunks} ({point.strategy} ignores chunks)"
+        return f"already in {sweep_dir} (as chunks={point.chunks}: {point.strategy} takes no chunks)"
     return f"already in {sweep_dir}"
 
 
