@@ -161,6 +161,16 @@ def test_resume_equals_an_uninterrupted_run_even_with_another_layout(tmp_path):
     _assert_params_close(_params(tmp_path / "ck"), _params(tmp_path / "ck_full"))
 
 
+def test_tokens_seen_counts_the_tokens_trained_across_a_resume_with_another_batch(tmp_path):
+    """train.csv's ``tokens_seen`` is what the run has trained on so far: a resume whose steps
+    take more tokens (here a larger batch) adds its own on top of the checkpoint's count."""
+    first, _ = _train(tmp_path, "first", "parallel=local", "gpus=1", "batch_size=1", "steps=2", "stop_after=1")
+    second, _ = _train(tmp_path, "second", "parallel=local", "gpus=1", "batch_size=2", "steps=2", "resume=true",
+                       f"checkpoint.dir={first / 'checkpoints'}")  # fmt: skip
+    assert [int(r["tokens_seen"]) for r in read_csv(first / "train.csv")] == [256]
+    assert [int(r["tokens_seen"]) for r in read_csv(second / "train.csv")] == [256 + 2 * 256]
+
+
 def test_incomplete_checkpoints_are_skipped(tmp_path):
     good = tmp_path / "step_00000002"
     good.mkdir()

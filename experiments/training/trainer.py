@@ -68,19 +68,22 @@ def train_rank(point: Point, run_dir: Path) -> dict:
     horizon = point.steps
     scheduler = make_scheduler(optimizer, point.lr_warmup_steps, horizon, point.lr_min_ratio)
     ckpt_root = Path(point.checkpoint_dir)
-    start = 0
+    data = data_spec(point, model_config(point).vocab_size)
+    tokens_per_step = point.batch_size * mesh.dp.size * point.seq_len
+    start = tokens_seen = 0
     if point.resume:
         found = checkpoint.latest(ckpt_root)
         if found is None:
             raise ValueError(f"resume=true but {ckpt_root} holds no complete checkpoint; run without resume first")
         start = checkpoint.load(found, model, optimizer, scheduler)
+        # The tokens trained so far: a resume may change the sp/dp split, and with it the tokens a
+        # step takes (checkpoints from before the count was kept assume this run's).
+        tokens_seen = int(checkpoint.read_meta(found).get("tokens_seen", start * tokens_per_step))
         checkpoint.apply_settings(optimizer, scheduler, point.lr, point.weight_decay)
         if rank == 0:
             print(f"resumed from {found} (step {start} of {horizon})", flush=True)
     stop = point.end_step
     meta = checkpoint.run_meta(point.model, model_config(point), point.gpus, point.lr, point.weight_decay)
-    data = data_spec(point, model_config(point).vocab_size)
-    tokens_per_step = point.batch_size * mesh.dp.size * point.seq_len
     log = _Log(Path(run_dir) / "train.csv", enabled=rank == 0)
     t_start, loss = time.perf_counter(), float("nan")
     start_peak(None, device)  # train.csv's device peak is the steps', not the build's or the restore's
@@ -95,11 +98,12 @@ def train_rank(point: Point, run_dir: Path) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
+            tokens_seen += tokens_per_step
             peak, reserved = _peak_device_gib(device)
             row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_step / seconds,
                        step_time_s=seconds, device_mem_peak_gib=peak, device_mem_reserved_gib=reserved,
                        host_store_gib=default_host_store().bytes_allocated / GIB,
-                       tokens_seen=(step + 1) * tokens_per_step, wall_s=time.perf_counter() - t_start)  # fmt: skip
+                       tokens_seen=tokens_seen, wall_s=time.perf_counter() - t_start)  # fmt: skip
             log.write(row)
             if rank == 0 and (step % point.log_every == 0 or step == stop - 1):
                 mem = "" if peak is None else f"  device peak {peak:.2f} GiB"
@@ -107,9 +111,9 @@ def train_rank(point: Point, run_dir: Path) -> dict:
                       f"{row['tokens_per_s']:.0f} tok/s  {seconds:.2f} s{mem}", flush=True)  # fmt: skip
             done = step + 1
             if point.checkpoint_every and done % point.checkpoint_every == 0 and done < stop:
-                checkpoint.save(ckpt_root, done, model, optimizer, scheduler, meta)
+                checkpoint.save(ckpt_root, done, model, optimizer, scheduler, {**meta, "tokens_seen": tokens_seen})
         if stop > start or not point.resume:
-            path = checkpoint.save(ckpt_root, stop, model, optimizer, scheduler, meta)
+            path = checkpoint.save(ckpt_root, stop, model, optimizer, scheduler, {**meta, "tokens_seen": tokens_seen})
             if rank == 0:
                 print(f"checkpoint: {path}", flush=True)
     finally:
