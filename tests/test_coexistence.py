@@ -68,7 +68,8 @@ def test_transformers_and_ours_in_one_process_from_the_repository_root():
 def test_wheel_installed_beside_hugging_face_kernels(tmp_path):
     """A non-editable install into a virtualenv that sees transformers and Hugging Face's
     ``kernels``: theirs still imports (with ``CUDAProperties``), ours imports from the venv, and
-    the wheel holds no top-level ``kernels``."""
+    the wheel holds no top-level ``kernels``; ``experiments``, which needs the clone's conf/,
+    says so at import."""
     src = tmp_path / "src"  # a copy, so the build's egg-info and build/ stay out of the checkout
     shutil.copytree(
         REPO, src, ignore=shutil.ignore_patterns(".git", "results", "notebooks", "tests", "__pycache__", "*.egg-info")
@@ -89,6 +90,13 @@ def test_wheel_installed_beside_hugging_face_kernels(tmp_path):
         from fpdt_kernels import flash_attention
         files = [str(f) for f in importlib.metadata.distribution("fpdt").files]
         assert not [f for f in files if f.startswith("kernels/")], "the wheel ships a top-level kernels/"
+        import models, parallel  # the library works from any install; the jobs need the clone's conf/
+        try:
+            import experiments.core.paths
+        except ImportError as exc:
+            assert "runs from a clone of the repository" in str(exc) and "pip install -e ." in str(exc), exc
+        else:
+            raise AssertionError("experiments imported without its conf/")
         print(fpdt_kernels.__file__)
         print(kernels.__file__)
         """,
