@@ -55,8 +55,15 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         raise ValueError("resume=true needs checkpoint.dir=<the earlier run's checkpoint directory>")
     if Path(point.checkpoint_dir).exists() and not Path(point.checkpoint_dir).is_dir():
         raise ValueError(f"checkpoint.dir={ckpt['dir']} is a file; give a directory (it is created if missing)")
-    if point.log_every < 1 or point.checkpoint_every < 0 or point.lr_warmup_steps < 0:
-        raise ValueError("log_every must be >= 1, checkpoint.every >= 0 (0: only at the end), lr_warmup_steps >= 0")
+    for key, value, rule in (("log_every", point.log_every, ">= 1"),
+                             ("checkpoint.every", point.checkpoint_every, ">= 0 (0: only at the end)"),
+                             ("lr_warmup_steps", point.lr_warmup_steps, ">= 0")):  # fmt: skip
+        if value < (1 if key == "log_every" else 0):
+            raise ValueError(f"{key}={value} must be {rule}")
+    if not 0.0 <= point.lr_min_ratio <= 1.0:
+        raise ValueError(
+            f"lr_min_ratio={point.lr_min_ratio} must be in [0, 1] (the cosine decays to lr * lr_min_ratio)"
+        )
     if point.grad_clip is not None and not point.grad_clip > 0:
         # clip_grad_norm_ with a negative limit would flip every gradient's sign
         raise ValueError(f"grad_clip={point.grad_clip} must be > 0 (the largest global gradient norm), or null")

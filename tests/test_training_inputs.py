@@ -96,6 +96,20 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path):
         resolve_training(_compose("train", [f"checkpoint.dir={file}"]), tmp_path)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("log_every=0", r"^log_every=0 must be >= 1$"),
+        ("checkpoint.every=-1", r"^checkpoint.every=-1 must be >= 0 \(0: only at the end\)$"),
+        ("lr_warmup_steps=-1", r"^lr_warmup_steps=-1 must be >= 0$"),
+        ("lr_min_ratio=2", r"^lr_min_ratio=2.0 must be in \[0, 1\] \(the cosine decays to lr \* lr_min_ratio\)$"),
+    ],
+)
+def test_each_bad_training_key_is_named_before_any_rank_starts(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_training(_compose("train", [override]), tmp_path)
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 
