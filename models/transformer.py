@@ -168,17 +168,24 @@ class Block(nn.Module):
         # Parameter gradients are accumulated into ``.grad`` by the recompute's own backward, so
         # use ``loss.backward()`` rather than ``torch.autograd.grad``.
         run = functools.partial(self._layer, mlp_tile=mlp_tile, cu_seqlens=cu_seqlens)
+        # The output needs a graph whenever the layer's parameters train, also where its input
+        # has none (frozen embeddings): an anchor input that requires grad gives it one.
+        anchor = () if x.requires_grad or not any(p.requires_grad for p in self.parameters()) else (_GRAD_ANCHOR,)
         if self.cfg.checkpoint_on_host:
-            return _checkpoint_on_host(run, x)
-        return _CheckpointedLayer.apply(run, x)
+            return _checkpoint_on_host(run, x, *anchor)
+        return _CheckpointedLayer.apply(run, x, *anchor)
+
+
+# An input of _CheckpointedLayer that only makes its output require grad (it gets no gradient).
+_GRAD_ANCHOR = torch.empty(0, requires_grad=True)
 
 
 # torch.compile runs this layer as it is (a graph break around it): Dynamo cannot capture the
 # saved-tensor hooks that move the checkpoint to host memory.
 @eager_under_compile
-def _checkpoint_on_host(run, x: torch.Tensor) -> torch.Tensor:
+def _checkpoint_on_host(run, x: torch.Tensor, *anchor: torch.Tensor) -> torch.Tensor:
     with saved_tensors_on_host():
-        return _CheckpointedLayer.apply(run, x)
+        return _CheckpointedLayer.apply(run, x, *anchor)
 
 
 # Backward nodes that never read their forward's output (what a layer may end in).
@@ -201,7 +208,7 @@ class _CheckpointedLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run, x):
+    def forward(ctx, run, x, *anchor):
         ctx.run = run
         ctx.autocast = autocast_state(x.device)
         ctx.save_for_backward(x)
@@ -219,7 +226,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         if type(y.grad_fn).__name__ in _OUTPUT_NOT_SAVED and (y.shape, y.dtype) == (dy.shape, dy.dtype):
             y.data = dy
         torch.autograd.backward(y, dy)
-        return None, x.grad
+        return None, x.grad, *[None] * (len(ctx.needs_input_grad) - 2)
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:

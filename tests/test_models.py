@@ -216,6 +216,23 @@ def test_checkpointing_gives_same_gradients(preset, on_host):
     _assert_same(_loss_and_grads(ckpt, tokens, labels), _loss_and_grads(plain, tokens, labels), rtol=1e-6)
 
 
+@pytest.mark.parametrize("on_host", [False, True], ids=["device-ckpt", "host-ckpt"])
+def test_checkpointed_layers_train_behind_frozen_embeddings(on_host):
+    """A checkpointed layer whose input needs no gradient (frozen embeddings) still trains its
+    own parameters: every gradient as without checkpointing (they were silently None)."""
+    cfg = models.get_config("llama-tiny")
+    plain, ckpt = _twin(cfg, checkpoint=True, checkpoint_on_host=on_host)
+    tokens, labels = _batch(cfg)
+    grads = []
+    for model in (plain, ckpt):
+        model.embed.weight.requires_grad_(False)
+        model(tokens, labels=labels).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, g in grads[0].items():
+        assert _rel(grads[1][name], g) < 1e-6, name
+
+
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_checkpoint_recompute_skips_the_chunked_mlp_forward(preset):
     # A checkpointed step executes, beyond the plain step, exactly one more forward of each
