@@ -24,7 +24,8 @@ equal tokens per replica, that is the data-parallel average of the replicas' gra
 
 - ``fsdp=False``: each parameter's gradient is all-reduced (SUM) over all ranks by a hook that
   runs as soon as it is computed, so the replicated weights stay in step (the hook reduces each
-  backward's contribution, so gradient accumulation over several backwards works).
+  backward's contribution, so gradient accumulation over several backwards works). A parameter
+  frozen at ``parallelize`` and unfrozen later gets its hook at the next forward.
 - ``fsdp=True``: FSDP2 (``fully_shard``) over all ranks (the ``dp x sp`` mesh flattened, as
   torchtitan's ``dp_shard_cp``) reduce-scatters with SUM (divide factor 1), so each rank holds
   its shard of the gradient (``p.grad.full_tensor()`` is the whole of it) and the optimizer state
@@ -56,7 +57,7 @@ from .attention import AttentionStrategy
 from .distributed import Mesh, SPGroup
 from .layout import document_positions
 from .strategies import get_strategy
-from .tensors import real_tensors
+from .tensors import eager_under_compile, real_tensors
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -169,6 +170,23 @@ def _allreduce_grad_hook(group: SPGroup):
     return hook
 
 
+def _reduce_gradients(model: nn.Module, world: SPGroup) -> None:
+    """Sum each trainable parameter's gradient over ``world`` as it is produced. A parameter
+    frozen now and trained later (staged unfreezing) gets its hook at the first forward that
+    finds it trainable: without one, each rank would step on its own share of the gradient."""
+    hooked: set[int] = set()
+
+    @eager_under_compile  # registers hooks: Dynamo would trace (and guard on) it otherwise
+    def hook_trainable(*_) -> None:
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in hooked:
+                p.register_hook(_allreduce_grad_hook(world))
+                hooked.add(id(p))
+
+    hook_trainable()
+    model.register_forward_pre_hook(hook_trainable)
+
+
 def _broadcast_state(model: nn.Module, group: SPGroup) -> None:
     src = dist.get_global_rank(group.group, 0)
     with torch.no_grad():
@@ -262,9 +280,7 @@ def parallelize(
     if fsdp:
         return _fully_shard(model, world, mixed_precision, offload_states)
     if world.size > 1:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.register_hook(_allreduce_grad_hook(world))
+        _reduce_gradients(model, world)
     return model
 
 

@@ -177,3 +177,37 @@ def test_parallel_matches_local(world, case):
         if "step_err" in r:
             assert r["sharded"], "FSDP left a parameter or its optimizer state unsharded"
             assert r["step_err"] < REL, (r["step_err"], case)
+
+
+def _staged_unfreeze_worker(rank, world, init_file, out_dir):
+    """Embeddings frozen when the model is parallelized, trained from the next step on."""
+    os.environ["FPDT_ATTENTION_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    import models
+    from parallel.distributed import destroy_distributed, init_distributed
+    from parallel.parallelize import parallelize, shard_batch
+
+    group = init_distributed(rank, world, backend="gloo", init_method=f"file://{init_file}")
+    cfg = models.get_config("llama-tiny")
+    reference = _build(cfg)
+    tokens, labels = _batch(cfg.vocab_size)
+    reference(tokens, labels=labels).backward()
+    model = _build(cfg)
+    model.embed.weight.requires_grad_(False)
+    model = parallelize(model, "fpdt", group=group, chunks=2)
+    model.embed.weight.requires_grad_(True)
+    tokens, labels, positions = shard_batch(tokens, labels, model.strategy, chunks=2, group=group)
+    model(tokens, labels=labels, positions=positions).backward()
+    errors = {n: _rel(p.grad, r.grad) for (n, p), r in zip(model.named_parameters(), reference.parameters(),
+                                                            strict=True)}  # fmt: skip
+    torch.save(errors, os.path.join(out_dir, f"rank{rank}.pt"))
+    destroy_distributed()
+
+
+def test_a_parameter_unfrozen_after_parallelize_is_reduced_too(tmp_path):
+    """Without FSDP each gradient is summed over the ranks by a hook; a parameter frozen when
+    ``parallelize`` ran gets its hook once it trains (each rank held only its share of it)."""
+    run_ranks(_staged_unfreeze_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2)
+    for rank in range(2):
+        errors = torch.load(tmp_path / f"rank{rank}.pt")
+        assert max(errors.values()) < REL, (rank, {n: e for n, e in errors.items() if e >= REL})
