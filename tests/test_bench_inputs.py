@@ -21,7 +21,7 @@ USAGE_ERRORS = [
     ("kernel_configs", ["--seq-len", "16384", "--tokens", "1000"], "--seq-len 16384 does not divide --tokens 1000"),
     ("kernel_configs", ["--seq-len", "0"], "argument --seq-len: '0' is out of range; use an integer >= 1"),
     ("kernel_configs", ["--head-dims", "128,0"], "argument --head-dims: '0' is out of range"),
-    ("kernel_configs", ["--head-dims", "4096"], "--head-dims 4096: H = 2048 // d heads would be 0"),
+    ("kernel_configs", ["--head-dims", "300"], "--head-dims 300: the kernels take head dims up to 256"),
     # 15: attention
     ("attention", ["--seq-lens", "0", "--modes", "fwd"], "argument --seq-lens: '0' is out of range"),
     ("attention", ["--seq-lens", "-128"], "argument --seq-lens: '-128' is out of range"),
@@ -38,6 +38,7 @@ USAGE_ERRORS = [
     ("attention_memory", ["--seq-len", "-5"], "argument --seq-len: '-5' is out of range"),
     ("attention_memory", ["--heads", "0"], "argument --heads: '0' is out of range"),
     ("attention_memory", ["--head-dim", "0"], "argument --head-dim: '0' is out of range"),
+    ("attention_memory", ["--head-dim", "300"], "--head-dim 300: the kernels take head dims up to 256"),
     # 17: fpdt_block
     ("fpdt_block", ["--seq-lens", "1024", "--chunk-tokens", "1000"],
      "--chunk-tokens 1000 does not divide --seq-lens 1024"),

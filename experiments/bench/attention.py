@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.dtypes import DTYPES, dtype_name
-from ..core.paths import RESULTS_DIR
+from ..core.paths import BENCH_DIR
 from ..core.provenance import device_name, git_commit, package_version
 from .cli import check_divides, error_text, names_list, out_file, positive_int, positive_ints
 
@@ -216,9 +216,9 @@ def _parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     p.add_argument("--tokens", type=positive_int, help="B*S per measurement; CUDA 16384, CPU = S")
     p.add_argument("--heads", type=positive_int, help="default 2048 // d on CUDA (H*d = 2048), 2 on CPU")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", type=out_file, help="CSV path; default experiments/results/bench_attention_<dev>.csv")
-    p.add_argument("--reps", type=positive_int, default=5, help="timed runs per measurement on CPU")
-    p.add_argument("--quick", action="store_true", help="CUDA: d=128, S in {1K,16K}; CPU: 3 reps")
+    p.add_argument("--out", type=out_file, help="CSV path; default results/bench/bench_attention_<dev>.csv")
+    p.add_argument("--reps", type=positive_int, help="timed runs per measurement on CPU (default 5; 3 with --quick)")
+    p.add_argument("--quick", action="store_true", help="CUDA: d=128, S in {1K,16K}; CPU: 3 reps unless --reps")
     args = p.parse_args(argv)
 
     args.causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
@@ -231,7 +231,7 @@ def _parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
         args.seq_lens = args.seq_lens or [128]
         args.head_dims = args.head_dims or [64]
         args.heads = 2 if args.heads is None else args.heads
-        args.reps = 3 if args.quick else args.reps
+        args.reps = args.reps or (3 if args.quick else 5)
     args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     for s in args.seq_lens:
         if args.tokens is not None:
@@ -290,7 +290,7 @@ def _csv_row(meta: dict, impl: str, cfg: Config, ms: list[float], tflops: float,
         "p20_ms": f"{ms[0]:.5f}",
         "p50_ms": f"{ms[1]:.5f}",
         "p80_ms": f"{ms[2]:.5f}",
-        "tflops": f"{tflops:.5f}",
+        "tflops": f"{tflops:.6g}",  # significant digits: a CPU row's rate is ~1e-6
         "max_abs_err_vs_sdpa": "" if err is None else f"{err:.3e}",
     }
 
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv, cuda)
     device = "cuda" if cuda else "cpu"
     dev_name = device_name(cuda)
-    out_path = args.out or RESULTS_DIR / f"bench_attention_{_slug(dev_name) if cuda else 'cpu'}.csv"
+    out_path = args.out or BENCH_DIR / f"bench_attention_{_slug(dev_name) if cuda else 'cpu'}.csv"
     meta = {
         "device": dev_name,
         "commit": git_commit(),

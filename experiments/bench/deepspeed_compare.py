@@ -11,7 +11,7 @@ check that both give the single-process oracle's output and gradients. Default: 
     python -m experiments.bench.deepspeed_compare
     python -m experiments.bench.deepspeed_compare --seq-len 8192 --chunks 8
 
-It prints a table and writes ``experiments/results/deepspeed_compare_cpu.csv``. An implementation
+It prints a table and writes ``results/bench/deepspeed_compare_cpu.csv`` (``--out`` to change). An implementation
 that fails on a rank (raises, or the rank dies) is a row with ``status=error`` and its ``error``;
 the other is still measured, and the script exits non-zero after writing the CSV.
 
@@ -40,7 +40,7 @@ import weakref
 
 import torch
 
-from ..core.paths import RESULTS_DIR
+from ..core.paths import BENCH_DIR
 from ..core.tables import write_csv
 from ..core.units import MIB
 from .cli import out_file, positive_int, usage_errors
@@ -373,7 +373,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--heads", type=positive_int, default=8)
     parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--at-peak", action="store_true", help="list rank 0's storages live at each device peak")
-    parser.add_argument("--out", type=out_file, default=RESULTS_DIR / "deepspeed_compare_cpu.csv")
+    parser.add_argument("--out", type=out_file, default=BENCH_DIR / "deepspeed_compare_cpu.csv")
     args = parser.parse_args(argv)
     pieces = args.ranks * args.chunks
     if args.seq_len % pieces:

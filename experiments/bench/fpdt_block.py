@@ -6,7 +6,7 @@ projection). On CUDA: bf16, ``H=32, d=128``, ``S`` in {128K, 256K} (add 512K wit
 ``--seq-lens``), global chunk ``C`` in {16K, 32K, 64K}; times are CUDA-event medians,
 memory is ``torch.cuda.max_memory_allocated``. Without CUDA it runs a toy size so the code path
 is exercised, with the simulated device of ``experiments.core.memory``. The target: offload
-costs at most 15% at ``C >= 32K``. Writes ``experiments/results/fpdt_block_<device>.csv``, the
+costs at most 15% at ``C >= 32K``. Writes ``results/bench/fpdt_block_<device>.csv`` (``--out``), the
 timeline as CSV and PNG::
 
     python -m experiments.bench_fpdt_block
@@ -32,7 +32,7 @@ from parallel import BACKWARD_ORDERS, Timeline, check_setup, get_strategy
 
 from ..core.dtypes import dtype_name
 from ..core.memory import is_out_of_memory
-from ..core.paths import RESULTS_DIR
+from ..core.paths import BENCH_DIR
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from .block import Block
@@ -125,7 +125,7 @@ def main(argv=None) -> list[dict]:
                              "(the one that moves fewer bytes)")  # fmt: skip
     parser.add_argument("--head-dim", type=positive_int, default=128 if cuda else 32)
     parser.add_argument("--reps", type=positive_int, default=3 if cuda else 1)
-    parser.add_argument("--out", type=out_file, default=RESULTS_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
+    parser.add_argument("--out", type=out_file, default=BENCH_DIR / f"fpdt_block_{'cuda' if cuda else 'cpu'}.csv")
     parser.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
     parser.add_argument("--doc-len", type=positive_int, default=None,
                         help="packed documents of this many tokens: attention inside each, FPDT skips the chunk "

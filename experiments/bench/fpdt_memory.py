@@ -30,7 +30,7 @@ import torch
 import fpdt_kernels
 from parallel import get_strategy
 
-from ..core.paths import RESULTS_DIR
+from ..core.paths import BENCH_DIR
 from ..core.tables import write_csv
 from ..core.units import MIB
 from .block import Block
@@ -67,7 +67,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--chunks", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="FPDT chunk counts u, each dividing --seq-len")  # fmt: skip
-    parser.add_argument("--out", type=out_file, default=RESULTS_DIR / "fpdt_memory_cpu.csv")
+    parser.add_argument("--out", type=out_file, default=BENCH_DIR / "fpdt_memory_cpu.csv")
     args = parser.parse_args(argv)
     for u in args.chunks:
         check_divides(parser, "--chunks", u, "--seq-len", args.seq_len)

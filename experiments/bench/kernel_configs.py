@@ -11,10 +11,12 @@ the others whatever ``FPDT_TMA`` says: that variable only lets autotune pick the
 ``fwd_scale_first`` is the forward as it was before it scaled only the row maxima (every score
 scaled, then shifted: one multiply more per score), timed config by config beside ``fwd``.
 
-TFLOP/s per kernel under the flash-attn convention: the forward ``4*B*H*S^2*d`` (halved when
-causal); the dK/dV kernel is credited 4 of the backward's 5 matmuls, the dQ kernel 3 (it
-recomputes ``S`` and ``dP``), so the two add up to the 7 matmuls the split backward runs; the
-fused backward's one kernel is credited the 5 it runs (delta, a small pass, is not timed).
+TFLOP/s per kernel counts the matmuls the kernel executes, each ``2*B*H*S^2*d`` FLOPs (halved
+when causal), as the flash-attn convention counts the forward's two: the dK/dV kernel runs 4,
+the dQ kernel 3 (it recomputes ``S`` and ``dP``), the fused backward 5 (delta, a small pass, is
+not timed). So a row says how busy the kernel keeps the GPU; the convention credits a whole
+backward with 5 whichever kernels run it (the split pair runs 7), which ``bench_attention``
+reports. The CSV's ``flop_convention`` column says this per row.
 
     python -m experiments.bench.kernel_configs --out configs.csv            # d 128,64, causal and not
     python -m experiments.bench.kernel_configs --compile-only --head-dims 64 --causal true
@@ -32,7 +34,7 @@ from .cli import check_divides, names_list, out_file, positive_int, positive_int
 
 CSV_FIELDS = (
     "device", "commit", "triton", "kernel", "config", "clean", "S", "B", "H", "d", "causal", "dtype",
-    "p50_ms", "tflops", "error",
+    "p50_ms", "tflops", "flop_convention", "error",
 )  # fmt: skip
 # Matmuls of the kernel, in units of one forward matmul (2*B*H*S^2*d FLOPs, halved when causal).
 _MATMULS = {"fwd": 2, "fwd_scale_first": 2, "dkdv": 4, "dq": 3, "fused": 5}
@@ -99,7 +101,9 @@ def sweep(args, writer=None, meta=None) -> list[dict]:
                     if not (args.all or tile_name(config) in usable):
                         continue
                     row = dict(meta or {}, kernel=name, config=tile_name(config), clean=tile_name(config) in usable)
-                    row.update(shape, dtype="bf16", p50_ms="", tflops="", error="")
+                    row.update(shape, dtype="bf16", p50_ms="", tflops="", error="",
+                               flop_convention=f"executed: {_MATMULS[name]} matmuls of 2*B*H*S^2*d"
+                                               f"{', halved (causal)' if causal else ''}")  # fmt: skip
                     try:
                         fn = _call(launch, config)
                         fn()
@@ -134,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="B*S, a multiple of --seq-len (default 16384, or --seq-len if longer: B=1)")  # fmt: skip
     p.add_argument("--all", action="store_true", help="also the configs the tile tables rule out here (spills)")
     p.add_argument("--compile-only", action="store_true", help="run each config once (fills Triton's cache)")
-    p.add_argument("--out", type=out_file)
+    p.add_argument("--out", type=out_file, help="CSV of every config's row (default: printed only)")
     args = p.parse_args(argv)
     args.causals = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
     if args.tokens is None:
         args.tokens = args.seq_len * max(1, 16384 // args.seq_len)
     check_divides(p, "--seq-len", args.seq_len, "--tokens", args.tokens)
     for d in args.head_dims:
-        if d > 2048:
-            p.error(f"--head-dims {d}: H = 2048 // d heads would be 0; use head dims <= 2048")
+        if d > 256:
+            p.error(f"--head-dims {d}: the kernels take head dims up to 256")
     if not torch.cuda.is_available():
         print("kernel_configs needs a CUDA GPU: it times compiled kernels", file=sys.stderr)
         return 2

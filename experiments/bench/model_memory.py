@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from ..core.paths import CONF_DIR, RESULTS_DIR
+from ..core.paths import BENCH_DIR, CONF_DIR
 from ..core.tables import write_csv
 from ..core.units import GIB, format_bytes
 from ..sweep import config as _schema  # noqa: F401  (registers the structured configs)
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(_line(row), flush=True)
     device = rows[0].get("device_name") or "?"
-    out = args.out or RESULTS_DIR / f"model_memory_{'cpu' if 'cpu' in device else 'gpu'}.csv"
+    out = args.out or BENCH_DIR / f"model_memory_{'cpu' if 'cpu' in device else 'gpu'}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out, ROW_FIELDS)
     print(f"wrote {out}")

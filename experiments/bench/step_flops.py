@@ -34,7 +34,7 @@ from parallel.distributed import SPGroup
 from parallel.parallelize import parallelize, shard_batch
 
 from ..core.flops import step_flops
-from ..core.paths import CONF_DIR, RESULTS_DIR
+from ..core.paths import BENCH_DIR, CONF_DIR
 from ..core.point import Point
 from ..core.tables import write_csv
 from ..sweep import config as _schema  # noqa: F401  (registers the structured configs)
@@ -188,7 +188,7 @@ def main(argv=None) -> list[dict]:
         print(f"step time, median of {args.time_steps} (this machine, one after the other):")
         for r in ok:
             print(f"{r['recipe']:<14} {r['step_s']:>8.3f} s  {r['step_s'] / base:>6.2f}x {ok[0]['recipe']}")
-    out = args.out or RESULTS_DIR / f"step_flops_{args.model}_s{args.seq_len}_cpu.csv"
+    out = args.out or BENCH_DIR / f"step_flops_{args.model}_s{args.seq_len}_cpu.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out, FIELDS)
     print(f"wrote {out}")

@@ -13,7 +13,7 @@ layer with ``Hkv = 8`` (MHA) and one with ``Hkv = 2`` (GQA)::
     python -m experiments.bench.strategy_memory --at-peak ring     # what is live at ring's peak
 
 It prints a table (peak per rank, worst rank, and its ratio to ulysses') and writes
-``experiments/results/strategy_memory_cpu.csv``. A strategy that fails on a rank (raises, or the
+``results/bench/strategy_memory_cpu.csv`` (``--out``). A strategy that fails on a rank (raises, or the
 rank dies) is a row with ``status=error`` and its ``error``; the others are still measured, and
 the script exits non-zero after writing the CSV, naming the failed strategies.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.paths import RESULTS_DIR
+from ..core.paths import BENCH_DIR
 from ..core.tables import write_atomic, write_csv
 from ..core.units import MIB
 from .cli import error_text, out_file, positive_int
@@ -53,7 +53,7 @@ from .cli import error_text, out_file, positive_int
 ROPE_BASE = 500000.0  # Llama 3's
 TOLERANCE = 1e-5  # relative, fp32
 DEEPSPEED = "deepspeed-ulysses"
-DEFAULT_CSV = RESULTS_DIR / "strategy_memory_cpu.csv"
+DEFAULT_CSV = BENCH_DIR / "strategy_memory_cpu.csv"
 FIELDS = ["strategy", "rank", "P", "S", "H", "Hkv", "d", "B", "dtype", "device_peak_mib", "host_peak_mib", "act_mib",
           "out_rel_err", "dx_rel_err", "chunks", "ulysses_degree", "status", "error"]  # fmt: skip
 
