@@ -142,6 +142,10 @@ def test_predicted_vs_measured_skips_what_measured_no_memory():
         shown = plots.plot_predicted_vs_measured(rows + bad, ax)
     assert len(shown) == sum(r["status"] in ("ok", "oom") for r in rows)  # the error row is skipped
     assert any("no prediction for" in str(w.message) and "seq_len=511" in str(w.message) for w in caught)
+    # Each curve's legend entry can be told apart: colour, line style (chunks) and marker (GPUs).
+    handles, labels = ax.get_legend_handles_labels()
+    looks = {(h.get_color(), h.get_linestyle(), h.get_marker()) for h in handles}
+    assert len(labels) > 1 and len(looks) == len(set(labels)) == len(labels), labels
     fig, ax = plt.subplots()
     assert plots.plot_predicted_vs_measured([dict(ok, status="oom")], ax) and "no ok rows" in ax.get_title()
     plt.close("all")

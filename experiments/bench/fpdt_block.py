@@ -15,6 +15,12 @@ timeline as CSV and PNG::
 
 With ``--doc-len`` the sequence is packed documents of that length: attention stays inside each
 and FPDT's schedules omit the chunk blocks (and their fetches) that share no document.
+
+Columns: ``step_s`` the median step; ``peak_gib`` the device peak above ``base_gib``, what was
+allocated before the step (the block's weights, its input and output gradient); on CUDA
+``reserved_gib`` the caching allocator's peak reservation, absolute (it holds ``base_gib`` too,
+so its overhead over what the step allocated is ``reserved - base - peak``) and ``alloc_retries``;
+``host_gib`` the host store's bytes allocated (pinned buffers are rounded up to a power of two).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def measure(block: Block, strategy: str, S: int, C: int, offload: bool, reps: in
             # Reserved (what the caching allocator holds, side-stream pools included) and its
             # retries (an allocation that had to free cached blocks first) say what allocated hides.
             stats = torch.cuda.memory_stats()
-            extra = dict(reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+            extra = dict(base_gib=base / GIB, reserved_gib=torch.cuda.max_memory_reserved() / GIB,
                          alloc_retries=stats.get("num_alloc_retries", 0))  # fmt: skip
         else:
             with block.tracker() as tracker:

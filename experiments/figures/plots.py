@@ -368,9 +368,10 @@ def plot_chunks(rows, ax_time, ax_mem, seq_len=None):
 
 
 def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
-    """Measured peak device memory (markers) against the planner's prediction (dotted lines) for
-    the same configurations, over every ``seq_len`` each curve tried (including ``oom`` points,
-    where the prediction should cross the device's memory)."""
+    """Measured peak device memory (markers) against the planner's prediction (lines) for the
+    same configurations, over every ``seq_len`` each curve tried (including ``oom`` points, where
+    the prediction should cross the device's memory). As in the other figures, colour is the
+    strategy, line style the chunk count and the marker the GPU count; a legend entry shows all three."""
     from ..planner.estimate import estimate_row
 
     predicted = []
@@ -394,14 +395,16 @@ def plot_predicted_vs_measured(rows, ax, device_memory_gib=None):
         ok = [r for r in pts if r.get("status") == "ok"]
         if ok:
             ax.plot([r["seq_len"] for r in ok], [r["device_mem_peak_gib_shown"] for r in ok], linestyle="none",
-                    marker=style["marker"], color=style["color"], label=_label(key, multi_model))  # fmt: skip
-        ax.plot([r["seq_len"] for r in pts], [r["predicted_gib_shown"] for r in pts], linestyle=":",
-                color=style["color"])  # fmt: skip
+                    marker=style["marker"], color=style["color"])  # fmt: skip
+        ax.plot([r["seq_len"] for r in pts], [r["predicted_gib_shown"] for r in pts], linestyle=style["linestyle"],
+                color=style["color"], linewidth=1)  # fmt: skip
+        ax.plot([], [], linestyle=style["linestyle"], marker=style["marker"], color=style["color"], linewidth=1,
+                label=_label(key, multi_model))  # fmt: skip
     if limit:
         ax.axhline(limit * factor, color="black", linestyle="--", linewidth=1)
     simulated = any(r.get("device_mem_simulated") in (True, "True") for r in rows)
     ax.set_ylabel(("simulated " if simulated else "") + f"peak device memory per GPU ({unit})")
-    ax.set_title("measured (markers) vs predicted by experiments.plan (dotted)")
+    ax.set_title("measured (markers) vs predicted by experiments.plan (lines)")
     ax.set_ylim(bottom=0)
     _seq_axis(ax, [r["seq_len"] for r in rows])
     return predicted
