@@ -30,3 +30,13 @@ def test_fpdt_device_memory_per_token_is_bounded(precision):
     assert slope <= bound, out
     if precision == "bf16-mixed":  # the residual stream in bf16: half the bytes of the fp32 one
         assert slope <= bound / 2, out
+
+
+def test_a_strategy_without_chunks_is_reported_not_held_to_the_bound(capsys):
+    """The bound is FPDT's chunked design: ulysses' report is printed and exits 0, saying so (it
+    exited 1 without a word)."""
+    from experiments.bench import memory_report
+
+    assert memory_report.main(["--strategy", "ulysses", "--seq-lens", "256", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "device peak slope" in out and "ulysses, which keeps whole-sequence activations, is not held to it" in out
