@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 
 from experiments import plan
 from experiments.plan import estimate, max_seq_len, recommend_chunk_tokens
-from experiments.planner.estimate import DENSE_EFFICIENCY, _setup, estimate_row
+from experiments.planner.estimate import DENSE_EFFICIENCY, _setup, estimate_row, fits
 from experiments.planner.model import chunk_bytes, memory
 from parallel.schedule import Residency, backward_schedule, check_schedule
 
@@ -381,6 +381,20 @@ def test_packed_documents_replay_the_sparser_schedule():
         (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, mlp_tile=-3), ValueError, r"mlp_tile=-3"),
         (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1.5e6), TypeError, r"seq_len=1500000.0 must be an int"),
         (lambda: max_seq_len("llama3-8b", "fpdt", 4, "a100-80g", limit=0), ValueError, r"limit=0 must be >= 1"),
+        (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, sp=0), ValueError, r"sp"),
+        (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, n_layers=0), ValueError, r"n_layers=0"),
+        (lambda: estimate("llama3-8b", "ulysses", 4, "a100-80g", 1 << 20, chunks=0), ValueError, r"chunks=0"),
+        (lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, doc_len=1.5), TypeError, r"doc_len=1.5"),
+        (
+            lambda: estimate("llama3-8b", "fpdt", 4, "a100-80g", 1 << 20, chunk_tokens=2048.0),
+            TypeError,
+            r"chunk_tokens=2048.0 must be an int",
+        ),
+        (
+            lambda: estimate("llama3.2-1b", "fpdt", 2, "h200", 1 << 17, residual_fp32=True),
+            ValueError,
+            r"residual_fp32=true needs fsdp=false",
+        ),
     ],
 )
 def test_planner_rejects_what_cannot_describe_a_machine_or_a_run(call, error, message):
@@ -417,3 +431,55 @@ def test_the_recommended_chunk_includes_the_callers_own(monkeypatch):
     kw = dict(max_device_memory=cap)
     assert recommend_chunk_tokens("llama3-8b", 1, "h100-sxm", S, **kw) is None
     assert recommend_chunk_tokens("llama3-8b", 1, "h100-sxm", S, chunk_tokens=C, **kw) == C
+
+
+def test_tiles_past_the_ranks_tokens_count_as_one_tile():
+    """The chunked MLP and loss never run a tile longer than the rank's tokens, so a larger tile
+    costs what one of the rank's length does (the planner counted the whole tile: 7.9x)."""
+    kw = dict(fsdp=False, max_device_memory=1)
+    big = estimate("llama-tiny", "fpdt", 2, "cpu", 2048, mlp_tile=8192, loss_tile=8192, **kw)
+    local = estimate("llama-tiny", "fpdt", 2, "cpu", 2048, mlp_tile=1024, loss_tile=1024, **kw)
+    assert big.device_peak == local.device_peak
+
+
+def test_max_seq_len_steps_onto_any_chunk_size_and_stops_at_the_limit():
+    """Past one chunk FPDT's lengths are multiples of ``chunk_tokens`` (1536 is not gpus * 2^k: the
+    doubling used to land off them and fail); a limit between doublings is searched up to."""
+    kw = dict(max_device_memory=0.05, fsdp=False)
+    n = max_seq_len("llama-tiny", "fpdt", 2, "cpu", chunk_tokens=1536, **kw)
+    assert n > 1536 and n % 1536 == 0 and fits("llama-tiny", "fpdt", 2, "cpu", n, chunk_tokens=1536, **kw)
+    assert not fits("llama-tiny", "fpdt", 2, "cpu", n + 1536, chunk_tokens=1536, **kw)
+    unlimited = max_seq_len("llama3-8b", "fpdt", 4, "a100-80g")
+    limit = unlimited - 3 * 65536 - 5  # past the last doubling, below the answer
+    assert max_seq_len("llama3-8b", "fpdt", 4, "a100-80g", limit=limit) == limit // 65536 * 65536
+
+
+def test_a_shared_cpu_peak_is_divided_among_the_ranks(monkeypatch):
+    """On hardware=cpu the measured peak is the machine's, which the ranks share: per rank it is
+    divided by gpus, as the runner's MFU divides it."""
+    import experiments.planner.estimate as est
+
+    monkeypatch.setattr(est, "cpu_peak_tflops", lambda: (10.0, "a test's peak"))
+    kw = dict(fsdp=False, max_device_memory=1)
+    shared = estimate("llama-tiny", "ulysses", 2, "cpu", 4096, **kw)
+    per_rank = estimate("llama-tiny", "ulysses", 2, "cpu", 4096, peak_tflops=5.0, **kw)
+    assert (shared.step_time_s, shared.mfu) == (per_rank.step_time_s, per_rank.mfu)
+
+
+def test_a_host_limit_given_for_the_cpu_is_checked():
+    kw = dict(fsdp=False, max_device_memory=1)
+    assert estimate("llama-tiny", "fpdt", 2, "cpu", 4096, **kw).fits
+    tiny_host = {"name": "cpu", "host_memory_gib": 1e-6}
+    assert not estimate("llama-tiny", "fpdt", 2, tiny_host, 4096, **kw).fits
+
+
+def test_cli_rows_split_over_any_gpu_count_and_ulysses_degree_goes_to_usp(capsys):
+    text = plan.main(["model=gpt-13b", "gpus=10", "hardware=a100-80g", "strategies=[fpdt]", "chunk_tokens=40960"])
+    rows = [line.split() for line in text.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert rows and all(int(r[0]) % 10 == 0 and "-" not in r for r in rows), text
+    with pytest.raises(ValueError, match=r"ulysses_degree=2 applies to usp, which the table does not plan"):
+        plan.main(["model=llama3-8b", "gpus=4", "hardware=a100-80g", "strategies=[fpdt]", "ulysses_degree=2"])
+    text = plan.main(["model=llama3-8b", "gpus=4", "hardware=a100-80g", "strategies=[ulysses,usp]", "ulysses_degree=2"])
+    assert "max seq_len usp" in text and "max seq_len ulysses" in text
+    with pytest.raises(ValueError, match=r"min_seq_len=1000000000000 is past every length that fits"):
+        plan.main(["model=llama3-8b", "gpus=4", "hardware=a100-80g", "min_seq_len=1000000000000"])

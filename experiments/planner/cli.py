@@ -8,9 +8,11 @@ with the planner's own keys (``conf/plan.yaml``)::
     python -m experiments.plan model=llama-tiny gpus=2 hardware=cpu max_device_memory=0.01 fsdp=false
     python -m experiments.plan model=llama3-8b gpus=8 hardware=h100-sxm 'strategies=[fpdt]'
 
-One row per power-of-two ``seq_len``: per strategy the device peak per GPU, host memory per node,
-step time and MFU (``x``: does not fit); then each strategy's longest ``seq_len`` and the FPDT
-chunk recommended at it.
+One row per ``seq_len`` of ``sp * 2^k`` tokens (powers of two where ``sp``, the sequence-parallel
+degree, is one): per strategy the device peak per GPU, host memory per node, step time and MFU
+(``x``: does not fit; ``-``: the length does not split for it); then each strategy's longest
+``seq_len`` and the FPDT chunk recommended at it. ``ulysses_degree`` applies to the strategies
+that take one (``usp``).
 """
 
 from __future__ import annotations
@@ -90,11 +92,24 @@ def plan_table(cfg: DictConfig) -> str:
     if c["max_seq_len"] is not None and c["max_seq_len"] < c["min_seq_len"]:
         raise ValueError(f"max_seq_len={c['max_seq_len']} is below min_seq_len={c['min_seq_len']}: the table "
                          "would have no row")  # fmt: skip
-    maxima = {s: max_seq_len(model, s, gpus, hardware, **kw) for s in strategies}
+
+    def kw_for(strategy: str) -> dict:  # ulysses_degree only where the strategy takes one
+        return kw if get_strategy(strategy).uses_ulysses_degree else dict(kw, ulysses_degree=None)
+
+    if kw["ulysses_degree"] is not None and not any(get_strategy(s).uses_ulysses_degree for s in strategies):
+        raise ValueError(f"ulysses_degree={kw['ulysses_degree']} applies to usp, which the table does not "
+                         f"plan ({', '.join(strategies)}); add it: 'strategies=[usp]'")  # fmt: skip
+    maxima = {s: max_seq_len(model, s, gpus, hardware, **kw_for(s)) for s in strategies}
     lo = c["min_seq_len"]
-    # Up to the first power of two past the longest fit: one row that does not fit (a row past
-    # it would only cost time: its schedules grow with the square of the chunk count).
-    hi = c["max_seq_len"] or max(1 << (math.floor(math.log2(max(maxima.values()) or 1)) + 1), lo)
+    # Rows at sp * 2^k tokens (every strategy splits a length over the sp ranks).
+    base = kw["sp"] or gpus
+    # Up to the first row past the longest fit: one row that does not fit (a row past it would
+    # only cost time: its schedules grow with the square of the chunk count).
+    longest = max(maxima.values())
+    hi = c["max_seq_len"] or max(base << max(0, math.floor(math.log2(max(longest, base) / base)) + 1), lo)
+    if c["max_seq_len"] is None and lo > 2 * max(longest, base):
+        raise ValueError(f"min_seq_len={lo} is past every length that fits (the longest: {longest:,} tokens); "
+                         "lower it, or give max_seq_len for rows that do not fit")  # fmt: skip
     where = "on host" if kw["checkpoint_on_host"] else "on device"
     chunked = [s for s in strategies if get_strategy(s).takes_chunks]
     chunk = f", {'/'.join(chunked)} chunk {kw['chunk_tokens']} tokens" if chunked else ""
@@ -112,12 +127,12 @@ def plan_table(cfg: DictConfig) -> str:
     ]
     head = f"{'seq_len':>10}" + "".join(f"  {s:^35}" for s in strategies)
     lines += [head, "-" * len(head)]
-    n = 1 << max(0, math.ceil(math.log2(max(lo, gpus))))
+    n = base << max(0, math.ceil(math.log2(max(lo, base) / base)))
     while n <= hi:
         row = f"{n:>10}"
         for s in strategies:
             try:
-                e = estimate(model, s, gpus, hardware, n, **kw)
+                e = estimate(model, s, gpus, hardware, n, **kw_for(s))
             except ValueError:  # this length does not split for this strategy (e.g. into chunks)
                 row += f"  {'-':^35}"
                 continue
@@ -131,7 +146,7 @@ def plan_table(cfg: DictConfig) -> str:
     for s in chunked:
         if not maxima[s]:
             continue
-        best = recommend_chunk_tokens(model, gpus, hardware, maxima[s], strategy=s, **kw)
+        best = recommend_chunk_tokens(model, gpus, hardware, maxima[s], strategy=s, **kw_for(s))
         if best is None:
             lines.append(f"recommended {s} chunk at seq_len {maxima[s]:,}: none of the chunk sizes tried fits")
             continue

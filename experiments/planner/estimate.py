@@ -135,8 +135,13 @@ def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tfl
         "name": hw["name"],
         "cpu": cpu,
         "device_bytes": int(device_gib * GIB * (1.0 if cpu or max_device_memory is not None else DEVICE_USABLE)),
-        "host_bytes": int((hw.get("host_memory_gib") or 0) * GIB * HOST_USABLE) if not cpu else None,
+        # The CPU has no host limit of its own; hardware.host_memory_gib=... gives it one.
+        "host_bytes": None
+        if cpu and not hw.get("host_memory_gib")
+        else int((hw.get("host_memory_gib") or 0) * GIB * HOST_USABLE),  # fmt: skip
         "peak_tflops": peak_tflops or hw.get("peak_tflops") or cpu_peak_tflops()[0],
+        # The CPU's measured peak is the machine's: its ranks share it (as the runner divides it).
+        "peak_shared": not (peak_tflops or hw.get("peak_tflops")),
         "pcie_gbps": hw.get("pcie_gbps") or CPU_COPY_GBPS,
         "nvlink_gbps": hw.get("nvlink_gbps") or CPU_COPY_GBPS,
         "dense_efficiency": hw.get("dense_efficiency") or DENSE_EFFICIENCY,
@@ -154,13 +159,14 @@ def check_counts(**counts) -> None:
 
 
 def _chunks(strategy: str, seq_len: int, gpus: int, chunks: int | None, chunk_tokens: int) -> int:
+    if chunks is not None:
+        check_counts(chunks=chunks)  # for every strategy, as the runner checks it (the others run 1)
     if not get_strategy(strategy).takes_chunks:
         return 1
     if chunks is not None:
-        if chunks < 1:
-            raise ValueError(f"chunks={chunks} must be >= 1")
         return chunks
-    if chunk_tokens < 1 or chunk_tokens % gpus:
+    check_counts(chunk_tokens=chunk_tokens)
+    if chunk_tokens % gpus:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be a positive multiple of gpus={gpus}")
     if seq_len <= chunk_tokens:
         return 1
@@ -178,21 +184,26 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     for key in ("mlp_tile", "loss_tile"):
         if switches.get(key) is not None:
             check_counts(**{key: switches[key]})
-    sp = switches.pop("sp", None) or gpus
+    sp = switches.pop("sp", None)
+    sp = gpus if sp is None else sp
     check_mesh(gpus, sp)
     n_layers = switches.pop("n_layers", None)
-    cfg = get_config(model, **({"n_layers": n_layers} if n_layers else {}))
+    if n_layers is not None:
+        check_counts(n_layers=n_layers)
+    cfg = get_config(model, **({"n_layers": n_layers} if n_layers is not None else {}))
     # The strategy and the head split first: they are the cause whatever the chunk size says.
     spec = get_strategy(strategy)
     ulysses_degree = switches.pop("ulysses_degree", None)
     spec.check(spec.granule(sp, 1, ulysses_degree), sp, 1, cfg.n_heads, cfg.n_kv_heads, ulysses_degree)
     hw = _hardware(hardware, switches.pop("max_device_memory", None), switches.pop("peak_tflops", None))
+    if hw.pop("peak_shared"):
+        hw["peak_tflops"] /= gpus
     u = _chunks(strategy, seq_len, sp, chunks, chunk_tokens)
     spec.check(seq_len, sp, u, cfg.n_heads, cfg.n_kv_heads, ulysses_degree)
     offload_states = bool(switches.pop("offload_states", False))
     doc_len = switches.pop("doc_len", None)
-    if doc_len is not None and doc_len < 1:
-        raise ValueError(f"doc_len={doc_len} must be >= 1 tokens")
+    if doc_len is not None:
+        check_counts(doc_len=doc_len)
     if offload_states and not switches.get("fsdp"):
         raise ValueError("offload_states keeps model states in host memory through FSDP; set fsdp=true")
     if switches.get("fsdp") and gpus == 1 and not offload_states:
@@ -200,7 +211,12 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     preset = _strategy_preset(strategy)
     precision = resolve_precision(switches.pop("precision", "auto"), cuda=not hw["cpu"],
                                   dtype=switches.pop("dtype", "auto"))  # fmt: skip
-    mlp_default, loss_default = default_tiles(seq_len // sp, u)
+    residual_fp32 = bool(switches.pop("residual_fp32", False)) and precision.mixed
+    if residual_fp32 and switches["fsdp"]:
+        raise ValueError("residual_fp32=true needs fsdp=false: FSDP2's mixed precision casts every block's input "
+                         "to bf16, so the residual stream is bf16 there (the runner refuses it too)")  # fmt: skip
+    local = seq_len // sp
+    mlp_default, loss_default = default_tiles(local, u)
     st = Setup(
         cfg=cfg,
         strategy=strategy,
@@ -214,14 +230,15 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
         fsdp=switches["fsdp"],
         chunked_mlp=_pick(switches.get("chunked_mlp"), preset["chunked_mlp"]),
         chunked_loss=_pick(switches.get("chunked_loss"), preset["chunked_loss"]),
-        mlp_tile=switches.get("mlp_tile") or mlp_default,
-        loss_tile=switches.get("loss_tile") or loss_default,
+        # The chunked ops never run a tile past the rank's tokens (a larger tile is one tile).
+        mlp_tile=min(switches.get("mlp_tile") or mlp_default, local),
+        loss_tile=min(switches.get("loss_tile") or loss_default, local),
         simulated_device=hw["cpu"],
         world=gpus,
         param_bytes=precision.param_dtype.itemsize,
         offload_states=offload_states,
         doc_len=doc_len,
-        residual_fp32=bool(switches.pop("residual_fp32", False)) and precision.mixed,
+        residual_fp32=residual_fp32,
         ulysses_degree=ulysses_degree,
         legacy_recompute=bool(switches.pop("legacy_recompute", False)),
         backward_order=check_backward_order(switches.pop("backward_order", None) or "auto"),

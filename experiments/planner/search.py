@@ -42,14 +42,16 @@ def max_seq_len(
     limit: int = 1 << 30,
     **switches,
 ) -> int:
-    """The longest ``seq_len`` whose device AND host memory fit (0 if none does).
+    """The longest ``seq_len`` whose device AND host memory fit (0 if none does), at most ``limit``.
 
     Doubling from the granularity, then bisection on multiples of it (the strategy's granule at
     ``gpus``: ``gpus``, ``2 gpus`` for ``ring``/``usp``, 1 for ``local``; ``gpus * chunks`` for a
-    fixed ``chunks``; ``chunk_tokens`` once FPDT has more than one chunk) until the gap to the
-    first length that does not fit is one granule or ``1/RESOLUTION`` of the answer, doubling no
-    further than ``limit`` tokens. ``switches``: the other keywords of :func:`estimate`
-    (``max_device_memory`` for ``hardware=cpu``, ``offload``, ``dtype``, ...).
+    fixed ``chunks``; ``chunk_tokens`` once FPDT has more than one chunk, so the doubling steps
+    onto ``chunk_tokens`` and its doublings) until the gap to the first length that does not fit
+    is one granule or ``1/RESOLUTION`` of the answer. A doubling past ``limit`` tries the longest
+    length on the granule up to ``limit``: the answer equals that length when the limit, not
+    memory, bounds it. ``switches``: the other keywords of :func:`estimate` (``max_device_memory``
+    for ``hardware=cpu``, ``offload``, ``dtype``, ...).
     """
     check_counts(gpus=gpus, limit=limit, chunk_tokens=chunk_tokens)
     takes_chunks = get_strategy(strategy).takes_chunks
@@ -67,14 +69,29 @@ def max_seq_len(
         return fits(model, strategy, gpus, hardware, n, **kw)
 
     fixed = switches.get("chunks") if takes_chunks else None  # a fixed u instead of a chunk size
-    lo = 0
-    n = _granularity(strategy, gpus, 0, chunk_tokens) * (fixed or 1)
+
+    def granule(n: int) -> int:  # the step between valid lengths around n
+        return gpus * fixed if fixed else _granularity(strategy, gpus, n, chunk_tokens)
+
+    def doubled(n: int) -> int:  # past one chunk FPDT's lengths are multiples of it
+        if takes_chunks and not fixed and n < chunk_tokens < 2 * n:
+            return chunk_tokens
+        return 2 * n
+
+    lo, n = 0, granule(0)  # the shortest valid length: gpus (times a fixed chunk count)
     while n <= limit and fits_at(n):
-        lo, n = n, n * 2
-    if lo == 0 or n > limit:
-        return lo
+        lo, n = n, doubled(n)
+    if n > limit:  # the longest length on the granule up to limit, past the last doubling
+        last = limit // granule(limit) * granule(limit)
+        if last <= lo:
+            return lo
+        if fits_at(last):
+            return last
+        n = last
+    if lo == 0:
+        return 0
     hi = n  # lo fits, hi does not
-    g = gpus * fixed if fixed else _granularity(strategy, gpus, hi, chunk_tokens)
+    g = granule(hi)
     while hi - lo > max(g, lo // RESOLUTION):
         mid = (lo + hi) // 2 // g * g
         if mid <= lo:
@@ -83,7 +100,7 @@ def max_seq_len(
             lo = mid
         else:
             hi = mid
-        g = gpus * fixed if fixed else _granularity(strategy, gpus, hi, chunk_tokens)
+        g = granule(hi)
     return lo
 
 

@@ -235,6 +235,8 @@ def main(cfg: DictConfig) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = resolve_point(cfg)
+        if base.requested_chunks < 1:  # before the granularity it multiplies
+            raise ValueError(f"chunks={base.requested_chunks} must be >= 1")
         chunk_tokens = cfg.search.chunk_tokens if get_strategy(base.strategy).takes_chunks else None
         granularity = _granularity(base, chunk_tokens)
         _check_search(cfg.search, base, chunk_tokens)
