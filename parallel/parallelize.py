@@ -303,6 +303,10 @@ def shard_batch(
     of the local tokens (``[S/P]``), or, for packed documents (``cu_seqlens``: int32 offsets over
     the flattened ``[B * S]`` tokens, every row boundary a document boundary), each local token's
     position inside its document (``[B, S/P]``: RoPE restarts at every document).
+
+    Pass the parallelized model's own ``model.strategy`` (it carries ``chunks`` and the Ulysses
+    degree), and the returned ``positions`` to the model: a layout built for other settings than
+    the model's is then caught by the model instead of training on permuted tokens.
     """
     _check_token_tensor("tokens", tokens)
     if labels is not None:
