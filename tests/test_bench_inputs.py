@@ -59,7 +59,7 @@ USAGE_ERRORS = [
     ("step_flops", ["--loss-tile", "0"], "argument --loss-tile: '0' is out of range"),
     ("step_flops", ["--time-steps", "-1"], "argument --time-steps: '-1' is out of range; use an integer >= 0"),
     ("step_flops", ["--model", "nope"], "unknown model preset 'nope'; use one of gpt-tiny, llama-tiny"),
-    ("step_flops", ["--seq-len", "102", "--recipes", "fpdt"], "seq_len=102 is not divisible by gpus*chunks=4"),
+    ("step_flops", ["--seq-len", "102", "--recipes", "fpdt"], "seq_len=102 is not divisible by sp*chunks=4"),
     # 20: memory_report
     ("memory_report", ["--seq-lens", "256", "512", "--chunk-tokens", "0"], "argument --chunk-tokens: '0'"),
     ("memory_report", ["--seq-lens", "256", "512", "--chunk-tokens", "100"], "--chunk-tokens 100 does not divide"),

@@ -189,7 +189,7 @@ def test_bad_point_is_recorded_with_a_clear_error(tmp_path):
     assert proc.returncode == 1
     row = json.loads((tmp_path / "run" / "result.json").read_text())
     assert row["status"] == "error"
-    assert "seq_len=1004 is not divisible by gpus*chunks=8; use a multiple of 8" in row["error"]
+    assert "seq_len=1004 is not divisible by sp*chunks=8; use a multiple of 8" in row["error"]
     assert f"row: {tmp_path / 'run' / 'results.csv'}" in proc.stdout  # a single run says where its row went
     assert not list((tmp_path / "run").glob("*.log")), "no empty Hydra log files in the job directory"
 

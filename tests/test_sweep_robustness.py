@@ -384,7 +384,7 @@ def _torchrun(tmp_path, body, *overrides, env=None):
 @pytest.mark.parametrize(
     "overrides, error",
     [
-        (["chunks=3"], "seq_len=512 is not divisible by gpus*chunks=6"),
+        (["chunks=3"], "seq_len=512 is not divisible by sp*chunks=6"),
         (["gpus=4"], "gpus=4 but torchrun started WORLD_SIZE=2"),
     ],
     ids=["indivisible", "world-size"],

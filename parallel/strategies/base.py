@@ -81,8 +81,9 @@ class Strategy:
         check_heads(n_heads, n_kv_heads, u)
         g = self.granule(sp, chunks, ulysses_degree)
         if seq_len % g:
-            parts = f"gpus*chunks={g}" if self.takes_chunks else f"the {self.name} layout's {g} equal pieces"
-            raise ValueError(f"seq_len={seq_len} is not divisible by {parts}; use a multiple of {g}")
+            parts = f"sp*chunks={g}" if self.takes_chunks else f"the {self.name} layout's {g} equal pieces"
+            raise ValueError(f"seq_len={seq_len} is not divisible by {parts}; use a multiple of {g} (sp: the "
+                             "sequence-parallel ranks, gpus unless sp is set)")  # fmt: skip
 
     # --- layout and attention -----------------------------------------------------------------
 
