@@ -104,7 +104,8 @@ def batch_slices(launch: Launch) -> list[Launch]:
     if heads > MAX_GRID_Y:
         raise ValueError(f"{heads} query heads exceed the {MAX_GRID_Y} a CUDA grid dimension holds; use fewer heads")
     if any(t.shape[0] != batch for t in tensors.values()):
-        raise RuntimeError(f"{launch.kernel}: a tensor argument is not batch-first: {[t.shape for t in tensors.values()]}")
+        shapes = [tuple(t.shape) for t in tensors.values()]
+        raise RuntimeError(f"{launch.kernel}: a tensor argument is not batch-first: {shapes}")
     per = MAX_GRID_Y // heads
     slices = []
     for start in range(0, batch, per):
