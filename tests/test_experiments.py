@@ -178,7 +178,8 @@ def test_oom_is_a_row_the_sweep_goes_on_and_reruns_skip(tmp_path):
     assert proc.stdout.count(f"skipped: already in {sweep} (as chunks=1: ulysses takes no chunks)") == 2
     again = _run("experiments.run", *args, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("skipped") == 4
-    assert again.stdout.count("skipped: already in") == 2
+    assert again.stdout.count("skipped: already in") == 4  # every point, two of them as chunks=1's
+    assert again.stdout.count("(as chunks=1: ulysses takes no chunks)") == 2
     assert len(read_csv(sweep / "results.csv")) == 2
 
 
