@@ -37,6 +37,23 @@ def test_index_file_gives_the_starts(tmp_path):
         assert row_starts == want
 
 
+def test_a_repeated_index_offset_starts_one_document(tmp_path):
+    """An index may repeat an offset (an empty document): the window's starts hold it once, so
+    its cu_seqlens increase strictly (a repeat failed the step that met it, mid-run)."""
+    tokens = np.arange(40, dtype=np.uint16)  # token t holds t: a window's first token is its offset
+    (tmp_path / "t.bin").write_bytes(tokens.tobytes())
+    np.save(tmp_path / "idx.npy", np.array([0, 9, 9, 15, 15, 15, 33], dtype=np.int64))
+    spec = DataSpec(seq_len=16, batch_size=3, vocab_size=64, path=str(tmp_path / "t.bin"),
+                    index=str(tmp_path / "idx.npy"))  # fmt: skip
+    spec.check_files()
+    for step in range(4):
+        windows, starts = global_batch(spec, step=step, dp=1)
+        for row, row_starts in zip(windows, starts, strict=True):
+            offset = int(row[0])
+            assert row_starts == [0] + [s - offset for s in (9, 15, 33) if offset < s < offset + 16]
+        check_cu_seqlens(replica_batch(spec, step, 1, 0)[2], 3, 16)
+
+
 def test_synthetic_documents_are_seeded_and_rows_are_documents():
     spec = DataSpec(seq_len=64, batch_size=2, vocab_size=96, seed=3, doc_len=10)
     a = replica_batch(spec, step=5, dp=2, replica=1)

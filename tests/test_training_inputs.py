@@ -141,11 +141,15 @@ def test_token_files_and_indexes_that_work(tmp_path):
             r"has 2002 bytes, not a whole number of int64 tokens \(8 bytes each\); is data.dtype right\?",
         ),
         (lambda p: _spec(p, index=_index(p, [5, 3, 1])), r"index.npy decreases at position 1 \(5 then 3\)"),
+        (
+            lambda p: _spec(p, index=_index(p, np.array([0, 400, 300], dtype=np.uint64))),
+            r"index.npy decreases at position 2 \(400 then 300\)",
+        ),
         (lambda p: _spec(p, index=_index(p, [0.0, 1.0])), r"holds a float64 array of shape \(2,\)"),
         (lambda p: _spec(p, index=_index(p, [0, 1000])), r"in \[0, 1000\); .*runs from 0 to 1000"),
         (lambda p: _spec(p, index=_spec(p).path), r"tokens.bin is not a .npy file"),
     ],
-    ids=["short", "missing", "odd-size", "unsorted", "float", "past-the-end", "not-npy"],
+    ids=["short", "missing", "odd-size", "unsorted", "unsorted-unsigned", "float", "past-the-end", "not-npy"],
 )
 def test_token_files_and_indexes_that_cannot_work(tmp_path, make, match):
     with pytest.raises(ValueError, match=match):

@@ -87,7 +87,8 @@ def _check_length(tokens: int, seq_len: int) -> None:
 
 
 def _check_index(index: str, tokens: int) -> None:
-    """``data.index``: a ``.npy`` of document start offsets, non-decreasing, in ``[0, tokens)``."""
+    """``data.index``: a ``.npy`` of document start offsets, non-decreasing (a repeat is an empty
+    document), in ``[0, tokens)``; of any integer dtype."""
     what = f"data.index must be a .npy of non-decreasing integer document start offsets in [0, {tokens})"
     if not index.endswith(".npy"):
         raise ValueError(f"{what}; {index} is not a .npy file (numpy.save writes one)")
@@ -99,7 +100,7 @@ def _check_index(index: str, tokens: int) -> None:
         raise ValueError(f"{what}; {index} holds a {offsets.dtype} array of shape {offsets.shape}")
     if len(offsets) and (offsets[0] < 0 or offsets[-1] >= tokens):
         raise ValueError(f"{what}; {index} runs from {offsets[0]} to {offsets[-1]}")
-    bad = np.flatnonzero(np.diff(offsets) < 0)
+    bad = np.flatnonzero(np.diff(offsets.astype(np.int64)) < 0)  # unsigned differences would wrap
     if len(bad):
         i = int(bad[0])
         raise ValueError(f"{what}; {index} decreases at position {i + 1} ({offsets[i]} then {offsets[i + 1]})")
@@ -132,7 +133,8 @@ def _row_starts(spec: DataSpec, step: int, row: int, window: torch.Tensor, offse
     elif spec.index is not None:
         offsets = np.load(spec.index, mmap_mode="r")
         lo, hi = np.searchsorted(offsets, [offset + 1, offset + S])
-        starts = [int(o) - offset for o in offsets[lo:hi]]
+        # A repeated offset (an empty document) starts one document, not two.
+        starts = [int(o) - offset for o in np.unique(offsets[lo:hi])]
     else:  # synthetic: geometric lengths with mean doc_len, seeded per step and row
         gen = torch.Generator().manual_seed((spec.seed * 1_000_003 + step) * 4099 + row)
         p = 1.0 / spec.doc_len
