@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -55,11 +56,20 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         raise ValueError("resume=true needs checkpoint.dir=<the earlier run's checkpoint directory>")
     if Path(point.checkpoint_dir).exists() and not Path(point.checkpoint_dir).is_dir():
         raise ValueError(f"checkpoint.dir={ckpt['dir']} is a file; give a directory (it is created if missing)")
+    earlier = sorted(Path(point.checkpoint_dir).glob("step_*")) if Path(point.checkpoint_dir).is_dir() else []
+    if earlier and not point.resume:
+        # A fresh run there would replace the earlier run's checkpoints of the same steps, and a
+        # later resume would pick whichever step is newest, of either run.
+        raise ValueError(f"checkpoint.dir={point.checkpoint_dir} holds another run's checkpoints ({earlier[-1].name}); "
+                         "continue it with resume=true, or give a new checkpoint.dir")  # fmt: skip
     for key, value, rule in (("log_every", point.log_every, ">= 1"),
                              ("checkpoint.every", point.checkpoint_every, ">= 0 (0: only at the end)"),
                              ("lr_warmup_steps", point.lr_warmup_steps, ">= 0")):  # fmt: skip
         if value < (1 if key == "log_every" else 0):
             raise ValueError(f"{key}={value} must be {rule}")
+    if point.lr_warmup_steps >= point.steps:
+        warnings.warn(f"lr_warmup_steps={point.lr_warmup_steps} >= steps={point.steps}: the learning rate never "
+                      f"reaches lr={point.lr} (lower lr_warmup_steps)", stacklevel=2)  # fmt: skip
     if not 0.0 <= point.lr_min_ratio <= 1.0:
         raise ValueError(
             f"lr_min_ratio={point.lr_min_ratio} must be in [0, 1] (the cosine decays to lr * lr_min_ratio)"

@@ -110,6 +110,21 @@ def test_each_bad_training_key_is_named_before_any_rank_starts(tmp_path, overrid
         resolve_training(_compose("train", [override]), tmp_path)
 
 
+def test_a_fresh_run_into_another_runs_checkpoints_is_refused(tmp_path):
+    """It would replace that run's checkpoints of the same steps, and a later resume would take
+    whichever step is newest, of either run; resume=true continues it."""
+    ckpt = tmp_path / "ck"
+    (ckpt / "step_00000006").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(step_00000006\); continue it with resume"):
+        resolve_training(_compose("train", [f"checkpoint.dir={ckpt}"]), tmp_path)
+    resolve_training(_compose("train", [f"checkpoint.dir={ckpt}", "resume=true"]), tmp_path)
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"lr_warmup_steps=10 >= steps=4: the learning rate never reaches"):
+        resolve_training(_compose("train", ["steps=4", "lr_warmup_steps=10"]), tmp_path)
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 
