@@ -179,7 +179,7 @@ def test_parallel_matches_local(world, case):
             assert r["step_err"] < REL, (r["step_err"], case)
 
 
-def _staged_unfreeze_worker(rank, world, init_file, out_dir):
+def _staged_unfreeze_worker(rank, world, init_file, out_dir, fsdp=False):
     """Embeddings frozen when the model is parallelized, trained from the next step on."""
     os.environ["FPDT_ATTENTION_BACKEND"] = "torch"
     torch.set_num_threads(1)
@@ -194,20 +194,22 @@ def _staged_unfreeze_worker(rank, world, init_file, out_dir):
     reference(tokens, labels=labels).backward()
     model = _build(cfg)
     model.embed.weight.requires_grad_(False)
-    model = parallelize(model, "fpdt", group=group, chunks=2)
+    model = parallelize(model, "fpdt", group=group, chunks=2, fsdp=fsdp)
     model.embed.weight.requires_grad_(True)
     tokens, labels, positions = shard_batch(tokens, labels, model.strategy, chunks=2, group=group)
     model(tokens, labels=labels, positions=positions).backward()
-    errors = {n: _rel(p.grad, r.grad) for (n, p), r in zip(model.named_parameters(), reference.parameters(),
-                                                            strict=True)}  # fmt: skip
+    errors = {n: _rel(_full(p.grad), r.grad) for (n, p), r in zip(model.named_parameters(), reference.parameters(),
+                                                                   strict=True)}  # fmt: skip
     torch.save(errors, os.path.join(out_dir, f"rank{rank}.pt"))
     destroy_distributed()
 
 
-def test_a_parameter_unfrozen_after_parallelize_is_reduced_too(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_a_parameter_unfrozen_after_parallelize_is_reduced_too(tmp_path, fsdp):
     """Without FSDP each gradient is summed over the ranks by a hook; a parameter frozen when
-    ``parallelize`` ran gets its hook once it trains (each rank held only its share of it)."""
-    run_ranks(_staged_unfreeze_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2)
+    ``parallelize`` ran gets its hook once it trains (each rank held only its share of it). FSDP
+    reduce-scatters whatever has a gradient at the backward's end."""
+    run_ranks(_staged_unfreeze_worker, (2, str(tmp_path / "init"), str(tmp_path), fsdp), 2)
     for rank in range(2):
         errors = torch.load(tmp_path / f"rank{rank}.pt")
         assert max(errors.values()) < REL, (rank, {n: e for n, e in errors.items() if e >= REL})
