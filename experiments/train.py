@@ -62,11 +62,11 @@ def resolve_training(cfg: DictConfig, run_dir: Path) -> TrainPoint:
         # later resume would pick whichever step is newest, of either run.
         raise ValueError(f"checkpoint.dir={point.checkpoint_dir} holds another run's checkpoints ({earlier[-1].name}); "
                          "continue it with resume=true, or give a new checkpoint.dir")  # fmt: skip
-    for key, value, rule in (("log_every", point.log_every, ">= 1"),
-                             ("checkpoint.every", point.checkpoint_every, ">= 0 (0: only at the end)"),
-                             ("lr_warmup_steps", point.lr_warmup_steps, ">= 0")):  # fmt: skip
-        if value < (1 if key == "log_every" else 0):
-            raise ValueError(f"{key}={value} must be {rule}")
+    for key, value, least, note in (("log_every", point.log_every, 1, ""),
+                                    ("checkpoint.every", point.checkpoint_every, 0, " (0: only at the end)"),
+                                    ("lr_warmup_steps", point.lr_warmup_steps, 0, "")):  # fmt: skip
+        if value < least:
+            raise ValueError(f"{key}={value} must be >= {least}{note}")
     if point.lr_warmup_steps >= point.steps:
         warnings.warn(f"lr_warmup_steps={point.lr_warmup_steps} >= steps={point.steps}: the learning rate never "
                       f"reaches lr={point.lr} (lower lr_warmup_steps)", stacklevel=2)  # fmt: skip

@@ -30,6 +30,8 @@ import sys
 
 import torch
 
+from fpdt_kernels.attention.api import MAX_HEAD_DIM
+
 from .cli import check_divides, names_list, out_file, positive_int, positive_ints
 
 CSV_FIELDS = (
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens = args.seq_len * max(1, 16384 // args.seq_len)
     check_divides(p, "--seq-len", args.seq_len, "--tokens", args.tokens)
     for d in args.head_dims:
-        if d > 256:
-            p.error(f"--head-dims {d}: the kernels take head dims up to 256")
+        if d > MAX_HEAD_DIM:
+            p.error(f"--head-dims {d}: the kernels take head dims up to {MAX_HEAD_DIM}")
     if not torch.cuda.is_available():
         print("kernel_configs needs a CUDA GPU: it times compiled kernels", file=sys.stderr)
         return 2

@@ -72,16 +72,23 @@ def check_hardware_numbers(hw: dict) -> None:
             positive(f"hardware.{key}", hw[key], 1.0 if key.endswith("efficiency") else None)
 
 
+def over_preset(name: str, fields: dict) -> tuple[dict, dict]:
+    """``(preset name's fields with the given ones over them, the preset as its file has it)``;
+    a field given empty (None or "") keeps the preset's."""
+    preset = load_preset(name)
+    given = {k: v for k, v in fields.items() if k != "name" and v is not None and v != ""}
+    return {**preset, **given}, preset
+
+
 def resolve_hardware(hw: dict) -> dict:
     """Fill an ``auto`` selection from the detected preset, keeping the fields given with it
     (``hardware.peak_tflops=...`` on the command line) over the preset's; check every number.
     Numbers that differ from the preset's file are named in ``source``, beside the preset's own."""
-    hw = dict(hw)
-    if hw.get("name") == "auto":
-        given = {k: v for k, v in hw.items() if k != "name" and v is not None and v != ""}
-        hw = {**load_preset(detect_preset_name()), **given, "detected": True}
+    auto = hw.get("name") == "auto"
+    hw, preset = over_preset(detect_preset_name() if auto else hw["name"], hw)
+    if auto:
+        hw["detected"] = True
     check_hardware_numbers(hw)
-    preset = load_preset(hw["name"])
     changed = [f"hardware.{k}={hw[k]}" for k in HARDWARE_NUMBERS if hw.get(k) is not None and hw[k] != preset.get(k)]
     if changed:
         own = f": {preset['source']}" if preset.get("source") else ""

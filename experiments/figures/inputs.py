@@ -266,18 +266,18 @@ def check_figure(spec: FigureSpec, tables: list[Table]) -> tuple[list[dict], lis
             problems.append(f"{t.name}: {cols} missing{context}")
             continue
         for r in list(selected[id(t)]):
-            bad = [
-                f"{k} is empty (every row needs one for the {spec.name} figure)" for k in spec.keys if r.get(k) is None
-            ]
-            bad += [f"{k}={r[k]} must be > 0 (the {spec.name} figure's axis is logarithmic)"
+            # (what is wrong, why the figure needs it otherwise)
+            bad = [(f"{k} is empty", f"every row needs one for the {spec.name} figure")
+                   for k in spec.keys if r.get(k) is None]  # fmt: skip
+            bad += [(f"{k}={r[k]} must be > 0", f"the {spec.name} figure's axis is logarithmic")
                     for k in spec.positive if _has_value(r.get(k)) and not r[k] > 0]  # fmt: skip
             if bad and r.get("status") not in (None, "ok"):
                 # A point that failed on its own bad setting (chunks=0, seq_len=-4): the sweep
                 # recorded it as it should; it has no place on the axes, and the rest still plots.
                 selected[id(t)].remove(r)
-                unplaced.append(f"{t.where(r)} ({r['status']}): {bad[0].split(' (')[0]}")
+                unplaced.append(f"{t.where(r)} ({r['status']}): {bad[0][0]}")
             else:
-                problems += [f"{t.where(r)}: {b}" for b in bad]
+                problems += [f"{t.where(r)}: {what} ({why})" for what, why in bad]
     _raise(problems)
     if unplaced:
         notes.append(f"{spec.name}: {_plural(len(unplaced), 'failed row')} left out, with no place on its axes: "

@@ -31,10 +31,17 @@ from models.transformer import default_tiles
 from parallel import check_backward_order, check_mesh, get_strategy
 
 from ..core.flops import step_flops
-from ..core.hardware import HARDWARE_FIELDS, check_hardware_numbers, cpu_peak_tflops, load_preset, positive
+from ..core.hardware import (
+    HARDWARE_FIELDS,
+    check_hardware_numbers,
+    cpu_peak_tflops,
+    load_preset,
+    over_preset,
+    positive,
+)
 from ..core.paths import CONF_DIR
 from ..core.units import GIB
-from ..training.precision import resolve_precision
+from ..training.precision import check_residual_fp32, resolve_precision
 from .model import Memory, Rates, Setup, attention_layer_seconds, memory, square_tokens, step_seconds
 
 # Achieved fraction of peak FLOP/s where the hardware preset states none: large bf16 GEMMs reach
@@ -104,10 +111,10 @@ def _strategy_preset(strategy: str) -> dict:
     return {k: bool(conf.get(k, False)) for k in ("offload", "chunked_mlp", "chunked_loss")}
 
 
-def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tflops: float | None) -> dict:
+def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tflops: float | None, ranks: int) -> dict:
     """The machine to plan for: a preset's name, or a preset as Hydra composed it (``name`` plus
     its fields, some overridden on the command line, e.g. ``hardware.host_memory_gib=128``):
-    every field given there replaces the preset's."""
+    every field given there replaces the preset's. ``ranks`` share a measured CPU peak."""
     if isinstance(hardware, Mapping):
         if "name" not in hardware:
             raise ValueError(f"a hardware mapping needs the 'name' of the preset it changes, e.g. "
@@ -115,8 +122,7 @@ def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tfl
         unknown = sorted(set(hardware) - set(HARDWARE_FIELDS))
         if unknown:
             raise ValueError(f"unknown hardware field(s) {unknown}; a preset has {list(HARDWARE_FIELDS)}")
-        given = {k: v for k, v in hardware.items() if v is not None and v != ""}
-        hw = {**load_preset(hardware["name"]), **given}
+        hw, _ = over_preset(hardware["name"], hardware)
     else:
         hw = load_preset(hardware)
     check_hardware_numbers(hw)
@@ -139,9 +145,8 @@ def _hardware(hardware: str | Mapping, max_device_memory: float | None, peak_tfl
         "host_bytes": None
         if cpu and not hw.get("host_memory_gib")
         else int((hw.get("host_memory_gib") or 0) * GIB * HOST_USABLE),  # fmt: skip
-        "peak_tflops": peak_tflops or hw.get("peak_tflops") or cpu_peak_tflops()[0],
         # The CPU's measured peak is the machine's: its ranks share it (as the runner divides it).
-        "peak_shared": not (peak_tflops or hw.get("peak_tflops")),
+        "peak_tflops": peak_tflops or hw.get("peak_tflops") or cpu_peak_tflops()[0] / ranks,
         "pcie_gbps": hw.get("pcie_gbps") or CPU_COPY_GBPS,
         "nvlink_gbps": hw.get("nvlink_gbps") or CPU_COPY_GBPS,
         "dense_efficiency": hw.get("dense_efficiency") or DENSE_EFFICIENCY,
@@ -195,9 +200,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     spec = get_strategy(strategy)
     ulysses_degree = switches.pop("ulysses_degree", None)
     spec.check(spec.granule(sp, 1, ulysses_degree), sp, 1, cfg.n_heads, cfg.n_kv_heads, ulysses_degree)
-    hw = _hardware(hardware, switches.pop("max_device_memory", None), switches.pop("peak_tflops", None))
-    if hw.pop("peak_shared"):
-        hw["peak_tflops"] /= gpus
+    hw = _hardware(hardware, switches.pop("max_device_memory", None), switches.pop("peak_tflops", None), gpus)
     u = _chunks(strategy, seq_len, sp, chunks, chunk_tokens)
     spec.check(seq_len, sp, u, cfg.n_heads, cfg.n_kv_heads, ulysses_degree)
     offload_states = bool(switches.pop("offload_states", False))
@@ -212,9 +215,7 @@ def _setup(model, strategy, gpus, hardware, seq_len, chunks, chunk_tokens, switc
     precision = resolve_precision(switches.pop("precision", "auto"), cuda=not hw["cpu"],
                                   dtype=switches.pop("dtype", "auto"))  # fmt: skip
     residual_fp32 = bool(switches.pop("residual_fp32", False)) and precision.mixed
-    if residual_fp32 and switches["fsdp"]:
-        raise ValueError("residual_fp32=true needs fsdp=false: FSDP2's mixed precision casts every block's input "
-                         "to bf16, so the residual stream is bf16 there (the runner refuses it too)")  # fmt: skip
+    check_residual_fp32(residual_fp32, switches["fsdp"], fsdp_key="fsdp")
     local = seq_len // sp
     mlp_default, loss_default = default_tiles(local, u)
     st = Setup(

@@ -43,7 +43,7 @@ from ..core.tables import read_row, write_atomic, write_csv
 from ..core.units import GIB, format_bytes
 from ..training.loop import uses_cuda
 from .controller import FINAL_STATUSES, measure, stopped
-from .points import check_point, resolve_point
+from .points import check_point, check_requested_chunks, resolve_point
 from .results import digest, find_point, point_key, record_point
 
 SUMMARY_FIELDS = [
@@ -235,8 +235,7 @@ def main(cfg: DictConfig) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = resolve_point(cfg)
-        if base.requested_chunks < 1:  # before the granularity it multiplies
-            raise ValueError(f"chunks={base.requested_chunks} must be >= 1")
+        check_requested_chunks(base)  # before the granularity it multiplies
         chunk_tokens = cfg.search.chunk_tokens if get_strategy(base.strategy).takes_chunks else None
         granularity = _granularity(base, chunk_tokens)
         _check_search(cfg.search, base, chunk_tokens)

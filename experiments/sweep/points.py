@@ -17,7 +17,7 @@ from ..core.hardware import resolve_hardware
 from ..core.point import Point
 from ..training.data import data_spec
 from ..training.loop import model_config, uses_cuda
-from ..training.precision import resolve_precision
+from ..training.precision import check_residual_fp32, resolve_precision
 
 
 def auto_backend(cuda: bool) -> str:
@@ -93,6 +93,12 @@ def resolve_point(cfg: DictConfig) -> Point:
     return Point(**point)
 
 
+def check_requested_chunks(point: Point) -> None:
+    """``chunks`` as given is >= 1, also where the strategy takes none (its row says 1)."""
+    if point.requested_chunks < 1:
+        raise ValueError(f"chunks={point.requested_chunks} must be >= 1")
+
+
 def check_point(point: Point) -> None:
     """Raise ``ValueError`` with what was wrong and what would be right (the library's own checks
     for the rank layout, the strategy, the head split and the token layout, so every entry point
@@ -100,8 +106,7 @@ def check_point(point: Point) -> None:
     for key in ("seq_len", "chunks", "gpus", "batch_size", "steps"):
         if getattr(point, key) < 1:
             raise ValueError(f"{key}={getattr(point, key)} must be >= 1")
-    if point.requested_chunks < 1:  # also where the strategy takes no chunks (its row says 1)
-        raise ValueError(f"chunks={point.requested_chunks} must be >= 1")
+    check_requested_chunks(point)
     if point.warmup_steps < 0:
         raise ValueError(f"warmup_steps={point.warmup_steps} must be >= 0")
     if point.n_layers is not None and point.n_layers < 1:
@@ -117,9 +122,7 @@ def check_point(point: Point) -> None:
     data_spec(point, cfg.vocab_size).check_files()  # data.* settings, then the token file and index
     get_strategy(point.strategy).check(point.seq_len, point.sp, point.chunks, cfg.n_heads, cfg.n_kv_heads,
                                           point.ulysses_degree)  # fmt: skip
-    if point.residual_fp32 and point.fsdp:
-        raise ValueError("residual_fp32=true needs parallel.fsdp=false: FSDP2's mixed precision casts every "
-                         "block's input to bf16, so the residual stream is bf16 there whatever this says")  # fmt: skip
+    check_residual_fp32(point.residual_fp32, point.fsdp)
     if point.offload_states and not point.fsdp:
         raise ValueError("parallel.offload_states=true keeps model states in host memory through FSDP; "
                          "set parallel.fsdp=true")  # fmt: skip

@@ -62,6 +62,14 @@ _TABLE = {
 }
 
 
+def check_residual_fp32(residual_fp32: bool, fsdp: bool, fsdp_key: str = "parallel.fsdp") -> None:
+    """An fp32 residual stream needs ``fsdp=false``: FSDP2's mixed precision casts every block's
+    input to bf16, so the residual stream is bf16 there whatever the setting says."""
+    if residual_fp32 and fsdp:
+        raise ValueError(f"residual_fp32=true needs {fsdp_key}=false: FSDP2's mixed precision casts every "
+                         "block's input to bf16, so the residual stream is bf16 there whatever this says")  # fmt: skip
+
+
 def resolve_precision(name: str, cuda: bool, dtype: str = "auto") -> Precision:
     """``auto`` is ``bf16-mixed`` on CUDA and ``32-true`` on CPU (the CPU kernels and the simulated
     device run fp32). ``dtype`` is the old key: ``bf16`` means ``bf16-true``, ``fp32`` ``32-true``."""

@@ -134,7 +134,7 @@ def _launches(kernel: str, variant: str, dtype: str, d: int, causal: bool):
     fused = kernel == "fused"
     if accumulate:  # the chunk API: the caller's fp32 buffers, as chunk_backward aligns them
         dq, dk, dv = (
-            triton_bwd._vector_aligned(torch.empty(t.shape[:-1] + (d,), dtype=torch.float32, **meta), dp)
+            triton_bwd._work_buffer(torch.empty(t.shape[:-1] + (d,), dtype=torch.float32, **meta), dp)
             for t in (q, k, v)
         )
     else:  # flash_attention's buffers, as flash_backward allocates them

@@ -937,10 +937,14 @@ def backward_launches(
     return launches
 
 
-def _vector_aligned(g: torch.Tensor, dp: int) -> torch.Tensor:
-    """``g`` when its rows start on 16-byte boundaries, else a zeroed fp32 buffer ``dp`` wide:
-    scalar atomic adds (an odd head dim in fp32) spilled dK/dV by 2.6 KB at d=111."""
-    return g if vector_width(g) == vector_elements(g.dtype) else g.new_zeros(*g.shape[:-1], dp)
+def _work_buffer(g: torch.Tensor, dp: int, fp32: bool = False) -> torch.Tensor:
+    """``g`` when the kernel can add into it, else a zeroed buffer ``dp`` wide (in ``g``'s dtype,
+    fp32 with ``fp32``) to add into ``g`` afterwards: rows off 16-byte boundaries (scalar atomic
+    adds, an odd head dim in fp32, spilled dK/dV by 2.6 KB at d=111), or, with ``fp32``, a ``g``
+    of another dtype (the fused kernel's dQ atomics add fp32; float64 is the CPU oracle's)."""
+    if vector_width(g) == vector_elements(g.dtype) and not (fp32 and g.dtype != torch.float32):
+        return g
+    return g.new_zeros(*g.shape[:-1], dp, dtype=torch.float32 if fp32 else g.dtype)
 
 
 def chunk_backward(
@@ -954,9 +958,7 @@ def chunk_backward(
 
     q, k, v, do = pad_inputs(q, k, v, do)
     D = dq.shape[-1]
-    work = [_vector_aligned(g, q.shape[-1]) for g in (dq, dk, dv)]
-    if not deterministic and work[0].dtype != torch.float32:  # a float64 dq (the CPU oracle's):
-        work[0] = dq.new_zeros(*dq.shape[:-1], q.shape[-1], dtype=torch.float32)  # atomics add fp32
+    work = [_work_buffer(g, q.shape[-1], fp32=g is dq and not deterministic) for g in (dq, dk, dv)]
     launches = backward_launches(
         do, q, k, v, out, lse, delta, q_start, k_start, causal, scale, *work, True, spans, fused=not deterministic
     )
