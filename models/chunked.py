@@ -305,7 +305,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             logits = _tile_logits(x2[t], w)  # [n, V]
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             picked = logits.gather(1, safe[t, None])
-            total += ((lse - picked)[:, 0] * weight[t]).sum()
+            # Out of place: torch 2.11's torch.compile gives a Function whose output was made by
+            # zeros() and then added to in place a zero gradient (2.13 does not).
+            total = total + ((lse - picked)[:, 0] * weight[t]).sum()
             if dx is None and dw is None:
                 continue
             g = logits.sub_(lse).exp_()  # softmax, in the logits' memory

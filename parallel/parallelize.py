@@ -65,9 +65,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, group):
-        out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group.group)
-        return out
+        summed = t.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group.group)
+        # The output is a tensor this forward did not mutate: torch 2.11's torch.compile gives a
+        # Function's output that was changed in place a zero gradient. The loss sums are scalars.
+        return summed.clone()
 
     @staticmethod
     def backward(ctx, grad):

@@ -6,6 +6,7 @@ rounding error. Without CUDA the ``triton`` backend runs in the Triton interpret
 """
 
 import functools
+import re
 
 import pytest
 import torch
@@ -487,6 +488,31 @@ def test_resolve_backend_takes_a_tensor_or_a_device():
             assert fpdt_kernels.resolve_backend(where) == "torch"
     with pytest.raises(TypeError, match="tensor or a torch.device"):
         fpdt_kernels.resolve_backend(3)
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, runs",
+    [("3.6.0", "2.4.1", False), ("3.5.1+git12ab", "2.4.0", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.1", True)],
+)
+def test_an_interpreter_that_cannot_run_beside_this_numpy_is_named(monkeypatch, triton_version, numpy_version, runs):
+    """Triton <= 3.6's interpreter calls ``int()`` on one-element arrays, which NumPy 2.4 refuses:
+    a CPU call on the triton backend names the pair and the fix instead of failing inside a
+    kernel's loop bound; CUDA tensors never use the interpreter."""
+    from fpdt_kernels import backend
+
+    versions = {"triton": triton_version, "numpy": numpy_version}
+    monkeypatch.setattr(backend.importlib.metadata, "version", versions.__getitem__)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend.check_interpreter_runs.cache_clear()
+    try:
+        assert fpdt_kernels.resolve_backend(torch.device("cuda")) == "triton"
+        if runs:
+            assert fpdt_kernels.resolve_backend(torch.device("cpu")) == "triton"
+        else:
+            with pytest.raises(RuntimeError, match=rf"Triton {re.escape(triton_version)}'s .* Install 'numpy<2.4'"):
+                fpdt_kernels.resolve_backend(torch.device("cpu"))
+    finally:
+        backend.check_interpreter_runs.cache_clear()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

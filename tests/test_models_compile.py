@@ -85,7 +85,7 @@ def torch_backend():
     return fpdt_kernels.use_backend("torch")
 
 
-TWO_RANKS = {"ulysses": {}, "fpdt": {"chunks": 2, "offload": True}}
+TWO_RANKS = {"ulysses": {}, "fpdt": {"chunks": 2, "offload": True}, "ring": {}}
 
 
 def _worker(rank, world, init_file, out):
@@ -110,6 +110,7 @@ def _two_ranks():
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("compile_two_ranks")  # one worker: the one launch above serves every case
 @pytest.mark.parametrize("strategy", list(TWO_RANKS))
 def test_compiled_model_equals_eager_on_two_ranks(strategy):
     for rank_results in _two_ranks():

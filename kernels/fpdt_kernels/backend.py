@@ -14,7 +14,10 @@ it). Order of precedence: ``use_backend``/``set_backend``, then the variable, th
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import os
+import re
 
 import torch
 
@@ -32,6 +35,33 @@ def _check_name(name: str | None) -> None:
 def triton_interpreter_on() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``: the leading numeric fields of a version string."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+@functools.cache
+def check_interpreter_runs() -> None:
+    """Raise if this Triton's CPU interpreter cannot run our kernels beside this NumPy.
+
+    Triton 3.6 and older (torch 2.11 pins 3.6) turn a one-element array into a Python int with
+    ``int(array)``, which NumPy 2.4 refuses for arrays with a dimension: every kernel whose loop
+    bound is a scalar argument then fails deep inside the interpreter. Triton 3.7 fixed it.
+    """
+    try:
+        triton_version = importlib.metadata.version("triton")
+        numpy_version = importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return  # triton's own import reports a missing package more clearly than we could
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        raise RuntimeError(
+            f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with NumPy "
+            f"{numpy_version}: it converts one-element arrays to ints, which NumPy 2.4 refuses. "
+            "Install 'numpy<2.4' or triton>=3.7, or use the torch backend on CPU "
+            "(fpdt_kernels.set_backend('torch'))."
+        )
 
 
 def set_backend(name: str | None) -> None:
@@ -86,4 +116,6 @@ def resolve_backend(where: torch.Tensor | torch.device | str) -> str:
             "tensors only with TRITON_INTERPRET=1 set before triton is imported. Move the tensors "
             "to a GPU or use the torch backend (fpdt_kernels.set_backend('torch'))."
         )
+    if name == "triton" and device.type != "cuda":
+        check_interpreter_runs()
     return name
