@@ -160,6 +160,7 @@ PARAMS = [pytest.param(P, _case_id(*case), id=f"P{P}-{_case_id(*case)}") for P i
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("models_parallel")  # one worker: each launch above serves all its cases once
 @pytest.mark.parametrize("world,case", PARAMS)
 def test_parallel_matches_local(world, case):
     results = _launch(world)
