@@ -6,6 +6,7 @@ rounding error. Without CUDA the ``triton`` backend runs in the Triton interpret
 """
 
 import functools
+import os
 import re
 
 import pytest
@@ -496,23 +497,43 @@ def test_resolve_backend_takes_a_tensor_or_a_device():
 )
 def test_an_interpreter_that_cannot_run_beside_this_numpy_is_named(monkeypatch, triton_version, numpy_version, runs):
     """Triton <= 3.6's interpreter calls ``int()`` on one-element arrays, which NumPy 2.4 refuses:
-    a CPU call on the triton backend names the pair and the fix instead of failing inside a
-    kernel's loop bound; CUDA tensors never use the interpreter."""
+    the check names the pair and the fix instead of a kernel failing inside its loop bound."""
     from fpdt_kernels import backend
 
     versions = {"triton": triton_version, "numpy": numpy_version}
     monkeypatch.setattr(backend.importlib.metadata, "version", versions.__getitem__)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend.check_interpreter_runs.cache_clear()
     try:
-        assert fpdt_kernels.resolve_backend(torch.device("cuda")) == "triton"
         if runs:
-            assert fpdt_kernels.resolve_backend(torch.device("cpu")) == "triton"
+            backend.check_interpreter_runs()
         else:
             with pytest.raises(RuntimeError, match=rf"Triton {re.escape(triton_version)}'s .* Install 'numpy<2.4'"):
-                fpdt_kernels.resolve_backend(torch.device("cpu"))
+                backend.check_interpreter_runs()
     finally:
         backend.check_interpreter_runs.cache_clear()
+
+
+def test_a_cpu_triton_call_on_an_interpreter_that_cannot_run_says_why():
+    """The check runs where every interpreted launch starts (the kernels' module import), so an
+    eager call and a compiled one both raise it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.metadata as m; real = m.version\n"
+        "m.version = lambda name: {'triton': '3.6.0', 'numpy': '2.4.0'}.get(name) or real(name)\n"
+        "import torch, fpdt_kernels\n"
+        "q = torch.randn(1, 4, 2, 16)\n"
+        "for f in (fpdt_kernels.flash_attention, torch.compile(fpdt_kernels.flash_attention, backend='eager')):\n"
+        "    try:\n"
+        "        f(q, q, q)\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, e)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FPDT_ATTENTION_BACKEND": "triton"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if "Install 'numpy<2.4'" in line]
+    assert len(lines) == 2 and lines[0].startswith("RuntimeError"), run.stdout + run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

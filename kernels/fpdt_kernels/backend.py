@@ -44,7 +44,8 @@ def _release(version: str) -> tuple[int, ...]:
 
 @functools.cache
 def check_interpreter_runs() -> None:
-    """Raise if this Triton's CPU interpreter cannot run our kernels beside this NumPy.
+    """Raise if this Triton's CPU interpreter cannot run our kernels beside this NumPy (called
+    when the kernels' module is imported under the interpreter, never while Dynamo traces).
 
     Triton 3.6 and older (torch 2.11 pins 3.6) turn a one-element array into a Python int with
     ``int(array)``, which NumPy 2.4 refuses for arrays with a dimension: every kernel whose loop
@@ -116,6 +117,4 @@ def resolve_backend(where: torch.Tensor | torch.device | str) -> str:
             "tensors only with TRITON_INTERPRET=1 set before triton is imported. Move the tensors "
             "to a GPU or use the torch backend (fpdt_kernels.set_backend('torch'))."
         )
-    if name == "triton" and device.type != "cuda":
-        check_interpreter_runs()
     return name

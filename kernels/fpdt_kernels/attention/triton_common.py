@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreter_on
+from ..backend import check_interpreter_runs, triton_interpreter_on
 
 # A constexpr global: compiled Triton code may read module globals only when they are constexprs.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -24,6 +24,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Under the interpreter every autotune config would run: use one, with blocks large enough that
 # numpy does the work in few steps (32x32 tiles: ~2x faster than 16x16 on the test shapes).
 INTERPRET = triton_interpreter_on()
+if INTERPRET:  # every CPU launch imports this module first, eager and compiled calls alike
+    check_interpreter_runs()
 
 
 def _teach_interpreter_descriptor_add() -> None:
