@@ -498,19 +498,18 @@ def test_resolve_backend_takes_a_tensor_or_a_device():
 def test_an_interpreter_that_cannot_run_beside_this_numpy_is_named(monkeypatch, triton_version, numpy_version, runs):
     """Triton <= 3.6's interpreter calls ``int()`` on one-element arrays, which NumPy 2.4 refuses:
     the check names the pair and the fix instead of a kernel failing inside its loop bound."""
+    import numpy
+    import triton
+
     from fpdt_kernels import backend
 
-    versions = {"triton": triton_version, "numpy": numpy_version}
-    monkeypatch.setattr(backend.importlib.metadata, "version", versions.__getitem__)
-    backend.check_interpreter_runs.cache_clear()
-    try:
-        if runs:
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if runs:
+        backend.check_interpreter_runs()
+    else:
+        with pytest.raises(RuntimeError, match=rf"Triton {re.escape(triton_version)}'s .* Install 'numpy<2.4'"):
             backend.check_interpreter_runs()
-        else:
-            with pytest.raises(RuntimeError, match=rf"Triton {re.escape(triton_version)}'s .* Install 'numpy<2.4'"):
-                backend.check_interpreter_runs()
-    finally:
-        backend.check_interpreter_runs.cache_clear()
 
 
 def test_a_cpu_triton_call_on_an_interpreter_that_cannot_run_says_why():
@@ -520,9 +519,9 @@ def test_a_cpu_triton_call_on_an_interpreter_that_cannot_run_says_why():
     import sys
 
     code = (
-        "import importlib.metadata as m; real = m.version\n"
-        "m.version = lambda name: {'triton': '3.6.0', 'numpy': '2.4.0'}.get(name) or real(name)\n"
-        "import torch, fpdt_kernels\n"
+        "import numpy, torch, triton\n"
+        "numpy.__version__, triton.__version__ = '2.4.0', '3.6.0'\n"
+        "import fpdt_kernels\n"
         "q = torch.randn(1, 4, 2, 16)\n"
         "for f in (fpdt_kernels.flash_attention, torch.compile(fpdt_kernels.flash_attention, backend='eager')):\n"
         "    try:\n"

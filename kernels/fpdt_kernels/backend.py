@@ -14,8 +14,6 @@ it). Order of precedence: ``use_backend``/``set_backend``, then the variable, th
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.metadata
 import os
 import re
 
@@ -42,7 +40,6 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
-@functools.cache
 def check_interpreter_runs() -> None:
     """Raise if this Triton's CPU interpreter cannot run our kernels beside this NumPy (called
     when the kernels' module is imported under the interpreter, never while Dynamo traces).
@@ -51,15 +48,13 @@ def check_interpreter_runs() -> None:
     ``int(array)``, which NumPy 2.4 refuses for arrays with a dimension: every kernel whose loop
     bound is a scalar argument then fails deep inside the interpreter. Triton 3.7 fixed it.
     """
-    try:
-        triton_version = importlib.metadata.version("triton")
-        numpy_version = importlib.metadata.version("numpy")
-    except importlib.metadata.PackageNotFoundError:
-        return  # triton's own import reports a missing package more clearly than we could
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
         raise RuntimeError(
-            f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with NumPy "
-            f"{numpy_version}: it converts one-element arrays to ints, which NumPy 2.4 refuses. "
+            f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run with NumPy "
+            f"{numpy.__version__}: it converts one-element arrays to ints, which NumPy 2.4 refuses. "
             "Install 'numpy<2.4' or triton>=3.7, or use the torch backend on CPU "
             "(fpdt_kernels.set_backend('torch'))."
         )
